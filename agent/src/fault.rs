@@ -1,0 +1,18 @@
+//! Named crash points for crash-consistency tests. With the
+//! `fault-injection` feature, `STELLA_FAULT=<point>` makes the agent exit
+//! abruptly (code 86, no cleanup) when it reaches that point; without the
+//! feature this compiles to nothing.
+
+/// Exit here if the tests asked for a crash at `point`.
+#[cfg(feature = "fault-injection")]
+pub(crate) fn point(point: &str) {
+    if std::env::var("STELLA_FAULT").is_ok_and(|p| p == point) {
+        crate::log::warn("fault injected: exiting abruptly", &[("point", &point)]);
+        std::process::exit(86);
+    }
+}
+
+/// Exit here if the tests asked for a crash at `point`.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub(crate) fn point(_point: &str) {}

@@ -1,0 +1,65 @@
+//! What this host is and can do: platform, name, and capabilities (container
+//! runtimes, systemd), detected cheaply from the filesystem.
+
+use std::path::Path;
+
+use stella_proto::api::Platform;
+
+/// The agent's version: `STELLA_VERSION` at build time, else the crate's.
+pub(crate) const VERSION: &str = match option_env!("STELLA_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
+/// The target triple this binary was built for.
+pub(crate) const TARGET: &str = env!("STELLA_TARGET");
+
+/// OS, architecture and target of this build.
+pub(crate) fn platform() -> Platform {
+    Platform {
+        os: std::env::consts::OS.to_owned(),
+        arch: std::env::consts::ARCH.to_owned(),
+        target: TARGET.to_owned(),
+    }
+}
+
+/// The host name, for agents enrolled without `--name`.
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unnamed".to_owned())
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Capabilities of this host, sorted.
+pub(crate) fn capabilities() -> Vec<String> {
+    let mut caps = Vec::new();
+    if on_path("docker") || Path::new("/var/run/docker.sock").exists() {
+        caps.push("docker");
+    }
+    if on_path("podman") {
+        caps.push("podman");
+    }
+    let compose_plugin = [
+        "/usr/libexec/docker/cli-plugins/docker-compose",
+        "/usr/lib/docker/cli-plugins/docker-compose",
+        "/usr/local/lib/docker/cli-plugins/docker-compose",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists());
+    if on_path("docker-compose") || on_path("podman-compose") || compose_plugin {
+        caps.push("compose");
+    }
+    if Path::new("/run/systemd/system").is_dir() {
+        caps.push("systemd");
+    }
+    caps.sort_unstable();
+    caps.into_iter().map(str::to_owned).collect()
+}

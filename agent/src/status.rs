@@ -1,0 +1,67 @@
+//! `stella-agent status`: what this agent is, from its state dir alone.
+
+use miniserde::{Serialize, json};
+use stella_proto::time::rfc3339;
+
+use crate::error::Error;
+use crate::host;
+use crate::identity::Identity;
+use crate::state::StateDir;
+
+#[derive(Serialize)]
+struct UpdateView {
+    state: String,
+    version: String,
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    agent_id: String,
+    server: String,
+    version: String,
+    cert_not_after: String,
+    last_heartbeat: Option<String>,
+    config_hash: Option<String>,
+    update: UpdateView,
+}
+
+/// Prints the status; fails when the host is not enrolled.
+pub(crate) fn print(state: &StateDir, as_json: bool) -> Result<(), Error> {
+    if !state.is_enrolled() {
+        return Err(Error::Invalid(format!(
+            "{} holds no enrolled agent: run `stella-agent bootstrap` first",
+            state.root().display()
+        )));
+    }
+    let ident = Identity::load(state)?;
+    let saved = state.state_file();
+    let view = StatusView {
+        agent_id: ident.id,
+        server: ident.server,
+        version: host::VERSION.to_owned(),
+        cert_not_after: rfc3339(ident.cert.not_after),
+        last_heartbeat: saved.last_heartbeat,
+        config_hash: None,
+        update: UpdateView {
+            state: "idle".to_owned(),
+            version: host::VERSION.to_owned(),
+        },
+    };
+    if as_json {
+        println!("{}", json::to_string(&view));
+    } else {
+        println!("agent           {}", view.agent_id);
+        println!("server          {}", view.server);
+        println!("version         {} ({})", view.version, host::TARGET);
+        println!("certificate     valid until {}", view.cert_not_after);
+        println!(
+            "last heartbeat  {}",
+            view.last_heartbeat.as_deref().unwrap_or("never")
+        );
+        println!(
+            "update          {} {}",
+            view.update.state, view.update.version
+        );
+    }
+    Ok(())
+}

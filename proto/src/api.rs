@@ -1,0 +1,178 @@
+//! Messages of the HTTP API under `/v1/`, shared by agent, server and admin CLI.
+//! Times are RFC 3339 UTC strings; fields may be added, never renamed.
+
+use std::collections::BTreeMap;
+
+use miniserde::{Deserialize, Serialize};
+
+/// Labels: `key=value` pairs attached to agents and tokens.
+pub type Labels = BTreeMap<String, String>;
+
+/// What an agent runs on.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct Platform {
+    /// `linux`.
+    pub os: String,
+    /// `x86_64`, `aarch64`, ...
+    pub arch: String,
+    /// The Rust target triple the agent was built for.
+    pub target: String,
+}
+
+/// `POST /v1/agents/register` (no client certificate; the token authenticates).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RegisterRequest {
+    /// `id.secret`.
+    pub token: String,
+    /// PEM `CERTIFICATE REQUEST` signed by the agent's new key.
+    pub csr: String,
+    pub name: String,
+    pub platform: Platform,
+    pub version: String,
+    pub capabilities: Vec<String>,
+    /// Labels the agent asks for, merged over the token's labels.
+    pub labels: Option<Labels>,
+}
+
+/// Answer to a registration.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RegisterResponse {
+    pub agent_id: String,
+    /// PEM certificate: CN = agent id, URI SAN `stella://agent/<id>`.
+    pub certificate: String,
+    /// PEM of the CA that signed it (and the server's certificate).
+    pub ca: String,
+    pub cert_not_after: String,
+    pub heartbeat_interval_ms: u64,
+    /// Effective labels (token's, then the agent's own).
+    pub labels: Labels,
+}
+
+/// Counts of the last doctor run.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct DoctorSummary {
+    pub pass: u32,
+    pub warn: u32,
+    pub fail: u32,
+    pub skip: u32,
+    /// Ids of failing checks.
+    pub failing: Vec<String>,
+}
+
+/// Where the agent stands with updates.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct UpdateReport {
+    /// `idle`, `downloading`, `probation`, `failed`, ...
+    pub state: String,
+    /// The version concerned (the running one when idle).
+    pub version: String,
+}
+
+/// `POST /v1/agents/heartbeat` (mTLS; identity comes from the certificate).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct HeartbeatRequest {
+    pub seq: u64,
+    pub version: String,
+    pub uptime_s: u64,
+    /// Hash of the applied configuration (empty before any was applied).
+    pub config_hash: String,
+    /// The config file on disk differs from what was applied.
+    pub config_drift: bool,
+    pub doctor: DoctorSummary,
+    pub update: UpdateReport,
+    pub capabilities: Vec<String>,
+}
+
+/// Answer to a heartbeat, with directives.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct HeartbeatResponse {
+    pub interval_ms: u64,
+    pub server_time: String,
+    /// "Renew your certificate now."
+    pub renew: bool,
+}
+
+/// Every 4xx/5xx body.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `POST /v1/admin/tokens`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TokenCreateRequest {
+    pub ttl_ms: u64,
+    pub uses: u32,
+    pub labels: Labels,
+}
+
+/// The new token, shown once.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TokenCreateResponse {
+    pub token: String,
+    pub id: String,
+    pub expires_at: String,
+    pub uses: u32,
+}
+
+/// An agent as admins see it (`agents list --json` rows, `agents show --json`).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct AgentView {
+    pub id: String,
+    pub name: String,
+    /// `active`, `inactive` or `revoked`.
+    pub status: String,
+    /// For `inactive`: `heartbeat_timeout` or `deactivated`.
+    pub reason: Option<String>,
+    pub version: String,
+    pub target: String,
+    pub labels: Labels,
+    pub capabilities: Vec<String>,
+    pub last_heartbeat: Option<String>,
+    pub cert_not_after: String,
+    pub config_hash: Option<String>,
+    pub platform: Platform,
+    pub enrolled_at: String,
+    pub cert_serial: String,
+    pub heartbeat_seq: u64,
+    pub uptime_s: u64,
+    pub doctor: DoctorSummary,
+    pub update: UpdateReport,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_ignored_and_optional_fields_may_be_missing() {
+        let body = r#"{"token":"t","csr":"c","name":"n","platform":{"os":"linux","arch":"x86_64","target":"x","extra":1},
+            "version":"1.0.0","capabilities":["docker"],"future":"field"}"#;
+        let req: RegisterRequest = miniserde::json::from_str(body).unwrap();
+        assert_eq!(req.platform.arch, "x86_64");
+        assert!(req.labels.is_none());
+        assert_eq!(req.capabilities, ["docker"]);
+    }
+
+    #[test]
+    fn heartbeat_round_trips() {
+        let hb = HeartbeatRequest {
+            seq: 7,
+            version: "1.2.3".into(),
+            uptime_s: 99,
+            config_hash: String::new(),
+            config_drift: false,
+            doctor: Default::default(),
+            update: UpdateReport {
+                state: "idle".into(),
+                version: "1.2.3".into(),
+            },
+            capabilities: vec!["systemd".into()],
+        };
+        let text = miniserde::json::to_string(&hb);
+        let back: HeartbeatRequest = miniserde::json::from_str(&text).unwrap();
+        assert_eq!(back.seq, 7);
+        assert_eq!(back.update, hb.update);
+        assert!(!text.contains(' '));
+    }
+}

@@ -1,0 +1,263 @@
+//! The admin commands' client side: find the running server (from the data
+//! dir, or `--server`/`--ca`/`STELLA_ADMIN_TOKEN`), call the admin API, print
+//! tables or JSON.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use miniserde::json;
+use stella_proto::api::{AgentView, ErrorBody, Labels, TokenCreateRequest, TokenCreateResponse};
+
+use crate::cli::{AdminTarget, AgentAction};
+use crate::error::Error;
+use crate::fsutil::read_text;
+use crate::serve::{ADMIN_TOKEN_FILE, URL_FILE};
+
+/// A connection to the admin API.
+pub(crate) struct AdminClient {
+    agent: ureq::Agent,
+    base: String,
+    token: String,
+}
+
+impl AdminClient {
+    /// Finds the server and credentials for `target`.
+    pub(crate) fn connect(target: &AdminTarget) -> Result<Self, Error> {
+        let dir = &target.data_dir;
+        let base = match &target.server {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => read_text(&dir.join(URL_FILE))
+                .map_err(|e| {
+                    Error::Client(format!(
+                        "{e} (is `stella-server serve --data-dir {}` running?)",
+                        dir.display()
+                    ))
+                })?
+                .trim()
+                .to_owned(),
+        };
+        let ca_path = target
+            .ca
+            .clone()
+            .unwrap_or_else(|| dir.join(crate::ca::CA_CERT));
+        let ca_pem = read_text(&ca_path)?;
+        let token = match std::env::var("STELLA_ADMIN_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+            _ => read_text(&dir.join(ADMIN_TOKEN_FILE))
+                .map_err(|e| Error::Client(format!("{e} (or set STELLA_ADMIN_TOKEN)")))?
+                .trim()
+                .to_owned(),
+        };
+        let ca = ureq::tls::Certificate::from_pem(ca_pem.as_bytes())
+            .map_err(|e| Error::Crypto(format!("{}: {e}", ca_path.display())))?;
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]))
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .https_only(true)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        Ok(Self { agent, base, token })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, Error> {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {}", self.token);
+        let result = match body {
+            Some(b) => self
+                .agent
+                .post(&url)
+                .header("authorization", &auth)
+                .content_type("application/json")
+                .send(b),
+            None if method == "POST" => self
+                .agent
+                .post(&url)
+                .header("authorization", &auth)
+                .send_empty(),
+            None => self.agent.get(&url).header("authorization", &auth).call(),
+        };
+        let mut resp =
+            result.map_err(|e| Error::Client(format!("cannot reach {}: {e}", self.base)))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(256 * 1024 * 1024)
+            .read_to_string()
+            .map_err(|e| Error::Client(format!("reading the answer from {}: {e}", self.base)))?;
+        if (200..300).contains(&status) {
+            Ok(text)
+        } else {
+            let message = json::from_str::<ErrorBody>(&text).map_or(text, |b| b.error);
+            Err(Error::Api { status, message })
+        }
+    }
+
+    fn parse<T: miniserde::Deserialize>(text: &str) -> Result<T, Error> {
+        json::from_str(text)
+            .map_err(|_| Error::Client("the server's answer is not the expected JSON".into()))
+    }
+}
+
+/// `token create`: prints the token only.
+pub(crate) fn token_create(
+    target: &AdminTarget,
+    ttl: Duration,
+    uses: u32,
+    labels: Labels,
+) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let body = TokenCreateRequest {
+        ttl_ms: ttl.as_millis() as u64,
+        uses,
+        labels,
+    };
+    let answer: TokenCreateResponse = AdminClient::parse(&client.call(
+        "POST",
+        "/v1/admin/tokens",
+        Some(json::to_string(&body)),
+    )?)?;
+    println!("{}", answer.token);
+    Ok(())
+}
+
+fn labels_text(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `agents list`.
+pub(crate) fn agents_list(target: &AdminTarget, as_json: bool) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let text = client.call("GET", "/v1/admin/agents", None)?;
+    if as_json {
+        println!("{text}");
+        return Ok(());
+    }
+    let agents: Vec<AgentView> = AdminClient::parse(&text)?;
+    let rows: Vec<[String; 7]> = agents
+        .iter()
+        .map(|a| {
+            let status = match &a.reason {
+                Some(r) => format!("{} ({r})", a.status),
+                None => a.status.clone(),
+            };
+            [
+                a.id.clone(),
+                a.name.clone(),
+                status,
+                a.version.clone(),
+                a.target.clone(),
+                a.last_heartbeat.clone().unwrap_or_else(|| "-".into()),
+                labels_text(&a.labels),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID",
+        "NAME",
+        "STATUS",
+        "VERSION",
+        "TARGET",
+        "LAST HEARTBEAT",
+        "LABELS",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let print_row = |cells: &[&str]| {
+        let line: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    };
+    print_row(&header);
+    for row in &rows {
+        print_row(&row.each_ref().map(String::as_str));
+    }
+    Ok(())
+}
+
+fn print_agent(a: &AgentView) {
+    let field = |k: &str, v: &str| println!("{k:<16}{v}");
+    field("id", &a.id);
+    field("name", &a.name);
+    field(
+        "status",
+        &match &a.reason {
+            Some(r) => format!("{} ({r})", a.status),
+            None => a.status.clone(),
+        },
+    );
+    field("version", &a.version);
+    field("target", &a.target);
+    field(
+        "platform",
+        &format!("{}/{}", a.platform.os, a.platform.arch),
+    );
+    field("labels", &labels_text(&a.labels));
+    field("capabilities", &a.capabilities.join(","));
+    field("enrolled at", &a.enrolled_at);
+    field("last heartbeat", a.last_heartbeat.as_deref().unwrap_or("-"));
+    field("heartbeat seq", &a.heartbeat_seq.to_string());
+    field("uptime", &format!("{}s", a.uptime_s));
+    field(
+        "certificate",
+        &format!("serial {} until {}", a.cert_serial, a.cert_not_after),
+    );
+    field("config hash", a.config_hash.as_deref().unwrap_or("-"));
+    let d = &a.doctor;
+    field(
+        "doctor",
+        &format!(
+            "{} pass, {} warn, {} fail, {} skip",
+            d.pass, d.warn, d.fail, d.skip
+        ),
+    );
+    field(
+        "update",
+        &format!("{} {}", a.update.state, a.update.version),
+    );
+}
+
+/// `agents show ID`.
+pub(crate) fn agents_show(target: &AdminTarget, id: &str, as_json: bool) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let text = client.call("GET", &format!("/v1/admin/agents/{id}"), None)?;
+    if as_json {
+        println!("{text}");
+    } else {
+        print_agent(&AdminClient::parse(&text)?);
+    }
+    Ok(())
+}
+
+/// `agents deactivate|activate|revoke ID`.
+pub(crate) fn agents_act(target: &AdminTarget, id: &str, action: AgentAction) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let text = client.call(
+        "POST",
+        &format!("/v1/admin/agents/{id}/{}", action.as_str()),
+        None,
+    )?;
+    let agent: AgentView = AdminClient::parse(&text)?;
+    match agent.reason {
+        Some(r) => println!("{} {} ({r})", agent.id, agent.status),
+        None => println!("{} {}", agent.id, agent.status),
+    }
+    Ok(())
+}

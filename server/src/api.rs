@@ -1,0 +1,373 @@
+//! The HTTP API under `/v1/`: routing, authentication of each caller (token
+//! for registration, client certificate for agents, bearer token for admins),
+//! JSON bodies in and out, `/healthz` and `/metrics`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use miniserde::json;
+use stella_proto::api::{HeartbeatRequest, HeartbeatResponse, RegisterRequest, TokenCreateRequest};
+use stella_proto::time::rfc3339;
+
+use crate::app::{App, Metrics, lock, now_ms};
+use crate::error::Error;
+use crate::http::{Request, Response};
+use crate::lifecycle::{self, Transition};
+use crate::records::{DEACTIVATED, HEARTBEAT_TIMEOUT, INACTIVE, REVOKED};
+use crate::tokens;
+
+/// The agent behind a verified client certificate.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub(crate) agent_id: String,
+    /// Hex serial of the presented certificate.
+    pub(crate) serial: String,
+}
+
+impl Peer {
+    /// Reads the agent id (CN, which must equal the `stella://agent/` URI SAN)
+    /// and serial from a client certificate that rustls already verified
+    /// against our CA.
+    pub(crate) fn from_certificate(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+        let sans = cert.subject_alternative_name().ok()??;
+        let uri_matches = sans.value.general_names.iter().any(|name| {
+            matches!(name, x509_parser::extensions::GeneralName::URI(uri)
+                if uri.strip_prefix(stella_proto::AGENT_URI_PREFIX) == Some(cn))
+        });
+        if !uri_matches || !stella_proto::id::is_agent_id(cn) {
+            return None;
+        }
+        Some(Self {
+            agent_id: cn.to_owned(),
+            serial: stella_proto::hash::hex(cert.raw_serial()),
+        })
+    }
+}
+
+fn error_status(e: &Error) -> u16 {
+    match e {
+        Error::Invalid(_) | Error::Usage(_) => 400,
+        Error::NotFound(_) => 404,
+        Error::Conflict(_) => 409,
+        _ => 500,
+    }
+}
+
+fn error_response(e: &Error) -> Response {
+    let status = error_status(e);
+    if status == 500 {
+        crate::log::warn("request failed", &[("error", e)]);
+    }
+    Response::error(status, e.to_string())
+}
+
+fn parse_json<T: miniserde::Deserialize>(req: &Request) -> Result<T, Response> {
+    let is_json = req.content_type.as_deref().is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !is_json {
+        return Err(Response::error(
+            415,
+            "the body must be JSON (Content-Type: application/json)",
+        ));
+    }
+    let text = std::str::from_utf8(&req.body)
+        .map_err(|_| Response::error(400, "the body is not UTF-8"))?;
+    json::from_str(text).map_err(|_| {
+        Response::error(
+            400,
+            format!("the body is not valid JSON for {} {}", req.method, req.path),
+        )
+    })
+}
+
+/// Answers one request.
+pub(crate) async fn handle(app: &Arc<App>, peer: Option<&Peer>, req: Request) -> Response {
+    Metrics::bump(&app.metrics.requests);
+    let path = req.path.split('?').next().unwrap_or("").to_owned();
+    match (req.method.as_str(), path.as_str()) {
+        ("GET", "/healthz") => Response::new(200, "text/plain", b"ok\n".to_vec()),
+        ("GET", "/metrics") => metrics(app),
+        ("POST", "/v1/agents/register") => register(app, &req).await,
+        ("POST", "/v1/agents/heartbeat") => heartbeat(app, peer, &req).await,
+        (_, p) if p.starts_with("/v1/admin/") => match authorize_admin(app, &req) {
+            Ok(()) => admin(app, &req, &path).await,
+            Err(resp) => resp,
+        },
+        (_, "/healthz" | "/metrics" | "/v1/agents/register" | "/v1/agents/heartbeat") => {
+            Response::error(405, format!("{} is not allowed on {path}", req.method))
+        }
+        _ => Response::error(404, format!("no such endpoint: {} {path}", req.method)),
+    }
+}
+
+async fn register(app: &Arc<App>, req: &Request) -> Response {
+    let body: RegisterRequest = match parse_json(req) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let app = app.clone();
+    match smol::unblock(move || tokens::enroll(&app, body)).await {
+        Ok(answer) => Response::json(201, json::to_string(&answer)),
+        Err(refused) => Response::error(refused.status, refused.message),
+    }
+}
+
+async fn heartbeat(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Response {
+    let Some(peer) = peer else {
+        return Response::error(401, "heartbeats need the agent's client certificate (mTLS)");
+    };
+    let body: HeartbeatRequest = match parse_json(req) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    if body.capabilities.len() > 32
+        || body.version.len() > 64
+        || body.config_hash.len() > 80
+        || body.doctor.failing.len() > 32
+    {
+        return Response::error(400, "heartbeat fields are over their size limits");
+    }
+    let mut reactivate = false;
+    {
+        let fleet = lock(&app.fleet);
+        let Some(agent) = fleet.agents.get(&peer.agent_id) else {
+            return Response::error(
+                401,
+                format!(
+                    "agent {} is not known to this server: enroll it again",
+                    peer.agent_id
+                ),
+            );
+        };
+        if let Err(resp) = check_current(agent, peer) {
+            return resp;
+        }
+        if agent.record.status == INACTIVE
+            && agent.record.reason.as_deref() == Some(HEARTBEAT_TIMEOUT)
+        {
+            reactivate = true;
+        }
+    }
+    if reactivate {
+        let app2 = app.clone();
+        let id = peer.agent_id.clone();
+        if let Err(e) =
+            smol::unblock(move || lifecycle::transition(&app2, &[&id], Transition::HeardFrom)).await
+        {
+            return error_response(&e);
+        }
+    }
+    let now = now_ms();
+    {
+        let mut fleet = lock(&app.fleet);
+        let fleet = &mut *fleet;
+        let Some(agent) = fleet.agents.get_mut(&peer.agent_id) else {
+            return Response::error(
+                401,
+                format!("agent {} is not known to this server", peer.agent_id),
+            );
+        };
+        // Re-check: an admin may have acted while we reactivated.
+        if let Err(resp) = check_current(agent, peer) {
+            return resp;
+        }
+        let hb = &mut agent.hb;
+        hb.last_heartbeat_ms = now;
+        hb.seq = body.seq;
+        hb.uptime_s = body.uptime_s;
+        hb.version = body.version;
+        hb.config_hash = body.config_hash;
+        hb.config_drift = body.config_drift;
+        hb.doctor = body.doctor;
+        hb.update_state = body.update.state;
+        hb.update_version = body.update.version;
+        hb.capabilities = body.capabilities;
+        agent.last_seen_ms = now;
+        if !fleet.dirty.contains(&peer.agent_id) {
+            fleet.dirty.insert(peer.agent_id.clone());
+        }
+    }
+    lifecycle::count_heartbeat(app);
+    let answer = HeartbeatResponse {
+        interval_ms: app.settings.heartbeat_interval.as_millis() as u64,
+        server_time: rfc3339(now / 1000),
+        renew: false,
+    };
+    Response::json(200, json::to_string(&answer))
+}
+
+/// Refuses a certificate that is not the agent's current one, and agents that
+/// may not talk to us.
+fn check_current(agent: &lifecycle::LiveAgent, peer: &Peer) -> Result<(), Response> {
+    let r = &agent.record;
+    if r.status == REVOKED {
+        return Err(Response::error(
+            401,
+            format!(
+                "agent {} is revoked: enroll the host again with a new token",
+                r.id
+            ),
+        ));
+    }
+    if r.cert_serial != peer.serial {
+        return Err(Response::error(
+            401,
+            format!(
+                "certificate {} of agent {} has been superseded or revoked",
+                peer.serial, r.id
+            ),
+        ));
+    }
+    if r.status == INACTIVE && r.reason.as_deref() == Some(DEACTIVATED) {
+        return Err(Response::error(
+            403,
+            format!("agent {} is deactivated by an administrator", r.id),
+        ));
+    }
+    Ok(())
+}
+
+fn authorize_admin(app: &App, req: &Request) -> Result<(), Response> {
+    let presented = req
+        .authorization
+        .as_deref()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return Err(Response::error(
+            401,
+            "admin endpoints need Authorization: Bearer <admin token>",
+        ));
+    };
+    let hash = stella_proto::token::hash_secret(presented);
+    if stella_proto::token::constant_time_eq(&hash, &app.admin_sha256) {
+        Ok(())
+    } else {
+        Err(Response::error(401, "the admin token is not valid"))
+    }
+}
+
+async fn admin(app: &Arc<App>, req: &Request, path: &str) -> Response {
+    let rest = &path["/v1/admin/".len()..];
+    let parts: Vec<&str> = rest.split('/').collect();
+    match (req.method.as_str(), parts.as_slice()) {
+        ("POST", ["tokens"]) => {
+            let body: TokenCreateRequest = match parse_json(req) {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let app = app.clone();
+            let result = smol::unblock(move || {
+                tokens::create(
+                    &app,
+                    Duration::from_millis(body.ttl_ms),
+                    body.uses,
+                    body.labels,
+                )
+            })
+            .await;
+            match result {
+                Ok(answer) => Response::json(201, json::to_string(&answer)),
+                Err(e) => error_response(&e),
+            }
+        }
+        ("GET", ["agents"]) => {
+            let fleet = lock(&app.fleet);
+            let mut views: Vec<_> = fleet.agents.values().map(lifecycle::view).collect();
+            drop(fleet);
+            views.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+            Response::json(200, json::to_string(&views))
+        }
+        ("GET", ["agents", id]) => {
+            let fleet = lock(&app.fleet);
+            match fleet.agents.get(*id) {
+                Some(live) => Response::json(200, json::to_string(&lifecycle::view(live))),
+                None => Response::error(404, format!("no agent with id {id}")),
+            }
+        }
+        ("POST", ["agents", id, action]) => {
+            let transition = match *action {
+                "deactivate" => Transition::Deactivate,
+                "activate" => Transition::Activate,
+                "revoke" => Transition::Revoke,
+                other => return Response::error(404, format!("unknown agent action {other:?}")),
+            };
+            if !stella_proto::id::is_agent_id(id) {
+                return Response::error(404, format!("no agent with id {id}"));
+            }
+            let app2 = app.clone();
+            let id = (*id).to_owned();
+            let result =
+                smol::unblock(move || lifecycle::transition(&app2, &[&id], transition)).await;
+            match result {
+                Ok(_) => {
+                    let fleet = lock(&app.fleet);
+                    match fleet.agents.get(parts[1]) {
+                        Some(live) => Response::json(200, json::to_string(&lifecycle::view(live))),
+                        None => Response::error(404, format!("no agent with id {}", parts[1])),
+                    }
+                }
+                Err(e) => error_response(&e),
+            }
+        }
+        _ => Response::error(
+            404,
+            format!("no such admin endpoint: {} {path}", req.method),
+        ),
+    }
+}
+
+fn metrics(app: &App) -> Response {
+    let counts = lock(&app.fleet).count_by_status();
+    let m = &app.metrics;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let mut out = String::with_capacity(1024);
+    out.push_str("# HELP stella_agents Agents by lifecycle status.\n# TYPE stella_agents gauge\n");
+    for (status, n) in counts {
+        let _ = writeln!(out, "stella_agents{{status=\"{status}\"}} {n}");
+    }
+    for (name, help, value) in [
+        (
+            "stella_enrollments_total",
+            "Agents enrolled.",
+            load(&m.enrollments),
+        ),
+        (
+            "stella_heartbeats_total",
+            "Heartbeats accepted.",
+            load(&m.heartbeats),
+        ),
+        (
+            "stella_token_failures_total",
+            "Enrollments refused for their token.",
+            load(&m.token_failures),
+        ),
+        (
+            "stella_http_requests_total",
+            "HTTP requests answered.",
+            load(&m.requests),
+        ),
+        (
+            "stella_tls_handshake_failures_total",
+            "TLS handshakes that failed.",
+            load(&m.tls_failures),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP stella_start_time_seconds When the server started.\n# TYPE stella_start_time_seconds gauge\nstella_start_time_seconds {}",
+        app.started_ms / 1000
+    );
+    Response::new(200, "text/plain; version=0.0.4", out.into_bytes())
+}

@@ -1,0 +1,72 @@
+//! The running server's shared state: settings, store, CA, the in-memory fleet
+//! and counters. Handlers reach everything through one `Arc<App>`.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::ca::Ca;
+use crate::lifecycle::Fleet;
+use crate::store::Store;
+
+/// What `serve` was started with.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) heartbeat_misses: u32,
+    pub(crate) cert_lifetime: Duration,
+    /// How often soft heartbeat state is committed.
+    pub(crate) flush_every: Duration,
+    /// How long a keep-alive connection may sit idle between requests.
+    pub(crate) idle_timeout: Duration,
+    /// How long one request may take to arrive once it started.
+    pub(crate) request_timeout: Duration,
+}
+
+/// Counters exported on `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) enrollments: AtomicU64,
+    pub(crate) heartbeats: AtomicU64,
+    pub(crate) token_failures: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) tls_failures: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything a request handler may need.
+pub(crate) struct App {
+    pub(crate) settings: Settings,
+    pub(crate) store: Store,
+    pub(crate) ca: Ca,
+    pub(crate) fleet: Mutex<Fleet>,
+    /// Held across a durable agent change and its mirror in `fleet`, so the
+    /// two never disagree in order.
+    pub(crate) lifecycle_lock: Mutex<()>,
+    pub(crate) admin_sha256: Vec<u8>,
+    pub(crate) metrics: Metrics,
+    pub(crate) started_ms: u64,
+}
+
+/// Unix milliseconds now.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Unix seconds now.
+pub(crate) fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (the
+/// data is plain state that every writer leaves consistent).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

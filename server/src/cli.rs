@@ -1,0 +1,341 @@
+//! Command line of `stella-server`: raw parse with lexopt into a checked
+//! `Command`. Usage errors exit with code 2.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lexopt::prelude::*;
+use stella_proto::api::Labels;
+
+use crate::error::Error;
+
+/// Default data dir (also `STELLA_DATA_DIR`).
+pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/stella-server";
+
+pub(crate) const USAGE: &str = "\
+usage:
+  stella-server init  --data-dir DIR [--san NAME]...
+  stella-server serve --data-dir DIR [--listen ADDR] [--heartbeat-interval D]
+                      [--heartbeat-misses N] [--cert-lifetime D]
+  stella-server token create [--ttl D] [--uses N] [--label K=V]...
+  stella-server agents list [--json] | agents show ID [--json]
+  stella-server agents deactivate|activate|revoke ID
+  stella-server version
+
+Admin commands reach the running server found from --data-dir (server.url,
+admin.token, ca.pem), or --server URL with --ca FILE and STELLA_ADMIN_TOKEN.
+Durations: 90s, 5m, 24h, 30d. --data-dir defaults to $STELLA_DATA_DIR or
+/var/lib/stella-server.";
+
+/// Where admin commands send their requests.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AdminTarget {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) server: Option<String>,
+    pub(crate) ca: Option<PathBuf>,
+}
+
+/// `serve` settings from the command line.
+#[derive(Debug, Clone)]
+pub(crate) struct ServeOptions {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) listen: String,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) heartbeat_misses: u32,
+    pub(crate) cert_lifetime: Duration,
+}
+
+/// A lifecycle action on one agent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AgentAction {
+    Deactivate,
+    Activate,
+    Revoke,
+}
+
+impl AgentAction {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AgentAction::Deactivate => "deactivate",
+            AgentAction::Activate => "activate",
+            AgentAction::Revoke => "revoke",
+        }
+    }
+}
+
+/// A parsed command.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Help,
+    Version,
+    Init {
+        data_dir: PathBuf,
+        sans: Vec<String>,
+    },
+    Serve(ServeOptions),
+    TokenCreate {
+        target: AdminTarget,
+        ttl: Duration,
+        uses: u32,
+        labels: Labels,
+    },
+    AgentsList {
+        target: AdminTarget,
+        json: bool,
+    },
+    AgentsShow {
+        target: AdminTarget,
+        id: String,
+        json: bool,
+    },
+    AgentsAct {
+        target: AdminTarget,
+        id: String,
+        action: AgentAction,
+    },
+}
+
+fn usage(msg: impl Into<String>) -> Error {
+    Error::Usage(msg.into())
+}
+
+fn lex(e: lexopt::Error) -> Error {
+    usage(e.to_string())
+}
+
+fn string(v: OsString, flag: &str) -> Result<String, Error> {
+    v.into_string()
+        .map_err(|_| usage(format!("{flag} must be valid UTF-8")))
+}
+
+fn duration(v: OsString, flag: &str) -> Result<Duration, Error> {
+    let s = string(v, flag)?;
+    stella_proto::parse_duration(&s).map_err(|e| usage(format!("{flag}: {e}")))
+}
+
+/// Parses `K=V` into the label map.
+pub(crate) fn label(v: OsString, labels: &mut Labels) -> Result<(), Error> {
+    let s = string(v, "--label")?;
+    let (k, val) = s
+        .split_once('=')
+        .ok_or_else(|| usage(format!("--label {s:?} must be KEY=VALUE")))?;
+    labels.insert(k.to_owned(), val.to_owned());
+    crate::tokens::check_labels(labels).map_err(usage)
+}
+
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("STELLA_DATA_DIR")
+        .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from)
+}
+
+/// Sets one of the options every admin command accepts.
+fn admin_opt(flag: &str, value: OsString, t: &mut AdminTarget) -> Result<(), Error> {
+    match flag {
+        "data-dir" => t.data_dir = value.into(),
+        "server" => t.server = Some(string(value, "--server")?),
+        _ => t.ca = Some(value.into()),
+    }
+    Ok(())
+}
+
+/// Parses the process arguments.
+pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, Error> {
+    let mut p = lexopt::Parser::from_iter(args);
+    let first = match p.next().map_err(lex)? {
+        None => return Err(usage("missing command")),
+        Some(Long("help") | Short('h')) => return Ok(Command::Help),
+        Some(Long("version") | Short('V')) => return Ok(Command::Version),
+        Some(Value(v)) => string(v, "command")?,
+        Some(other) => return Err(usage(other.unexpected().to_string())),
+    };
+    let mut target = AdminTarget {
+        data_dir: default_data_dir(),
+        ..AdminTarget::default()
+    };
+    let cmd = match first.as_str() {
+        "help" => Command::Help,
+        "version" => Command::Version,
+        "init" => {
+            let mut sans = Vec::new();
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long("data-dir") => target.data_dir = p.value().map_err(lex)?.into(),
+                    Long("san") => sans.push(string(p.value().map_err(lex)?, "--san")?),
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            Command::Init {
+                data_dir: target.data_dir,
+                sans,
+            }
+        }
+        "serve" => {
+            let mut o = ServeOptions {
+                data_dir: target.data_dir,
+                listen: "0.0.0.0:8443".into(),
+                heartbeat_interval: Duration::from_secs(30),
+                heartbeat_misses: 3,
+                cert_lifetime: Duration::from_secs(30 * 86_400),
+            };
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long("data-dir") => o.data_dir = p.value().map_err(lex)?.into(),
+                    Long("listen") => o.listen = string(p.value().map_err(lex)?, "--listen")?,
+                    Long("heartbeat-interval") => {
+                        o.heartbeat_interval =
+                            duration(p.value().map_err(lex)?, "--heartbeat-interval")?
+                    }
+                    Long("heartbeat-misses") => {
+                        o.heartbeat_misses = p.value().map_err(lex)?.parse().map_err(lex)?
+                    }
+                    Long("cert-lifetime") => {
+                        o.cert_lifetime = duration(p.value().map_err(lex)?, "--cert-lifetime")?
+                    }
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            if o.heartbeat_interval < Duration::from_millis(100) {
+                return Err(usage("--heartbeat-interval must be at least 100ms"));
+            }
+            if o.heartbeat_misses == 0 {
+                return Err(usage("--heartbeat-misses must be at least 1"));
+            }
+            if o.cert_lifetime < Duration::from_secs(10) {
+                return Err(usage("--cert-lifetime must be at least 10s"));
+            }
+            Command::Serve(o)
+        }
+        "token" => {
+            match p.next().map_err(lex)? {
+                Some(Value(v)) if v == "create" => {}
+                _ => return Err(usage("expected `token create`")),
+            }
+            let (mut ttl, mut uses, mut labels) = (Duration::from_secs(3600), 1u32, Labels::new());
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("ttl") => ttl = duration(p.value().map_err(lex)?, "--ttl")?,
+                    Long("uses") => uses = p.value().map_err(lex)?.parse().map_err(lex)?,
+                    Long("label") => label(p.value().map_err(lex)?, &mut labels)?,
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            if uses == 0 {
+                return Err(usage("--uses must be at least 1"));
+            }
+            Command::TokenCreate {
+                target,
+                ttl,
+                uses,
+                labels,
+            }
+        }
+        "agents" => {
+            let sub = match p.next().map_err(lex)? {
+                Some(Value(v)) => string(v, "agents subcommand")?,
+                _ => {
+                    return Err(usage(
+                        "expected `agents list|show|deactivate|activate|revoke`",
+                    ));
+                }
+            };
+            let (mut json, mut id) = (false, None::<String>);
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("json") => json = true,
+                    Value(v) if id.is_none() => id = Some(string(v, "agent id")?),
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            let need_id = |id: Option<String>| {
+                id.ok_or_else(|| usage(format!("`agents {sub}` needs an agent id")))
+            };
+            match sub.as_str() {
+                "list" => {
+                    if id.is_some() {
+                        return Err(usage("`agents list` takes no agent id"));
+                    }
+                    Command::AgentsList { target, json }
+                }
+                "show" => Command::AgentsShow {
+                    id: need_id(id)?,
+                    target,
+                    json,
+                },
+                "deactivate" | "activate" | "revoke" => Command::AgentsAct {
+                    id: need_id(id)?,
+                    target,
+                    action: match sub.as_str() {
+                        "deactivate" => AgentAction::Deactivate,
+                        "activate" => AgentAction::Activate,
+                        _ => AgentAction::Revoke,
+                    },
+                },
+                other => return Err(usage(format!("unknown agents subcommand {other:?}"))),
+            }
+        }
+        other => return Err(usage(format!("unknown command {other:?}"))),
+    };
+    Ok(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<OsString> {
+        std::iter::once("stella-server")
+            .chain(s.split_whitespace())
+            .map(OsString::from)
+            .collect()
+    }
+
+    #[test]
+    fn parses_the_documented_commands() {
+        let Command::Serve(o) = parse(args("serve --data-dir /d --listen 127.0.0.1:0 --heartbeat-interval 1s --heartbeat-misses 2 --cert-lifetime 30s")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(o.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(
+            (o.heartbeat_misses, o.cert_lifetime),
+            (2, Duration::from_secs(30))
+        );
+        let Command::TokenCreate {
+            ttl, uses, labels, ..
+        } = parse(args("token create --ttl 10m --label site=lab --uses 3")).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (ttl, uses, labels["site"].as_str()),
+            (Duration::from_secs(600), 3, "lab")
+        );
+        assert!(matches!(
+            parse(args("agents revoke agt_x --data-dir /d")).unwrap(),
+            Command::AgentsAct { .. }
+        ));
+    }
+
+    #[test]
+    fn usage_errors_name_the_problem() {
+        for (line, needle) in [
+            ("serve --heartbeat-interval 5", "invalid duration"),
+            ("token create --label nope", "KEY=VALUE"),
+            ("agents show", "needs an agent id"),
+            ("frobnicate", "unknown command"),
+            ("serve --bogus", "bogus"),
+        ] {
+            let err = parse(args(line)).unwrap_err();
+            assert!(matches!(err, Error::Usage(_)), "{line}");
+            assert!(err.to_string().contains(needle), "{line}: {err}");
+        }
+    }
+}

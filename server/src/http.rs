@@ -1,0 +1,308 @@
+//! HTTP/1.1 framing over any async byte stream: request parsing with httparse,
+//! hard limits on header and body size, an absolute deadline per request
+//! (slow clients cannot hold a connection by trickling bytes), keep-alive and
+//! pipelining, and response writing.
+
+use std::time::{Duration, Instant};
+
+use smol::Timer;
+use smol::future::FutureExt;
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest request head (request line and headers) accepted.
+pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
+const MAX_HEADERS: usize = 48;
+
+/// One parsed request.
+#[derive(Debug, Default)]
+pub(crate) struct Request {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) authorization: Option<String>,
+    pub(crate) content_type: Option<String>,
+    pub(crate) range: Option<String>,
+    pub(crate) keep_alive: bool,
+    pub(crate) body: Vec<u8>,
+}
+
+/// A response, written in one go.
+#[derive(Debug)]
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: Vec<u8>,
+    pub(crate) extra_headers: Vec<(&'static str, String)>,
+}
+
+impl Response {
+    pub(crate) fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Self {
+        Self {
+            status,
+            content_type,
+            body,
+            extra_headers: Vec::new(),
+        }
+    }
+
+    /// A JSON body.
+    pub(crate) fn json(status: u16, body: String) -> Self {
+        Self::new(status, "application/json", body.into_bytes())
+    }
+
+    /// The `{"error": "..."}` body every refusal carries.
+    pub(crate) fn error(status: u16, message: impl Into<String>) -> Self {
+        let body = stella_proto::api::ErrorBody {
+            error: message.into(),
+        };
+        Self::json(status, miniserde::json::to_string(&body))
+    }
+}
+
+/// Why a request could not be read; some deserve an answer before closing.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// The peer closed the connection between requests (not an error).
+    Closed,
+    /// Idle too long between requests, or the request took too long.
+    Timeout,
+    Io,
+    /// Malformed or over a limit: answer with this, then close.
+    Reject(Response),
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        206 => "Partial Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        416 => "Range Not Satisfiable",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+async fn read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<usize, ReadError> {
+    let mut chunk = [0u8; 4096];
+    let read = async { stream.read(&mut chunk).await.map_err(|_| ReadError::Io) };
+    let timeout = async {
+        Timer::at(deadline).await;
+        Err(ReadError::Timeout)
+    };
+    let n = read.or(timeout).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+/// Reads the next request from `stream`. `buf` holds bytes already received
+/// (pipelined requests) and keeps what follows this request.
+pub(crate) async fn read_request<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    idle: Duration,
+    request_time: Duration,
+    max_body: usize,
+) -> Result<Request, ReadError> {
+    if buf.is_empty() && read_some(stream, buf, Instant::now() + idle).await? == 0 {
+        return Err(ReadError::Closed);
+    }
+    let deadline = Instant::now() + request_time;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let mut req = Request {
+                    method: parsed.method.unwrap_or_default().to_owned(),
+                    path: parsed.path.unwrap_or_default().to_owned(),
+                    keep_alive: parsed.version == Some(1),
+                    ..Request::default()
+                };
+                let mut content_length: Option<usize> = None;
+                for h in parsed.headers.iter() {
+                    let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+                    let name = h.name;
+                    if name.eq_ignore_ascii_case("content-length") {
+                        let n: usize = value.parse().map_err(|_| {
+                            ReadError::Reject(Response::error(400, "invalid Content-Length"))
+                        })?;
+                        if content_length.is_some_and(|m| m != n) {
+                            return Err(ReadError::Reject(Response::error(
+                                400,
+                                "conflicting Content-Length headers",
+                            )));
+                        }
+                        content_length = Some(n);
+                    } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                        return Err(ReadError::Reject(Response::error(
+                            501,
+                            "Transfer-Encoding is not supported; send Content-Length",
+                        )));
+                    } else if name.eq_ignore_ascii_case("authorization") {
+                        req.authorization = Some(value.to_owned());
+                    } else if name.eq_ignore_ascii_case("content-type") {
+                        req.content_type = Some(value.to_owned());
+                    } else if name.eq_ignore_ascii_case("range") {
+                        req.range = Some(value.to_owned());
+                    } else if name.eq_ignore_ascii_case("connection") {
+                        if value.eq_ignore_ascii_case("close") {
+                            req.keep_alive = false;
+                        } else if value.eq_ignore_ascii_case("keep-alive") {
+                            req.keep_alive = true;
+                        }
+                    }
+                }
+                let body_len = content_length.unwrap_or(0);
+                if body_len > max_body {
+                    return Err(ReadError::Reject(Response::error(
+                        413,
+                        format!(
+                            "request body of {body_len} bytes is over the limit of {max_body} bytes"
+                        ),
+                    )));
+                }
+                while buf.len() < head_len + body_len {
+                    if read_some(stream, buf, deadline).await? == 0 {
+                        return Err(ReadError::Closed);
+                    }
+                }
+                req.body = buf[head_len..head_len + body_len].to_vec();
+                buf.drain(..head_len + body_len);
+                return Ok(req);
+            }
+            Ok(httparse::Status::Partial) => {
+                if buf.len() > MAX_HEAD_BYTES {
+                    return Err(ReadError::Reject(Response::error(
+                        431,
+                        format!("request head is over the limit of {MAX_HEAD_BYTES} bytes"),
+                    )));
+                }
+                if read_some(stream, buf, deadline).await? == 0 {
+                    return Err(ReadError::Closed);
+                }
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(ReadError::Reject(Response::error(
+                    431,
+                    format!("more than {MAX_HEADERS} headers"),
+                )));
+            }
+            Err(e) => {
+                return Err(ReadError::Reject(Response::error(
+                    400,
+                    format!("malformed HTTP request: {e}"),
+                )));
+            }
+        }
+    }
+}
+
+/// Writes `resp`; `keep_alive` decides the `Connection` header.
+pub(crate) async fn write_response<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    resp: &Response,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    out.clear();
+    write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n",
+        resp.status,
+        reason(resp.status),
+        resp.content_type,
+        resp.body.len()
+    )?;
+    for (name, value) in &resp.extra_headers {
+        write!(out, "{name}: {value}\r\n")?;
+    }
+    out.extend_from_slice(if keep_alive {
+        b"connection: keep-alive\r\n\r\n"
+    } else {
+        b"connection: close\r\n\r\n"
+    });
+    out.extend_from_slice(&resp.body);
+    stream.write_all(out).await?;
+    stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(input: &[u8]) -> Result<Request, ReadError> {
+        let mut stream = smol::io::Cursor::new(input.to_vec());
+        let mut buf = Vec::new();
+        smol::block_on(read_request(
+            &mut stream,
+            &mut buf,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            64,
+        ))
+    }
+
+    #[test]
+    fn parses_a_post_with_body() {
+        let req = parse(b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nAuthorization: Bearer t\r\n\r\nhello").unwrap();
+        assert_eq!((req.method.as_str(), req.path.as_str()), ("POST", "/v1/x"));
+        assert_eq!(req.body, b"hello");
+        assert_eq!(req.authorization.as_deref(), Some("Bearer t"));
+        assert!(req.keep_alive);
+    }
+
+    #[test]
+    fn keeps_pipelined_bytes() {
+        let mut stream = smol::io::Cursor::new(
+            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+        );
+        let mut buf = Vec::new();
+        let d = Duration::from_secs(1);
+        let a = smol::block_on(read_request(&mut stream, &mut buf, d, d, 64)).unwrap();
+        let b = smol::block_on(read_request(&mut stream, &mut buf, d, d, 64)).unwrap();
+        assert_eq!((a.path.as_str(), b.path.as_str()), ("/a", "/b"));
+        assert!(!b.keep_alive);
+    }
+
+    #[test]
+    fn rejects_over_limits_and_garbage() {
+        let status = |r: Result<Request, ReadError>| match r {
+            Err(ReadError::Reject(resp)) => resp.status,
+            other => panic!("expected a rejection, got {other:?}"),
+        };
+        assert_eq!(
+            status(parse(b"POST / HTTP/1.1\r\nContent-Length: 65\r\n\r\n")),
+            413
+        );
+        assert_eq!(
+            status(parse(
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )),
+            501
+        );
+        assert_eq!(status(parse(b"\x16\x03\x01\x02\x00garbage\r\n\r\n")), 400);
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES + 10));
+        assert_eq!(status(parse(&big)), 431);
+        assert!(matches!(parse(b""), Err(ReadError::Closed)));
+    }
+}

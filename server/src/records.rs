@@ -1,0 +1,106 @@
+//! What the server persists: one JSON document per agent, token, certificate,
+//! enrollment and audit event, as stored in the redb tables of `store`.
+
+use miniserde::{Deserialize, Serialize};
+use stella_proto::api::{DoctorSummary, Labels, Platform, UpdateReport};
+
+/// Lifecycle status of an agent.
+pub(crate) const ACTIVE: &str = "active";
+pub(crate) const INACTIVE: &str = "inactive";
+pub(crate) const REVOKED: &str = "revoked";
+/// Reasons for `inactive`.
+pub(crate) const HEARTBEAT_TIMEOUT: &str = "heartbeat_timeout";
+pub(crate) const DEACTIVATED: &str = "deactivated";
+
+/// The durable identity and lifecycle of one agent.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct AgentRecord {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) status: String,
+    pub(crate) reason: Option<String>,
+    pub(crate) labels: Labels,
+    pub(crate) platform: Platform,
+    /// Version and capabilities declared at enrollment (heartbeats refresh them).
+    pub(crate) version: String,
+    pub(crate) capabilities: Vec<String>,
+    pub(crate) enrolled_at: u64,
+    pub(crate) token_id: String,
+    /// Hex SHA-256 of the enrolled public key.
+    pub(crate) key_sha256: String,
+    /// Hex serial of the one certificate currently accepted for this agent.
+    pub(crate) cert_serial: String,
+    pub(crate) cert_not_after: u64,
+}
+
+/// Soft state from heartbeats, group-committed.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub(crate) struct HeartbeatState {
+    /// Unix milliseconds of the last accepted heartbeat (0 = never).
+    pub(crate) last_heartbeat_ms: u64,
+    pub(crate) seq: u64,
+    pub(crate) uptime_s: u64,
+    pub(crate) version: String,
+    pub(crate) config_hash: String,
+    pub(crate) config_drift: bool,
+    pub(crate) doctor: DoctorSummary,
+    pub(crate) update_state: String,
+    pub(crate) update_version: String,
+    pub(crate) capabilities: Vec<String>,
+}
+
+impl HeartbeatState {
+    /// The update report as the API shows it.
+    pub(crate) fn update_report(&self, running: &str) -> UpdateReport {
+        UpdateReport {
+            state: if self.update_state.is_empty() {
+                "idle".to_owned()
+            } else {
+                self.update_state.clone()
+            },
+            version: if self.update_version.is_empty() {
+                running.to_owned()
+            } else {
+                self.update_version.clone()
+            },
+        }
+    }
+}
+
+/// A registration token, with only a hash of its secret.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct TokenRecord {
+    pub(crate) id: String,
+    pub(crate) secret_sha256: String,
+    pub(crate) created_at: u64,
+    pub(crate) expires_at: u64,
+    pub(crate) uses: u32,
+    pub(crate) uses_left: u32,
+    pub(crate) labels: Labels,
+}
+
+/// An issued certificate (kept for the idempotent enrollment answer and audit).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct CertRecord {
+    pub(crate) agent_id: String,
+    pub(crate) serial: String,
+    pub(crate) pem: String,
+    pub(crate) issued_at: u64,
+    pub(crate) not_after: u64,
+}
+
+/// Which agent a (token, public key) pair enrolled, and when.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct EnrollmentRecord {
+    pub(crate) agent_id: String,
+    pub(crate) at: u64,
+}
+
+/// One line of the audit log.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct AuditRecord {
+    pub(crate) at: u64,
+    pub(crate) action: String,
+    pub(crate) subject: String,
+    pub(crate) detail: String,
+}

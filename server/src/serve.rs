@@ -1,0 +1,221 @@
+//! `init` (make a data dir) and `serve` (run the HTTPS API): the listener,
+//! TLS handshakes, one task per connection with keep-alive, and the
+//! background tasks (timeout monitor, heartbeat group commit).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_rustls::TlsAcceptor;
+use smol::future::FutureExt;
+use smol::net::{TcpListener, TcpStream};
+
+use crate::api::{self, Peer};
+use crate::app::{App, Metrics, Settings, now_ms};
+use crate::ca::{self, Ca};
+use crate::cli::ServeOptions;
+use crate::error::Error;
+use crate::fsutil::{create_private_dir, random_bytes, write_atomic};
+use crate::http::{self, ReadError};
+use crate::lifecycle::{self, Fleet};
+use crate::log;
+use crate::store::Store;
+
+pub(crate) const STORE_FILE: &str = "server.redb";
+pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub(crate) const URL_FILE: &str = "server.url";
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `stella-server init`: CA, server certificate, admin token, empty store.
+pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
+    if dir.join(STORE_FILE).exists() {
+        return Err(Error::Invalid(format!(
+            "{} is already initialized (it has {STORE_FILE})",
+            dir.display()
+        )));
+    }
+    create_private_dir(dir)?;
+    // Local admin commands and agents on this host reach us by these names.
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
+    names.extend(sans.iter().cloned());
+    let pin = ca::init(dir, &names, crate::app::now_secs())?;
+
+    let mut random = [0u8; 32];
+    random_bytes(&mut random)?;
+    let admin_token = stella_proto::hash::hex(&random);
+    write_atomic(
+        &dir.join(ADMIN_TOKEN_FILE),
+        format!("{admin_token}\n").as_bytes(),
+        0o600,
+    )?;
+    let admin_hash = stella_proto::hash::hex(&stella_proto::token::hash_secret(&admin_token));
+    // The store comes last: its presence marks a finished init.
+    Store::create(&dir.join(STORE_FILE), &admin_hash)?;
+
+    println!("initialized {}", dir.display());
+    println!("server names: {}", names.join(", "));
+    println!("CA hash: {pin}");
+    println!("admin token: {admin_token}");
+    println!(
+        "  (shown once; stored hashed, and in {} with mode 0600)",
+        dir.join(ADMIN_TOKEN_FILE).display()
+    );
+    Ok(())
+}
+
+/// `stella-server serve`: runs until killed.
+pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
+    let dir = &opts.data_dir;
+    let store = Store::open(&dir.join(STORE_FILE))?;
+    let ca = Ca::load(dir)?;
+    let tls = ca::server_tls_config(dir, &ca)?;
+    let admin_sha256 = stella_proto::hash::unhex(&store.admin_token_sha256()?)
+        .ok_or_else(|| Error::Store("the stored admin token hash is not hex".into()))?;
+    let started_ms = now_ms();
+    let fleet = Fleet::load(store.load_agents()?, started_ms);
+    let agents = fleet.agents.len();
+    let addr: SocketAddr = opts.listen.parse().map_err(|_| {
+        Error::Usage(format!(
+            "--listen {:?} is not an IP:PORT address",
+            opts.listen
+        ))
+    })?;
+    let settings = Settings {
+        heartbeat_interval: opts.heartbeat_interval,
+        heartbeat_misses: opts.heartbeat_misses,
+        cert_lifetime: opts.cert_lifetime,
+        flush_every: Duration::from_secs(1),
+        idle_timeout: (opts.heartbeat_interval * 3).max(Duration::from_secs(90)),
+        request_timeout: Duration::from_secs(10),
+    };
+    let app = Arc::new(App {
+        settings,
+        store,
+        ca,
+        fleet: Mutex::new(fleet),
+        lifecycle_lock: Mutex::new(()),
+        admin_sha256,
+        metrics: Metrics::default(),
+        started_ms,
+    });
+
+    let ex = Arc::new(smol::Executor::new());
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
+    for i in 1..threads {
+        let ex = ex.clone();
+        std::thread::Builder::new()
+            .name(format!("stella-worker-{i}"))
+            .spawn(move || smol::block_on(ex.run(smol::future::pending::<()>())))
+            .map_err(|e| Error::io("cannot start a worker thread", e))?;
+    }
+    let acceptor = TlsAcceptor::from(tls);
+    smol::block_on(ex.run(async {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(format!("cannot listen on {addr}"), e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::io("cannot read the listening address", e))?;
+        let url_host = if local.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else if local.is_ipv6() {
+            format!("[{}]", local.ip())
+        } else {
+            local.ip().to_string()
+        };
+        let url = format!("https://{url_host}:{}", local.port());
+        write_atomic(&dir.join(URL_FILE), format!("{url}\n").as_bytes(), 0o644)?;
+        log::info(
+            "listening",
+            &[
+                ("url", &url),
+                ("agents", &agents),
+                (
+                    "heartbeat_interval",
+                    &stella_proto::format_duration(app.settings.heartbeat_interval),
+                ),
+                ("ca_hash", &app.ca.pin()),
+            ],
+        );
+        ex.spawn(lifecycle::timeout_monitor(app.clone())).detach();
+        ex.spawn(lifecycle::heartbeat_flusher(app.clone())).detach();
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    ex.spawn(connection(app.clone(), acceptor.clone(), tcp))
+                        .detach();
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: wait, keep serving the rest.
+                    log::warn("accept failed", &[("error", &e)]);
+                    smol::Timer::after(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }))
+}
+
+async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let handshake = async { acceptor.accept(tcp).await.map_err(|e| e.to_string()) };
+    let timeout = async {
+        smol::Timer::after(HANDSHAKE_TIMEOUT).await;
+        Err("handshake timed out".to_owned())
+    };
+    let mut tls = match handshake.or(timeout).await {
+        Ok(s) => s,
+        Err(_) => {
+            Metrics::bump(&app.metrics.tls_failures);
+            return;
+        }
+    };
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|der| Peer::from_certificate(der));
+    let mut buf = Vec::with_capacity(4096);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        let read = http::read_request(
+            &mut tls,
+            &mut buf,
+            app.settings.idle_timeout,
+            app.settings.request_timeout,
+            stella_proto::MAX_BODY_BYTES,
+        )
+        .await;
+        match read {
+            Ok(req) => {
+                let keep_alive = req.keep_alive;
+                let resp = api::handle(&app, peer.as_ref(), req).await;
+                if http::write_response(&mut tls, &resp, keep_alive, &mut out)
+                    .await
+                    .is_err()
+                    || !keep_alive
+                {
+                    break;
+                }
+            }
+            Err(ReadError::Reject(resp)) => {
+                let _ = http::write_response(&mut tls, &resp, false, &mut out).await;
+                break;
+            }
+            Err(ReadError::Timeout) => {
+                if !buf.is_empty() {
+                    let resp = http::Response::error(408, "the request took too long to arrive");
+                    let _ = http::write_response(&mut tls, &resp, false, &mut out).await;
+                }
+                break;
+            }
+            Err(ReadError::Closed | ReadError::Io) => break,
+        }
+    }
+    use smol::io::AsyncWriteExt;
+    let _ = tls.close().await;
+}

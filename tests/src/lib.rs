@@ -1,0 +1,493 @@
+//! Harness for the end-to-end tests: temp dirs, a real `stella-server` on a
+//! free loopback port with its redb file, real `stella-agent` processes, an
+//! HTTPS client that trusts the test CA, and polling with deadlines. Every
+//! child process is killed by PID when its handle drops.
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use stella_proto::api::AgentView;
+
+/// How long tests wait for a state before failing (2-core shared machine).
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Where the binaries under test are: `STELLA_BIN_DIR` (set by `cargo xtask
+/// test`), else the cargo target dir this test was built into.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STELLA_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/e2e-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of one binary under test; panics with a hint when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo xtask test`, which builds the binaries first",
+        path.display()
+    );
+    path
+}
+
+/// A directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!(
+            "stella-{label}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("STELLA_KEEP_TEMP").is_none() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A child process killed (by PID) and reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Self {
+        let file = fs::File::create(&log).expect("create log file");
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone log handle"))
+            .stderr(file);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The exit code if the process has ended.
+    pub fn try_exit_code(&mut self) -> Option<Option<i32>> {
+        let child = self.child.as_mut()?;
+        child.try_wait().ok().flatten().map(|s| s.code())
+    }
+
+    /// Waits (polling) for the process to end; returns its exit code.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<i32> {
+        let code = poll(deadline, || self.try_exit_code());
+        code.unwrap_or_else(|| {
+            panic!(
+                "process did not exit within {deadline:?}; log:\n{}",
+                self.log_text()
+            )
+        })
+    }
+
+    /// Kills the process now (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Calls `f` every 50 ms until it returns `Some`, or the deadline passes.
+pub fn poll<T>(deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a command to completion, capturing its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Output as text (stdout, then stderr), for assertions and messages.
+pub fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Server options for a test.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub heartbeat_interval: &'static str,
+    pub heartbeat_misses: u32,
+    pub cert_lifetime: &'static str,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: "1s",
+            heartbeat_misses: 2,
+            cert_lifetime: "30d",
+        }
+    }
+}
+
+/// A running `stella-server` with its own data dir.
+#[derive(Debug)]
+pub struct Server {
+    pub dir: TempDir,
+    pub data: PathBuf,
+    pub url: String,
+    pub pin: String,
+    pub admin_token: String,
+    pub proc: Proc,
+}
+
+impl Server {
+    pub fn start() -> Self {
+        Self::start_with(ServerOptions::default())
+    }
+
+    pub fn start_with(opts: ServerOptions) -> Self {
+        let dir = TempDir::new("server");
+        let data = dir.join("data");
+        let out = run(Command::new(bin("stella-server"))
+            .args(["init", "--data-dir"])
+            .arg(&data)
+            .args(["--san", "localhost", "--san", "127.0.0.1"]));
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "init failed: {stdout}{stderr}");
+        let pin = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("CA hash: "))
+            .expect("init prints the CA hash")
+            .trim()
+            .to_owned();
+        let admin_token = fs::read_to_string(data.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_owned();
+        let (proc, url) = spawn_serve(&dir, &data, &opts);
+        Self {
+            dir,
+            data,
+            url,
+            pin,
+            admin_token,
+            proc,
+        }
+    }
+
+    /// Starts `serve` again (after `kill`) on a new free port.
+    pub fn serve(&mut self, opts: &ServerOptions) {
+        let (proc, url) = spawn_serve(&self.dir, &self.data, opts);
+        self.proc = proc;
+        self.url = url;
+    }
+
+    /// Kills the server (SIGKILL), keeping its data dir.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Runs an admin command against this server (via its data dir).
+    pub fn admin(&self, args: &[&str]) -> Output {
+        run(Command::new(bin("stella-server"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data))
+    }
+
+    /// Runs an admin command that must succeed; returns stdout.
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        let (stdout, stderr) = text(&out);
+        assert!(
+            out.status.success(),
+            "stella-server {args:?} failed: {stdout}{stderr}"
+        );
+        stdout
+    }
+
+    /// Creates a registration token.
+    pub fn token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(extra);
+        self.admin_ok(&args).trim().to_owned()
+    }
+
+    /// `agents list --json`.
+    pub fn agents(&self) -> Vec<AgentView> {
+        let out = self.admin_ok(&["agents", "list", "--json"]);
+        miniserde::json::from_str(out.trim())
+            .unwrap_or_else(|_| panic!("agents list --json is not valid: {out}"))
+    }
+
+    /// One agent from `agents show --json`.
+    pub fn agent(&self, id: &str) -> AgentView {
+        let out = self.admin_ok(&["agents", "show", id, "--json"]);
+        miniserde::json::from_str(out.trim())
+            .unwrap_or_else(|_| panic!("agents show --json is not valid: {out}"))
+    }
+
+    /// Polls until the agent satisfies `check`.
+    pub fn wait_for_agent(
+        &self,
+        id: &str,
+        what: &str,
+        check: impl Fn(&AgentView) -> bool,
+    ) -> AgentView {
+        poll(DEADLINE, || Some(self.agent(id)).filter(|a| check(a))).unwrap_or_else(|| {
+            panic!(
+                "agent {id} never became {what}; last: {:?}\nserver log:\n{}",
+                self.agent(id),
+                self.proc.log_text()
+            )
+        })
+    }
+
+    /// An HTTPS client that trusts this server's CA.
+    pub fn client(&self) -> Client {
+        Client::new(
+            &self.url,
+            &fs::read(self.data.join("ca.pem")).expect("ca.pem"),
+            None,
+        )
+    }
+
+    pub fn ca_pem(&self) -> PathBuf {
+        self.data.join("ca.pem")
+    }
+}
+
+/// Starts `serve` on a free loopback port and waits for `/healthz`.
+fn spawn_serve(dir: &TempDir, data: &Path, opts: &ServerOptions) -> (Proc, String) {
+    let _ = fs::remove_file(data.join("server.url"));
+    let mut cmd = Command::new(bin("stella-server"));
+    cmd.args(["serve", "--data-dir"])
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--heartbeat-interval", opts.heartbeat_interval])
+        .args(["--heartbeat-misses", &opts.heartbeat_misses.to_string()])
+        .args(["--cert-lifetime", opts.cert_lifetime]);
+    let n = fs::read_dir(dir.path()).map_or(0, |d| d.count());
+    let proc = Proc::spawn(cmd, dir.join(&format!("server-{n}.log")));
+    let url_file = data.join("server.url");
+    let url = poll(DEADLINE, || {
+        fs::read_to_string(&url_file)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    })
+    .unwrap_or_else(|| panic!("server did not start; log:\n{}", proc.log_text()));
+    let client = Client::new(&url, &fs::read(data.join("ca.pem")).expect("ca.pem"), None);
+    let healthy = poll(DEADLINE, || (client.get("/healthz").0 == 200).then_some(()));
+    assert!(
+        healthy.is_some(),
+        "server not healthy; log:\n{}",
+        proc.log_text()
+    );
+    (proc, url)
+}
+
+/// A plain HTTPS client for direct API calls in tests.
+#[derive(Debug)]
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// `client`: optional (certificate PEM, key PEM) for mTLS.
+    pub fn new(base: &str, ca_pem: &[u8], client: Option<(&[u8], &[u8])>) -> Self {
+        use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
+        let ca = Certificate::from_pem(ca_pem).expect("CA PEM");
+        let client_cert = client.map(|(cert, key)| {
+            ClientCert::new_with_certs(
+                &[Certificate::from_pem(cert).expect("cert PEM")],
+                PrivateKey::from_pem(key).expect("key PEM"),
+            )
+        });
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .root_certs(RootCerts::new_with_certs(&[ca]))
+            .client_cert(client_cert)
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(15)))
+            .build()
+            .new_agent();
+        Self {
+            base: base.to_owned(),
+            agent,
+        }
+    }
+
+    fn finish(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> (u16, String) {
+        match result {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let body = resp.body_mut().read_to_string().unwrap_or_default();
+                (status, body)
+            }
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        Self::finish(self.agent.get(format!("{}{path}", self.base)).call())
+    }
+
+    /// GET with an `Authorization: Bearer` header.
+    pub fn get_auth(&self, path: &str, token: &str) -> (u16, String) {
+        Self::finish(
+            self.agent
+                .get(format!("{}{path}", self.base))
+                .header("authorization", &format!("Bearer {token}"))
+                .call(),
+        )
+    }
+
+    /// POST a body with the given content type.
+    pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+        Self::finish(
+            self.agent
+                .post(format!("{}{path}", self.base))
+                .content_type(content_type)
+                .send(body),
+        )
+    }
+}
+
+/// An agent's state dir, with commands run against it.
+#[derive(Debug)]
+pub struct AgentDir {
+    pub dir: TempDir,
+    pub state: PathBuf,
+}
+
+impl Default for AgentDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentDir {
+    pub fn new() -> Self {
+        let dir = TempDir::new("agent");
+        let state = dir.join("state");
+        Self { dir, state }
+    }
+
+    /// A `stella-agent` command on this state dir.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("stella-agent"));
+        cmd.args(args).arg("--state-dir").arg(&self.state);
+        cmd
+    }
+
+    /// `bootstrap` with the server's CA hash, plus `extra` arguments.
+    pub fn bootstrap(&self, server: &Server, token: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "bootstrap",
+            "--server",
+            &server.url,
+            "--token",
+            token,
+            "--ca-hash",
+            &server.pin,
+        ];
+        args.extend_from_slice(extra);
+        run(&mut self.command(&args))
+    }
+
+    /// `bootstrap` that must succeed; returns the agent id.
+    pub fn enroll(&self, server: &Server, name: &str) -> String {
+        let token = server.token(&["--ttl", "10m"]);
+        let out = self.bootstrap(server, &token, &["--name", name]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "bootstrap failed: {stdout}{stderr}");
+        let id = stdout.trim().to_owned();
+        assert!(
+            stella_proto::id::is_agent_id(&id),
+            "bootstrap printed {id:?}"
+        );
+        id
+    }
+
+    /// Starts `stella-agent run`.
+    pub fn run(&self) -> Proc {
+        let n = std::fs::read_dir(self.dir.path()).map_or(0, |d| d.count());
+        Proc::spawn(
+            self.command(&["run"]),
+            self.dir.join(&format!("agent-{n}.log")),
+        )
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.state.join(name)
+    }
+}
+
+/// Runs an external tool (openssl, curl) that the CI installs.
+pub fn tool(program: &str, args: &[&str]) -> Output {
+    run(Command::new(program).args(args))
+}

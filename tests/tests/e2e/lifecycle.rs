@@ -1,0 +1,155 @@
+//! Heartbeats and the agent lifecycle (DESIGN.md section 4): active on
+//! heartbeat, inactive after missed intervals, deactivate/activate, revoke.
+
+use std::fs;
+
+use stella_tests::{AgentDir, DEADLINE, Server, poll, text};
+
+#[test]
+fn heartbeats_make_the_agent_active_with_its_details() {
+    let server = Server::start();
+    let token = server.token(&["--label", "site=lab"]);
+    let agent = AgentDir::new();
+    let out = agent.bootstrap(&server, &token, &["--name", "hb1"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let id = text(&out).0.trim().to_owned();
+    let mut proc = agent.run();
+    let view = server.wait_for_agent(&id, "heartbeating", |a| a.heartbeat_seq >= 2);
+    assert_eq!(view.status, "active");
+    assert!(view.reason.is_none());
+    assert!(
+        view.last_heartbeat
+            .as_deref()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    assert_eq!(view.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(view.labels.get("site").map(String::as_str), Some("lab"));
+    assert_eq!(view.update.state, "idle");
+
+    // `agents list --json` has the documented fields.
+    let listed = server.admin_ok(&["agents", "list", "--json"]);
+    for field in [
+        "\"id\"",
+        "\"name\"",
+        "\"status\"",
+        "\"reason\"",
+        "\"version\"",
+        "\"target\"",
+        "\"labels\"",
+        "\"capabilities\"",
+        "\"last_heartbeat\"",
+        "\"cert_not_after\"",
+        "\"config_hash\"",
+    ] {
+        assert!(listed.contains(field), "{field} missing in {listed}");
+    }
+    // The table names the agent too.
+    assert!(server.admin_ok(&["agents", "list"]).contains("hb1"));
+
+    // The agent keeps to one OS thread.
+    let status = fs::read_to_string(format!("/proc/{}/status", proc.pid())).unwrap();
+    assert!(status.lines().any(|l| l == "Threads:\t1"), "{status}");
+
+    // `status` reads the state dir.
+    let out = stella_tests::run(&mut agent.command(&["status", "--json"]));
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout.contains(&format!("\"agent_id\":\"{id}\"")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"last_heartbeat\":\"20"), "{stdout}");
+    proc.kill();
+}
+
+#[test]
+fn a_silent_agent_becomes_inactive_and_comes_back() {
+    let server = Server::start();
+    let agent = AgentDir::new();
+    let id = agent.enroll(&server, "quiet");
+    let mut proc = agent.run();
+    server.wait_for_agent(&id, "active with heartbeats", |a| {
+        a.status == "active" && a.heartbeat_seq >= 1
+    });
+    proc.kill();
+    let view = server.wait_for_agent(&id, "timed out", |a| a.status == "inactive");
+    assert_eq!(view.reason.as_deref(), Some("heartbeat_timeout"));
+    let seq = view.heartbeat_seq;
+    let _proc = agent.run();
+    server.wait_for_agent(&id, "active again", |a| {
+        a.status == "active" && a.heartbeat_seq > seq
+    });
+}
+
+#[test]
+fn deactivate_activate_and_revoke() {
+    let server = Server::start();
+    let agent = AgentDir::new();
+    let id = agent.enroll(&server, "cycle");
+    let mut proc = agent.run();
+    server.wait_for_agent(&id, "heartbeating", |a| a.heartbeat_seq >= 1);
+
+    let out = server.admin_ok(&["agents", "deactivate", &id]);
+    assert!(out.contains("inactive (deactivated)"), "{out}");
+    // The agent hears 403 and keeps trying.
+    poll(DEADLINE, || {
+        proc.log_text()
+            .contains("agent is deactivated")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("agent never saw the 403:\n{}", proc.log_text()));
+    let view = server.agent(&id);
+    assert_eq!(
+        (view.status.as_str(), view.reason.as_deref()),
+        ("inactive", Some("deactivated"))
+    );
+    assert!(
+        proc.try_exit_code().is_none(),
+        "a deactivated agent keeps running"
+    );
+
+    let seq = server.agent(&id).heartbeat_seq;
+    server.admin_ok(&["agents", "activate", &id]);
+    server.wait_for_agent(&id, "active again", |a| {
+        a.status == "active" && a.heartbeat_seq > seq
+    });
+
+    server.admin_ok(&["agents", "revoke", &id]);
+    let code = proc.wait_exit(DEADLINE);
+    assert_eq!(
+        code,
+        Some(3),
+        "revoked agent exits 3; log:\n{}",
+        proc.log_text()
+    );
+    assert!(proc.log_text().contains("enroll this host again"));
+    assert_eq!(server.agent(&id).status, "revoked");
+
+    // Revoked is final.
+    let out = server.admin(&["agents", "activate", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).1.contains("revoked is final"),
+        "{:?}",
+        text(&out)
+    );
+    // A restarted agent is refused at once, with the same exit code.
+    let mut again = agent.run();
+    assert_eq!(again.wait_exit(DEADLINE), Some(3));
+}
+
+#[test]
+fn lifecycle_survives_a_server_restart() {
+    let mut server = Server::start();
+    let agent = AgentDir::new();
+    let id = agent.enroll(&server, "durable");
+    server.admin_ok(&["agents", "deactivate", &id]);
+    server.kill();
+    server.serve(&Default::default());
+    let view = server.agent(&id);
+    assert_eq!(
+        (view.status.as_str(), view.reason.as_deref()),
+        ("inactive", Some("deactivated"))
+    );
+    // The agent was enrolled durably: it is still known after a kill -9.
+    assert_eq!(server.agents().len(), 1);
+}

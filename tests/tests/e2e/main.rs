@@ -1,0 +1,7 @@
+//! End-to-end tests: the real `stella-server` and `stella-agent` binaries on
+//! loopback with real TLS and a real redb file in a temp dir. One test binary
+//! keeps the build quick; modules follow the design's parts.
+
+mod api;
+mod enrollment;
+mod lifecycle;
