@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use miniserde::json;
 use stella_proto::RegistrationToken;
-use stella_proto::api::{ErrorBody, Labels, RegisterRequest, RegisterResponse};
+use stella_proto::api::{Labels, RegisterRequest, RegisterResponse};
 
 use crate::error::Error;
 use crate::state::{AGENT_CERT, AGENT_JSON, AGENT_KEY, AgentFile, CA_CERT, StateDir};
-use crate::{fault, host, identity, log};
+use crate::{fault, host, identity, log, transport};
 
 /// How the agent learns to trust the server.
 #[derive(Debug, Clone)]
@@ -30,12 +30,6 @@ pub(crate) struct BootstrapOptions {
     pub(crate) ca: CaTrust,
     pub(crate) name: Option<String>,
     pub(crate) labels: Labels,
-}
-
-fn read_error(status: u16, body: &str) -> Error {
-    let message =
-        json::from_str::<ErrorBody>(body).map_or_else(|_| body.trim().to_owned(), |b| b.error);
-    Error::Refused { status, message }
 }
 
 /// Enrolls this host; afterwards `agent.json` exists.
@@ -90,22 +84,15 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
         capabilities: host::capabilities(),
         labels: Some(opts.labels.clone()),
     };
-    let client = identity::http_client(&ca_der, None, Duration::from_secs(30))?;
+    let client = transport::http_client(&ca_der, None, Duration::from_secs(30))?;
     let url = format!("{server}/v1/agents/register");
-    let mut resp = client
-        .post(&url)
-        .content_type("application/json")
-        .send(json::to_string(&request))
+    let (status, body) = transport::post_json(&client, &url, &json::to_string(&request))
         .map_err(|e| Error::Network(format!("cannot reach {server}: {e}")))?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(64 * 1024)
-        .read_to_string()
-        .map_err(|e| Error::Network(format!("reading the answer from {server}: {e}")))?;
     if !(200..300).contains(&status) {
-        return Err(read_error(status, &body));
+        return Err(Error::Refused {
+            status,
+            message: transport::error_message(&body),
+        });
     }
     fault::point("bootstrap-after-register");
     let answer: RegisterResponse = json::from_str(&body).map_err(|_| {

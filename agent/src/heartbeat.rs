@@ -1,25 +1,25 @@
-//! `stella-agent run`: the single-threaded heartbeat loop over one mTLS
-//! keep-alive connection, with jitter, capped exponential backoff, and the
-//! lifecycle answers (403 deactivated: back off and keep trying; 401 revoked:
-//! stop with exit code 3).
+//! `stella-agent run`: the single-threaded loop. A small deadline scheduler
+//! drives heartbeats over one mTLS keep-alive connection (with jitter and
+//! capped exponential backoff) and certificate renewal; lifecycle answers are
+//! obeyed (403 deactivated: back off and keep asking; 401 revoked: stop with
+//! exit code 3).
 
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use miniserde::json;
 use ring::rand::{SecureRandom, SystemRandom};
-use stella_proto::api::{ErrorBody, HeartbeatRequest, HeartbeatResponse, UpdateReport};
+use stella_proto::api::{HeartbeatRequest, HeartbeatResponse, UpdateReport};
+use stella_proto::time::rfc3339;
 
 use crate::error::Error;
-use crate::identity::{self, Identity};
+use crate::identity::{self, Identity, RenewError};
 use crate::state::StateDir;
-use crate::{host, log};
+use crate::{host, log, transport};
 
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
-/// Longest answer we read from the server.
-const MAX_ANSWER_BYTES: u64 = 64 * 1024;
 /// Re-detect capabilities every this many heartbeats.
 const CAPABILITY_REFRESH: u64 = 20;
 
@@ -52,20 +52,19 @@ fn backoff(interval: Duration, failures: u32) -> Duration {
     interval * factor
 }
 
-fn send(client: &ureq::Agent, url: &str, body: &str) -> Result<(u16, String), String> {
-    let mut resp = client
-        .post(url)
-        .content_type("application/json")
-        .send(body)
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let text = resp
-        .body_mut()
-        .with_config()
-        .limit(MAX_ANSWER_BYTES)
-        .read_to_string()
-        .map_err(|e| e.to_string())?;
-    Ok((status, text))
+/// The wait before retrying a failed renewal: starts at 1% of the lifetime
+/// (1 s to 1 min), doubles, capped at 10% of the lifetime (at most 1 h).
+fn renewal_backoff(lifetime_secs: u64, failures: u32) -> Duration {
+    let base = Duration::from_secs(lifetime_secs / 100)
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let cap = Duration::from_secs(lifetime_secs / 10).clamp(base, Duration::from_secs(3600));
+    (base * (1u32 << failures.saturating_sub(1).min(16))).min(cap)
+}
+
+fn wall_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn heartbeat_once(
@@ -75,47 +74,142 @@ fn heartbeat_once(
 ) -> Result<HeartbeatResponse, Refusal> {
     // A keep-alive connection the server closed fails once; a fresh one is
     // tried at once before this counts as a failure.
-    let (status, text) = match send(client, url, body) {
+    let (status, text) = match transport::post_json(client, url, body) {
         Ok(answer) => answer,
         Err(first) => {
             log::debug(
                 "heartbeat failed, retrying on a new connection",
                 &[("error", &first)],
             );
-            send(client, url, body).map_err(Refusal::Failed)?
+            transport::post_json(client, url, body).map_err(Refusal::Failed)?
         }
     };
-    let message =
-        || json::from_str::<ErrorBody>(&text).map_or_else(|_| text.trim().to_owned(), |b| b.error);
     match status {
         200 => json::from_str(&text)
             .map_err(|_| Refusal::Failed("the heartbeat answer is not valid JSON".into())),
-        401 => Err(Refusal::Rejected(message())),
-        403 => Err(Refusal::Deactivated(message())),
+        401 => Err(Refusal::Rejected(transport::error_message(&text))),
+        403 => Err(Refusal::Deactivated(transport::error_message(&text))),
         other => Err(Refusal::Failed(format!(
             "server answered {other}: {}",
-            message()
+            transport::error_message(&text)
         ))),
+    }
+}
+
+/// The agent's running state.
+struct Agent<'a> {
+    state: &'a StateDir,
+    ident: Identity,
+    client: ureq::Agent,
+    rng: SystemRandom,
+    interval: Duration,
+    /// Unix seconds when the certificate should be renewed.
+    renew_at: u64,
+    renew_failures: u32,
+    beat_failures: u32,
+}
+
+impl Agent<'_> {
+    fn idle(interval: Duration) -> Duration {
+        (interval * 3).max(Duration::from_secs(60))
+    }
+
+    fn connect(ident: &Identity, interval: Duration) -> Result<ureq::Agent, Error> {
+        transport::http_client(
+            &ident.ca_der,
+            Some((&ident.cert_der, &ident.key_pem)),
+            Self::idle(interval),
+        )
+    }
+
+    fn refused(&self, message: &str) -> Error {
+        log::error(
+            "the server no longer accepts this agent; enroll this host again",
+            &[("agent", &self.ident.id), ("error", &message)],
+        );
+        Error::Revoked(format!(
+            "{} refused agent {}: {message}",
+            self.ident.server, self.ident.id
+        ))
+    }
+
+    /// Renews (or, once expired, recovers) the certificate. Failures are
+    /// retried later with backoff; the working pair is never removed.
+    fn renew(&mut self) -> Result<(), Error> {
+        let expired = wall_now() >= self.ident.cert.not_after;
+        let result = if expired {
+            log::warn(
+                "certificate expired; recovering with the old key",
+                &[("not_after", &rfc3339(self.ident.cert.not_after))],
+            );
+            identity::recover(self.state, &self.ident)
+        } else {
+            identity::renew(self.state, &self.ident, &self.client)
+        };
+        match result {
+            Ok(renewed) => {
+                self.client = Self::connect(&renewed, self.interval)?;
+                self.renew_at = identity::renewal_due(&renewed.cert, &self.rng);
+                self.ident = renewed;
+                self.renew_failures = 0;
+                log::info("next renewal scheduled", &[("at", &rfc3339(self.renew_at))]);
+                Ok(())
+            }
+            Err(RenewError::Refused(message)) => Err(self.refused(&message)),
+            Err(RenewError::Failed(message)) => {
+                self.renew_failures += 1;
+                let lifetime = self
+                    .ident
+                    .cert
+                    .not_after
+                    .saturating_sub(self.ident.cert.not_before);
+                let wait = jittered(
+                    renewal_backoff(lifetime, self.renew_failures),
+                    0.2,
+                    &self.rng,
+                );
+                self.renew_at = wall_now() + wait.as_secs().max(1);
+                log::warn(
+                    "certificate renewal failed; keeping the current certificate",
+                    &[
+                        ("error", &message),
+                        ("failures", &self.renew_failures),
+                        (
+                            "retry_in",
+                            &stella_proto::format_duration(Duration::from_secs(
+                                wait.as_secs().max(1),
+                            )),
+                        ),
+                    ],
+                );
+                Ok(())
+            }
+        }
     }
 }
 
 /// Runs until revoked (Err(Revoked)) or killed.
 pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
+    identity::finish_interrupted_renewal(state)?;
     let ident = Identity::load(state)?;
     let rng = SystemRandom::new();
     let started = Instant::now();
     let mut saved = state.state_file();
-    let mut interval = match saved.heartbeat_interval_ms {
+    let interval = match saved.heartbeat_interval_ms {
         0 => DEFAULT_INTERVAL,
         ms => Duration::from_millis(ms).clamp(MIN_INTERVAL, MAX_INTERVAL),
     };
-    let idle = |i: Duration| (i * 3).max(Duration::from_secs(60));
-    let mut client = identity::http_client(
-        &ident.ca_der,
-        Some((&ident.cert_der, &ident.key_pem)),
-        idle(interval),
-    )?;
-    let url = format!("{}/v1/agents/heartbeat", ident.server);
+    let mut agent = Agent {
+        client: Agent::connect(&ident, interval)?,
+        renew_at: identity::renewal_due(&ident.cert, &rng),
+        ident,
+        state,
+        rng,
+        interval,
+        renew_failures: 0,
+        beat_failures: 0,
+    };
+    let url = format!("{}/v1/agents/heartbeat", agent.ident.server);
     let mut beat = HeartbeatRequest {
         seq: saved.heartbeat_seq,
         version: host::VERSION.to_owned(),
@@ -132,93 +226,107 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
     log::info(
         "agent running",
         &[
-            ("agent", &ident.id),
-            ("server", &ident.server),
+            ("agent", &agent.ident.id),
+            ("server", &agent.ident.server),
             ("version", &host::VERSION),
-            (
-                "cert_not_after",
-                &stella_proto::time::rfc3339(ident.cert.not_after),
-            ),
+            ("cert_not_after", &rfc3339(agent.ident.cert.not_after)),
+            ("renew_at", &rfc3339(agent.renew_at)),
         ],
     );
-    let mut failures: u32 = 0;
+    let mut next_beat = Instant::now();
     loop {
-        beat.seq += 1;
-        beat.uptime_s = started.elapsed().as_secs();
-        if beat.seq.is_multiple_of(CAPABILITY_REFRESH) {
-            beat.capabilities = host::capabilities();
+        if wall_now() >= agent.renew_at {
+            agent.renew()?;
         }
-        let wait = match heartbeat_once(&client, &url, &json::to_string(&beat)) {
-            Ok(answer) => {
-                if failures > 0 {
-                    log::info("heartbeat accepted again", &[("after_failures", &failures)]);
+        if Instant::now() >= next_beat {
+            // An expired certificate cannot heartbeat: wait for the recovery
+            // that the renewal schedule (already due) keeps attempting.
+            let wait = if wall_now() >= agent.ident.cert.not_after {
+                Duration::from_secs(1)
+            } else {
+                beat.seq += 1;
+                beat.uptime_s = started.elapsed().as_secs();
+                if beat.seq.is_multiple_of(CAPABILITY_REFRESH) {
+                    beat.capabilities = host::capabilities();
                 }
-                failures = 0;
-                let asked =
-                    Duration::from_millis(answer.interval_ms).clamp(MIN_INTERVAL, MAX_INTERVAL);
-                if asked != interval {
-                    log::info(
-                        "heartbeat interval changed",
-                        &[("interval", &stella_proto::format_duration(asked))],
-                    );
-                    interval = asked;
-                    client = identity::http_client(
-                        &ident.ca_der,
-                        Some((&ident.cert_der, &ident.key_pem)),
-                        idle(interval),
-                    )?;
+                match heartbeat_once(&agent.client, &url, &json::to_string(&beat)) {
+                    Ok(answer) => {
+                        if agent.beat_failures > 0 {
+                            log::info(
+                                "heartbeat accepted again",
+                                &[("after_failures", &agent.beat_failures)],
+                            );
+                        }
+                        agent.beat_failures = 0;
+                        let asked = Duration::from_millis(answer.interval_ms)
+                            .clamp(MIN_INTERVAL, MAX_INTERVAL);
+                        if asked != agent.interval {
+                            log::info(
+                                "heartbeat interval changed",
+                                &[("interval", &stella_proto::format_duration(asked))],
+                            );
+                            agent.interval = asked;
+                            agent.client = Agent::connect(&agent.ident, asked)?;
+                        }
+                        if answer.renew {
+                            log::info("the server asks for a certificate renewal now", &[]);
+                            agent.renew_at = wall_now();
+                        }
+                        log::debug("heartbeat accepted", &[("seq", &beat.seq)]);
+                        saved.last_heartbeat = Some(rfc3339(wall_now()));
+                        saved.heartbeat_seq = beat.seq;
+                        saved.heartbeat_interval_ms = agent.interval.as_millis() as u64;
+                        saved.server_time = Some(answer.server_time);
+                        if let Err(e) = state.save_state(&saved) {
+                            log::warn("could not save state", &[("error", &e)]);
+                        }
+                        jittered(agent.interval, 0.1, &agent.rng)
+                    }
+                    Err(Refusal::Rejected(message)) => return Err(agent.refused(&message)),
+                    Err(Refusal::Deactivated(message)) => {
+                        agent.beat_failures += 1;
+                        let wait = jittered(
+                            backoff(agent.interval, agent.beat_failures),
+                            0.1,
+                            &agent.rng,
+                        );
+                        log::warn(
+                            "agent is deactivated; will keep asking",
+                            &[
+                                ("error", &message),
+                                ("retry_in", &stella_proto::format_duration(wait)),
+                            ],
+                        );
+                        wait
+                    }
+                    Err(Refusal::Failed(message)) => {
+                        agent.beat_failures += 1;
+                        let wait = jittered(
+                            backoff(agent.interval, agent.beat_failures),
+                            0.1,
+                            &agent.rng,
+                        );
+                        log::warn(
+                            "heartbeat failed",
+                            &[
+                                ("error", &message),
+                                ("failures", &agent.beat_failures),
+                                ("retry_in", &stella_proto::format_duration(wait)),
+                            ],
+                        );
+                        wait
+                    }
                 }
-                log::debug("heartbeat accepted", &[("seq", &beat.seq)]);
-                saved.last_heartbeat = Some(stella_proto::time::rfc3339(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
-                ));
-                saved.heartbeat_seq = beat.seq;
-                saved.heartbeat_interval_ms = interval.as_millis() as u64;
-                saved.server_time = Some(answer.server_time);
-                if let Err(e) = state.save_state(&saved) {
-                    log::warn("could not save state", &[("error", &e)]);
-                }
-                jittered(interval, 0.1, &rng)
-            }
-            Err(Refusal::Rejected(message)) => {
-                log::error(
-                    "the server no longer accepts this agent; enroll this host again",
-                    &[("agent", &ident.id), ("error", &message)],
-                );
-                return Err(Error::Revoked(format!(
-                    "{} refused agent {}: {message}",
-                    ident.server, ident.id
-                )));
-            }
-            Err(Refusal::Deactivated(message)) => {
-                failures += 1;
-                let wait = jittered(backoff(interval, failures), 0.1, &rng);
-                log::warn(
-                    "agent is deactivated; will keep asking",
-                    &[
-                        ("error", &message),
-                        ("retry_in", &stella_proto::format_duration(wait)),
-                    ],
-                );
-                wait
-            }
-            Err(Refusal::Failed(message)) => {
-                failures += 1;
-                let wait = jittered(backoff(interval, failures), 0.1, &rng);
-                log::warn(
-                    "heartbeat failed",
-                    &[
-                        ("error", &message),
-                        ("failures", &failures),
-                        ("retry_in", &stella_proto::format_duration(wait)),
-                    ],
-                );
-                wait
-            }
-        };
-        sleep(wait);
+            };
+            next_beat = Instant::now() + wait;
+        }
+        // Sleep until the earlier of the next heartbeat and the renewal.
+        let until_beat = next_beat.saturating_duration_since(Instant::now());
+        let until_renewal = Duration::from_secs(agent.renew_at.saturating_sub(wall_now()));
+        let nap = until_beat.min(until_renewal);
+        if !nap.is_zero() {
+            sleep(nap);
+        }
     }
 }
 
@@ -234,6 +342,17 @@ mod tests {
     }
 
     #[test]
+    fn renewal_backoff_is_capped_by_the_lifetime() {
+        let month = 30 * 86_400;
+        let waits: Vec<u64> = (1..=8)
+            .map(|n| renewal_backoff(month, n).as_secs())
+            .collect();
+        assert_eq!(waits, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        let short: Vec<u64> = (1..=4).map(|n| renewal_backoff(30, n).as_secs()).collect();
+        assert_eq!(short, [1, 2, 3, 3]);
+    }
+
+    #[test]
     fn jitter_stays_within_its_spread() {
         let rng = SystemRandom::new();
         let base = Duration::from_secs(30);
@@ -244,5 +363,26 @@ mod tests {
                 "{j:?}"
             );
         }
+    }
+
+    #[test]
+    fn renewal_falls_between_60_and_75_percent_of_the_lifetime() {
+        let rng = SystemRandom::new();
+        let cert = crate::der::CertInfo {
+            serial: String::new(),
+            not_before: 1_000,
+            not_after: 1_000 + 10_000,
+            spki: Vec::new(),
+        };
+        let draws: Vec<u64> = (0..2000)
+            .map(|_| identity::renewal_due(&cert, &rng))
+            .collect();
+        assert!(
+            draws.iter().all(|t| (7_000..=8_500).contains(t)),
+            "{draws:?}"
+        );
+        // Spread out, not one fixed point.
+        let (lo, hi) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+        assert!(hi - lo > 1_000, "{lo}..{hi}");
     }
 }

@@ -1,7 +1,9 @@
 //! The agent's identity: its ECDSA P-256 key (made here, never sent), the CSR,
-//! its certificate and the pinned CA, and the TLS clients built from them
-//! (ring provider, TLS 1.3/1.2), including the kubeadm-style CA discovery
-//! that trusts a server only if it presents a CA with the pinned key hash.
+//! its certificate and the pinned CA; kubeadm-style CA discovery that trusts a
+//! server only if it presents a CA with the pinned key hash; and certificate
+//! renewal — scheduled at 60–75% of the lifetime, over mTLS, or after an
+//! offline expiry by signing a server challenge with the old key — with an
+//! atomic key/certificate swap that a crash at any step cannot break.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
@@ -14,9 +16,23 @@ use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+use base64::Engine;
+use miniserde::json;
+use ring::rand::SecureRandom;
+use stella_proto::api::{
+    CertificateResponse, ChallengeRequest, ChallengeResponse, RecoverRequest, RenewRequest,
+};
+
 use crate::der::{self, CertInfo};
 use crate::error::Error;
 use crate::state::{AGENT_CERT, AGENT_KEY, CA_CERT, StateDir};
+use crate::{fault, log, transport};
+
+/// The next key, made before a renewal and kept until it is installed, so a
+/// retried renewal sends the same key.
+pub(crate) const NEXT_KEY: &str = "agent.key.new";
+/// The certificate for the next key, written before the swap.
+pub(crate) const NEXT_CERT: &str = "agent.pem.new";
 
 /// Makes a new key pair; returns its PKCS#8 DER.
 pub(crate) fn generate_key() -> Result<Vec<u8>, Error> {
@@ -100,55 +116,8 @@ impl Identity {
     }
 }
 
-fn ring_provider() -> Arc<CryptoProvider> {
+pub(crate) fn ring_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// An HTTPS client that trusts only our CA, optionally presenting the agent's
-/// certificate (DER) and key (PKCS#8 PEM). Keep-alive connections are reused between heartbeats. No
-/// global or resolve timeout is set: ureq would start a resolver thread for
-/// those, and the agent stays on one thread.
-pub(crate) fn http_client(
-    ca_der: &[u8],
-    client: Option<(&[u8], &str)>,
-    idle: Duration,
-) -> Result<ureq::Agent, Error> {
-    use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig, TlsProvider};
-    let client_cert = match client {
-        Some((cert, key_pem)) => {
-            let key = PrivateKey::from_pem(key_pem.as_bytes())
-                .map_err(|e| Error::Crypto(format!("agent key: {e}")))?;
-            Some(ClientCert::new_with_certs(
-                &[Certificate::from_der(cert).to_owned()],
-                key,
-            ))
-        }
-        None => None,
-    };
-    let tls = TlsConfig::builder()
-        .provider(TlsProvider::Rustls)
-        .root_certs(RootCerts::new_with_certs(&[
-            Certificate::from_der(ca_der).to_owned()
-        ]))
-        .client_cert(client_cert)
-        .unversioned_rustls_crypto_provider(ring_provider())
-        .build();
-    Ok(ureq::Agent::config_builder()
-        .tls_config(tls)
-        .http_status_as_error(false)
-        .https_only(true)
-        .user_agent(concat!("stella-agent/", env!("CARGO_PKG_VERSION")))
-        .timeout_connect(Some(Duration::from_secs(10)))
-        .timeout_send_request(Some(Duration::from_secs(10)))
-        .timeout_send_body(Some(Duration::from_secs(10)))
-        .timeout_recv_response(Some(Duration::from_secs(20)))
-        .timeout_recv_body(Some(Duration::from_secs(20)))
-        .max_idle_connections(1)
-        .max_idle_connections_per_host(1)
-        .max_idle_age(idle)
-        .max_response_header_size(16 * 1024)
-        .build()
-        .new_agent())
 }
 
 /// Trusts a server whose chain carries a CA with the pinned SPKI hash, and
@@ -312,4 +281,202 @@ pub(crate) fn discover_pinned_ca(url: &str, pin: [u8; 32]) -> Result<Vec<u8>, Er
     let _ = conn.complete_io(&mut tcp);
     let found = verifier.found.lock().ok().and_then(|mut f| f.take());
     found.ok_or_else(|| Error::Crypto(format!("the server at {url} did not complete the CA check")))
+}
+
+/// A point in [60%, 75%] of the certificate's validity, as Unix seconds:
+/// when to renew. Drawn at random so a fleet enrolled together spreads out.
+pub(crate) fn renewal_due(cert: &CertInfo, rng: &SystemRandom) -> u64 {
+    let lifetime = cert.not_after.saturating_sub(cert.not_before);
+    let mut b = [0u8; 4];
+    let _ = rng.fill(&mut b);
+    let unit = f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0);
+    cert.not_before + (lifetime as f64 * (0.60 + 0.15 * unit)) as u64
+}
+
+/// Why a renewal did not happen.
+#[derive(Debug)]
+pub(crate) enum RenewError {
+    /// The server refuses this agent for good (revoked, beyond the grace,
+    /// deactivated while expired): it must be enrolled again.
+    Refused(String),
+    /// Try again later; the working pair is untouched.
+    Failed(String),
+}
+
+impl From<Error> for RenewError {
+    fn from(e: Error) -> Self {
+        RenewError::Failed(e.to_string())
+    }
+}
+
+fn pem_key(state: &StateDir, name: &str) -> Result<Option<EcdsaKeyPair>, Error> {
+    match state.read_text(name) {
+        Ok(pem) => {
+            let der = stella_proto::pem::decode("PRIVATE KEY", &pem)
+                .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+            load_key(&der).map(Some)
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// The next key: the one a previous attempt left, or a new one (written 0600
+/// before it is used, so a lost answer can be retried with the same key).
+fn next_key(state: &StateDir) -> Result<EcdsaKeyPair, Error> {
+    if let Ok(Some(key)) = pem_key(state, NEXT_KEY) {
+        return Ok(key);
+    }
+    let der = generate_key()?;
+    state.write_atomic(
+        NEXT_KEY,
+        stella_proto::pem::encode("PRIVATE KEY", &der).as_bytes(),
+        0o600,
+    )?;
+    load_key(&der)
+}
+
+/// Completes a renewal that a crash interrupted, so that `agent.key` and
+/// `agent.pem` match again. The swap renames the key first, then the
+/// certificate; every state a crash can leave is handled:
+/// - next key and next certificate both present and matching: swap both;
+/// - current key matches the next certificate (crash between the renames):
+///   rename the certificate;
+/// - a next certificate that matches nothing: stale, removed.
+///
+/// A next key alone is kept: the next renewal reuses it. Returns whether
+/// anything changed.
+pub(crate) fn finish_interrupted_renewal(state: &StateDir) -> Result<bool, Error> {
+    let Ok(next_pem) = state.read_text(NEXT_CERT) else {
+        return Ok(false);
+    };
+    let next_cert = cert_der_from_pem(&next_pem, NEXT_CERT).and_then(|d| der::cert_info(&d));
+    let Ok(next_cert) = next_cert else {
+        state.remove(NEXT_CERT)?;
+        return Ok(true);
+    };
+    let matches = |name: &str| -> bool {
+        matches!(pem_key(state, name), Ok(Some(k)) if key_spki(&k) == next_cert.spki)
+    };
+    if matches(NEXT_KEY) {
+        state.rename(NEXT_KEY, AGENT_KEY)?;
+        state.rename(NEXT_CERT, AGENT_CERT)?;
+        log::info(
+            "finished an interrupted certificate renewal",
+            &[("serial", &next_cert.serial)],
+        );
+    } else if matches(AGENT_KEY) {
+        state.rename(NEXT_CERT, AGENT_CERT)?;
+        log::info(
+            "finished an interrupted certificate renewal",
+            &[("serial", &next_cert.serial)],
+        );
+    } else {
+        state.remove(NEXT_CERT)?;
+    }
+    Ok(true)
+}
+
+/// Checks a newly issued certificate and swaps it in with its key.
+fn install(
+    state: &StateDir,
+    ident: &Identity,
+    key: &EcdsaKeyPair,
+    answer: &CertificateResponse,
+) -> Result<Identity, Error> {
+    let cert_der = cert_der_from_pem(&answer.certificate, "issued certificate")?;
+    let cert = der::cert_info(&cert_der)?;
+    if cert.spki != key_spki(key) {
+        return Err(Error::Invalid(
+            "the issued certificate is not for the new key".into(),
+        ));
+    }
+    if cert_der_from_pem(&answer.ca, "CA in the answer")? != ident.ca_der {
+        return Err(Error::Invalid(
+            "the server answered with a different CA than the pinned one".into(),
+        ));
+    }
+    state.write_atomic(NEXT_CERT, answer.certificate.as_bytes(), 0o644)?;
+    fault::point("renew-after-next-cert");
+    state.rename(NEXT_KEY, AGENT_KEY)?;
+    fault::point("renew-after-key-swap");
+    state.rename(NEXT_CERT, AGENT_CERT)?;
+    let renewed = Identity::load(state)?;
+    log::info(
+        "certificate renewed",
+        &[
+            ("serial", &renewed.cert.serial),
+            (
+                "not_after",
+                &stella_proto::time::rfc3339(renewed.cert.not_after),
+            ),
+        ],
+    );
+    Ok(renewed)
+}
+
+fn certificate_answer(status: u16, text: &str) -> Result<CertificateResponse, RenewError> {
+    match status {
+        200 => json::from_str(text)
+            .map_err(|_| RenewError::Failed("the certificate answer is not valid JSON".into())),
+        401 => Err(RenewError::Refused(transport::error_message(text))),
+        other => Err(RenewError::Failed(format!(
+            "server answered {other}: {}",
+            transport::error_message(text)
+        ))),
+    }
+}
+
+/// Renews over mTLS with the current certificate (`client` presents it).
+pub(crate) fn renew(
+    state: &StateDir,
+    ident: &Identity,
+    client: &ureq::Agent,
+) -> Result<Identity, RenewError> {
+    let key = next_key(state)?;
+    fault::point("renew-after-next-key");
+    let body = json::to_string(&RenewRequest {
+        csr: csr_pem(&key, &ident.id)?,
+    });
+    let url = format!("{}/v1/agents/certificate", ident.server);
+    let (status, text) = transport::post_json(client, &url, &body).map_err(RenewError::Failed)?;
+    fault::point("renew-after-answer");
+    let answer = certificate_answer(status, &text)?;
+    Ok(install(state, ident, &key, &answer)?)
+}
+
+/// Recovers an expired certificate: asks for a challenge, signs it with the
+/// current (expired) key, and sends a CSR for the next key, all without a
+/// client certificate.
+pub(crate) fn recover(state: &StateDir, ident: &Identity) -> Result<Identity, RenewError> {
+    let client = transport::http_client(&ident.ca_der, None, Duration::from_secs(30))?;
+    let url = |p: &str| format!("{}{p}", ident.server);
+    let ask = json::to_string(&ChallengeRequest {
+        agent_id: ident.id.clone(),
+    });
+    let (status, text) = transport::post_json(&client, &url("/v1/agents/challenge"), &ask)
+        .map_err(RenewError::Failed)?;
+    if status != 200 {
+        return Err(certificate_answer(status, &text)
+            .err()
+            .unwrap_or(RenewError::Failed(text)));
+    }
+    let challenge: ChallengeResponse = json::from_str(&text)
+        .map_err(|_| RenewError::Failed("the challenge answer is not valid JSON".into()))?;
+    let old_key = pem_key(state, AGENT_KEY)?
+        .ok_or_else(|| Error::Invalid(format!("{AGENT_KEY} is missing")))?;
+    let message = stella_proto::api::recovery_message(&ident.id, &challenge.challenge);
+    let signature = old_key
+        .sign(&SystemRandom::new(), &message)
+        .map_err(|_| Error::Crypto("could not sign the recovery challenge".into()))?;
+    let key = next_key(state)?;
+    let body = json::to_string(&RecoverRequest {
+        agent_id: ident.id.clone(),
+        challenge: challenge.challenge,
+        signature: base64::engine::general_purpose::STANDARD.encode(signature.as_ref()),
+        csr: csr_pem(&key, &ident.id)?,
+    });
+    let (status, text) = transport::post_json(&client, &url("/v1/agents/recover"), &body)
+        .map_err(RenewError::Failed)?;
+    let answer = certificate_answer(status, &text)?;
+    Ok(install(state, ident, &key, &answer)?)
 }

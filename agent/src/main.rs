@@ -13,6 +13,7 @@ mod identity;
 mod log;
 mod state;
 mod status;
+mod transport;
 
 use std::process::ExitCode;
 

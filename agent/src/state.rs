@@ -109,6 +109,30 @@ impl StateDir {
         result.map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
     }
 
+    /// Renames one state file over another and makes it durable (fsync of the dir).
+    pub(crate) fn rename(&self, from: &str, to: &str) -> Result<(), Error> {
+        fs::rename(self.path(from), self.path(to))
+            .and_then(|()| File::open(&self.root)?.sync_all())
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot rename {from} to {to} in {}", self.root.display()),
+                    e,
+                )
+            })
+    }
+
+    /// Removes a state file (a missing one is fine).
+    pub(crate) fn remove(&self, name: &str) -> Result<(), Error> {
+        match fs::remove_file(self.path(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(
+                format!("cannot remove {}", self.path(name).display()),
+                e,
+            )),
+        }
+    }
+
     /// Reads `agent.json`.
     pub(crate) fn agent_file(&self) -> Result<AgentFile, Error> {
         let text = self.read_text(AGENT_JSON)?;

@@ -92,6 +92,55 @@ pub struct HeartbeatResponse {
     pub renew: bool,
 }
 
+/// `POST /v1/agents/certificate` (mTLS with the current certificate).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RenewRequest {
+    /// PEM CSR signed by the agent's new key.
+    pub csr: String,
+}
+
+/// A newly issued agent certificate (renewal or recovery).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct CertificateResponse {
+    pub certificate: String,
+    pub ca: String,
+    pub cert_not_after: String,
+}
+
+/// `POST /v1/agents/challenge` (no client certificate): an agent whose
+/// certificate expired while it was offline asks for a nonce to sign.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ChallengeRequest {
+    pub agent_id: String,
+}
+
+/// A single-use nonce, valid briefly.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ChallengeResponse {
+    pub challenge: String,
+    pub expires_at: String,
+}
+
+/// `POST /v1/agents/recover` (no client certificate): proof of the old key
+/// (an ECDSA signature over [`recovery_message`]) and a CSR for the new one.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RecoverRequest {
+    pub agent_id: String,
+    pub challenge: String,
+    /// Base64 of the ASN.1 DER ECDSA P-256/SHA-256 signature.
+    pub signature: String,
+    pub csr: String,
+}
+
+/// The bytes an agent signs with its old key to recover after expiry.
+pub fn recovery_message(agent_id: &str, challenge: &str) -> Vec<u8> {
+    let mut m = b"stella-recover-v1\0".to_vec();
+    m.extend_from_slice(agent_id.as_bytes());
+    m.push(0);
+    m.extend_from_slice(challenge.as_bytes());
+    m
+}
+
 /// Every 4xx/5xx body.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ErrorBody {

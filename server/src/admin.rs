@@ -255,6 +255,13 @@ pub(crate) fn agents_act(target: &AdminTarget, id: &str, action: AgentAction) ->
         None,
     )?;
     let agent: AgentView = AdminClient::parse(&text)?;
+    if let AgentAction::Renew = action {
+        println!(
+            "{}: renewal requested; it renews at its next heartbeat",
+            agent.id
+        );
+        return Ok(());
+    }
     match agent.reason {
         Some(r) => println!("{} {} ({r})", agent.id, agent.status),
         None => println!("{} {}", agent.id, agent.status),

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use miniserde::json;
-use stella_proto::api::{HeartbeatRequest, HeartbeatResponse, RegisterRequest, TokenCreateRequest};
+use stella_proto::api::{
+    ChallengeRequest, HeartbeatRequest, HeartbeatResponse, RecoverRequest, RegisterRequest,
+    RenewRequest, TokenCreateRequest,
+};
 use stella_proto::time::rfc3339;
 
 use crate::app::{App, Metrics, lock, now_ms};
@@ -15,7 +18,7 @@ use crate::error::Error;
 use crate::http::{Request, Response};
 use crate::lifecycle::{self, Transition};
 use crate::records::{DEACTIVATED, HEARTBEAT_TIMEOUT, INACTIVE, REVOKED};
-use crate::tokens;
+use crate::{renewal, tokens};
 
 /// The agent behind a verified client certificate.
 #[derive(Debug, Clone)]
@@ -95,15 +98,97 @@ pub(crate) async fn handle(app: &Arc<App>, peer: Option<&Peer>, req: Request) ->
         ("GET", "/metrics") => metrics(app),
         ("POST", "/v1/agents/register") => register(app, &req).await,
         ("POST", "/v1/agents/heartbeat") => heartbeat(app, peer, &req).await,
+        ("POST", "/v1/agents/certificate") => renew(app, peer, &req).await,
+        ("POST", "/v1/agents/challenge") => match parse_json::<ChallengeRequest>(&req) {
+            Ok(body) => answer(renewal::challenge(app, &body), 200),
+            Err(resp) => resp,
+        },
+        ("POST", "/v1/agents/recover") => match parse_json::<RecoverRequest>(&req) {
+            Ok(body) => {
+                let app = app.clone();
+                answer(
+                    smol::unblock(move || renewal::recover(&app, &body)).await,
+                    200,
+                )
+            }
+            Err(resp) => resp,
+        },
         (_, p) if p.starts_with("/v1/admin/") => match authorize_admin(app, &req) {
             Ok(()) => admin(app, &req, &path).await,
             Err(resp) => resp,
         },
-        (_, "/healthz" | "/metrics" | "/v1/agents/register" | "/v1/agents/heartbeat") => {
-            Response::error(405, format!("{} is not allowed on {path}", req.method))
-        }
+        (
+            _,
+            "/healthz"
+            | "/metrics"
+            | "/v1/agents/register"
+            | "/v1/agents/heartbeat"
+            | "/v1/agents/certificate"
+            | "/v1/agents/challenge"
+            | "/v1/agents/recover",
+        ) => Response::error(405, format!("{} is not allowed on {path}", req.method)),
         _ => Response::error(404, format!("no such endpoint: {} {path}", req.method)),
     }
+}
+
+/// A JSON answer, or the refusal as a JSON error.
+fn answer<T: miniserde::Serialize>(
+    result: Result<T, crate::app::Refused>,
+    status: u16,
+) -> Response {
+    match result {
+        Ok(body) => Response::json(status, json::to_string(&body)),
+        Err(refused) => Response::error(refused.status, refused.message),
+    }
+}
+
+async fn renew(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Response {
+    let Some(peer) = peer else {
+        return Response::error(
+            401,
+            "renewal needs the agent's current client certificate (mTLS); an expired agent recovers via /v1/agents/challenge",
+        );
+    };
+    let body: RenewRequest = match parse_json(req) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    {
+        let fleet = lock(&app.fleet);
+        match fleet.agents.get(&peer.agent_id) {
+            Some(agent) if agent.record.status == REVOKED => {
+                return Response::error(
+                    401,
+                    format!(
+                        "agent {} is revoked: enroll the host again with a new token",
+                        peer.agent_id
+                    ),
+                );
+            }
+            Some(agent) if !agent.record.accepts_serial(&peer.serial) => {
+                return Response::error(
+                    401,
+                    format!(
+                        "certificate {} of agent {} has been superseded or revoked",
+                        peer.serial, peer.agent_id
+                    ),
+                );
+            }
+            Some(_) => {}
+            None => {
+                return Response::error(
+                    401,
+                    format!("agent {} is not known to this server", peer.agent_id),
+                );
+            }
+        }
+    }
+    let app = app.clone();
+    let peer = peer.clone();
+    answer(
+        smol::unblock(move || renewal::renew(&app, &peer, &body)).await,
+        200,
+    )
 }
 
 async fn register(app: &Arc<App>, req: &Request) -> Response {
@@ -133,8 +218,7 @@ async fn heartbeat(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Respon
     {
         return Response::error(400, "heartbeat fields are over their size limits");
     }
-    let mut reactivate = false;
-    {
+    let (reactivate, retire_previous) = {
         let fleet = lock(&app.fleet);
         let Some(agent) = fleet.agents.get(&peer.agent_id) else {
             return Response::error(
@@ -148,23 +232,40 @@ async fn heartbeat(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Respon
         if let Err(resp) = check_current(agent, peer) {
             return resp;
         }
-        if agent.record.status == INACTIVE
-            && agent.record.reason.as_deref() == Some(HEARTBEAT_TIMEOUT)
-        {
-            reactivate = true;
-        }
-    }
+        let r = &agent.record;
+        (
+            r.status == INACTIVE && r.reason.as_deref() == Some(HEARTBEAT_TIMEOUT),
+            r.previous_serial.is_some() && r.cert_serial == peer.serial,
+        )
+    };
     if reactivate {
         let app2 = app.clone();
         let id = peer.agent_id.clone();
-        if let Err(e) =
-            smol::unblock(move || lifecycle::transition(&app2, &[&id], Transition::HeardFrom)).await
-        {
+        let changed =
+            smol::unblock(move || lifecycle::transition(&app2, &[&id], Transition::HeardFrom));
+        if let Err(e) = changed.await {
+            return error_response(&e);
+        }
+    }
+    if retire_previous {
+        // The agent uses its new certificate: the old one is refused from now on.
+        let app2 = app.clone();
+        let (id, serial) = (peer.agent_id.clone(), peer.serial.clone());
+        let retired = smol::unblock(move || {
+            lifecycle::change_agents(&app2, &[&id], "agent.certificate_in_use", |r| {
+                let retire = r.cert_serial == serial && r.previous_serial.is_some();
+                if retire {
+                    r.previous_serial = None;
+                }
+                Ok(retire)
+            })
+        });
+        if let Err(e) = retired.await {
             return error_response(&e);
         }
     }
     let now = now_ms();
-    {
+    let renew = {
         let mut fleet = lock(&app.fleet);
         let fleet = &mut *fleet;
         let Some(agent) = fleet.agents.get_mut(&peer.agent_id) else {
@@ -189,15 +290,17 @@ async fn heartbeat(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Respon
         hb.update_version = body.update.version;
         hb.capabilities = body.capabilities;
         agent.last_seen_ms = now;
+        let renew = agent.record.renew_requested;
         if !fleet.dirty.contains(&peer.agent_id) {
             fleet.dirty.insert(peer.agent_id.clone());
         }
-    }
+        renew
+    };
     lifecycle::count_heartbeat(app);
     let answer = HeartbeatResponse {
         interval_ms: app.settings.heartbeat_interval.as_millis() as u64,
         server_time: rfc3339(now / 1000),
-        renew: false,
+        renew,
     };
     Response::json(200, json::to_string(&answer))
 }
@@ -215,7 +318,7 @@ fn check_current(agent: &lifecycle::LiveAgent, peer: &Peer) -> Result<(), Respon
             ),
         ));
     }
-    if r.cert_serial != peer.serial {
+    if !r.accepts_serial(&peer.serial) {
         return Err(Response::error(
             401,
             format!(
@@ -293,9 +396,10 @@ async fn admin(app: &Arc<App>, req: &Request, path: &str) -> Response {
         }
         ("POST", ["agents", id, action]) => {
             let transition = match *action {
-                "deactivate" => Transition::Deactivate,
-                "activate" => Transition::Activate,
-                "revoke" => Transition::Revoke,
+                "deactivate" => Some(Transition::Deactivate),
+                "activate" => Some(Transition::Activate),
+                "revoke" => Some(Transition::Revoke),
+                "renew" => None,
                 other => return Response::error(404, format!("unknown agent action {other:?}")),
             };
             if !stella_proto::id::is_agent_id(id) {
@@ -303,8 +407,21 @@ async fn admin(app: &Arc<App>, req: &Request, path: &str) -> Response {
             }
             let app2 = app.clone();
             let id = (*id).to_owned();
-            let result =
-                smol::unblock(move || lifecycle::transition(&app2, &[&id], transition)).await;
+            let result = smol::unblock(move || match transition {
+                Some(t) => lifecycle::transition(&app2, &[&id], t),
+                None => lifecycle::change_agents(&app2, &[&id], "agent.renew_requested", |r| {
+                    if r.status == REVOKED {
+                        return Err(Error::Conflict(format!(
+                            "agent {} is revoked: it gets no new certificate",
+                            r.id
+                        )));
+                    }
+                    let changed = !r.renew_requested;
+                    r.renew_requested = true;
+                    Ok(changed)
+                }),
+            })
+            .await;
             match result {
                 Ok(_) => {
                     let fleet = lock(&app.fleet);
@@ -357,6 +474,16 @@ fn metrics(app: &App) -> Response {
             "stella_tls_handshake_failures_total",
             "TLS handshakes that failed.",
             load(&m.tls_failures),
+        ),
+        (
+            "stella_certificate_renewals_total",
+            "Certificates renewed over mTLS.",
+            load(&m.renewals),
+        ),
+        (
+            "stella_certificate_recoveries_total",
+            "Expired certificates recovered with the old key.",
+            load(&m.recoveries),
         ),
     ] {
         let _ = writeln!(

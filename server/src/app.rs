@@ -15,6 +15,8 @@ pub(crate) struct Settings {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) heartbeat_misses: u32,
     pub(crate) cert_lifetime: Duration,
+    /// How long after expiry an agent may still recover with its old key.
+    pub(crate) expired_grace: Duration,
     /// How often soft heartbeat state is committed.
     pub(crate) flush_every: Duration,
     /// How long a keep-alive connection may sit idle between requests.
@@ -31,6 +33,8 @@ pub(crate) struct Metrics {
     pub(crate) token_failures: AtomicU64,
     pub(crate) requests: AtomicU64,
     pub(crate) tls_failures: AtomicU64,
+    pub(crate) renewals: AtomicU64,
+    pub(crate) recoveries: AtomicU64,
 }
 
 impl Metrics {
@@ -49,8 +53,26 @@ pub(crate) struct App {
     /// two never disagree in order.
     pub(crate) lifecycle_lock: Mutex<()>,
     pub(crate) admin_sha256: Vec<u8>,
+    /// Outstanding recovery challenges.
+    pub(crate) challenges: Mutex<crate::renewal::Challenges>,
     pub(crate) metrics: Metrics,
     pub(crate) started_ms: u64,
+}
+
+/// A request refused: the HTTP status and a message for the caller.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) status: u16,
+    pub(crate) message: String,
+}
+
+impl Refused {
+    pub(crate) fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
 }
 
 /// Unix milliseconds now.

@@ -27,7 +27,9 @@ pub(crate) const SERVER_KEY: &str = "server.key";
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(5 * 365 * 86_400);
 /// Issued certificates start a little in the past so that an agent whose
-/// clock is slightly behind the server's accepts them at once.
+/// clock is slightly behind the server's accepts them at once (agent
+/// certificates by at most a tenth of their lifetime, so short test lifetimes
+/// keep their renewal window).
 const BACKDATE: Duration = Duration::from_secs(60);
 
 /// A certificate issued to an agent.
@@ -200,7 +202,8 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let not_after = now + lifetime.as_secs();
-        params.not_before = offset_time(now.saturating_sub(BACKDATE.as_secs()))?;
+        let backdate = BACKDATE.min(lifetime / 10).as_secs();
+        params.not_before = offset_time(now.saturating_sub(backdate))?;
         params.not_after = offset_time(not_after)?;
         let (serial_number, serial) = random_serial()?;
         params.serial_number = Some(serial_number);
@@ -211,6 +214,24 @@ impl Ca {
             not_after,
         })
     }
+}
+
+/// Checks an ECDSA P-256 signature over `message` by the key of a certificate
+/// we issued (PEM).
+pub(crate) fn verify_by_cert_key(cert_pem: &str, message: &[u8], signature: &[u8]) -> bool {
+    let Ok(der) = stella_proto::pem::decode("CERTIFICATE", cert_pem) else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return false;
+    };
+    let point = &cert.public_key().subject_public_key.data;
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_ASN1,
+        point.as_ref(),
+    )
+    .verify(message, signature)
+    .is_ok()
 }
 
 /// The rustls server config: our certificate chain (server, CA), client

@@ -17,10 +17,10 @@ pub(crate) const USAGE: &str = "\
 usage:
   stella-server init  --data-dir DIR [--san NAME]...
   stella-server serve --data-dir DIR [--listen ADDR] [--heartbeat-interval D]
-                      [--heartbeat-misses N] [--cert-lifetime D]
+                      [--heartbeat-misses N] [--cert-lifetime D] [--expired-grace D]
   stella-server token create [--ttl D] [--uses N] [--label K=V]...
   stella-server agents list [--json] | agents show ID [--json]
-  stella-server agents deactivate|activate|revoke ID
+  stella-server agents deactivate|activate|revoke|renew ID
   stella-server version
 
 Admin commands reach the running server found from --data-dir (server.url,
@@ -44,6 +44,7 @@ pub(crate) struct ServeOptions {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) heartbeat_misses: u32,
     pub(crate) cert_lifetime: Duration,
+    pub(crate) expired_grace: Duration,
 }
 
 /// A lifecycle action on one agent.
@@ -52,6 +53,8 @@ pub(crate) enum AgentAction {
     Deactivate,
     Activate,
     Revoke,
+    /// Ask the agent to renew its certificate at its next heartbeat.
+    Renew,
 }
 
 impl AgentAction {
@@ -60,6 +63,7 @@ impl AgentAction {
             AgentAction::Deactivate => "deactivate",
             AgentAction::Activate => "activate",
             AgentAction::Revoke => "revoke",
+            AgentAction::Renew => "renew",
         }
     }
 }
@@ -177,6 +181,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 heartbeat_interval: Duration::from_secs(30),
                 heartbeat_misses: 3,
                 cert_lifetime: Duration::from_secs(30 * 86_400),
+                expired_grace: Duration::from_secs(30 * 86_400),
             };
             while let Some(arg) = p.next().map_err(lex)? {
                 match arg {
@@ -191,6 +196,9 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                     }
                     Long("cert-lifetime") => {
                         o.cert_lifetime = duration(p.value().map_err(lex)?, "--cert-lifetime")?
+                    }
+                    Long("expired-grace") => {
+                        o.expired_grace = duration(p.value().map_err(lex)?, "--expired-grace")?
                     }
                     other => return Err(usage(other.unexpected().to_string())),
                 }
@@ -270,13 +278,14 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                     target,
                     json,
                 },
-                "deactivate" | "activate" | "revoke" => Command::AgentsAct {
+                "deactivate" | "activate" | "revoke" | "renew" => Command::AgentsAct {
                     id: need_id(id)?,
                     target,
                     action: match sub.as_str() {
                         "deactivate" => AgentAction::Deactivate,
                         "activate" => AgentAction::Activate,
-                        _ => AgentAction::Revoke,
+                        "revoke" => AgentAction::Revoke,
+                        _ => AgentAction::Renew,
                     },
                 },
                 other => return Err(usage(format!("unknown agents subcommand {other:?}"))),

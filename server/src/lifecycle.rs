@@ -125,29 +125,33 @@ pub(crate) fn transition(
     ids: &[&str],
     transition: Transition,
 ) -> Result<Vec<AgentRecord>, Error> {
+    change_agents(app, ids, transition.action(), |r| transition.apply(r))
+}
+
+/// Applies `change` to the named agents in one durable transaction, then
+/// mirrors the written records in memory, under the lifecycle lock so the two
+/// never disagree. Returns the agents' records afterwards. Blocking.
+pub(crate) fn change_agents(
+    app: &App,
+    ids: &[&str],
+    action: &str,
+    change: impl FnMut(&mut AgentRecord) -> Result<bool, Error>,
+) -> Result<Vec<AgentRecord>, Error> {
     let _serial = lock(&app.lifecycle_lock);
     let now = now_secs();
-    let written = app
-        .store
-        .update_agents(ids, now, transition.action(), |r| transition.apply(r))?;
+    let written = app.store.update_agents(ids, now, action, change)?;
     let mut fleet = lock(&app.fleet);
-    for record in &written {
-        if let Some(live) = fleet.agents.get_mut(&record.id) {
-            if record.status == ACTIVE {
-                // A fresh start: do not time out again before it could heartbeat.
-                live.last_seen_ms = live.last_seen_ms.max(now_ms());
-            }
-            live.record = record.clone();
-        }
+    for record in written {
         log::info(
-            "agent status changed",
+            "agent changed",
             &[
                 ("agent", &record.id),
-                ("action", &transition.action()),
+                ("action", &action),
                 ("status", &record.status),
                 ("reason", &record.reason.as_deref().unwrap_or("-")),
             ],
         );
+        mirror(&mut fleet, record);
     }
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
@@ -157,6 +161,17 @@ pub(crate) fn transition(
         }
     }
     Ok(out)
+}
+
+/// Puts a freshly committed record in the in-memory fleet.
+pub(crate) fn mirror(fleet: &mut Fleet, record: AgentRecord) {
+    if let Some(live) = fleet.agents.get_mut(&record.id) {
+        if record.status == ACTIVE && live.record.status != ACTIVE {
+            // A fresh start: do not time out again before it could heartbeat.
+            live.last_seen_ms = live.last_seen_ms.max(now_ms());
+        }
+        live.record = record;
+    }
 }
 
 /// The admin view of one agent.

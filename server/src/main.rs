@@ -12,6 +12,7 @@ mod http;
 mod lifecycle;
 mod log;
 mod records;
+mod renewal;
 mod serve;
 mod store;
 mod tokens;

@@ -28,9 +28,21 @@ pub(crate) struct AgentRecord {
     pub(crate) token_id: String,
     /// Hex SHA-256 of the enrolled public key.
     pub(crate) key_sha256: String,
-    /// Hex serial of the one certificate currently accepted for this agent.
+    /// Hex serial of the newest certificate issued to this agent.
     pub(crate) cert_serial: String,
     pub(crate) cert_not_after: u64,
+    /// The certificate it replaced, still accepted until the agent first uses
+    /// the new one (so a lost renewal answer never locks the agent out).
+    pub(crate) previous_serial: Option<String>,
+    /// An administrator asked for a renewal; the next heartbeat answer says so.
+    pub(crate) renew_requested: bool,
+}
+
+impl AgentRecord {
+    /// Whether a certificate with this serial may act as this agent.
+    pub(crate) fn accepts_serial(&self, serial: &str) -> bool {
+        self.cert_serial == serial || self.previous_serial.as_deref() == Some(serial)
+    }
 }
 
 /// Soft state from heartbeats, group-committed.

@@ -86,6 +86,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         heartbeat_interval: opts.heartbeat_interval,
         heartbeat_misses: opts.heartbeat_misses,
         cert_lifetime: opts.cert_lifetime,
+        expired_grace: opts.expired_grace,
         flush_every: Duration::from_secs(1),
         idle_timeout: (opts.heartbeat_interval * 3).max(Duration::from_secs(90)),
         request_timeout: Duration::from_secs(10),
@@ -97,6 +98,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         fleet: Mutex::new(fleet),
         lifecycle_lock: Mutex::new(()),
         admin_sha256,
+        challenges: Mutex::new(Default::default()),
         metrics: Metrics::default(),
         started_ms,
     });
@@ -159,6 +161,25 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
     }))
 }
 
+/// Discards incoming bytes for a short while (at most 1 MiB or 2 s).
+async fn drain<S: smol::io::AsyncRead + Unpin>(stream: &mut S) {
+    use smol::io::AsyncReadExt;
+    let read_all = async {
+        let mut chunk = [0u8; 8192];
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let give_up = async {
+        smol::Timer::after(Duration::from_secs(2)).await;
+    };
+    read_all.or(give_up).await;
+}
+
 async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     let handshake = async { acceptor.accept(tcp).await.map_err(|e| e.to_string()) };
@@ -204,6 +225,10 @@ async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
             }
             Err(ReadError::Reject(resp)) => {
                 let _ = http::write_response(&mut tls, &resp, false, &mut out).await;
+                // Read (and drop) a bounded amount of what the client is still
+                // sending, so closing does not reset the connection before the
+                // client has read our answer.
+                drain(&mut tls).await;
                 break;
             }
             Err(ReadError::Timeout) => {

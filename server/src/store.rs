@@ -309,6 +309,73 @@ impl Store {
         Ok(written)
     }
 
+    /// A certificate by serial.
+    pub(crate) fn cert(&self, serial: &str) -> Result<Option<CertRecord>, Error> {
+        let txn = self.db.begin_read()?;
+        let certs = txn.open_table(CERTS)?;
+        certs
+            .get(serial)?
+            .map(|v| decode("certificate", v.value()))
+            .transpose()
+    }
+
+    /// Records a new certificate for an agent that proved it holds the one
+    /// with serial `presented` (current or previous). The presented one stays
+    /// accepted as `previous` until the new one is used; anything older is
+    /// retired. `check` may refuse (nothing is written then).
+    pub(crate) fn replace_certificate(
+        &self,
+        agent_id: &str,
+        presented: &str,
+        cert: &CertRecord,
+        key_sha256: &str,
+        check: impl FnOnce(&AgentRecord) -> Result<(), Error>,
+    ) -> Result<AgentRecord, Error> {
+        let txn = self.db.begin_write()?;
+        let record = {
+            let mut agents = txn.open_table(AGENTS)?;
+            let Some(stored) = agents.get(agent_id)? else {
+                return Err(Error::NotFound(format!("no agent with id {agent_id}")));
+            };
+            let mut record: AgentRecord = decode("agent", stored.value())?;
+            drop(stored);
+            if !record.accepts_serial(presented) {
+                return Err(Error::Conflict(format!(
+                    "certificate {presented} of agent {agent_id} has been superseded or revoked"
+                )));
+            }
+            check(&record)?;
+            let retired = record.cert_serial.clone();
+            record.previous_serial = Some(presented.to_owned());
+            record.cert_serial = cert.serial.clone();
+            record.cert_not_after = cert.not_after;
+            record.key_sha256 = key_sha256.to_owned();
+            record.renew_requested = false;
+            agents.insert(agent_id, encode(&record).as_slice())?;
+            let mut certs = txn.open_table(CERTS)?;
+            certs.insert(cert.serial.as_str(), encode(cert).as_slice())?;
+            append_audit(
+                &txn,
+                cert.issued_at,
+                "agent.certificate",
+                agent_id,
+                &format!(
+                    "serial={} replaces={} retired={}",
+                    cert.serial,
+                    presented,
+                    if retired == presented {
+                        "-"
+                    } else {
+                        retired.as_str()
+                    }
+                ),
+            )?;
+            record
+        };
+        txn.commit()?;
+        Ok(record)
+    }
+
     /// Writes a batch of heartbeat states (one commit for the whole batch).
     pub(crate) fn save_heartbeats(&self, batch: &[(String, HeartbeatState)]) -> Result<(), Error> {
         if batch.is_empty() {

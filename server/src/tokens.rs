@@ -9,7 +9,7 @@ use stella_proto::api::{Labels, RegisterRequest, RegisterResponse, TokenCreateRe
 use stella_proto::hash::hex;
 use stella_proto::time::rfc3339;
 
-use crate::app::{App, Metrics, lock, now_ms, now_secs};
+use crate::app::{App, Metrics, Refused, lock, now_ms, now_secs};
 use crate::ca::Ca;
 use crate::error::Error;
 use crate::lifecycle::LiveAgent;
@@ -21,22 +21,6 @@ use crate::store::{EnrollRefusal, Enrollment};
 pub(crate) const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 86_400);
 const MAX_LABELS: usize = 32;
 const MAX_CAPABILITIES: usize = 32;
-
-/// An enrollment refused: the HTTP status and the message for the agent.
-#[derive(Debug)]
-pub(crate) struct Refused {
-    pub(crate) status: u16,
-    pub(crate) message: String,
-}
-
-impl Refused {
-    fn new(status: u16, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-        }
-    }
-}
 
 /// Checks label keys and values: `[A-Za-z0-9._/-]`, 1–63 characters (values may be empty).
 pub(crate) fn check_labels(labels: &Labels) -> Result<(), String> {
@@ -184,6 +168,8 @@ pub(crate) fn enroll(app: &App, req: RegisterRequest) -> Result<RegisterResponse
         key_sha256: csr.key_sha256,
         cert_serial: issued.serial.clone(),
         cert_not_after: issued.not_after,
+        previous_serial: None,
+        renew_requested: false,
     };
     let cert = CertRecord {
         agent_id: agent.id.clone(),

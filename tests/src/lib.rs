@@ -86,7 +86,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Self {
+    /// Starts `cmd` with stdout and stderr going to `log`.
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Self {
         let file = fs::File::create(&log).expect("create log file");
         cmd.stdin(Stdio::null())
             .stdout(file.try_clone().expect("clone log handle"))
@@ -175,6 +176,7 @@ pub struct ServerOptions {
     pub heartbeat_interval: &'static str,
     pub heartbeat_misses: u32,
     pub cert_lifetime: &'static str,
+    pub expired_grace: &'static str,
 }
 
 impl Default for ServerOptions {
@@ -183,6 +185,7 @@ impl Default for ServerOptions {
             heartbeat_interval: "1s",
             heartbeat_misses: 2,
             cert_lifetime: "30d",
+            expired_grace: "30d",
         }
     }
 }
@@ -222,7 +225,7 @@ impl Server {
             .expect("admin.token")
             .trim()
             .to_owned();
-        let (proc, url) = spawn_serve(&dir, &data, &opts);
+        let (proc, url) = spawn_serve(&dir, &data, &opts, "127.0.0.1:0");
         Self {
             dir,
             data,
@@ -235,7 +238,16 @@ impl Server {
 
     /// Starts `serve` again (after `kill`) on a new free port.
     pub fn serve(&mut self, opts: &ServerOptions) {
-        let (proc, url) = spawn_serve(&self.dir, &self.data, opts);
+        let (proc, url) = spawn_serve(&self.dir, &self.data, opts, "127.0.0.1:0");
+        self.proc = proc;
+        self.url = url;
+    }
+
+    /// Starts `serve` again (after `kill`) on the port it had, so enrolled
+    /// agents find it where they left it.
+    pub fn serve_same_port(&mut self, opts: &ServerOptions) {
+        let listen = self.url.trim_start_matches("https://").to_owned();
+        let (proc, url) = spawn_serve(&self.dir, &self.data, opts, &listen);
         self.proc = proc;
         self.url = url;
     }
@@ -316,15 +328,16 @@ impl Server {
 }
 
 /// Starts `serve` on a free loopback port and waits for `/healthz`.
-fn spawn_serve(dir: &TempDir, data: &Path, opts: &ServerOptions) -> (Proc, String) {
+fn spawn_serve(dir: &TempDir, data: &Path, opts: &ServerOptions, listen: &str) -> (Proc, String) {
     let _ = fs::remove_file(data.join("server.url"));
     let mut cmd = Command::new(bin("stella-server"));
     cmd.args(["serve", "--data-dir"])
         .arg(data)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", listen])
         .args(["--heartbeat-interval", opts.heartbeat_interval])
         .args(["--heartbeat-misses", &opts.heartbeat_misses.to_string()])
-        .args(["--cert-lifetime", opts.cert_lifetime]);
+        .args(["--cert-lifetime", opts.cert_lifetime])
+        .args(["--expired-grace", opts.expired_grace]);
     let n = fs::read_dir(dir.path()).map_or(0, |d| d.count());
     let proc = Proc::spawn(cmd, dir.join(&format!("server-{n}.log")));
     let url_file = data.join("server.url");

@@ -5,3 +5,4 @@
 mod api;
 mod enrollment;
 mod lifecycle;
+mod renewal;
