@@ -122,10 +122,12 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
         ));
     }
 
-    let first_state = crate::state::StateFile {
+    let mut first_state = crate::state::StateFile {
         heartbeat_interval_ms: answer.heartbeat_interval_ms,
         ..Default::default()
     };
+    let mut config = crate::config::ConfigState::load(&first_state);
+    config.apply(state, &mut first_state, &answer.config)?;
     state.save_state(&first_state)?;
     state.write_atomic(
         CA_CERT,

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use miniserde::json;
 use ring::rand::{SecureRandom, SystemRandom};
 use stella_proto::api::{HeartbeatRequest, HeartbeatResponse, UpdateReport};
+use stella_proto::config::Remediation;
 use stella_proto::time::rfc3339;
 
+use crate::config::ConfigState;
 use crate::error::Error;
 use crate::identity::{self, Identity, RenewError};
 use crate::state::StateDir;
@@ -209,13 +211,19 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
         renew_failures: 0,
         beat_failures: 0,
     };
+    let mut config = ConfigState::load(&saved);
+    let log_level_from_env = std::env::var_os("STELLA_LOG_LEVEL").is_some();
+    if !log_level_from_env {
+        log::set_level(config.settings.log_level);
+    }
     let url = format!("{}/v1/agents/heartbeat", agent.ident.server);
     let mut beat = HeartbeatRequest {
         seq: saved.heartbeat_seq,
         version: host::VERSION.to_owned(),
         uptime_s: 0,
-        config_hash: String::new(),
+        config_hash: config.hash.clone(),
         config_drift: false,
+        config_error: None,
         doctor: Default::default(),
         update: UpdateReport {
             state: "idle".to_owned(),
@@ -246,6 +254,16 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
             } else {
                 beat.seq += 1;
                 beat.uptime_s = started.elapsed().as_secs();
+                if config.check_drift(state) && config.settings.remediation == Remediation::Auto {
+                    config.restore(state)?;
+                }
+                if beat.config_hash != config.hash {
+                    beat.config_hash.clone_from(&config.hash);
+                }
+                beat.config_drift = config.drift;
+                if beat.config_error != config.refusal {
+                    beat.config_error.clone_from(&config.refusal);
+                }
                 if beat.seq.is_multiple_of(CAPABILITY_REFRESH) {
                     beat.capabilities = host::capabilities();
                 }
@@ -267,6 +285,12 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                             );
                             agent.interval = asked;
                             agent.client = Agent::connect(&agent.ident, asked)?;
+                        }
+                        if let Some(doc) = &answer.config {
+                            config.apply(state, &mut saved, doc)?;
+                            if !log_level_from_env {
+                                log::set_level(config.settings.log_level);
+                            }
                         }
                         if answer.renew {
                             log::info("the server asks for a certificate renewal now", &[]);

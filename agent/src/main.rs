@@ -4,6 +4,7 @@
 
 mod bootstrap;
 mod cli;
+mod config;
 mod der;
 mod error;
 mod fault;

@@ -39,6 +39,9 @@ pub(crate) struct StateFile {
     pub(crate) heartbeat_interval_ms: u64,
     /// RFC 3339 server time at the last acknowledgement.
     pub(crate) server_time: Option<String>,
+    /// Canonical JSON of the applied configuration, and its hash.
+    pub(crate) config: Option<String>,
+    pub(crate) config_hash: Option<String>,
 }
 
 /// The state dir and the files in it.

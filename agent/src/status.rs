@@ -41,7 +41,7 @@ pub(crate) fn print(state: &StateDir, as_json: bool) -> Result<(), Error> {
         version: host::VERSION.to_owned(),
         cert_not_after: rfc3339(ident.cert.not_after),
         last_heartbeat: saved.last_heartbeat,
-        config_hash: None,
+        config_hash: saved.config_hash,
         update: UpdateView {
             state: "idle".to_owned(),
             version: host::VERSION.to_owned(),
@@ -57,6 +57,10 @@ pub(crate) fn print(state: &StateDir, as_json: bool) -> Result<(), Error> {
         println!(
             "last heartbeat  {}",
             view.last_heartbeat.as_deref().unwrap_or("never")
+        );
+        println!(
+            "config          {}",
+            view.config_hash.as_deref().unwrap_or("none applied")
         );
         println!(
             "update          {} {}",

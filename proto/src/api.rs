@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use miniserde::json::Value;
 use miniserde::{Deserialize, Serialize};
 
 /// Labels: `key=value` pairs attached to agents and tokens.
@@ -46,6 +47,9 @@ pub struct RegisterResponse {
     pub heartbeat_interval_ms: u64,
     /// Effective labels (token's, then the agent's own).
     pub labels: Labels,
+    /// The agent's effective configuration and its hash.
+    pub config: Value,
+    pub config_hash: String,
 }
 
 /// Counts of the last doctor run.
@@ -78,9 +82,18 @@ pub struct HeartbeatRequest {
     pub config_hash: String,
     /// The config file on disk differs from what was applied.
     pub config_drift: bool,
+    /// The last configuration the agent refused, and why.
+    pub config_error: Option<ConfigRefusal>,
     pub doctor: DoctorSummary,
     pub update: UpdateReport,
     pub capabilities: Vec<String>,
+}
+
+/// A configuration the agent refused.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ConfigRefusal {
+    pub hash: String,
+    pub error: String,
 }
 
 /// Answer to a heartbeat, with directives.
@@ -90,6 +103,10 @@ pub struct HeartbeatResponse {
     pub server_time: String,
     /// "Renew your certificate now."
     pub renew: bool,
+    /// Hash of the configuration the agent should run.
+    pub config_hash: String,
+    /// The full configuration, only when the agent's differs.
+    pub config: Option<Value>,
 }
 
 /// `POST /v1/agents/certificate` (mTLS with the current certificate).
@@ -187,6 +204,47 @@ pub struct AgentView {
     pub uptime_s: u64,
     pub doctor: DoctorSummary,
     pub update: UpdateReport,
+    /// Why the agent refused the desired configuration, if it did.
+    pub config_error: Option<String>,
+}
+
+/// `POST /v1/admin/config`: a new version of one scope's configuration.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ConfigSetRequest {
+    /// `global`, `label:K=V` or `agent:ID`.
+    pub scope: String,
+    pub config: Value,
+}
+
+/// One stored scope.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ConfigScopeView {
+    pub scope: String,
+    pub version: u64,
+    pub hash: String,
+    pub updated_at: String,
+}
+
+/// `GET /v1/admin/config[?agent=ID]`: the effective configuration.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ConfigShowResponse {
+    pub agent: Option<String>,
+    pub hash: String,
+    pub config: Value,
+    /// The scopes that apply (all scopes without an agent), widest first.
+    pub scopes: Vec<ConfigScopeView>,
+}
+
+/// `drift --json` rows.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DriftRow {
+    pub agent: String,
+    pub name: String,
+    pub desired_hash: String,
+    pub applied_hash: Option<String>,
+    pub local_drift: bool,
+    pub since: Option<String>,
+    pub error: Option<String>,
 }
 
 #[cfg(test)]
@@ -211,6 +269,7 @@ mod tests {
             uptime_s: 99,
             config_hash: String::new(),
             config_drift: false,
+            config_error: None,
             doctor: Default::default(),
             update: UpdateReport {
                 state: "idle".into(),

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use miniserde::json;
-use stella_proto::api::{AgentView, ErrorBody, Labels, TokenCreateRequest, TokenCreateResponse};
+use stella_proto::api::{
+    AgentView, ConfigScopeView, ConfigSetRequest, ConfigShowResponse, DriftRow, ErrorBody, Labels,
+    TokenCreateRequest, TokenCreateResponse,
+};
 
 use crate::cli::{AdminTarget, AgentAction};
 use crate::error::Error;
@@ -220,6 +223,9 @@ fn print_agent(a: &AgentView) {
         &format!("serial {} until {}", a.cert_serial, a.cert_not_after),
     );
     field("config hash", a.config_hash.as_deref().unwrap_or("-"));
+    if let Some(e) = &a.config_error {
+        field("config refused", e);
+    }
     let d = &a.doctor;
     field(
         "doctor",
@@ -265,6 +271,94 @@ pub(crate) fn agents_act(target: &AdminTarget, id: &str, action: AgentAction) ->
     match agent.reason {
         Some(r) => println!("{} {} ({r})", agent.id, agent.status),
         None => println!("{} {}", agent.id, agent.status),
+    }
+    Ok(())
+}
+
+/// `config set --scope S FILE.json`: stores a new version of that scope.
+pub(crate) fn config_set(
+    target: &AdminTarget,
+    scope: &str,
+    file: &std::path::Path,
+) -> Result<(), Error> {
+    let text = read_text(file)?;
+    let doc = stella_proto::config::parse(&text)
+        .ok_or_else(|| Error::Invalid(format!("{} is not valid JSON", file.display())))?;
+    // Agents validate what they get; warn now about what they would refuse.
+    if let Err(e) = stella_proto::config::parse_settings(&doc) {
+        eprintln!("warning: agents will refuse this config on its own: {e}");
+    }
+    let client = AdminClient::connect(target)?;
+    let body = ConfigSetRequest {
+        scope: scope.to_owned(),
+        config: doc,
+    };
+    let view: ConfigScopeView = AdminClient::parse(&client.call(
+        "POST",
+        "/v1/admin/config",
+        Some(json::to_string(&body)),
+    )?)?;
+    println!("{} version {} hash {}", view.scope, view.version, view.hash);
+    Ok(())
+}
+
+/// `config show [--agent ID]`: the effective config and its hash.
+pub(crate) fn config_show(target: &AdminTarget, agent: Option<&str>) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let path = match agent {
+        Some(id) => format!("/v1/admin/config?agent={id}"),
+        None => "/v1/admin/config".to_owned(),
+    };
+    let view: ConfigShowResponse = AdminClient::parse(&client.call("GET", &path, None)?)?;
+    match &view.agent {
+        Some(id) => println!("effective config of {id}"),
+        None => println!("global config"),
+    }
+    println!("hash {}", view.hash);
+    println!("{}", stella_proto::config::canonical(&view.config));
+    if !view.scopes.is_empty() {
+        println!("scopes:");
+        for s in &view.scopes {
+            println!(
+                "  {:<40} version {:<4} {}  {}",
+                s.scope, s.version, s.updated_at, s.hash
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `drift [--json]`: agents out of step with their desired config.
+pub(crate) fn drift(target: &AdminTarget, as_json: bool) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let text = client.call("GET", "/v1/admin/drift", None)?;
+    if as_json {
+        println!("{text}");
+        return Ok(());
+    }
+    let rows: Vec<DriftRow> = AdminClient::parse(&text)?;
+    if rows.is_empty() {
+        println!("no drift: every agent runs its desired config");
+        return Ok(());
+    }
+    println!(
+        "{:<31} {:<16} {:<14} {:<14} {:<11} SINCE",
+        "AGENT", "NAME", "DESIRED", "APPLIED", "LOCAL EDIT"
+    );
+    for r in &rows {
+        let short = |h: &str| h.get(..12).unwrap_or(h).to_owned();
+        println!(
+            "{:<31} {:<16} {:<14} {:<14} {:<11} {}{}",
+            r.agent,
+            r.name,
+            short(&r.desired_hash),
+            r.applied_hash.as_deref().map_or("-".into(), short),
+            if r.local_drift { "yes" } else { "no" },
+            r.since.as_deref().unwrap_or("-"),
+            r.error
+                .as_deref()
+                .map_or(String::new(), |e| format!("  refused: {e}")),
+        );
     }
     Ok(())
 }

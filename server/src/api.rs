@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use miniserde::json;
 use stella_proto::api::{
-    ChallengeRequest, HeartbeatRequest, HeartbeatResponse, RecoverRequest, RegisterRequest,
-    RenewRequest, TokenCreateRequest,
+    ChallengeRequest, ConfigSetRequest, HeartbeatRequest, HeartbeatResponse, RecoverRequest,
+    RegisterRequest, RenewRequest, TokenCreateRequest,
 };
 use stella_proto::time::rfc3339;
 
@@ -265,7 +265,7 @@ async fn heartbeat(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Respon
         }
     }
     let now = now_ms();
-    let renew = {
+    let answer = {
         let mut fleet = lock(&app.fleet);
         let fleet = &mut *fleet;
         let Some(agent) = fleet.agents.get_mut(&peer.agent_id) else {
@@ -285,23 +285,39 @@ async fn heartbeat(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Respon
         hb.version = body.version;
         hb.config_hash = body.config_hash;
         hb.config_drift = body.config_drift;
+        hb.config_error = body.config_error;
         hb.doctor = body.doctor;
         hb.update_state = body.update.state;
         hb.update_version = body.update.version;
         hb.capabilities = body.capabilities;
         agent.last_seen_ms = now;
-        let renew = agent.record.renew_requested;
+        let desired = agent.desired.clone();
+        let hb = &mut agent.hb;
+        if hb.config_hash == desired.hash && !hb.config_drift {
+            hb.drift_since_ms = 0;
+        } else if hb.drift_since_ms == 0 {
+            hb.drift_since_ms = now;
+        }
+        // Push the document only when the agent runs another one and has not
+        // already refused this one: an in-sync heartbeat carries the hash alone.
+        let refused = hb
+            .config_error
+            .as_ref()
+            .is_some_and(|e| e.hash == desired.hash);
+        let push = hb.config_hash != desired.hash && !refused;
+        let answer = HeartbeatResponse {
+            interval_ms: agent.interval(app.settings.heartbeat_interval).as_millis() as u64,
+            server_time: rfc3339(now / 1000),
+            renew: agent.record.renew_requested,
+            config_hash: desired.hash.clone(),
+            config: push.then(|| desired.doc.clone()),
+        };
         if !fleet.dirty.contains(&peer.agent_id) {
             fleet.dirty.insert(peer.agent_id.clone());
         }
-        renew
+        answer
     };
     lifecycle::count_heartbeat(app);
-    let answer = HeartbeatResponse {
-        interval_ms: app.settings.heartbeat_interval.as_millis() as u64,
-        server_time: rfc3339(now / 1000),
-        renew,
-    };
     Response::json(200, json::to_string(&answer))
 }
 
@@ -334,6 +350,17 @@ fn check_current(agent: &lifecycle::LiveAgent, peer: &Peer) -> Result<(), Respon
         ));
     }
     Ok(())
+}
+
+/// The value of `name` in the request's query string (no percent-decoding:
+/// our values are ids and label text).
+fn query_param(path: &str, name: &str) -> Option<String> {
+    let query = path.split_once('?')?.1;
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
 }
 
 fn authorize_admin(app: &App, req: &Request) -> Result<(), Response> {
@@ -380,6 +407,25 @@ async fn admin(app: &Arc<App>, req: &Request, path: &str) -> Response {
                 Err(e) => error_response(&e),
             }
         }
+        ("POST", ["config"]) => {
+            let body: ConfigSetRequest = match parse_json(req) {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let app = app.clone();
+            match smol::unblock(move || crate::config::set(&app, &body.scope, &body.config)).await {
+                Ok(view) => Response::json(200, json::to_string(&view)),
+                Err(e) => error_response(&e),
+            }
+        }
+        ("GET", ["config"]) => {
+            let agent = query_param(&req.path, "agent");
+            match crate::config::show(app, agent.as_deref()) {
+                Ok(view) => Response::json(200, json::to_string(&view)),
+                Err(e) => error_response(&e),
+            }
+        }
+        ("GET", ["drift"]) => Response::json(200, json::to_string(&crate::config::drift(app))),
         ("GET", ["agents"]) => {
             let fleet = lock(&app.fleet);
             let mut views: Vec<_> = fleet.agents.values().map(lifecycle::view).collect();

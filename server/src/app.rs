@@ -49,6 +49,8 @@ pub(crate) struct App {
     pub(crate) store: Store,
     pub(crate) ca: Ca,
     pub(crate) fleet: Mutex<Fleet>,
+    /// Desired configuration by scope. Lock order: lifecycle_lock, configs, fleet.
+    pub(crate) configs: Mutex<crate::config::Configs>,
     /// Held across a durable agent change and its mirror in `fleet`, so the
     /// two never disagree in order.
     pub(crate) lifecycle_lock: Mutex<()>,

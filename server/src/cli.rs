@@ -21,6 +21,9 @@ usage:
   stella-server token create [--ttl D] [--uses N] [--label K=V]...
   stella-server agents list [--json] | agents show ID [--json]
   stella-server agents deactivate|activate|revoke|renew ID
+  stella-server config set --scope global|label:K=V|agent:ID FILE.json
+  stella-server config show [--agent ID]
+  stella-server drift [--json]
   stella-server version
 
 Admin commands reach the running server found from --data-dir (server.url,
@@ -97,6 +100,19 @@ pub(crate) enum Command {
         target: AdminTarget,
         id: String,
         action: AgentAction,
+    },
+    ConfigSet {
+        target: AdminTarget,
+        scope: String,
+        file: PathBuf,
+    },
+    ConfigShow {
+        target: AdminTarget,
+        agent: Option<String>,
+    },
+    Drift {
+        target: AdminTarget,
+        json: bool,
     },
 }
 
@@ -290,6 +306,55 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 },
                 other => return Err(usage(format!("unknown agents subcommand {other:?}"))),
             }
+        }
+        "config" => {
+            let sub = match p.next().map_err(lex)? {
+                Some(Value(v)) => string(v, "config subcommand")?,
+                _ => return Err(usage("expected `config set` or `config show`")),
+            };
+            let (mut scope, mut agent, mut file) =
+                (None::<String>, None::<String>, None::<PathBuf>);
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("scope") if sub == "set" => {
+                        scope = Some(string(p.value().map_err(lex)?, "--scope")?)
+                    }
+                    Long("agent") if sub == "show" => {
+                        agent = Some(string(p.value().map_err(lex)?, "--agent")?)
+                    }
+                    Value(v) if sub == "set" && file.is_none() => file = Some(v.into()),
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            match sub.as_str() {
+                "set" => Command::ConfigSet {
+                    target,
+                    scope: scope.ok_or_else(|| {
+                        usage("`config set` needs --scope global|label:K=V|agent:ID")
+                    })?,
+                    file: file.ok_or_else(|| usage("`config set` needs a JSON file"))?,
+                },
+                "show" => Command::ConfigShow { target, agent },
+                other => return Err(usage(format!("unknown config subcommand {other:?}"))),
+            }
+        }
+        "drift" => {
+            let mut json = false;
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("json") => json = true,
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            Command::Drift { target, json }
         }
         other => return Err(usage(format!("unknown command {other:?}"))),
     };

@@ -10,6 +10,7 @@ use stella_proto::api::AgentView;
 use stella_proto::time::rfc3339;
 
 use crate::app::{App, Metrics, lock, now_ms, now_secs};
+use crate::config::{Configs, Desired};
 use crate::error::Error;
 use crate::log;
 use crate::records::{
@@ -24,6 +25,15 @@ pub(crate) struct LiveAgent {
     /// When the agent was last heard of or given a fresh start (ms): drives
     /// the heartbeat-timeout monitor.
     pub(crate) last_seen_ms: u64,
+    /// The configuration it should run.
+    pub(crate) desired: Arc<Desired>,
+}
+
+impl LiveAgent {
+    /// The heartbeat interval this agent is asked to keep.
+    pub(crate) fn interval(&self, default: Duration) -> Duration {
+        self.desired.heartbeat_interval.unwrap_or(default)
+    }
 }
 
 /// All agents, by id.
@@ -37,16 +47,22 @@ pub(crate) struct Fleet {
 impl Fleet {
     /// Builds the fleet from the store. Agents get a fresh start from
     /// `started_ms`: the server being down is not the agents' fault.
-    pub(crate) fn load(rows: Vec<(AgentRecord, HeartbeatState)>, started_ms: u64) -> Self {
+    pub(crate) fn load(
+        rows: Vec<(AgentRecord, HeartbeatState)>,
+        configs: &mut Configs,
+        started_ms: u64,
+    ) -> Self {
         let mut agents = HashMap::with_capacity(rows.len());
         for (record, hb) in rows {
             let last_seen_ms = hb.last_heartbeat_ms.max(started_ms);
+            let desired = configs.desired(&record);
             agents.insert(
                 record.id.clone(),
                 LiveAgent {
                     record,
                     hb,
                     last_seen_ms,
+                    desired,
                 },
             );
         }
@@ -206,15 +222,20 @@ pub(crate) fn view(live: &LiveAgent) -> AgentView {
         uptime_s: hb.uptime_s,
         doctor: hb.doctor.clone(),
         update: hb.update_report(version),
+        config_error: hb
+            .config_error
+            .as_ref()
+            .filter(|e| e.hash == live.desired.hash)
+            .map(|e| e.error.clone()),
     }
 }
 
 /// Marks agents `inactive` (heartbeat_timeout) after `--heartbeat-misses`
 /// intervals of silence. Runs for the life of the server.
 pub(crate) async fn timeout_monitor(app: Arc<App>) {
-    let interval = app.settings.heartbeat_interval;
-    let tick = (interval / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let allowed_ms = interval.as_millis() as u64 * u64::from(app.settings.heartbeat_misses);
+    let default = app.settings.heartbeat_interval;
+    let tick = (default / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let misses = u64::from(app.settings.heartbeat_misses);
     loop {
         smol::Timer::after(tick).await;
         let now = now_ms();
@@ -224,6 +245,7 @@ pub(crate) async fn timeout_monitor(app: Arc<App>) {
                 .agents
                 .values()
                 .filter(|a| {
+                    let allowed_ms = a.interval(default).as_millis() as u64 * misses;
                     a.record.status == ACTIVE && now.saturating_sub(a.last_seen_ms) > allowed_ms
                 })
                 .map(|a| a.record.id.clone())

@@ -6,6 +6,7 @@ mod api;
 mod app;
 mod ca;
 mod cli;
+mod config;
 mod error;
 mod fsutil;
 mod http;
@@ -48,6 +49,13 @@ fn run() -> Result<(), Error> {
         Command::AgentsList { target, json } => admin::agents_list(&target, json),
         Command::AgentsShow { target, id, json } => admin::agents_show(&target, &id, json),
         Command::AgentsAct { target, id, action } => admin::agents_act(&target, &id, action),
+        Command::ConfigSet {
+            target,
+            scope,
+            file,
+        } => admin::config_set(&target, &scope, &file),
+        Command::ConfigShow { target, agent } => admin::config_show(&target, agent.as_deref()),
+        Command::Drift { target, json } => admin::drift(&target, json),
     }
 }
 

@@ -2,7 +2,7 @@
 //! enrollment and audit event, as stored in the redb tables of `store`.
 
 use miniserde::{Deserialize, Serialize};
-use stella_proto::api::{DoctorSummary, Labels, Platform, UpdateReport};
+use stella_proto::api::{ConfigRefusal, DoctorSummary, Labels, Platform, UpdateReport};
 
 /// Lifecycle status of an agent.
 pub(crate) const ACTIVE: &str = "active";
@@ -59,6 +59,11 @@ pub(crate) struct HeartbeatState {
     pub(crate) update_state: String,
     pub(crate) update_version: String,
     pub(crate) capabilities: Vec<String>,
+    /// The last configuration the agent refused.
+    pub(crate) config_error: Option<ConfigRefusal>,
+    /// Since when (ms) the agent's config has differed from the desired one
+    /// or drifted on disk (0 = in sync).
+    pub(crate) drift_since_ms: u64,
 }
 
 impl HeartbeatState {
@@ -106,6 +111,18 @@ pub(crate) struct CertRecord {
 pub(crate) struct EnrollmentRecord {
     pub(crate) agent_id: String,
     pub(crate) at: u64,
+}
+
+/// The stored configuration of one scope.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct ConfigRecord {
+    /// `global`, `label:K=V` or `agent:ID`.
+    pub(crate) scope: String,
+    pub(crate) version: u64,
+    /// Canonical JSON of the document.
+    pub(crate) doc: String,
+    pub(crate) hash: String,
+    pub(crate) updated_at: u64,
 }
 
 /// One line of the audit log.

@@ -74,7 +74,8 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
     let admin_sha256 = stella_proto::hash::unhex(&store.admin_token_sha256()?)
         .ok_or_else(|| Error::Store("the stored admin token hash is not hex".into()))?;
     let started_ms = now_ms();
-    let fleet = Fleet::load(store.load_agents()?, started_ms);
+    let mut configs = crate::config::Configs::load(store.load_configs()?)?;
+    let fleet = Fleet::load(store.load_agents()?, &mut configs, started_ms);
     let agents = fleet.agents.len();
     let addr: SocketAddr = opts.listen.parse().map_err(|_| {
         Error::Usage(format!(
@@ -96,6 +97,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         store,
         ca,
         fleet: Mutex::new(fleet),
+        configs: Mutex::new(configs),
         lifecycle_lock: Mutex::new(()),
         admin_sha256,
         challenges: Mutex::new(Default::default()),

@@ -12,7 +12,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use crate::error::Error;
 use crate::records::{
-    AgentRecord, AuditRecord, CertRecord, EnrollmentRecord, HeartbeatState, TokenRecord,
+    AgentRecord, AuditRecord, CertRecord, ConfigRecord, EnrollmentRecord, HeartbeatState,
+    TokenRecord,
 };
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
@@ -23,6 +24,8 @@ const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
 /// Key: `<token id>/<hex sha256 of the public key>`.
 const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Key: scope (`global`, `label:K=V`, `agent:ID`).
+const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
 
 const SCHEMA_VERSION: &str = "1";
 const ADMIN_HASH_KEY: &str = "admin_token_sha256";
@@ -81,6 +84,7 @@ impl Store {
             txn.open_table(CERTS)?;
             txn.open_table(ENROLLMENTS)?;
             txn.open_table(AUDIT)?;
+            txn.open_table(CONFIGS)?;
         }
         txn.commit()?;
         Ok(store)
@@ -369,6 +373,58 @@ impl Store {
                         retired.as_str()
                     }
                 ),
+            )?;
+            record
+        };
+        txn.commit()?;
+        Ok(record)
+    }
+
+    /// Every stored configuration scope.
+    pub(crate) fn load_configs(&self) -> Result<Vec<ConfigRecord>, Error> {
+        let txn = self.db.begin_write()?;
+        let mut out = Vec::new();
+        {
+            // Created on first use by stores made before configs existed.
+            let configs = txn.open_table(CONFIGS)?;
+            for row in configs.iter()? {
+                let (_, v) = row?;
+                out.push(decode("config", v.value())?);
+            }
+        }
+        txn.commit()?;
+        Ok(out)
+    }
+
+    /// Stores a new version of one scope's configuration, durably.
+    pub(crate) fn set_config(
+        &self,
+        scope: &str,
+        doc: &str,
+        hash: &str,
+        now: u64,
+    ) -> Result<ConfigRecord, Error> {
+        let txn = self.db.begin_write()?;
+        let record = {
+            let mut configs = txn.open_table(CONFIGS)?;
+            let version = match configs.get(scope)? {
+                Some(v) => decode::<ConfigRecord>("config", v.value())?.version + 1,
+                None => 1,
+            };
+            let record = ConfigRecord {
+                scope: scope.to_owned(),
+                version,
+                doc: doc.to_owned(),
+                hash: hash.to_owned(),
+                updated_at: now,
+            };
+            configs.insert(scope, encode(&record).as_slice())?;
+            append_audit(
+                &txn,
+                now,
+                "config.set",
+                scope,
+                &format!("version={version} hash={hash}"),
             )?;
             record
         };

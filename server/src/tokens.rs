@@ -180,6 +180,7 @@ pub(crate) fn enroll(app: &App, req: RegisterRequest) -> Result<RegisterResponse
     };
 
     let _serial = lock(&app.lifecycle_lock);
+    let mut configs = lock(&app.configs);
     let outcome = app
         .store
         .enroll(&token, now, &mut agent, &cert)
@@ -187,6 +188,7 @@ pub(crate) fn enroll(app: &App, req: RegisterRequest) -> Result<RegisterResponse
     let (agent, cert) = match outcome {
         Ok(Enrollment::Created) => {
             Metrics::bump(&app.metrics.enrollments);
+            let desired = configs.desired(&agent);
             let mut fleet = lock(&app.fleet);
             fleet.agents.insert(
                 agent.id.clone(),
@@ -194,6 +196,7 @@ pub(crate) fn enroll(app: &App, req: RegisterRequest) -> Result<RegisterResponse
                     record: agent.clone(),
                     hb: <HeartbeatState as Default>::default(),
                     last_seen_ms: now_ms(),
+                    desired,
                 },
             );
             log::info(
@@ -221,7 +224,11 @@ pub(crate) fn enroll(app: &App, req: RegisterRequest) -> Result<RegisterResponse
             return Err(Refused::new(401, message));
         }
     };
+    let desired = configs.desired(&agent);
+    drop(configs);
     Ok(RegisterResponse {
+        config: desired.doc.clone(),
+        config_hash: desired.hash.clone(),
         agent_id: agent.id,
         certificate: cert.pem,
         ca: app.ca.cert_pem.clone(),
