@@ -122,8 +122,12 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
         ));
     }
 
+    let binary_sha256 = std::env::current_exe()
+        .ok()
+        .and_then(|exe| host::file_sha256(&exe).ok());
     let mut first_state = crate::state::StateFile {
         heartbeat_interval_ms: answer.heartbeat_interval_ms,
+        binary_sha256,
         ..Default::default()
     };
     let mut config = crate::config::ConfigState::load(&first_state);

@@ -17,6 +17,8 @@ usage:
   stella-agent bootstrap --server URL --token T (--ca-file F | --ca-hash sha256:H)
                          [--name N] [--label K=V]...
   stella-agent run
+  stella-agent doctor [--json] [-v]
+  stella-agent remediate [--dry-run] [--json]
   stella-agent status [--json]
   stella-agent version
 All commands take --state-dir DIR (default $STELLA_STATE_DIR or /var/lib/stella-agent).";
@@ -29,6 +31,8 @@ pub(crate) enum Command {
     Bootstrap(BootstrapOptions),
     Run,
     Status { json: bool },
+    Doctor { json: bool, verbose: bool },
+    Remediate { json: bool, dry_run: bool },
 }
 
 /// The command and the state dir it works on.
@@ -66,6 +70,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
         None::<String>,
     );
     let mut labels = Labels::new();
+    let (mut verbose, mut dry_run) = (false, false);
     while let Some(arg) = p.next().map_err(lex)? {
         match arg {
             Long("help") | Short('h') => {
@@ -82,6 +87,8 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
             }
             Long("state-dir") => state_dir = p.value().map_err(lex)?.into(),
             Long("json") => json = true,
+            Long("verbose") | Short('v') => verbose = true,
+            Long("dry-run") => dry_run = true,
             Long("server") => server = Some(string(p.value().map_err(lex)?, "--server")?),
             Long("token") => token = Some(string(p.value().map_err(lex)?, "--token")?),
             Long("ca-file") => ca_file = Some(p.value().map_err(lex)?.into()),
@@ -108,6 +115,8 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
             ("ca-hash", ca_hash.is_some()),
             ("name", name.is_some()),
             ("label", !labels.is_empty()),
+            ("verbose", verbose),
+            ("dry-run", dry_run),
         ];
         match given
             .iter()
@@ -130,6 +139,14 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
         "status" => {
             only(&["json"])?;
             Command::Status { json }
+        }
+        "doctor" => {
+            only(&["json", "verbose"])?;
+            Command::Doctor { json, verbose }
+        }
+        "remediate" => {
+            only(&["json", "dry-run"])?;
+            Command::Remediate { json, dry_run }
         }
         "bootstrap" => {
             only(&["server", "token", "ca-file", "ca-hash", "name", "label"])?;

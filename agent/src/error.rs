@@ -23,6 +23,8 @@ pub(crate) enum Error {
     Refused { status: u16, message: String },
     /// The server says this agent is revoked or unknown: exit 3, do not restart.
     Revoked(String),
+    /// Doctor or remediation reported failing checks (already printed): exit 1.
+    ChecksFailed,
 }
 
 impl Error {
@@ -46,6 +48,7 @@ impl fmt::Display for Error {
             Error::Refused { status, message } => {
                 write!(f, "the server refused ({status}): {message}")
             }
+            Error::ChecksFailed => f.write_str("some checks fail"),
         }
     }
 }

@@ -14,10 +14,11 @@ use stella_proto::config::Remediation;
 use stella_proto::time::rfc3339;
 
 use crate::config::ConfigState;
+use crate::doctor::Doctor;
 use crate::error::Error;
 use crate::identity::{self, Identity, RenewError};
-use crate::state::StateDir;
-use crate::{host, log, transport};
+use crate::state::{StateDir, StateFile};
+use crate::{host, log, remediate, transport};
 
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -95,6 +96,61 @@ fn heartbeat_once(
             "server answered {other}: {}",
             transport::error_message(&text)
         ))),
+    }
+}
+
+/// A heartbeat body for this agent, as of its saved state.
+fn new_beat(saved: &StateFile, config: &ConfigState) -> HeartbeatRequest {
+    HeartbeatRequest {
+        seq: saved.heartbeat_seq,
+        version: host::VERSION.to_owned(),
+        uptime_s: 0,
+        config_hash: config.hash.clone(),
+        config_drift: false,
+        config_error: None,
+        doctor: Default::default(),
+        update: UpdateReport {
+            state: "idle".to_owned(),
+            version: host::VERSION.to_owned(),
+        },
+        capabilities: host::capabilities(),
+    }
+}
+
+/// Records an acknowledged heartbeat in the saved state.
+fn record_ack(saved: &mut StateFile, seq: u64, interval: Duration, server_time: String) {
+    saved.last_heartbeat = Some(rfc3339(wall_now()));
+    saved.heartbeat_seq = seq;
+    saved.heartbeat_interval_ms = interval.as_millis() as u64;
+    saved.server_time = Some(server_time);
+}
+
+/// Sends one heartbeat now, outside the run loop (remediation); returns its
+/// sequence number.
+pub(crate) fn send_one(state: &StateDir) -> Result<u64, Error> {
+    let ident = Identity::load(state)?;
+    let mut saved = state.state_file();
+    let config = ConfigState::load(&saved);
+    let client = transport::http_client(
+        &ident.ca_der,
+        Some((&ident.cert_der, &ident.key_pem)),
+        Duration::from_secs(30),
+    )?;
+    let mut beat = new_beat(&saved, &config);
+    beat.seq += 1;
+    beat.config_drift = config.drift;
+    let url = format!("{}/v1/agents/heartbeat", ident.server);
+    match heartbeat_once(&client, &url, &json::to_string(&beat)) {
+        Ok(answer) => {
+            let interval =
+                Duration::from_millis(answer.interval_ms).clamp(MIN_INTERVAL, MAX_INTERVAL);
+            record_ack(&mut saved, beat.seq, interval, answer.server_time);
+            state.save_state(&saved)?;
+            Ok(beat.seq)
+        }
+        Err(Refusal::Rejected(m) | Refusal::Deactivated(m) | Refusal::Failed(m)) => {
+            Err(Error::Network(m))
+        }
     }
 }
 
@@ -217,20 +273,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
         log::set_level(config.settings.log_level);
     }
     let url = format!("{}/v1/agents/heartbeat", agent.ident.server);
-    let mut beat = HeartbeatRequest {
-        seq: saved.heartbeat_seq,
-        version: host::VERSION.to_owned(),
-        uptime_s: 0,
-        config_hash: config.hash.clone(),
-        config_drift: false,
-        config_error: None,
-        doctor: Default::default(),
-        update: UpdateReport {
-            state: "idle".to_owned(),
-            version: host::VERSION.to_owned(),
-        },
-        capabilities: host::capabilities(),
-    };
+    let mut beat = new_beat(&saved, &config);
     log::info(
         "agent running",
         &[
@@ -242,6 +285,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
         ],
     );
     let mut next_beat = Instant::now();
+    let mut next_doctor = Instant::now();
     loop {
         if wall_now() >= agent.renew_at {
             agent.renew()?;
@@ -291,16 +335,16 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                             if !log_level_from_env {
                                 log::set_level(config.settings.log_level);
                             }
+                            // A shorter doctor interval takes effect now.
+                            next_doctor =
+                                next_doctor.min(Instant::now() + config.settings.doctor_interval);
                         }
                         if answer.renew {
                             log::info("the server asks for a certificate renewal now", &[]);
                             agent.renew_at = wall_now();
                         }
                         log::debug("heartbeat accepted", &[("seq", &beat.seq)]);
-                        saved.last_heartbeat = Some(rfc3339(wall_now()));
-                        saved.heartbeat_seq = beat.seq;
-                        saved.heartbeat_interval_ms = agent.interval.as_millis() as u64;
-                        saved.server_time = Some(answer.server_time);
+                        record_ack(&mut saved, beat.seq, agent.interval, answer.server_time);
                         if let Err(e) = state.save_state(&saved) {
                             log::warn("could not save state", &[("error", &e)]);
                         }
@@ -344,10 +388,33 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
             };
             next_beat = Instant::now() + wait;
         }
-        // Sleep until the earlier of the next heartbeat and the renewal.
+        if Instant::now() >= next_doctor {
+            let report = Doctor::new(state).run_all();
+            beat.doctor = report.summary();
+            if beat.doctor.fail > 0 {
+                log::warn(
+                    "doctor found failures",
+                    &[("failing", &beat.doctor.failing.join(","))],
+                );
+            }
+            let mode = config.settings.remediation;
+            if mode != Remediation::Off {
+                let (renew_now, beat_now) =
+                    remediate::in_loop(state, &report, mode == Remediation::Auto);
+                if renew_now {
+                    agent.renew_at = wall_now();
+                }
+                if beat_now {
+                    next_beat = Instant::now();
+                }
+            }
+            next_doctor = Instant::now() + config.settings.doctor_interval;
+        }
+        // Sleep until the earliest of the next heartbeat, renewal and doctor run.
         let until_beat = next_beat.saturating_duration_since(Instant::now());
         let until_renewal = Duration::from_secs(agent.renew_at.saturating_sub(wall_now()));
-        let nap = until_beat.min(until_renewal);
+        let until_doctor = next_doctor.saturating_duration_since(Instant::now());
+        let nap = until_beat.min(until_renewal).min(until_doctor);
         if !nap.is_zero() {
             sleep(nap);
         }

@@ -14,6 +14,22 @@ pub(crate) const VERSION: &str = match option_env!("STELLA_VERSION") {
 /// The target triple this binary was built for.
 pub(crate) const TARGET: &str = env!("STELLA_TARGET");
 
+/// Hex SHA-256 of a file, streamed in 16 KiB chunks.
+pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Ok(stella_proto::hash::hex(ctx.finish().as_ref()))
+}
+
 /// OS, architecture and target of this build.
 pub(crate) fn platform() -> Platform {
     Platform {

@@ -1,19 +1,22 @@
 //! stella-agent: the edge agent. One static binary, one thread: enrollment,
 //! mTLS identity, heartbeats, and (as they land) update, config and doctor.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod bootstrap;
 mod cli;
 mod config;
 mod der;
+mod doctor;
 mod error;
 mod fault;
 mod heartbeat;
 mod host;
 mod identity;
 mod log;
+mod remediate;
 mod state;
 mod status;
+mod sys;
 mod transport;
 
 use std::process::ExitCode;
@@ -59,6 +62,27 @@ fn run() -> Result<(), Error> {
             heartbeat::run(&state)
         }
         Command::Status { json } => status::print(&state, json),
+        Command::Doctor { json, verbose } => {
+            let report = doctor::Doctor::new(&state).run_all();
+            if json {
+                println!("{}", doctor::to_json(&report));
+            } else {
+                doctor::print_table(&report, verbose);
+            }
+            if report.any_failed() {
+                Err(Error::ChecksFailed)
+            } else {
+                Ok(())
+            }
+        }
+        Command::Remediate { json, dry_run } => {
+            let still_failing = remediate::remediate(&state, dry_run, json)?;
+            if still_failing {
+                Err(Error::ChecksFailed)
+            } else {
+                Ok(())
+            }
+        }
     }
 }
 
@@ -69,6 +93,8 @@ fn main() -> ExitCode {
             eprintln!("stella-agent: {msg} (see `stella-agent --help`)");
             ExitCode::from(2)
         }
+        // The report said it all; exit 1 without another line.
+        Err(Error::ChecksFailed) => ExitCode::FAILURE,
         Err(e @ Error::Revoked(_)) => {
             eprintln!("stella-agent: {e}");
             ExitCode::from(EXIT_REVOKED)

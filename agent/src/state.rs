@@ -42,6 +42,8 @@ pub(crate) struct StateFile {
     /// Canonical JSON of the applied configuration, and its hash.
     pub(crate) config: Option<String>,
     pub(crate) config_hash: Option<String>,
+    /// SHA-256 of the binary as installed (bootstrap, install, update).
+    pub(crate) binary_sha256: Option<String>,
 }
 
 /// The state dir and the files in it.

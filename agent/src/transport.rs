@@ -82,6 +82,19 @@ pub(crate) fn post_json(
     Ok((status, text))
 }
 
+/// GETs a URL; returns the status and the (bounded) answer text.
+pub(crate) fn get(client: &ureq::Agent, url: &str) -> Result<(u16, String), String> {
+    let mut resp = client.get(url).call().map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER_BYTES)
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    Ok((status, text))
+}
+
 /// The server's `{"error": ...}` message, or the raw text.
 pub(crate) fn error_message(text: &str) -> String {
     json::from_str::<ErrorBody>(text).map_or_else(|_| text.trim().to_owned(), |b| b.error)

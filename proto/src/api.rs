@@ -109,6 +109,18 @@ pub struct HeartbeatResponse {
     pub config: Option<Value>,
 }
 
+/// `GET /v1/agents/self` (mTLS): how the server sees the calling agent, with
+/// no side effects (doctor's reachability and clock checks use it).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SelfView {
+    pub agent_id: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub server_time: String,
+    /// Unix milliseconds, for clock-skew measurements.
+    pub server_time_ms: u64,
+}
+
 /// `POST /v1/agents/certificate` (mTLS with the current certificate).
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct RenewRequest {

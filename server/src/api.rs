@@ -99,6 +99,7 @@ pub(crate) async fn handle(app: &Arc<App>, peer: Option<&Peer>, req: Request) ->
         ("POST", "/v1/agents/register") => register(app, &req).await,
         ("POST", "/v1/agents/heartbeat") => heartbeat(app, peer, &req).await,
         ("POST", "/v1/agents/certificate") => renew(app, peer, &req).await,
+        ("GET", "/v1/agents/self") => whoami(app, peer),
         ("POST", "/v1/agents/challenge") => match parse_json::<ChallengeRequest>(&req) {
             Ok(body) => answer(renewal::challenge(app, &body), 200),
             Err(resp) => resp,
@@ -125,7 +126,8 @@ pub(crate) async fn handle(app: &Arc<App>, peer: Option<&Peer>, req: Request) ->
             | "/v1/agents/heartbeat"
             | "/v1/agents/certificate"
             | "/v1/agents/challenge"
-            | "/v1/agents/recover",
+            | "/v1/agents/recover"
+            | "/v1/agents/self",
         ) => Response::error(405, format!("{} is not allowed on {path}", req.method)),
         _ => Response::error(404, format!("no such endpoint: {} {path}", req.method)),
     }
@@ -140,6 +142,39 @@ fn answer<T: miniserde::Serialize>(
         Ok(body) => Response::json(status, json::to_string(&body)),
         Err(refused) => Response::error(refused.status, refused.message),
     }
+}
+
+/// The calling agent as the server sees it; changes nothing.
+fn whoami(app: &App, peer: Option<&Peer>) -> Response {
+    let Some(peer) = peer else {
+        return Response::error(
+            401,
+            "this endpoint needs the agent's client certificate (mTLS)",
+        );
+    };
+    let fleet = lock(&app.fleet);
+    let Some(agent) = fleet.agents.get(&peer.agent_id) else {
+        return Response::error(
+            401,
+            format!("agent {} is not known to this server", peer.agent_id),
+        );
+    };
+    let r = &agent.record;
+    if r.status == REVOKED || !r.accepts_serial(&peer.serial) {
+        return Response::error(
+            401,
+            format!("agent {} is revoked or its certificate superseded", r.id),
+        );
+    }
+    let now = now_ms();
+    let view = stella_proto::api::SelfView {
+        agent_id: r.id.clone(),
+        status: r.status.clone(),
+        reason: r.reason.clone(),
+        server_time: rfc3339(now / 1000),
+        server_time_ms: now,
+    };
+    Response::json(200, json::to_string(&view))
 }
 
 async fn renew(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Response {

@@ -4,6 +4,7 @@
 
 mod api;
 mod config;
+mod doctor;
 mod enrollment;
 mod lifecycle;
 mod renewal;
