@@ -1,15 +1,18 @@
 //! Wire types and formats shared by the Stella agent and server: API messages,
-//! registration tokens, agent ids, durations, RFC 3339 times, PEM and hashes.
+//! registration tokens, agent ids, durations, RFC 3339 times, PEM and hashes,
+//! DSSE envelopes and the signed release statement.
 //! Pure functions only: no files, no sockets.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod config;
+pub mod dsse;
 pub mod duration;
 pub mod hash;
 pub mod id;
 pub mod logfmt;
 pub mod pem;
+pub mod release;
 pub mod time;
 pub mod token;
 

@@ -4,7 +4,9 @@
 
 mod api;
 mod config;
+mod cross;
 mod doctor;
 mod enrollment;
 mod lifecycle;
 mod renewal;
+mod signing;

@@ -1,0 +1,880 @@
+//! `cargo xtask dist` (DESIGN.md section 10): static musl release binaries in
+//! `target/dist/<version>/<target>/`, each checked to be a static ELF file for
+//! the right machine, with a `SHA256SUMS` file and a size table.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use crate::{cargo, project_root, run, target_dir};
+
+/// The release targets, all built by default.
+const TARGETS: [&str; 2] = ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"];
+/// What each target ships.
+const BINARIES: [&str; 2] = ["stella-agent", "stella-server"];
+/// DESIGN.md section 13: the stripped x86_64 musl agent.
+const AGENT_BUDGET: u64 = 2 * 1024 * 1024;
+
+const EM_X86_64: u16 = 62;
+const EM_AARCH64: u16 = 183;
+
+/// `cargo xtask dist` options.
+#[derive(Debug, Default)]
+pub(crate) struct Options {
+    version: Option<String>,
+    targets: Vec<String>,
+    strict: bool,
+}
+
+impl Options {
+    /// Parses `[--version V] [--target T]... [--strict]`; errors are usage errors.
+    pub(crate) fn parse(args: &[String]) -> Result<Self, String> {
+        let mut opts = Self::default();
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+                _ => (arg.as_str(), None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| args.next().cloned())
+                    .ok_or_else(|| format!("{flag} needs a value"))
+            };
+            match flag {
+                "--version" => opts.version = Some(value()?),
+                "--target" => {
+                    let target = value()?;
+                    if machine_of(&target).is_none() {
+                        return Err(format!(
+                            "unknown release target {target:?} (known: {})",
+                            TARGETS.join(", ")
+                        ));
+                    }
+                    if !opts.targets.contains(&target) {
+                        opts.targets.push(target);
+                    }
+                }
+                "--strict" if inline.is_none() => opts.strict = true,
+                _ => return Err(format!("dist: unexpected argument {arg:?}")),
+            }
+        }
+        Ok(opts)
+    }
+}
+
+/// What a dist run produced.
+#[derive(Debug)]
+pub(crate) struct Dist {
+    /// `target/dist/<version>`.
+    pub(crate) dir: PathBuf,
+    pub(crate) built: Vec<String>,
+    /// Targets skipped for a missing toolchain part, with the reason.
+    pub(crate) skipped: Vec<(String, String)>,
+}
+
+/// `cargo xtask dist`: fails when no target could be built, or with `--strict`
+/// when any was skipped.
+pub(crate) fn dist(opts: &Options) -> Result<(), String> {
+    let out = build(opts)?;
+    if out.built.is_empty() {
+        return Err("dist: no target could be built (see the SKIPPED lines above)".into());
+    }
+    if opts.strict && !out.skipped.is_empty() {
+        let names: Vec<&str> = out.skipped.iter().map(|(t, _)| t.as_str()).collect();
+        return Err(format!(
+            "dist --strict: skipped {} (see the SKIPPED lines above)",
+            names.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// For `cargo xtask test`: builds every release target and returns the dist
+/// dir for the cross tests, or `None` (said loudly) when a target had to be
+/// skipped. An error means a build or a check failed.
+pub(crate) fn for_tests() -> Result<Option<PathBuf>, String> {
+    let out = build(&Options::default())?;
+    if out.skipped.is_empty() {
+        return Ok(Some(out.dir));
+    }
+    loud(&[
+        "the cross-target end-to-end tests will be SKIPPED: dist could not build every release target",
+        "(install what the SKIPPED lines above name, or run .ci/run); the native tests still run",
+    ]);
+    Ok(None)
+}
+
+/// Builds, copies, checks and sums the release binaries.
+pub(crate) fn build(opts: &Options) -> Result<Dist, String> {
+    let started = Instant::now();
+    let version = version(opts.version.as_deref())?;
+    let targets: Vec<String> = if opts.targets.is_empty() {
+        TARGETS.iter().map(|t| (*t).to_owned()).collect()
+    } else {
+        opts.targets.clone()
+    };
+    let dir = target_dir().join("dist").join(&version);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+    }
+
+    let mut skipped = Vec::new();
+    let installed = ensure_rust_targets(&targets);
+    let mut buildable = Vec::new();
+    for target in &targets {
+        if !installed.contains(target) {
+            let reason = format!(
+                "the Rust standard library for {target} is not installed and \
+                 `rustup target add {target}` failed"
+            );
+            skip(target, &reason, None);
+            skipped.push((target.clone(), reason));
+            continue;
+        }
+        match c_toolchain(target) {
+            Ok(env) => buildable.push((target.clone(), env)),
+            Err((reason, apt)) => {
+                skip(target, &reason, Some(&apt));
+                skipped.push((target.clone(), reason));
+            }
+        }
+    }
+
+    let mut rows = Vec::new();
+    let mut built = Vec::new();
+    for (target, env) in &buildable {
+        eprintln!("xtask dist: building {target} (version {version})");
+        let t0 = Instant::now();
+        let mut cmd = cargo();
+        cmd.args(["build", "--release", "--target", target])
+            .args(BINARIES.iter().flat_map(|b| ["-p", b]))
+            .env("STELLA_VERSION", &version)
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        run(&mut cmd).map_err(|e| format!("dist: building {target} failed: {e}"))?;
+        eprintln!(
+            "xtask dist: built {target} in {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
+
+        let out = dir.join(target);
+        fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+        let machine = machine_of(target).unwrap_or_default();
+        for name in BINARIES {
+            let from = target_dir().join(target).join("release").join(name);
+            let to = out.join(name);
+            fs::copy(&from, &to).map_err(|e| format!("cannot copy {}: {e}", from.display()))?;
+            let elf = check_static(&to, machine)?;
+            let bytes = fs::metadata(&to)
+                .map_err(|e| format!("cannot stat {}: {e}", to.display()))?
+                .len();
+            rows.push(Row {
+                target: target.clone(),
+                name,
+                bytes,
+                link: if elf.pie { "static-pie" } else { "static" },
+                sha256: sha256_file(&to)?,
+            });
+        }
+        built.push(target.clone());
+    }
+
+    if !rows.is_empty() {
+        let sums: String = rows
+            .iter()
+            .map(|r| format!("{}  {}/{}\n", r.sha256, r.target, r.name))
+            .collect();
+        let path = dir.join("SHA256SUMS");
+        fs::write(&path, sums).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        print_table(&rows);
+        println!("{}", dir.display());
+    }
+    for (target, reason) in &skipped {
+        loud(&[&format!("SKIPPED {target}: {reason}")]);
+    }
+    eprintln!(
+        "xtask dist: {} of {} targets built in {:.1}s",
+        built.len(),
+        targets.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Dist {
+        dir,
+        built,
+        skipped,
+    })
+}
+
+/// `--version`, else `STELLA_VERSION`, else `[workspace.package] version`.
+fn version(flag: Option<&str>) -> Result<String, String> {
+    let env = std::env::var("STELLA_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let version = match flag.map(str::to_owned).or(env) {
+        Some(v) => v,
+        None => {
+            let path = project_root().join("Cargo.toml");
+            let text = fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            workspace_version(&text).ok_or_else(|| {
+                format!(
+                    "{} has no [workspace.package] version; pass --version",
+                    path.display()
+                )
+            })?
+        }
+    };
+    let ok = !version.is_empty()
+        && !version.starts_with('.')
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '_'));
+    if ok {
+        Ok(version)
+    } else {
+        Err(format!(
+            "version {version:?} is not usable as a directory name (letters, digits, . - + _)"
+        ))
+    }
+}
+
+/// The `version` of the `[workspace.package]` table of a Cargo.toml.
+fn workspace_version(manifest: &str) -> Option<String> {
+    let mut in_table = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_table = line == "[workspace.package]";
+        } else if in_table {
+            let Some(rest) = line.strip_prefix("version") else {
+                continue;
+            };
+            let Some(value) = rest.trim_start().strip_prefix('=') else {
+                continue;
+            };
+            let value = value.trim().strip_prefix('"')?;
+            return value.split('"').next().map(str::to_owned);
+        }
+    }
+    None
+}
+
+/// Adds the missing Rust targets with rustup; returns those installed after.
+fn ensure_rust_targets(targets: &[String]) -> Vec<String> {
+    let installed = installed_targets();
+    let missing: Vec<&String> = targets.iter().filter(|t| !installed.contains(t)).collect();
+    if missing.is_empty() {
+        return installed;
+    }
+    eprintln!(
+        "xtask dist: adding Rust targets: rustup target add {}",
+        missing
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let added = Command::new("rustup")
+        .args(["target", "add"])
+        .args(&missing)
+        .current_dir(project_root())
+        .status();
+    match added {
+        Ok(s) if s.success() => {}
+        Ok(s) => loud(&[&format!("`rustup target add` failed ({s})")]),
+        Err(e) => loud(&[&format!("cannot run rustup: {e}")]),
+    }
+    installed_targets()
+}
+
+/// Targets whose standard library is installed: rustup's list, or without
+/// rustup, those present in the sysroot.
+fn installed_targets() -> Vec<String> {
+    let listed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(project_root())
+        .output();
+    if let Ok(out) = listed
+        && out.status.success()
+    {
+        return String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+    }
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let sysroot = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let Some(sysroot) = sysroot else {
+        return Vec::new();
+    };
+    TARGETS
+        .iter()
+        .filter(|t| sysroot.join("lib/rustlib").join(t).join("lib").is_dir())
+        .map(|t| (*t).to_owned())
+        .collect()
+}
+
+/// The C compiler and linker a target needs (TOOLCHAIN.md): extra environment
+/// for cargo, or why the target cannot be built and the apt command that fixes it.
+fn c_toolchain(target: &str) -> Result<Vec<(String, String)>, (String, String)> {
+    let apt = |pkgs: &str| format!("apt-get install -y --no-install-recommends {pkgs}");
+    match target {
+        "aarch64-unknown-linux-musl" => {
+            // Linker, runner and CC are set in .cargo/config.toml.
+            if on_path("aarch64-linux-gnu-gcc") {
+                Ok(Vec::new())
+            } else {
+                Err((
+                    "the cross linker and C compiler aarch64-linux-gnu-gcc is not installed".into(),
+                    apt("gcc-aarch64-linux-gnu libc6-dev-arm64-cross"),
+                ))
+            }
+        }
+        "x86_64-unknown-linux-musl" => {
+            // ring's C code: musl-gcc, else the host gcc (the same bytes).
+            let var = "CC_x86_64_unknown_linux_musl";
+            if on_path("x86_64-linux-musl-gcc") || std::env::var_os(var).is_some() {
+                Ok(Vec::new())
+            } else if on_path("gcc") {
+                eprintln!("xtask dist: x86_64-linux-musl-gcc not found, using {var}=gcc");
+                Ok(vec![(var.into(), "gcc".into())])
+            } else {
+                Err((
+                    "neither x86_64-linux-musl-gcc nor gcc is installed".into(),
+                    apt("musl-tools"),
+                ))
+            }
+        }
+        _ => Err((format!("{target} is not a release target"), String::new())),
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// A message that must not scroll by unnoticed.
+fn loud(lines: &[&str]) {
+    let bar = "!".repeat(78);
+    eprintln!("{bar}");
+    for line in lines {
+        eprintln!("!! xtask dist: {line}");
+    }
+    eprintln!("{bar}");
+}
+
+fn skip(target: &str, reason: &str, apt: Option<&str>) {
+    let mut lines = vec![format!("SKIPPING {target}: {reason}")];
+    if let Some(apt) = apt.filter(|a| !a.is_empty()) {
+        lines.push(format!("install it (as root) with: {apt}"));
+    }
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    loud(&lines);
+}
+
+/// One line of the size table.
+struct Row {
+    target: String,
+    name: &'static str,
+    bytes: u64,
+    link: &'static str,
+    sha256: String,
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<28} {:<14} {:>11} {:>6}  {:<10}  budget",
+        "target", "binary", "bytes", "MiB", "link"
+    );
+    for r in rows {
+        let budget = if r.name != "stella-agent" {
+            "-"
+        } else if r.bytes <= AGENT_BUDGET {
+            "within 2 MiB"
+        } else {
+            "OVER 2 MiB"
+        };
+        #[allow(clippy::cast_precision_loss)] // a few MiB print exactly enough
+        let mib = r.bytes as f64 / (1024.0 * 1024.0);
+        println!(
+            "{:<28} {:<14} {:>11} {:>6.2}  {:<10}  {budget}",
+            r.target,
+            r.name,
+            thousands(r.bytes),
+            mib,
+            r.link
+        );
+    }
+    for r in rows {
+        if r.name == "stella-agent" && r.target.starts_with("x86_64") && r.bytes > AGENT_BUDGET {
+            loud(&[&format!(
+                "the {} agent is {} bytes, over the 2 MiB budget (DESIGN.md section 13)",
+                r.target,
+                thousands(r.bytes)
+            )]);
+        }
+    }
+}
+
+/// `1643240` as `1,643,240`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The SHA-256 of a file, in lowercase hex, read in chunks.
+fn sha256_file(path: &Path) -> Result<String, String> {
+    let err = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let mut file = fs::File::open(path).map_err(err)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Ok(hex(ctx.finish().as_ref()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The ELF machine (`e_machine`) a release target's binaries must have.
+fn machine_of(target: &str) -> Option<u16> {
+    match target {
+        "x86_64-unknown-linux-musl" => Some(EM_X86_64),
+        "aarch64-unknown-linux-musl" => Some(EM_AARCH64),
+        _ => None,
+    }
+}
+
+fn machine_name(machine: u16) -> &'static str {
+    match machine {
+        EM_X86_64 => "x86_64",
+        EM_AARCH64 => "aarch64",
+        3 => "x86",
+        40 => "arm",
+        243 => "riscv",
+        _ => "unknown",
+    }
+}
+
+/// What `dist` checks in an ELF file.
+#[derive(Debug, PartialEq, Eq)]
+struct Elf {
+    /// `e_machine`.
+    machine: u16,
+    /// `ET_DYN`: position independent (static-pie when it has no interpreter).
+    pie: bool,
+    /// The program interpreter a `PT_INTERP` header names.
+    interp: Option<String>,
+    /// Whether there is a `PT_DYNAMIC` segment (static-pie has one for relocations).
+    dynamic: bool,
+    /// `DT_NEEDED` entries (shared libraries) in the dynamic segment.
+    needed: usize,
+}
+
+const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
+const DT_NULL: u64 = 0;
+const DT_NEEDED: u64 = 1;
+const ET_EXEC: u16 = 2;
+const ET_DYN: u16 = 3;
+
+/// `N` bytes at `off`, if the buffer has them.
+fn bytes_at<const N: usize>(b: &[u8], off: u64) -> Option<[u8; N]> {
+    let off = usize::try_from(off).ok()?;
+    b.get(off..off.checked_add(N)?)?.try_into().ok()
+}
+
+fn u16_at(b: &[u8], off: u64) -> Option<u16> {
+    bytes_at(b, off).map(u16::from_le_bytes)
+}
+
+fn u32_at(b: &[u8], off: u64) -> Option<u32> {
+    bytes_at(b, off).map(u32::from_le_bytes)
+}
+
+fn u64_at(b: &[u8], off: u64) -> Option<u64> {
+    bytes_at(b, off).map(u64::from_le_bytes)
+}
+
+/// Reads the ELF header and program headers of a 64-bit little-endian file.
+fn parse_elf(b: &[u8]) -> Result<Elf, String> {
+    let truncated = || "truncated ELF file".to_owned();
+    if b.get(..4) != Some(b"\x7fELF".as_slice()) {
+        return Err("not an ELF file".into());
+    }
+    match (b.get(4), b.get(5)) {
+        (Some(2), Some(1)) => {}
+        (Some(class), Some(data)) => {
+            return Err(format!(
+                "not ELF64 little-endian (EI_CLASS {class}, EI_DATA {data})"
+            ));
+        }
+        _ => return Err(truncated()),
+    }
+    let e_type = u16_at(b, 16).ok_or_else(truncated)?;
+    if e_type != ET_EXEC && e_type != ET_DYN {
+        return Err(format!("not an executable (e_type {e_type})"));
+    }
+    let machine = u16_at(b, 18).ok_or_else(truncated)?;
+    let phoff = u64_at(b, 32).ok_or_else(truncated)?;
+    let phentsize = u64::from(u16_at(b, 54).ok_or_else(truncated)?);
+    let phnum = u64::from(u16_at(b, 56).ok_or_else(truncated)?);
+    if phentsize < 56 {
+        return Err(format!("program header size {phentsize} is too small"));
+    }
+    let mut elf = Elf {
+        machine,
+        pie: e_type == ET_DYN,
+        interp: None,
+        dynamic: false,
+        needed: 0,
+    };
+    for i in 0..phnum {
+        let ph = phoff.checked_add(i * phentsize).ok_or_else(truncated)?;
+        let p_type = u32_at(b, ph).ok_or_else(truncated)?;
+        let offset = u64_at(b, ph + 8).ok_or_else(truncated)?;
+        let filesz = u64_at(b, ph + 32).ok_or_else(truncated)?;
+        let segment = usize::try_from(offset)
+            .ok()
+            .zip(usize::try_from(offset.saturating_add(filesz)).ok())
+            .and_then(|(start, end)| b.get(start..end))
+            .ok_or_else(|| format!("program header {i} points past the end of the file"))?;
+        match p_type {
+            PT_INTERP => {
+                let name = segment.split(|&c| c == 0).next().unwrap_or_default();
+                elf.interp = Some(String::from_utf8_lossy(name).into_owned());
+            }
+            PT_DYNAMIC => {
+                elf.dynamic = true;
+                for entry in segment.chunks_exact(16) {
+                    match u64_at(entry, 0) {
+                        Some(DT_NULL) | None => break,
+                        Some(DT_NEEDED) => elf.needed += 1,
+                        Some(_) => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(elf)
+}
+
+/// Checks parsed ELF facts: the expected machine, and static (no interpreter,
+/// no shared libraries needed).
+fn verify(elf: &Elf, machine: u16) -> Result<(), String> {
+    if elf.machine != machine {
+        return Err(format!(
+            "is for ELF machine {} ({}), expected {} ({})",
+            elf.machine,
+            machine_name(elf.machine),
+            machine,
+            machine_name(machine)
+        ));
+    }
+    if let Some(interp) = &elf.interp {
+        return Err(format!(
+            "is dynamically linked: it has a PT_INTERP program header (interpreter {interp})"
+        ));
+    }
+    if elf.needed > 0 {
+        return Err(format!(
+            "is dynamically linked: its dynamic segment needs {} shared librar{} (DT_NEEDED)",
+            elf.needed,
+            if elf.needed == 1 { "y" } else { "ies" }
+        ));
+    }
+    Ok(())
+}
+
+/// Reads and verifies one binary; the error names the file.
+fn check_static(path: &Path, machine: u16) -> Result<Elf, String> {
+    let bytes = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let elf = parse_elf(&bytes)
+        .and_then(|elf| verify(&elf, machine).map(|()| elf))
+        .map_err(|e| format!("dist: {} {e}", path.display()))?;
+    Ok(elf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64 LE file: header, program headers, then their segments.
+    fn elf(machine: u16, e_type: u16, segments: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let phoff = 64u64;
+        let data_start = phoff + 56 * segments.len() as u64;
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2; // ELFCLASS64
+        b[5] = 1; // ELFDATA2LSB
+        b[6] = 1; // EV_CURRENT
+        b[16..18].copy_from_slice(&e_type.to_le_bytes());
+        b[18..20].copy_from_slice(&machine.to_le_bytes());
+        b[32..40].copy_from_slice(&phoff.to_le_bytes());
+        b[52..54].copy_from_slice(&64u16.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&(segments.len() as u16).to_le_bytes());
+        let mut offset = data_start;
+        for (p_type, data) in segments {
+            let mut ph = vec![0u8; 56];
+            ph[..4].copy_from_slice(&p_type.to_le_bytes());
+            ph[8..16].copy_from_slice(&offset.to_le_bytes());
+            ph[32..40].copy_from_slice(&(data.len() as u64).to_le_bytes());
+            ph[40..48].copy_from_slice(&(data.len() as u64).to_le_bytes());
+            b.extend_from_slice(&ph);
+            offset += data.len() as u64;
+        }
+        for (_, data) in segments {
+            b.extend_from_slice(data);
+        }
+        b
+    }
+
+    /// A dynamic segment with these (tag, value) entries and a DT_NULL.
+    fn dynamic(entries: &[(u64, u64)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (tag, val) in entries.iter().chain([&(DT_NULL, 0)]) {
+            out.extend_from_slice(&tag.to_le_bytes());
+            out.extend_from_slice(&val.to_le_bytes());
+        }
+        out
+    }
+
+    const PT_LOAD: u32 = 1;
+    const DT_RELA: u64 = 7;
+
+    #[test]
+    fn a_static_executable_passes() {
+        let b = elf(EM_X86_64, ET_EXEC, &[(PT_LOAD, vec![0; 8])]);
+        let parsed = parse_elf(&b).unwrap();
+        assert_eq!(
+            parsed,
+            Elf {
+                machine: EM_X86_64,
+                pie: false,
+                interp: None,
+                dynamic: false,
+                needed: 0
+            }
+        );
+        verify(&parsed, EM_X86_64).unwrap();
+    }
+
+    #[test]
+    fn a_static_pie_with_a_dynamic_segment_but_no_needed_passes() {
+        let b = elf(
+            EM_AARCH64,
+            ET_DYN,
+            &[
+                (PT_LOAD, vec![0; 8]),
+                (PT_DYNAMIC, dynamic(&[(DT_RELA, 0x1000)])),
+            ],
+        );
+        let parsed = parse_elf(&b).unwrap();
+        assert!(parsed.pie && parsed.dynamic && parsed.needed == 0);
+        verify(&parsed, EM_AARCH64).unwrap();
+    }
+
+    #[test]
+    fn needed_libraries_fail() {
+        let b = elf(
+            EM_X86_64,
+            ET_DYN,
+            &[(PT_DYNAMIC, dynamic(&[(DT_NEEDED, 1), (DT_NEEDED, 9)]))],
+        );
+        let parsed = parse_elf(&b).unwrap();
+        assert_eq!(parsed.needed, 2);
+        let err = verify(&parsed, EM_X86_64).unwrap_err();
+        assert!(err.contains("2 shared libraries (DT_NEEDED)"), "{err}");
+    }
+
+    #[test]
+    fn entries_after_dt_null_are_not_counted() {
+        let mut seg = dynamic(&[]);
+        seg.extend_from_slice(&dynamic(&[(DT_NEEDED, 1)]));
+        let b = elf(EM_X86_64, ET_DYN, &[(PT_DYNAMIC, seg)]);
+        assert_eq!(parse_elf(&b).unwrap().needed, 0);
+    }
+
+    #[test]
+    fn an_interpreter_fails() {
+        let b = elf(
+            EM_X86_64,
+            ET_DYN,
+            &[(PT_INTERP, b"/lib/ld-musl-x86_64.so.1\0".to_vec())],
+        );
+        let err = verify(&parse_elf(&b).unwrap(), EM_X86_64).unwrap_err();
+        assert!(
+            err.contains("PT_INTERP") && err.contains("/lib/ld-musl-x86_64.so.1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_wrong_machine_fails() {
+        let b = elf(EM_X86_64, ET_EXEC, &[]);
+        let err = verify(&parse_elf(&b).unwrap(), EM_AARCH64).unwrap_err();
+        assert_eq!(
+            err,
+            "is for ELF machine 62 (x86_64), expected 183 (aarch64)"
+        );
+    }
+
+    #[test]
+    fn other_files_are_refused_without_panicking() {
+        assert_eq!(parse_elf(b"#!/bin/sh\n").unwrap_err(), "not an ELF file");
+        let mut b = elf(EM_X86_64, ET_EXEC, &[]);
+        b[4] = 1;
+        assert!(parse_elf(&b).unwrap_err().contains("EI_CLASS 1"));
+        let mut b = elf(EM_X86_64, ET_EXEC, &[]);
+        b[5] = 2;
+        assert!(parse_elf(&b).unwrap_err().contains("EI_DATA 2"));
+        let b = elf(EM_X86_64, 1, &[]);
+        assert!(parse_elf(&b).unwrap_err().contains("e_type 1"));
+        // Every truncation of a valid file is an error, never a panic.
+        let full = elf(
+            EM_X86_64,
+            ET_DYN,
+            &[
+                (PT_INTERP, b"/lib/ld.so\0".to_vec()),
+                (PT_DYNAMIC, dynamic(&[(DT_NEEDED, 1)])),
+            ],
+        );
+        for len in 0..full.len() {
+            assert!(parse_elf(&full[..len]).is_err(), "length {len}");
+        }
+        // A program header pointing far past the end.
+        let mut b = elf(EM_X86_64, ET_EXEC, &[(PT_LOAD, vec![0; 4])]);
+        b[64 + 8..64 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(parse_elf(&b).unwrap_err().contains("past the end"));
+    }
+
+    #[test]
+    fn this_xtask_binary_reads_as_a_dynamic_host_executable() {
+        let exe = std::env::current_exe().unwrap();
+        let parsed = parse_elf(&fs::read(&exe).unwrap()).unwrap();
+        let host = if cfg!(target_arch = "x86_64") {
+            EM_X86_64
+        } else if cfg!(target_arch = "aarch64") {
+            EM_AARCH64
+        } else {
+            parsed.machine
+        };
+        assert_eq!(parsed.machine, host);
+        if cfg!(target_env = "gnu") {
+            // Built for the host's glibc: an interpreter and libc.so.6 at least.
+            assert!(parsed.interp.as_deref().is_some_and(|i| i.contains("ld-")));
+            assert!(parsed.dynamic && parsed.needed >= 1, "{parsed:?}");
+            let err = check_static(&exe, host).unwrap_err();
+            assert!(
+                err.contains(&exe.display().to_string()) && err.contains("PT_INTERP"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn sha256_matches_the_fips_180_2_vectors() {
+        let dir = std::env::temp_dir().join(format!("xtask-dist-sha-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let cases: [(&[u8], &str); 3] = [
+            (
+                b"",
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            ),
+            (
+                b"abc",
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            ),
+            (
+                b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+                "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1",
+            ),
+        ];
+        for (i, (input, want)) in cases.iter().enumerate() {
+            let path = dir.join(i.to_string());
+            fs::write(&path, input).unwrap();
+            assert_eq!(sha256_file(&path).unwrap(), *want);
+        }
+        // One million 'a's spans many read chunks.
+        let path = dir.join("million");
+        fs::write(&path, vec![b'a'; 1_000_000]).unwrap();
+        assert_eq!(
+            sha256_file(&path).unwrap(),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_workspace_version_is_read_from_its_table() {
+        let manifest = "[package]\nversion = \"9.9.9\"\n\n[workspace.package]\n\
+                        versions = 1\nversion = \"1.2.3-rc.1\" # comment\nedition = \"2024\"\n";
+        assert_eq!(workspace_version(manifest).as_deref(), Some("1.2.3-rc.1"));
+        assert_eq!(workspace_version("[package]\nversion = \"1\"\n"), None);
+        let real = fs::read_to_string(project_root().join("Cargo.toml")).unwrap();
+        assert!(workspace_version(&real).is_some());
+    }
+
+    #[test]
+    fn options_parse() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let o = Options::parse(&args(&[
+            "--version",
+            "1.0.0",
+            "--target=aarch64-unknown-linux-musl",
+            "--strict",
+        ]))
+        .unwrap();
+        assert_eq!(o.version.as_deref(), Some("1.0.0"));
+        assert_eq!(o.targets, ["aarch64-unknown-linux-musl"]);
+        assert!(o.strict);
+        assert!(Options::parse(&args(&["--target", "armv7-unknown-linux-musleabihf"])).is_err());
+        assert!(Options::parse(&args(&["--version"])).is_err());
+        assert!(Options::parse(&args(&["--bogus"])).is_err());
+    }
+
+    #[test]
+    fn versions_must_be_directory_names() {
+        assert_eq!(version(Some("1.2.3+build_4")).unwrap(), "1.2.3+build_4");
+        for bad in ["", "..", "../x", "1 2", "a/b"] {
+            assert!(version(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1_643_240), "1,643,240");
+    }
+}
