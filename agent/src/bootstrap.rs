@@ -30,6 +30,8 @@ pub(crate) struct BootstrapOptions {
     pub(crate) ca: CaTrust,
     pub(crate) name: Option<String>,
     pub(crate) labels: Labels,
+    /// The offline release key to pin (PEM SubjectPublicKeyInfo).
+    pub(crate) release_key: Option<PathBuf>,
 }
 
 /// Enrolls this host; afterwards `agent.json` exists.
@@ -44,6 +46,17 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
         )));
     }
     let server = opts.server.trim_end_matches('/').to_owned();
+    let release_key = match &opts.release_key {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                Error::io(format!("cannot read --release-key {}", path.display()), e)
+            })?;
+            stella_proto::dsse::PublicKey::from_pem(&pem)
+                .map_err(|e| Error::Invalid(format!("--release-key {}: {e}", path.display())))?;
+            Some(pem)
+        }
+        None => None,
+    };
     identity::host_port(&server)?;
 
     // Trust first: a wrong pin stops us before the token leaves the host.
@@ -139,6 +152,9 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
         0o644,
     )?;
     state.write_atomic(AGENT_CERT, answer.certificate.as_bytes(), 0o644)?;
+    if let Some(pem) = &release_key {
+        state.write_atomic(crate::update::RELEASE_KEY, pem.as_bytes(), 0o644)?;
+    }
     // agent.json last: its presence marks a finished enrollment.
     state.write_json(
         AGENT_JSON,

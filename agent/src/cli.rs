@@ -15,11 +15,12 @@ use crate::state::DEFAULT_STATE_DIR;
 pub(crate) const USAGE: &str = "\
 usage:
   stella-agent bootstrap --server URL --token T (--ca-file F | --ca-hash sha256:H)
-                         [--name N] [--label K=V]...
+                         [--name N] [--label K=V]... [--release-key FILE]
   stella-agent run
   stella-agent doctor [--json] [-v]
   stella-agent remediate [--dry-run] [--json]
   stella-agent status [--json]
+  stella-agent self-test
   stella-agent version
 All commands take --state-dir DIR (default $STELLA_STATE_DIR or /var/lib/stella-agent).";
 
@@ -30,6 +31,7 @@ pub(crate) enum Command {
     Version,
     Bootstrap(BootstrapOptions),
     Run,
+    SelfTest,
     Status { json: bool },
     Doctor { json: bool, verbose: bool },
     Remediate { json: bool, dry_run: bool },
@@ -71,6 +73,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
     );
     let mut labels = Labels::new();
     let (mut verbose, mut dry_run) = (false, false);
+    let mut release_key: Option<PathBuf> = None;
     while let Some(arg) = p.next().map_err(lex)? {
         match arg {
             Long("help") | Short('h') => {
@@ -94,6 +97,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
             Long("ca-file") => ca_file = Some(p.value().map_err(lex)?.into()),
             Long("ca-hash") => ca_hash = Some(string(p.value().map_err(lex)?, "--ca-hash")?),
             Long("name") => name = Some(string(p.value().map_err(lex)?, "--name")?),
+            Long("release-key") => release_key = Some(p.value().map_err(lex)?.into()),
             Long("label") => {
                 let s = string(p.value().map_err(lex)?, "--label")?;
                 let (k, v) = s
@@ -117,6 +121,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
             ("label", !labels.is_empty()),
             ("verbose", verbose),
             ("dry-run", dry_run),
+            ("release-key", release_key.is_some()),
         ];
         match given
             .iter()
@@ -136,6 +141,10 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
             only(&[])?;
             Command::Run
         }
+        "self-test" => {
+            only(&[])?;
+            Command::SelfTest
+        }
         "status" => {
             only(&["json"])?;
             Command::Status { json }
@@ -149,7 +158,15 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
             Command::Remediate { json, dry_run }
         }
         "bootstrap" => {
-            only(&["server", "token", "ca-file", "ca-hash", "name", "label"])?;
+            only(&[
+                "server",
+                "token",
+                "ca-file",
+                "ca-hash",
+                "name",
+                "label",
+                "release-key",
+            ])?;
             let server = server.ok_or_else(|| usage("bootstrap needs --server URL"))?;
             let token = token.ok_or_else(|| usage("bootstrap needs --token T"))?;
             let token =
@@ -179,6 +196,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
                 ca,
                 name,
                 labels,
+                release_key,
             })
         }
         other => return Err(usage(format!("unknown command {other:?}"))),

@@ -798,7 +798,23 @@ impl<'a> Doctor<'a> {
     }
 
     fn integrity(&self) -> Finding {
-        let Some(recorded) = &self.saved.binary_sha256 else {
+        if let Some(m) = &self.saved.update
+            && m.phase == "swapping"
+        {
+            return fail!(
+                "update.integrity/interrupted",
+                "an update to {} was interrupted during the binary swap",
+                m.to_version
+            );
+        }
+        // On probation the new binary is the one to match.
+        let probation = self
+            .saved
+            .update
+            .as_ref()
+            .filter(|m| m.phase == "probation")
+            .map(|m| &m.to_sha256);
+        let Some(recorded) = probation.or(self.saved.binary_sha256.as_ref()) else {
             return skip!(
                 "update.integrity/unrecorded",
                 "no installed digest recorded for this binary"

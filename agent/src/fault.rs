@@ -12,6 +12,19 @@ pub(crate) fn point(point: &str) {
     }
 }
 
+/// Whether the tests asked for the fault `name` (a behaviour, not a crash).
+#[cfg(feature = "fault-injection")]
+pub(crate) fn active(name: &str) -> bool {
+    std::env::var("STELLA_FAULT").is_ok_and(|p| p == name)
+}
+
+/// Whether the tests asked for the fault `name` (a behaviour, not a crash).
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub(crate) fn active(_name: &str) -> bool {
+    false
+}
+
 /// Exit here if the tests asked for a crash at `point`.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]

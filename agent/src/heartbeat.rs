@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use miniserde::json;
 use ring::rand::{SecureRandom, SystemRandom};
-use stella_proto::api::{HeartbeatRequest, HeartbeatResponse, UpdateReport};
+use stella_proto::api::{HeartbeatRequest, HeartbeatResponse};
 use stella_proto::config::Remediation;
 use stella_proto::time::rfc3339;
 
@@ -18,7 +18,8 @@ use crate::doctor::Doctor;
 use crate::error::Error;
 use crate::identity::{self, Identity, RenewError};
 use crate::state::{StateDir, StateFile};
-use crate::{host, log, remediate, transport};
+use crate::update::{Step, Updater};
+use crate::{fault, host, log, remediate, transport};
 
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -100,7 +101,7 @@ fn heartbeat_once(
 }
 
 /// A heartbeat body for this agent, as of its saved state.
-fn new_beat(saved: &StateFile, config: &ConfigState) -> HeartbeatRequest {
+fn new_beat(saved: &StateFile, config: &ConfigState, updater: &Updater) -> HeartbeatRequest {
     HeartbeatRequest {
         seq: saved.heartbeat_seq,
         version: host::VERSION.to_owned(),
@@ -109,10 +110,7 @@ fn new_beat(saved: &StateFile, config: &ConfigState) -> HeartbeatRequest {
         config_drift: false,
         config_error: None,
         doctor: Default::default(),
-        update: UpdateReport {
-            state: "idle".to_owned(),
-            version: host::VERSION.to_owned(),
-        },
+        update: updater.report(saved),
         capabilities: host::capabilities(),
     }
 }
@@ -136,7 +134,7 @@ pub(crate) fn send_one(state: &StateDir) -> Result<u64, Error> {
         Some((&ident.cert_der, &ident.key_pem)),
         Duration::from_secs(30),
     )?;
-    let mut beat = new_beat(&saved, &config);
+    let mut beat = new_beat(&saved, &config, &Updater::default());
     beat.seq += 1;
     beat.config_drift = config.drift;
     let url = format!("{}/v1/agents/heartbeat", ident.server);
@@ -249,10 +247,13 @@ impl Agent<'_> {
 /// Runs until revoked (Err(Revoked)) or killed.
 pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
     identity::finish_interrupted_renewal(state)?;
+    let mut saved = state.state_file();
+    // A swap, probation or rollback left by the previous process.
+    Updater::on_start(state, &mut saved)?;
     let ident = Identity::load(state)?;
     let rng = SystemRandom::new();
     let started = Instant::now();
-    let mut saved = state.state_file();
+    let mut updater = Updater::default();
     let interval = match saved.heartbeat_interval_ms {
         0 => DEFAULT_INTERVAL,
         ms => Duration::from_millis(ms).clamp(MIN_INTERVAL, MAX_INTERVAL),
@@ -273,7 +274,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
         log::set_level(config.settings.log_level);
     }
     let url = format!("{}/v1/agents/heartbeat", agent.ident.server);
-    let mut beat = new_beat(&saved, &config);
+    let mut beat = new_beat(&saved, &config, &updater);
     log::info(
         "agent running",
         &[
@@ -308,10 +309,23 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                 if beat.config_error != config.refusal {
                     beat.config_error.clone_from(&config.refusal);
                 }
+                let report = updater.report(&saved);
+                if beat.update != report {
+                    beat.update = report;
+                }
+                let silent =
+                    Updater::in_probation(&saved) && fault::active("probation-no-heartbeat");
                 if beat.seq.is_multiple_of(CAPABILITY_REFRESH) {
                     beat.capabilities = host::capabilities();
                 }
-                match heartbeat_once(&agent.client, &url, &json::to_string(&beat)) {
+                let sent = if silent {
+                    Err(Refusal::Failed(
+                        "fault injected: no heartbeat in probation".into(),
+                    ))
+                } else {
+                    heartbeat_once(&agent.client, &url, &json::to_string(&beat))
+                };
+                match sent {
                     Ok(answer) => {
                         if agent.beat_failures > 0 {
                             log::info(
@@ -338,6 +352,18 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                             // A shorter doctor interval takes effect now.
                             next_doctor =
                                 next_doctor.min(Instant::now() + config.settings.doctor_interval);
+                        }
+                        if let Some(offer) = &answer.update {
+                            updater.offer(state, &mut saved, offer, &config.settings);
+                        }
+                        if Updater::in_probation(&saved) {
+                            record_ack(
+                                &mut saved,
+                                beat.seq,
+                                agent.interval,
+                                answer.server_time.clone(),
+                            );
+                            Updater::probation_ack(state, &mut saved)?;
                         }
                         if answer.renew {
                             log::info("the server asks for a certificate renewal now", &[]);
@@ -410,11 +436,19 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
             }
             next_doctor = Instant::now() + config.settings.doctor_interval;
         }
-        // Sleep until the earliest of the next heartbeat, renewal and doctor run.
+        Updater::check_probation_deadline(state, &mut saved)?;
+        let downloading =
+            updater.step(state, &mut saved, &agent.client, &agent.ident.server)? == Step::Busy;
+        // Sleep until the earliest of the next heartbeat, renewal and doctor
+        // run (not at all while a download has more to fetch).
         let until_beat = next_beat.saturating_duration_since(Instant::now());
         let until_renewal = Duration::from_secs(agent.renew_at.saturating_sub(wall_now()));
         let until_doctor = next_doctor.saturating_duration_since(Instant::now());
-        let nap = until_beat.min(until_renewal).min(until_doctor);
+        let nap = if downloading {
+            Duration::ZERO
+        } else {
+            until_beat.min(until_renewal).min(until_doctor)
+        };
         if !nap.is_zero() {
             sleep(nap);
         }

@@ -2,6 +2,8 @@
 //! mTLS identity, heartbeats, and (as they land) update, config and doctor.
 #![deny(unsafe_code)]
 
+#[cfg(feature = "bench-alloc")]
+mod alloc_count;
 mod bootstrap;
 mod cli;
 mod config;
@@ -18,6 +20,7 @@ mod state;
 mod status;
 mod sys;
 mod transport;
+mod update;
 
 use std::process::ExitCode;
 
@@ -62,6 +65,7 @@ fn run() -> Result<(), Error> {
             heartbeat::run(&state)
         }
         Command::Status { json } => status::print(&state, json),
+        Command::SelfTest => update::run_self_test(&state),
         Command::Doctor { json, verbose } => {
             let report = doctor::Doctor::new(&state).run_all();
             if json {

@@ -35,6 +35,8 @@ pub(crate) enum Action {
     ChmodStateDir,
     /// Connect and send a heartbeat now.
     HeartbeatNow,
+    /// Put `<binary>.prev` back after an interrupted update swap.
+    FinishRollback,
     /// Nothing the agent can safely do: tell the operator.
     Advise(&'static str),
 }
@@ -63,6 +65,7 @@ pub(crate) const PATTERNS: &[Pattern] = &[
     p("storage.writable/stale-temp",   Action::RemoveStaleTemp),
     p("storage.writable/mode",         Action::ChmodStateDir),
     p("heartbeat.recent/*",            Action::HeartbeatNow),
+    p("update.integrity/interrupted",  Action::FinishRollback),
     p("time.skew/*",                   Action::Advise("enable NTP (e.g. `timedatectl set-ntp true`) and check the clock")),
     p("server.reachable/deactivated",  Action::Advise("ask an administrator to run `stella-server agents activate ID`")),
     p("server.reachable/*",            Action::Advise("check DNS, routes and firewalls towards the server URL in agent.json")),
@@ -100,6 +103,7 @@ fn action_name(a: Action) -> &'static str {
         Action::RemoveStaleTemp => "remove-stale-temp",
         Action::ChmodStateDir => "chmod-state-dir",
         Action::HeartbeatNow => "heartbeat-now",
+        Action::FinishRollback => "finish-rollback",
         Action::Advise(_) => "advise",
     }
 }
@@ -165,6 +169,14 @@ pub(crate) fn describe(action: Action, state: &StateDir) -> String {
             "POST a heartbeat to {}/v1/agents/heartbeat",
             server_url(state)
         ),
+        Action::FinishRollback => {
+            let install = state
+                .state_file()
+                .update
+                .map(|m| m.install_path)
+                .unwrap_or_default();
+            format!("rename {install}.prev to {install} and clear the update marker in state.json")
+        }
         Action::Advise(text) => text.to_owned(),
     }
 }
@@ -241,6 +253,7 @@ pub(crate) fn apply(action: Action, state: &StateDir) -> Result<String, Error> {
         Action::HeartbeatNow => {
             heartbeat::send_one(state).map(|seq| format!("heartbeat {seq} acknowledged"))
         }
+        Action::FinishRollback => crate::update::finish_rollback(state),
         Action::Advise(text) => Ok(text.to_owned()),
     }
 }
@@ -367,7 +380,10 @@ pub(crate) fn in_loop(state: &StateDir, report: &Report, apply_fixes: bool) -> (
         match pattern.action {
             Action::RenewNow if apply_fixes => renew_now = true,
             Action::HeartbeatNow if apply_fixes => beat_now = true,
-            Action::RestoreConfig | Action::FinishRenewal | Action::Advise(_) => {}
+            Action::RestoreConfig
+            | Action::FinishRenewal
+            | Action::FinishRollback
+            | Action::Advise(_) => {}
             action if apply_fixes => match apply(action, state) {
                 Ok(result) => {
                     log::info("remediated", &[("check", &check.code), ("result", &result)])

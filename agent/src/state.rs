@@ -44,6 +44,10 @@ pub(crate) struct StateFile {
     pub(crate) config_hash: Option<String>,
     /// SHA-256 of the binary as installed (bootstrap, install, update).
     pub(crate) binary_sha256: Option<String>,
+    /// A swap or probation in progress.
+    pub(crate) update: Option<crate::update::UpdateMarker>,
+    /// The last update that failed.
+    pub(crate) update_failure: Option<crate::update::UpdateFailure>,
 }
 
 /// The state dir and the files in it.

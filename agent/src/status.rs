@@ -40,11 +40,14 @@ pub(crate) fn print(state: &StateDir, as_json: bool) -> Result<(), Error> {
         server: ident.server,
         version: host::VERSION.to_owned(),
         cert_not_after: rfc3339(ident.cert.not_after),
-        last_heartbeat: saved.last_heartbeat,
-        config_hash: saved.config_hash,
-        update: UpdateView {
-            state: "idle".to_owned(),
-            version: host::VERSION.to_owned(),
+        last_heartbeat: saved.last_heartbeat.clone(),
+        config_hash: saved.config_hash.clone(),
+        update: {
+            let report = crate::update::Updater::default().report(&saved);
+            UpdateView {
+                state: report.state,
+                version: report.version,
+            }
         },
     };
     if as_json {

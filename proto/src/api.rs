@@ -66,10 +66,57 @@ pub struct DoctorSummary {
 /// Where the agent stands with updates.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct UpdateReport {
-    /// `idle`, `downloading`, `probation`, `failed`, ...
+    /// `idle`, `downloading`, `self-test`, `probation`, `failed`, ...
     pub state: String,
     /// The version concerned (the running one when idle).
     pub version: String,
+    /// Why the update to `version` failed (state `failed`).
+    pub error: Option<String>,
+}
+
+/// An offer to update, in a heartbeat answer. The envelope is what the agent
+/// trusts (with its pinned key); the rest only says where to fetch.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct UpdateOffer {
+    pub version: String,
+    pub target: String,
+    /// `GET` path of the artifact (mTLS, HTTP Range supported).
+    pub path: String,
+    /// Size the server has for the artifact (not trusted beyond a cap).
+    pub size: u64,
+    /// The release's `release.dsse.json`.
+    pub envelope: String,
+    /// How long the new version has to prove itself.
+    pub probation_ms: u64,
+}
+
+/// A release as `release list` shows it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ReleaseView {
+    pub version: String,
+    pub imported_at: String,
+    pub files: Vec<ReleaseFileView>,
+}
+
+/// One file of a release.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ReleaseFileView {
+    pub name: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// `POST /v1/admin/releases`: import the release directory at `dir` (a path
+/// on the server's host).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ReleaseImportRequest {
+    pub dir: String,
+}
+
+/// `POST /v1/admin/agents/{id}/update`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct AgentUpdateRequest {
+    pub release: String,
 }
 
 /// `POST /v1/agents/heartbeat` (mTLS; identity comes from the certificate).
@@ -107,6 +154,8 @@ pub struct HeartbeatResponse {
     pub config_hash: String,
     /// The full configuration, only when the agent's differs.
     pub config: Option<Value>,
+    /// A release to install, if one is offered to this agent.
+    pub update: Option<UpdateOffer>,
 }
 
 /// `GET /v1/agents/self` (mTLS): how the server sees the calling agent, with
@@ -286,6 +335,7 @@ mod tests {
             update: UpdateReport {
                 state: "idle".into(),
                 version: "1.2.3".into(),
+                error: None,
             },
             capabilities: vec!["systemd".into()],
         };

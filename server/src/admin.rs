@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use miniserde::json;
 use stella_proto::api::{
-    AgentView, ConfigScopeView, ConfigSetRequest, ConfigShowResponse, DriftRow, ErrorBody, Labels,
-    TokenCreateRequest, TokenCreateResponse,
+    AgentUpdateRequest, AgentView, ConfigScopeView, ConfigSetRequest, ConfigShowResponse, DriftRow,
+    ErrorBody, Labels, ReleaseImportRequest, ReleaseView, TokenCreateRequest, TokenCreateResponse,
 };
 
 use crate::cli::{AdminTarget, AgentAction};
@@ -360,5 +360,65 @@ pub(crate) fn drift(target: &AdminTarget, as_json: bool) -> Result<(), Error> {
                 .map_or(String::new(), |e| format!("  refused: {e}")),
         );
     }
+    Ok(())
+}
+
+/// `release import DIR`: the server reads DIR (a path on its host).
+pub(crate) fn release_import(target: &AdminTarget, dir: &std::path::Path) -> Result<(), Error> {
+    let absolute = std::fs::canonicalize(dir)
+        .map_err(|e| Error::io(format!("cannot find {}", dir.display()), e))?;
+    let client = AdminClient::connect(target)?;
+    let body = ReleaseImportRequest {
+        dir: absolute.display().to_string(),
+    };
+    let view: ReleaseView = AdminClient::parse(&client.call(
+        "POST",
+        "/v1/admin/releases",
+        Some(json::to_string(&body)),
+    )?)?;
+    println!(
+        "imported release {} ({} files)",
+        view.version,
+        view.files.len()
+    );
+    Ok(())
+}
+
+/// `release list [--json]`.
+pub(crate) fn release_list(target: &AdminTarget, as_json: bool) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let text = client.call("GET", "/v1/admin/releases", None)?;
+    if as_json {
+        println!("{text}");
+        return Ok(());
+    }
+    let releases: Vec<ReleaseView> = AdminClient::parse(&text)?;
+    if releases.is_empty() {
+        println!("no releases imported");
+    }
+    for r in &releases {
+        println!("{}  imported {}", r.version, r.imported_at);
+        for f in &r.files {
+            println!("  {:<44} {:>10} bytes  sha256:{}", f.name, f.size, f.sha256);
+        }
+    }
+    Ok(())
+}
+
+/// `agents update ID --release V`: offer one agent a release directly.
+pub(crate) fn agents_update(target: &AdminTarget, id: &str, release: &str) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let body = AgentUpdateRequest {
+        release: release.to_owned(),
+    };
+    let agent: AgentView = AdminClient::parse(&client.call(
+        "POST",
+        &format!("/v1/admin/agents/{id}/update"),
+        Some(json::to_string(&body)),
+    )?)?;
+    println!(
+        "{}: offered release {release}; it updates at its next heartbeat",
+        agent.id
+    );
     Ok(())
 }

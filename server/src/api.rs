@@ -18,7 +18,7 @@ use crate::error::Error;
 use crate::http::{Request, Response};
 use crate::lifecycle::{self, Transition};
 use crate::records::{DEACTIVATED, HEARTBEAT_TIMEOUT, INACTIVE, REVOKED};
-use crate::{renewal, tokens};
+use crate::{releases, renewal, tokens};
 
 /// The agent behind a verified client certificate.
 #[derive(Debug, Clone)]
@@ -100,6 +100,13 @@ pub(crate) async fn handle(app: &Arc<App>, peer: Option<&Peer>, req: Request) ->
         ("POST", "/v1/agents/heartbeat") => heartbeat(app, peer, &req).await,
         ("POST", "/v1/agents/certificate") => renew(app, peer, &req).await,
         ("GET", "/v1/agents/self") => whoami(app, peer),
+        ("GET", p) if p.starts_with("/v1/releases/") => {
+            let parts: Vec<&str> = p["/v1/releases/".len()..].split('/').collect();
+            match parts.as_slice() {
+                [version, target] => artifact(app, peer, &req, version, target),
+                _ => Response::error(404, format!("no such release path {p}")),
+            }
+        }
         ("POST", "/v1/agents/challenge") => match parse_json::<ChallengeRequest>(&req) {
             Ok(body) => answer(renewal::challenge(app, &body), 200),
             Err(resp) => resp,
@@ -324,6 +331,7 @@ async fn heartbeat(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Respon
         hb.doctor = body.doctor;
         hb.update_state = body.update.state;
         hb.update_version = body.update.version;
+        hb.update_error = body.update.error;
         hb.capabilities = body.capabilities;
         agent.last_seen_ms = now;
         let desired = agent.desired.clone();
@@ -340,7 +348,9 @@ async fn heartbeat(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Respon
             .as_ref()
             .is_some_and(|e| e.hash == desired.hash);
         let push = hb.config_hash != desired.hash && !refused;
+        let update = offered_release(app, agent);
         let answer = HeartbeatResponse {
+            update,
             interval_ms: agent.interval(app.settings.heartbeat_interval).as_millis() as u64,
             server_time: rfc3339(now / 1000),
             renew: agent.record.renew_requested,
@@ -354,6 +364,98 @@ async fn heartbeat(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Respon
     };
     lifecycle::count_heartbeat(app);
     Response::json(200, json::to_string(&answer))
+}
+
+/// The release to offer an agent now: its direct offer, unless it already
+/// runs that version or reported that the update to it failed.
+fn offered_release(
+    app: &App,
+    agent: &lifecycle::LiveAgent,
+) -> Option<stella_proto::api::UpdateOffer> {
+    let version = agent.record.update_offer.as_deref()?;
+    let hb = &agent.hb;
+    if hb.version == version || (hb.update_state == "failed" && hb.update_version == version) {
+        return None;
+    }
+    releases::offer(app, version, &agent.record.platform.target)
+}
+
+/// Serves an agent the artifact of a release for a target, from the blob
+/// store, honouring a single `Range: bytes=` request.
+fn artifact(
+    app: &App,
+    peer: Option<&Peer>,
+    req: &Request,
+    version: &str,
+    target: &str,
+) -> Response {
+    let Some(peer) = peer else {
+        return Response::error(
+            401,
+            "release downloads need the agent's client certificate (mTLS)",
+        );
+    };
+    {
+        let fleet = lock(&app.fleet);
+        match fleet.agents.get(&peer.agent_id) {
+            Some(a) if a.record.status != REVOKED && a.record.accepts_serial(&peer.serial) => {}
+            _ => {
+                return Response::error(
+                    401,
+                    format!("agent {} may not download releases", peer.agent_id),
+                );
+            }
+        }
+    }
+    let Some((path, size)) = releases::artifact(app, version, target) else {
+        return Response::error(404, format!("release {version} has no agent for {target}"));
+    };
+    let (start, end) = match req.range.as_deref().map(|r| parse_range(r, size)) {
+        None => (0, size),
+        Some(Some(range)) => range,
+        Some(None) => {
+            let mut resp = Response::error(
+                416,
+                format!(
+                    "range {:?} is outside the {size} bytes",
+                    req.range.as_deref().unwrap_or("")
+                ),
+            );
+            resp.extra_headers
+                .push(("content-range", format!("bytes */{size}")));
+            return resp;
+        }
+    };
+    let mut resp = Response::new(
+        if req.range.is_some() { 206 } else { 200 },
+        "application/octet-stream",
+        Vec::new(),
+    );
+    resp.file = Some(crate::http::FileBody {
+        path,
+        start,
+        len: end - start,
+    });
+    resp.extra_headers.push(("accept-ranges", "bytes".into()));
+    if req.range.is_some() {
+        resp.extra_headers.push((
+            "content-range",
+            format!("bytes {start}-{}/{size}", end.saturating_sub(1)),
+        ));
+    }
+    resp
+}
+
+/// `bytes=START-` or `bytes=START-END` (inclusive) → [start, end) within `size`.
+fn parse_range(header: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    let start: u64 = a.trim().parse().ok()?;
+    let end = match b.trim() {
+        "" => size,
+        e => e.parse::<u64>().ok()?.saturating_add(1).min(size),
+    };
+    (start < end && start < size).then_some((start, end))
 }
 
 /// Refuses a certificate that is not the agent's current one, and agents that
@@ -461,6 +563,79 @@ async fn admin(app: &Arc<App>, req: &Request, path: &str) -> Response {
             }
         }
         ("GET", ["drift"]) => Response::json(200, json::to_string(&crate::config::drift(app))),
+        ("POST", ["releases"]) => {
+            let body: stella_proto::api::ReleaseImportRequest = match parse_json(req) {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let app = app.clone();
+            let dir = std::path::PathBuf::from(body.dir);
+            match smol::unblock(move || releases::import(&app, &app.data_dir, &dir)).await {
+                Ok(view) => Response::json(201, json::to_string(&view)),
+                Err(e) => error_response(&e),
+            }
+        }
+        ("GET", ["releases"]) => {
+            let list: Vec<_> = lock(&app.releases)
+                .by_version
+                .values()
+                .map(releases::view)
+                .collect();
+            Response::json(200, json::to_string(&list))
+        }
+        ("POST", ["agents", id, "update"]) => {
+            let body: stella_proto::api::AgentUpdateRequest = match parse_json(req) {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let target = match lock(&app.fleet).agents.get(*id) {
+                Some(live) => live.record.platform.target.clone(),
+                None => return Response::error(404, format!("no agent with id {id}")),
+            };
+            let Some(files) = lock(&app.releases)
+                .by_version
+                .get(&body.release)
+                .map(|r| r.files.clone())
+            else {
+                return Response::error(
+                    404,
+                    format!("no release {} has been imported", body.release),
+                );
+            };
+            if !files
+                .iter()
+                .any(|f| f.name == releases::agent_artifact(&target))
+            {
+                return Response::error(
+                    409,
+                    format!(
+                        "release {} has no agent for {target} (agent {id}'s target)",
+                        body.release
+                    ),
+                );
+            }
+            let app2 = app.clone();
+            let id = (*id).to_owned();
+            let release = body.release;
+            let result = smol::unblock(move || {
+                lifecycle::change_agents(&app2, &[&id], "agent.update_offered", |r| {
+                    if r.status == REVOKED {
+                        return Err(Error::Conflict(format!("agent {} is revoked", r.id)));
+                    }
+                    let changed = r.update_offer.as_deref() != Some(release.as_str());
+                    r.update_offer = Some(release.clone());
+                    Ok(changed)
+                })
+            })
+            .await;
+            match result {
+                Ok(records) => match lock(&app.fleet).agents.get(&records[0].id) {
+                    Some(live) => Response::json(200, json::to_string(&lifecycle::view(live))),
+                    None => Response::error(404, "agent vanished"),
+                },
+                Err(e) => error_response(&e),
+            }
+        }
         ("GET", ["agents"]) => {
             let fleet = lock(&app.fleet);
             let mut views: Vec<_> = fleet.agents.values().map(lifecycle::view).collect();

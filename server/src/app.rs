@@ -17,6 +17,8 @@ pub(crate) struct Settings {
     pub(crate) cert_lifetime: Duration,
     /// How long after expiry an agent may still recover with its old key.
     pub(crate) expired_grace: Duration,
+    /// How long a new agent version has to heartbeat and pass doctor.
+    pub(crate) update_probation: Duration,
     /// How often soft heartbeat state is committed.
     pub(crate) flush_every: Duration,
     /// How long a keep-alive connection may sit idle between requests.
@@ -51,6 +53,9 @@ pub(crate) struct App {
     pub(crate) fleet: Mutex<Fleet>,
     /// Desired configuration by scope. Lock order: lifecycle_lock, configs, fleet.
     pub(crate) configs: Mutex<crate::config::Configs>,
+    /// Imported releases. Lock order: after fleet.
+    pub(crate) releases: Mutex<crate::releases::Releases>,
+    pub(crate) data_dir: std::path::PathBuf,
     /// Held across a durable agent change and its mirror in `fleet`, so the
     /// two never disagree in order.
     pub(crate) lifecycle_lock: Mutex<()>,

@@ -18,9 +18,12 @@ usage:
   stella-server init  --data-dir DIR [--san NAME]...
   stella-server serve --data-dir DIR [--listen ADDR] [--heartbeat-interval D]
                       [--heartbeat-misses N] [--cert-lifetime D] [--expired-grace D]
+                      [--update-probation D]
   stella-server token create [--ttl D] [--uses N] [--label K=V]...
   stella-server agents list [--json] | agents show ID [--json]
   stella-server agents deactivate|activate|revoke|renew ID
+  stella-server release import DIR | release list [--json]
+  stella-server agents update ID --release V
   stella-server config set --scope global|label:K=V|agent:ID FILE.json
   stella-server config show [--agent ID]
   stella-server drift [--json]
@@ -48,6 +51,7 @@ pub(crate) struct ServeOptions {
     pub(crate) heartbeat_misses: u32,
     pub(crate) cert_lifetime: Duration,
     pub(crate) expired_grace: Duration,
+    pub(crate) update_probation: Duration,
 }
 
 /// A lifecycle action on one agent.
@@ -113,6 +117,19 @@ pub(crate) enum Command {
     Drift {
         target: AdminTarget,
         json: bool,
+    },
+    ReleaseImport {
+        target: AdminTarget,
+        dir: PathBuf,
+    },
+    ReleaseList {
+        target: AdminTarget,
+        json: bool,
+    },
+    AgentsUpdate {
+        target: AdminTarget,
+        id: String,
+        release: String,
     },
 }
 
@@ -198,6 +215,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 heartbeat_misses: 3,
                 cert_lifetime: Duration::from_secs(30 * 86_400),
                 expired_grace: Duration::from_secs(30 * 86_400),
+                update_probation: Duration::from_secs(300),
             };
             while let Some(arg) = p.next().map_err(lex)? {
                 match arg {
@@ -212,6 +230,10 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                     }
                     Long("cert-lifetime") => {
                         o.cert_lifetime = duration(p.value().map_err(lex)?, "--cert-lifetime")?
+                    }
+                    Long("update-probation") => {
+                        o.update_probation =
+                            duration(p.value().map_err(lex)?, "--update-probation")?
                     }
                     Long("expired-grace") => {
                         o.expired_grace = duration(p.value().map_err(lex)?, "--expired-grace")?
@@ -267,7 +289,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                     ));
                 }
             };
-            let (mut json, mut id) = (false, None::<String>);
+            let (mut json, mut id, mut release) = (false, None::<String>, None::<String>);
             while let Some(arg) = p.next().map_err(lex)? {
                 match arg {
                     Long(flag @ ("data-dir" | "server" | "ca")) => {
@@ -275,6 +297,9 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                         admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
                     }
                     Long("json") => json = true,
+                    Long("release") if sub == "update" => {
+                        release = Some(string(p.value().map_err(lex)?, "--release")?)
+                    }
                     Value(v) if id.is_none() => id = Some(string(v, "agent id")?),
                     other => return Err(usage(other.unexpected().to_string())),
                 }
@@ -289,6 +314,12 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                     }
                     Command::AgentsList { target, json }
                 }
+                "update" => Command::AgentsUpdate {
+                    id: need_id(id)?,
+                    target,
+                    release: release
+                        .ok_or_else(|| usage("`agents update` needs --release VERSION"))?,
+                },
                 "show" => Command::AgentsShow {
                     id: need_id(id)?,
                     target,
@@ -340,6 +371,32 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 },
                 "show" => Command::ConfigShow { target, agent },
                 other => return Err(usage(format!("unknown config subcommand {other:?}"))),
+            }
+        }
+        "release" => {
+            let sub = match p.next().map_err(lex)? {
+                Some(Value(v)) => string(v, "release subcommand")?,
+                _ => return Err(usage("expected `release import DIR` or `release list`")),
+            };
+            let (mut json, mut dir) = (false, None::<PathBuf>);
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("json") if sub == "list" => json = true,
+                    Value(v) if sub == "import" && dir.is_none() => dir = Some(v.into()),
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            match sub.as_str() {
+                "import" => Command::ReleaseImport {
+                    target,
+                    dir: dir.ok_or_else(|| usage("`release import` needs a release directory"))?,
+                },
+                "list" => Command::ReleaseList { target, json },
+                other => return Err(usage(format!("unknown release subcommand {other:?}"))),
             }
         }
         "drift" => {

@@ -25,13 +25,22 @@ pub(crate) struct Request {
     pub(crate) body: Vec<u8>,
 }
 
-/// A response, written in one go.
+/// A response: headers and a body in memory, or a file range streamed after.
 #[derive(Debug)]
 pub(crate) struct Response {
     pub(crate) status: u16,
     pub(crate) content_type: &'static str,
     pub(crate) body: Vec<u8>,
     pub(crate) extra_headers: Vec<(&'static str, String)>,
+    pub(crate) file: Option<FileBody>,
+}
+
+/// Part of a file to stream as the body.
+#[derive(Debug)]
+pub(crate) struct FileBody {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) start: u64,
+    pub(crate) len: u64,
 }
 
 impl Response {
@@ -41,6 +50,7 @@ impl Response {
             content_type,
             body,
             extra_headers: Vec::new(),
+            file: None,
         }
     }
 
@@ -230,7 +240,7 @@ pub(crate) async fn write_response<S: AsyncWrite + Unpin>(
         resp.status,
         reason(resp.status),
         resp.content_type,
-        resp.body.len()
+        resp.file.as_ref().map_or(resp.body.len() as u64, |f| f.len)
     )?;
     for (name, value) in &resp.extra_headers {
         write!(out, "{name}: {value}\r\n")?;
@@ -242,6 +252,27 @@ pub(crate) async fn write_response<S: AsyncWrite + Unpin>(
     });
     out.extend_from_slice(&resp.body);
     stream.write_all(out).await?;
+    if let Some(file) = &resp.file {
+        use smol::io::{AsyncReadExt, AsyncSeekExt};
+        let mut f = smol::fs::File::open(&file.path).await?;
+        f.seek(std::io::SeekFrom::Start(file.start)).await?;
+        let mut left = file.len;
+        let mut chunk = vec![0u8; 64 * 1024];
+        while left > 0 {
+            let want = chunk.len().min(left as usize);
+            let n = f.read(&mut chunk[..want]).await?;
+            if n == 0 {
+                // The blob is shorter than recorded: end the connection
+                // rather than send a body shorter than promised.
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "blob shorter than recorded",
+                ));
+            }
+            stream.write_all(&chunk[..n]).await?;
+            left -= n as u64;
+        }
+    }
     stream.flush().await
 }
 

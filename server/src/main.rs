@@ -13,6 +13,7 @@ mod http;
 mod lifecycle;
 mod log;
 mod records;
+mod releases;
 mod renewal;
 mod serve;
 mod store;
@@ -56,6 +57,13 @@ fn run() -> Result<(), Error> {
         } => admin::config_set(&target, &scope, &file),
         Command::ConfigShow { target, agent } => admin::config_show(&target, agent.as_deref()),
         Command::Drift { target, json } => admin::drift(&target, json),
+        Command::ReleaseImport { target, dir } => admin::release_import(&target, &dir),
+        Command::ReleaseList { target, json } => admin::release_list(&target, json),
+        Command::AgentsUpdate {
+            target,
+            id,
+            release,
+        } => admin::agents_update(&target, &id, &release),
     }
 }
 

@@ -36,6 +36,8 @@ pub(crate) struct AgentRecord {
     pub(crate) previous_serial: Option<String>,
     /// An administrator asked for a renewal; the next heartbeat answer says so.
     pub(crate) renew_requested: bool,
+    /// A release offered to this agent directly (`agents update`).
+    pub(crate) update_offer: Option<String>,
 }
 
 impl AgentRecord {
@@ -58,6 +60,7 @@ pub(crate) struct HeartbeatState {
     pub(crate) doctor: DoctorSummary,
     pub(crate) update_state: String,
     pub(crate) update_version: String,
+    pub(crate) update_error: Option<String>,
     pub(crate) capabilities: Vec<String>,
     /// The last configuration the agent refused.
     pub(crate) config_error: Option<ConfigRefusal>,
@@ -80,6 +83,7 @@ impl HeartbeatState {
             } else {
                 self.update_version.clone()
             },
+            error: self.update_error.clone(),
         }
     }
 }
@@ -123,6 +127,24 @@ pub(crate) struct ConfigRecord {
     pub(crate) doc: String,
     pub(crate) hash: String,
     pub(crate) updated_at: u64,
+}
+
+/// One file of an imported release, stored under `blobs/sha256/<hex>`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct ReleaseFile {
+    pub(crate) name: String,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
+}
+
+/// An imported release: its signed envelope and where its files are.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct ReleaseRecord {
+    pub(crate) version: String,
+    /// `release.dsse.json` as imported.
+    pub(crate) envelope: String,
+    pub(crate) files: Vec<ReleaseFile>,
+    pub(crate) imported_at: u64,
 }
 
 /// One line of the audit log.

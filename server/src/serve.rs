@@ -75,6 +75,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         .ok_or_else(|| Error::Store("the stored admin token hash is not hex".into()))?;
     let started_ms = now_ms();
     let mut configs = crate::config::Configs::load(store.load_configs()?)?;
+    let releases = crate::releases::Releases::load(store.releases()?);
     let fleet = Fleet::load(store.load_agents()?, &mut configs, started_ms);
     let agents = fleet.agents.len();
     let addr: SocketAddr = opts.listen.parse().map_err(|_| {
@@ -88,6 +89,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         heartbeat_misses: opts.heartbeat_misses,
         cert_lifetime: opts.cert_lifetime,
         expired_grace: opts.expired_grace,
+        update_probation: opts.update_probation,
         flush_every: Duration::from_secs(1),
         idle_timeout: (opts.heartbeat_interval * 3).max(Duration::from_secs(90)),
         request_timeout: Duration::from_secs(10),
@@ -98,6 +100,8 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         ca,
         fleet: Mutex::new(fleet),
         configs: Mutex::new(configs),
+        releases: Mutex::new(releases),
+        data_dir: dir.clone(),
         lifecycle_lock: Mutex::new(()),
         admin_sha256,
         challenges: Mutex::new(Default::default()),

@@ -13,7 +13,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use crate::error::Error;
 use crate::records::{
     AgentRecord, AuditRecord, CertRecord, ConfigRecord, EnrollmentRecord, HeartbeatState,
-    TokenRecord,
+    ReleaseRecord, TokenRecord,
 };
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
@@ -24,6 +24,8 @@ const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
 /// Key: `<token id>/<hex sha256 of the public key>`.
 const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Key: release version.
+const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
 /// Key: scope (`global`, `label:K=V`, `agent:ID`).
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
 
@@ -85,6 +87,7 @@ impl Store {
             txn.open_table(ENROLLMENTS)?;
             txn.open_table(AUDIT)?;
             txn.open_table(CONFIGS)?;
+            txn.open_table(RELEASES)?;
         }
         txn.commit()?;
         Ok(store)
@@ -378,6 +381,50 @@ impl Store {
         };
         txn.commit()?;
         Ok(record)
+    }
+
+    /// Every imported release.
+    pub(crate) fn releases(&self) -> Result<Vec<ReleaseRecord>, Error> {
+        let txn = self.db.begin_write()?;
+        let mut out = Vec::new();
+        {
+            let releases = txn.open_table(RELEASES)?;
+            for row in releases.iter()? {
+                let (_, v) = row?;
+                out.push(decode("release", v.value())?);
+            }
+        }
+        txn.commit()?;
+        Ok(out)
+    }
+
+    /// Records an imported release; the same version may only be imported
+    /// again with the same envelope.
+    pub(crate) fn insert_release(&self, release: &ReleaseRecord) -> Result<bool, Error> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut releases = txn.open_table(RELEASES)?;
+            if let Some(existing) = releases.get(release.version.as_str())? {
+                let existing: ReleaseRecord = decode("release", existing.value())?;
+                if existing.envelope == release.envelope {
+                    return Ok(false);
+                }
+                return Err(Error::Conflict(format!(
+                    "release {} was imported before with a different envelope",
+                    release.version
+                )));
+            }
+            releases.insert(release.version.as_str(), encode(release).as_slice())?;
+            append_audit(
+                &txn,
+                release.imported_at,
+                "release.import",
+                &release.version,
+                &format!("files={}", release.files.len()),
+            )?;
+        }
+        txn.commit()?;
+        Ok(true)
     }
 
     /// Every stored configuration scope.

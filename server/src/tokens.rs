@@ -170,6 +170,7 @@ pub(crate) fn enroll(app: &App, req: RegisterRequest) -> Result<RegisterResponse
         cert_not_after: issued.not_after,
         previous_serial: None,
         renew_requested: false,
+        update_offer: None,
     };
     let cert = CertRecord {
         agent_id: agent.id.clone(),

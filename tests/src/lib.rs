@@ -177,6 +177,7 @@ pub struct ServerOptions {
     pub heartbeat_misses: u32,
     pub cert_lifetime: &'static str,
     pub expired_grace: &'static str,
+    pub update_probation: &'static str,
 }
 
 impl Default for ServerOptions {
@@ -186,6 +187,7 @@ impl Default for ServerOptions {
             heartbeat_misses: 2,
             cert_lifetime: "30d",
             expired_grace: "30d",
+            update_probation: "5m",
         }
     }
 }
@@ -337,7 +339,8 @@ fn spawn_serve(dir: &TempDir, data: &Path, opts: &ServerOptions, listen: &str) -
         .args(["--heartbeat-interval", opts.heartbeat_interval])
         .args(["--heartbeat-misses", &opts.heartbeat_misses.to_string()])
         .args(["--cert-lifetime", opts.cert_lifetime])
-        .args(["--expired-grace", opts.expired_grace]);
+        .args(["--expired-grace", opts.expired_grace])
+        .args(["--update-probation", opts.update_probation]);
     let n = fs::read_dir(dir.path()).map_or(0, |d| d.count());
     let proc = Proc::spawn(cmd, dir.join(&format!("server-{n}.log")));
     let url_file = data.join("server.url");
@@ -430,11 +433,13 @@ impl Client {
     }
 }
 
-/// An agent's state dir, with commands run against it.
+/// An agent's state dir, with commands run against it, and the binary it
+/// runs (shared by default; a private copy for tests that update it).
 #[derive(Debug)]
 pub struct AgentDir {
     pub dir: TempDir,
     pub state: PathBuf,
+    pub binary: PathBuf,
 }
 
 impl Default for AgentDir {
@@ -447,12 +452,28 @@ impl AgentDir {
     pub fn new() -> Self {
         let dir = TempDir::new("agent");
         let state = dir.join("state");
-        Self { dir, state }
+        Self {
+            dir,
+            state,
+            binary: bin("stella-agent"),
+        }
+    }
+
+    /// An agent running its own copy of `from` at `<temp>/bin/stella-agent`,
+    /// as an installed agent would (updates replace it).
+    pub fn installed(from: &Path) -> Self {
+        let mut agent = Self::new();
+        let bin_dir = agent.dir.join("bin");
+        fs::create_dir_all(&bin_dir).expect("bin dir");
+        let binary = bin_dir.join("stella-agent");
+        fs::copy(from, &binary).expect("copy the agent binary");
+        agent.binary = binary;
+        agent
     }
 
     /// A `stella-agent` command on this state dir.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("stella-agent"));
+        let mut cmd = Command::new(&self.binary);
         cmd.args(args).arg("--state-dir").arg(&self.state);
         cmd
     }
@@ -503,4 +524,106 @@ impl AgentDir {
 /// Runs an external tool (openssl, curl) that the CI installs.
 pub fn tool(program: &str, args: &[&str]) -> Output {
     run(Command::new(program).args(args))
+}
+
+/// Plays systemd's `Restart=always` for one agent: runs the command, and
+/// restarts it when it exits (except with code 3, "revoked"), until dropped.
+/// Restarts drop the environment variables named in `first_run_only`, so a
+/// crash point fires once.
+#[derive(Debug)]
+pub struct Supervisor {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    child: Arc<std::sync::Mutex<Option<Child>>>,
+    pub restarts: Arc<AtomicU32>,
+    pub log: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Supervisor {
+    pub fn start(
+        make: impl Fn() -> Command + Send + 'static,
+        first_run_only: &[&str],
+        log: PathBuf,
+    ) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let child: Arc<std::sync::Mutex<Option<Child>>> = Arc::default();
+        let restarts = Arc::new(AtomicU32::new(0));
+        let drop_env: Vec<String> = first_run_only.iter().map(|s| (*s).to_owned()).collect();
+        let (stop2, child2, restarts2, log2) =
+            (stop.clone(), child.clone(), restarts.clone(), log.clone());
+        let thread = std::thread::spawn(move || {
+            let mut first = true;
+            while !stop2.load(Ordering::SeqCst) {
+                let mut cmd = make();
+                if !first {
+                    for name in &drop_env {
+                        cmd.env_remove(name);
+                    }
+                }
+                let file = fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log2)
+                    .expect("log");
+                cmd.stdin(Stdio::null())
+                    .stdout(file.try_clone().expect("log"))
+                    .stderr(file);
+                let Ok(spawned) = cmd.spawn() else { return };
+                *child2.lock().unwrap_or_else(|p| p.into_inner()) = Some(spawned);
+                // Wait for the exit, polling so that a stop is noticed.
+                let code = loop {
+                    if stop2.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let mut guard = child2.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(c) = guard.as_mut()
+                        && let Ok(Some(status)) = c.try_wait()
+                    {
+                        break status.code();
+                    }
+                    drop(guard);
+                    std::thread::sleep(Duration::from_millis(20));
+                };
+                if code == Some(3) {
+                    return;
+                }
+                first = false;
+                restarts2.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Self {
+            stop,
+            child,
+            restarts,
+            log,
+            thread: Some(thread),
+        }
+    }
+
+    /// PID of the current process (0 between restarts).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -62,6 +62,9 @@ pub(crate) fn target_dir() -> PathBuf {
         .map_or_else(|| project_root().join("target"), PathBuf::from)
 }
 
+/// The version of the second agent build the update tests install.
+const NEXT_AGENT_VERSION: &str = "0.2.0";
+
 /// Builds the release binaries (`dist`, for the cross tests), then what the
 /// end-to-end tests start (with crash points compiled in), copies it aside so
 /// no other build overwrites it, and runs all tests. A failed `dist` fails the
@@ -71,17 +74,33 @@ fn test(args: &[String]) -> Result<(), String> {
     if let Err(e) = &dist {
         eprintln!("xtask: {e}\nxtask: the cross tests are SKIPPED; the native tests still run");
     }
-    run(cargo().args([
-        "build",
-        "-p",
-        "stella-server",
-        "-p",
-        "stella-agent",
-        "--features",
-        "stella-agent/fault-injection",
-    ]))?;
     let bins = target_dir().join("e2e-bin");
     std::fs::create_dir_all(&bins).map_err(|e| format!("cannot create {}: {e}", bins.display()))?;
+    // The update tests need a second agent that reports a newer version
+    // (STELLA_VERSION at build time): build it first, keep it aside.
+    run(cargo()
+        .args([
+            "build",
+            "-p",
+            "stella-agent",
+            "--features",
+            "stella-agent/fault-injection",
+        ])
+        .env("STELLA_VERSION", NEXT_AGENT_VERSION))?;
+    let next = target_dir().join("debug").join("stella-agent");
+    std::fs::copy(&next, bins.join("stella-agent-next"))
+        .map_err(|e| format!("cannot copy {}: {e}", next.display()))?;
+    run(cargo()
+        .args([
+            "build",
+            "-p",
+            "stella-server",
+            "-p",
+            "stella-agent",
+            "--features",
+            "stella-agent/fault-injection",
+        ])
+        .env_remove("STELLA_VERSION"))?;
     for name in ["stella-server", "stella-agent"] {
         let from = target_dir().join("debug").join(name);
         std::fs::copy(&from, bins.join(name))

@@ -156,13 +156,18 @@ fn doctor_runs_all_eleven_checks() {
     );
     for (id, (status, finding)) in &checks {
         assert!(finding.starts_with(&format!("{id}/")), "{id}: {finding}");
-        assert_eq!(status, "pass", "{id}: {finding} in {raw}");
+        // A loaded CI machine may make these two warn (load per core, latency).
+        let may_warn = matches!(
+            finding.as_str(),
+            "host.resources/load" | "server.reachable/slow"
+        );
+        assert!(
+            status == "pass" || (may_warn && status == "warn"),
+            "{id}: {status} {finding} in {raw}"
+        );
     }
     assert_eq!(code, Some(0));
-    assert!(
-        raw.contains(r#""summary":{"pass":11,"warn":0,"fail":0,"skip":0}"#),
-        "{raw}"
-    );
+    assert!(raw.contains(r#""fail":0,"skip":0}"#), "{raw}");
     // The table, with codes under -v.
     let out = stella_tests::run(&mut agent.command(&["doctor", "-v"]));
     let table = text(&out).0;
@@ -170,7 +175,7 @@ fn doctor_runs_all_eleven_checks() {
         assert!(table.contains(id), "{id} missing:\n{table}");
     }
     assert!(
-        table.contains("[✓]") && table.contains("identity.key/ok") && table.contains("11 passed"),
+        table.contains("[✓]") && table.contains("identity.key/ok") && table.contains(" 0 failed"),
         "{table}"
     );
 }

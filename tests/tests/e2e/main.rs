@@ -10,3 +10,4 @@ mod enrollment;
 mod lifecycle;
 mod renewal;
 mod signing;
+mod update;

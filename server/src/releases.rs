@@ -1,0 +1,232 @@
+//! Signed releases on the server: import a release directory (its
+//! `release.dsse.json` and the files its statement names) into
+//! content-addressed blobs under `blobs/sha256/<hex>`, checking every digest;
+//! list releases; offer one to an agent; and serve an agent its artifact
+//! (mTLS, HTTP Range) — only ever from the blob store, never from a path a
+//! request names. The server does not need the release key: agents verify
+//! the signature with the key pinned on them.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use stella_proto::api::{ReleaseFileView, ReleaseView, UpdateOffer};
+use stella_proto::dsse::{self, Envelope};
+use stella_proto::release::{self, Statement};
+use stella_proto::time::rfc3339;
+
+use crate::app::{App, lock, now_secs};
+use crate::error::Error;
+use crate::records::{ReleaseFile, ReleaseRecord};
+
+/// Largest file a release may carry.
+const MAX_FILE_BYTES: u64 = 512 << 20;
+
+/// The releases the server holds, by version.
+#[derive(Debug, Default)]
+pub(crate) struct Releases {
+    pub(crate) by_version: std::collections::BTreeMap<String, ReleaseRecord>,
+}
+
+impl Releases {
+    pub(crate) fn load(records: Vec<ReleaseRecord>) -> Self {
+        Self {
+            by_version: records
+                .into_iter()
+                .map(|r| (r.version.clone(), r))
+                .collect(),
+        }
+    }
+}
+
+/// Where a blob lives.
+pub(crate) fn blob_path(data_dir: &Path, sha256: &str) -> PathBuf {
+    data_dir.join("blobs").join("sha256").join(sha256)
+}
+
+/// Reads and checks an envelope's statement (structure only: the signature
+/// is for agents to check with their pinned key).
+pub(crate) fn statement_of(envelope: &str) -> Result<Statement, Error> {
+    let env = Envelope::from_json(envelope.as_bytes())
+        .map_err(|e| Error::Invalid(format!("release.dsse.json: {e}")))?;
+    if env.payload_type != release::PAYLOAD_TYPE {
+        return Err(Error::Invalid(format!(
+            "release.dsse.json: payload type {:?} is not {}",
+            env.payload_type,
+            release::PAYLOAD_TYPE
+        )));
+    }
+    let payload = dsse::decode_base64("payload", &env.payload)
+        .map_err(|e| Error::Invalid(format!("release.dsse.json: {e}")))?;
+    Statement::from_json(&payload).map_err(|e| Error::Invalid(format!("release.dsse.json: {e}")))
+}
+
+/// Copies `src` into the blob store while hashing it; refuses a digest other
+/// than `want`. Returns the size.
+fn store_blob(data_dir: &Path, src: &Path, want: &str) -> Result<u64, Error> {
+    let meta = fs::symlink_metadata(src)
+        .map_err(|e| Error::io(format!("cannot read {}", src.display()), e))?;
+    if !meta.is_file() {
+        return Err(Error::Invalid(format!(
+            "{} is not a regular file",
+            src.display()
+        )));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Error::Invalid(format!(
+            "{} is larger than {} bytes",
+            src.display(),
+            MAX_FILE_BYTES
+        )));
+    }
+    let dest = blob_path(data_dir, want);
+    let dir = dest.parent().unwrap_or(data_dir);
+    fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    let tmp = dir.join(format!(".{want}.tmp.{}", std::process::id()));
+    let copy = || -> Result<(String, u64), Error> {
+        let mut input =
+            File::open(src).map_err(|e| Error::io(format!("cannot read {}", src.display()), e))?;
+        let mut out = File::create(&tmp)
+            .map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut size = 0u64;
+        loop {
+            let n = input
+                .read(&mut buf)
+                .map_err(|e| Error::io(format!("cannot read {}", src.display()), e))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            if size > MAX_FILE_BYTES {
+                return Err(Error::Invalid(format!(
+                    "{} grew past {} bytes",
+                    src.display(),
+                    MAX_FILE_BYTES
+                )));
+            }
+            ctx.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
+        }
+        out.sync_all()
+            .map_err(|e| Error::io(format!("cannot sync {}", tmp.display()), e))?;
+        Ok((stella_proto::hash::hex(ctx.finish().as_ref()), size))
+    };
+    let result = copy().and_then(|(digest, size)| {
+        if digest != want {
+            return Err(Error::Invalid(format!(
+                "{} has sha256 {digest}, but the signed statement says {want}",
+                src.display()
+            )));
+        }
+        fs::rename(&tmp, &dest)
+            .map_err(|e| Error::io(format!("cannot store {}", dest.display()), e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("cannot sync the blob dir", e))?;
+        Ok(size)
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `release import DIR`: checks and stores every file the statement names,
+/// then records the release durably. Blocking.
+pub(crate) fn import(app: &App, data_dir: &Path, dir: &Path) -> Result<ReleaseView, Error> {
+    let envelope_path = dir.join(release::ENVELOPE_FILE);
+    let meta = fs::metadata(&envelope_path)
+        .map_err(|e| Error::io(format!("cannot read {}", envelope_path.display()), e))?;
+    if meta.len() > dsse::MAX_ENVELOPE_BYTES as u64 {
+        return Err(Error::Invalid(format!(
+            "{} is too large",
+            envelope_path.display()
+        )));
+    }
+    let envelope = fs::read_to_string(&envelope_path)
+        .map_err(|e| Error::io(format!("cannot read {}", envelope_path.display()), e))?;
+    let statement = statement_of(&envelope)?;
+    let mut files = Vec::with_capacity(statement.subject.len());
+    for subject in &statement.subject {
+        // Names were checked to be plain relative paths (no `..`, not absolute).
+        let want = subject.sha256().unwrap_or_default();
+        let size = store_blob(data_dir, &dir.join(&subject.name), want)?;
+        files.push(ReleaseFile {
+            name: subject.name.clone(),
+            sha256: want.to_owned(),
+            size,
+        });
+    }
+    let record = ReleaseRecord {
+        version: statement.predicate.version,
+        envelope,
+        files,
+        imported_at: now_secs(),
+    };
+    app.store.insert_release(&record)?;
+    let view = view(&record);
+    lock(&app.releases)
+        .by_version
+        .insert(record.version.clone(), record);
+    crate::log::info(
+        "release imported",
+        &[("version", &view.version), ("files", &view.files.len())],
+    );
+    Ok(view)
+}
+
+/// The admin view of a release.
+pub(crate) fn view(r: &ReleaseRecord) -> ReleaseView {
+    ReleaseView {
+        version: r.version.clone(),
+        imported_at: rfc3339(r.imported_at),
+        files: r
+            .files
+            .iter()
+            .map(|f| ReleaseFileView {
+                name: f.name.clone(),
+                sha256: f.sha256.clone(),
+                size: f.size,
+            })
+            .collect(),
+    }
+}
+
+/// The agent artifact name for a target.
+pub(crate) fn agent_artifact(target: &str) -> String {
+    format!("{target}/stella-agent")
+}
+
+/// The offer of `version` to an agent built for `target`, if the release has
+/// an agent for it.
+pub(crate) fn offer(app: &App, version: &str, target: &str) -> Option<UpdateOffer> {
+    let releases = lock(&app.releases);
+    let record = releases.by_version.get(version)?;
+    let name = agent_artifact(target);
+    let file = record.files.iter().find(|f| f.name == name)?;
+    Some(UpdateOffer {
+        version: record.version.clone(),
+        target: target.to_owned(),
+        path: format!("/v1/releases/{}/{target}", record.version),
+        size: file.size,
+        envelope: record.envelope.clone(),
+        probation_ms: app.settings.update_probation.as_millis() as u64,
+    })
+}
+
+/// The blob holding `version`'s agent for `target`: (path, size).
+pub(crate) fn artifact(app: &App, version: &str, target: &str) -> Option<(PathBuf, u64)> {
+    let releases = lock(&app.releases);
+    let record = releases.by_version.get(version)?;
+    let name = agent_artifact(target);
+    let file = record.files.iter().find(|f| f.name == name)?;
+    let path = blob_path(&app.data_dir, &file.sha256);
+    // Serve what is on disk: a blob damaged since import is the agent's to
+    // refuse (its digest will not match the signed one).
+    let size = fs::metadata(&path).map_or(file.size, |m| m.len());
+    Some((path, size))
+}
