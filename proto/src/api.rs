@@ -113,6 +113,49 @@ pub struct ReleaseImportRequest {
     pub dir: String,
 }
 
+/// `POST /v1/admin/rollouts`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RolloutStartRequest {
+    pub release: String,
+    /// `count:N` or a percent, cumulative; the last must be 100.
+    pub stages: Vec<String>,
+    pub soak_ms: u64,
+    pub max_failures: f64,
+    pub selector: Labels,
+}
+
+/// One stage of a rollout.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RolloutStageView {
+    /// The stage as given (`count:1`, `10`).
+    pub stage: String,
+    /// Its share of the eligible fleet, for percent stages.
+    pub percent: Option<f64>,
+    /// Agents that joined at this stage.
+    pub agents: u64,
+    pub updated: u64,
+    pub failed: u64,
+    /// `pending`, `open`, `soaking` or `done`.
+    pub state: String,
+    /// The members' ids (only when asked for with `?members=1`).
+    pub members: Option<Vec<String>>,
+}
+
+/// A rollout as `rollout show --json` prints it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RolloutView {
+    pub id: String,
+    pub release: String,
+    /// `running`, `paused`, `completed` or `aborted`.
+    pub status: String,
+    pub reason: Option<String>,
+    pub stages: Vec<RolloutStageView>,
+    pub soak: String,
+    pub max_failures: f64,
+    pub selector: Labels,
+    pub created_at: String,
+}
+
 /// `POST /v1/admin/agents/{id}/update`.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct AgentUpdateRequest {

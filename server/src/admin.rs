@@ -8,7 +8,8 @@ use std::time::Duration;
 use miniserde::json;
 use stella_proto::api::{
     AgentUpdateRequest, AgentView, ConfigScopeView, ConfigSetRequest, ConfigShowResponse, DriftRow,
-    ErrorBody, Labels, ReleaseImportRequest, ReleaseView, TokenCreateRequest, TokenCreateResponse,
+    ErrorBody, Labels, ReleaseImportRequest, ReleaseView, RolloutStartRequest, RolloutView,
+    TokenCreateRequest, TokenCreateResponse,
 };
 
 use crate::cli::{AdminTarget, AgentAction};
@@ -420,5 +421,106 @@ pub(crate) fn agents_update(target: &AdminTarget, id: &str, release: &str) -> Re
         "{}: offered release {release}; it updates at its next heartbeat",
         agent.id
     );
+    Ok(())
+}
+
+/// `rollout start`: prints the new rollout's id.
+pub(crate) fn rollout_start(
+    target: &AdminTarget,
+    release: &str,
+    stages: Vec<String>,
+    soak: Duration,
+    max_failures: f64,
+    selector: Labels,
+) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let body = RolloutStartRequest {
+        release: release.to_owned(),
+        stages,
+        soak_ms: soak.as_millis() as u64,
+        max_failures,
+        selector,
+    };
+    let view: RolloutView = AdminClient::parse(&client.call(
+        "POST",
+        "/v1/admin/rollouts",
+        Some(json::to_string(&body)),
+    )?)?;
+    println!("{}", view.id);
+    Ok(())
+}
+
+fn print_rollout(r: &RolloutView) {
+    let status = match &r.reason {
+        Some(reason) => format!("{} ({reason})", r.status),
+        None => r.status.clone(),
+    };
+    println!("rollout {}  release {}  {}", r.id, r.release, status);
+    println!(
+        "  soak {}, max failures {}, selector {}",
+        r.soak,
+        r.max_failures,
+        if r.selector.is_empty() {
+            "-".into()
+        } else {
+            labels_text(&r.selector)
+        }
+    );
+    println!(
+        "  {:<4} {:<10} {:>7} {:>8} {:>7}  STATE",
+        "#", "STAGE", "AGENTS", "UPDATED", "FAILED"
+    );
+    for (i, s) in r.stages.iter().enumerate() {
+        println!(
+            "  {:<4} {:<10} {:>7} {:>8} {:>7}  {}",
+            i + 1,
+            s.stage,
+            s.agents,
+            s.updated,
+            s.failed,
+            s.state
+        );
+    }
+}
+
+/// `rollout show ID [--json]`, or `rollout list` without an id.
+pub(crate) fn rollout_show(
+    target: &AdminTarget,
+    id: Option<&str>,
+    as_json: bool,
+) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let path = match id {
+        Some(id) => format!("/v1/admin/rollouts/{id}"),
+        None => "/v1/admin/rollouts".to_owned(),
+    };
+    let text = client.call("GET", &path, None)?;
+    if as_json {
+        println!("{text}");
+        return Ok(());
+    }
+    if id.is_some() {
+        print_rollout(&AdminClient::parse(&text)?);
+    } else {
+        let all: Vec<RolloutView> = AdminClient::parse(&text)?;
+        if all.is_empty() {
+            println!("no rollouts");
+        }
+        for r in &all {
+            print_rollout(r);
+        }
+    }
+    Ok(())
+}
+
+/// `rollout pause|resume|abort ID`.
+pub(crate) fn rollout_act(target: &AdminTarget, id: &str, action: &str) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let view: RolloutView = AdminClient::parse(&client.call(
+        "POST",
+        &format!("/v1/admin/rollouts/{id}/{action}"),
+        None,
+    )?)?;
+    println!("{} {}", view.id, view.status);
     Ok(())
 }

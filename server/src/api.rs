@@ -372,7 +372,14 @@ fn offered_release(
     app: &App,
     agent: &lifecycle::LiveAgent,
 ) -> Option<stella_proto::api::UpdateOffer> {
-    let version = agent.record.update_offer.as_deref()?;
+    let from_rollout;
+    let version = match agent.record.update_offer.as_deref() {
+        Some(v) => v,
+        None => {
+            from_rollout = lock(&app.rollouts).offered.get(&agent.record.id).cloned()?;
+            from_rollout.as_str()
+        }
+    };
     let hb = &agent.hb;
     if hb.version == version || (hb.update_state == "failed" && hb.update_version == version) {
         return None;
@@ -563,6 +570,63 @@ async fn admin(app: &Arc<App>, req: &Request, path: &str) -> Response {
             }
         }
         ("GET", ["drift"]) => Response::json(200, json::to_string(&crate::config::drift(app))),
+        ("POST", ["rollouts"]) => {
+            let body: stella_proto::api::RolloutStartRequest = match parse_json(req) {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            let app2 = app.clone();
+            let started = smol::unblock(move || {
+                crate::rollout::start(
+                    &app2,
+                    &body.release,
+                    &body.stages,
+                    Duration::from_millis(body.soak_ms),
+                    body.max_failures,
+                    body.selector,
+                )
+            })
+            .await;
+            match started {
+                Ok(rec) => Response::json(
+                    201,
+                    json::to_string(&crate::rollout::view(app, &rec, false)),
+                ),
+                Err(e) => error_response(&e),
+            }
+        }
+        ("GET", ["rollouts"]) => {
+            let records: Vec<_> = lock(&app.rollouts).records.values().cloned().collect();
+            let views: Vec<_> = records
+                .iter()
+                .map(|r| crate::rollout::view(app, r, false))
+                .collect();
+            Response::json(200, json::to_string(&views))
+        }
+        ("GET", ["rollouts", id]) => {
+            let rec = lock(&app.rollouts).records.get(*id).cloned();
+            match rec {
+                Some(rec) => {
+                    let members = query_param(&req.path, "members").as_deref() == Some("1");
+                    Response::json(
+                        200,
+                        json::to_string(&crate::rollout::view(app, &rec, members)),
+                    )
+                }
+                None => Response::error(404, format!("no rollout with id {id}")),
+            }
+        }
+        ("POST", ["rollouts", id, action]) => {
+            let app2 = app.clone();
+            let (id, action) = ((*id).to_owned(), (*action).to_owned());
+            match smol::unblock(move || crate::rollout::act(&app2, &id, &action)).await {
+                Ok(rec) => Response::json(
+                    200,
+                    json::to_string(&crate::rollout::view(app, &rec, false)),
+                ),
+                Err(e) => error_response(&e),
+            }
+        }
         ("POST", ["releases"]) => {
             let body: stella_proto::api::ReleaseImportRequest = match parse_json(req) {
                 Ok(b) => b,

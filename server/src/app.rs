@@ -55,6 +55,8 @@ pub(crate) struct App {
     pub(crate) configs: Mutex<crate::config::Configs>,
     /// Imported releases. Lock order: after fleet.
     pub(crate) releases: Mutex<crate::releases::Releases>,
+    /// Rollouts and current offers. Lock order: after fleet and releases.
+    pub(crate) rollouts: Mutex<crate::rollout::Rollouts>,
     pub(crate) data_dir: std::path::PathBuf,
     /// Held across a durable agent change and its mirror in `fleet`, so the
     /// two never disagree in order.

@@ -24,6 +24,10 @@ usage:
   stella-server agents deactivate|activate|revoke|renew ID
   stella-server release import DIR | release list [--json]
   stella-server agents update ID --release V
+  stella-server rollout start --release V --stages count:1,10,50,100 [--soak D]
+                              [--max-failures R] [--selector K=V]...
+  stella-server rollout show ID [--json] | rollout list [--json]
+  stella-server rollout pause|resume|abort ID
   stella-server config set --scope global|label:K=V|agent:ID FILE.json
   stella-server config show [--agent ID]
   stella-server drift [--json]
@@ -130,6 +134,24 @@ pub(crate) enum Command {
         target: AdminTarget,
         id: String,
         release: String,
+    },
+    RolloutStart {
+        target: AdminTarget,
+        release: String,
+        stages: Vec<String>,
+        soak: Duration,
+        max_failures: f64,
+        selector: Labels,
+    },
+    RolloutShow {
+        target: AdminTarget,
+        id: Option<String>,
+        json: bool,
+    },
+    RolloutAct {
+        target: AdminTarget,
+        id: String,
+        action: String,
     },
 }
 
@@ -397,6 +419,93 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 },
                 "list" => Command::ReleaseList { target, json },
                 other => return Err(usage(format!("unknown release subcommand {other:?}"))),
+            }
+        }
+        "rollout" => {
+            let sub = match p.next().map_err(lex)? {
+                Some(Value(v)) => string(v, "rollout subcommand")?,
+                _ => {
+                    return Err(usage(
+                        "expected `rollout start|show|list|pause|resume|abort`",
+                    ));
+                }
+            };
+            let (mut json, mut id, mut release, mut stages) =
+                (false, None::<String>, None::<String>, None::<String>);
+            let (mut soak, mut max_failures, mut selector) =
+                (Duration::from_secs(600), 0.05f64, Labels::new());
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("json") => json = true,
+                    Long("release") if sub == "start" => {
+                        release = Some(string(p.value().map_err(lex)?, "--release")?)
+                    }
+                    Long("stages") if sub == "start" => {
+                        stages = Some(string(p.value().map_err(lex)?, "--stages")?)
+                    }
+                    Long("soak") if sub == "start" => {
+                        soak = duration(p.value().map_err(lex)?, "--soak")?
+                    }
+                    Long("max-failures") if sub == "start" => {
+                        let text = string(p.value().map_err(lex)?, "--max-failures")?;
+                        max_failures = text
+                            .parse()
+                            .ok()
+                            .filter(|r: &f64| (0.0..=1.0).contains(r))
+                            .ok_or_else(|| {
+                                usage(format!(
+                                    "--max-failures {text:?} must be a ratio between 0 and 1"
+                                ))
+                            })?;
+                    }
+                    Long("selector") if sub == "start" => {
+                        label(p.value().map_err(lex)?, &mut selector)?
+                    }
+                    Value(v) if sub != "start" && id.is_none() => {
+                        id = Some(string(v, "rollout id")?)
+                    }
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            match sub.as_str() {
+                "start" => {
+                    let stages: Vec<String> = stages
+                        .ok_or_else(|| {
+                            usage("`rollout start` needs --stages, e.g. count:1,10,50,100")
+                        })?
+                        .split(',')
+                        .map(|s| s.trim().to_owned())
+                        .collect();
+                    Command::RolloutStart {
+                        target,
+                        release: release
+                            .ok_or_else(|| usage("`rollout start` needs --release VERSION"))?,
+                        stages,
+                        soak,
+                        max_failures,
+                        selector,
+                    }
+                }
+                "show" => Command::RolloutShow {
+                    id: Some(id.ok_or_else(|| usage("`rollout show` needs a rollout id"))?),
+                    target,
+                    json,
+                },
+                "list" => Command::RolloutShow {
+                    id: None,
+                    target,
+                    json,
+                },
+                "pause" | "resume" | "abort" => Command::RolloutAct {
+                    id: id.ok_or_else(|| usage(format!("`rollout {sub}` needs a rollout id")))?,
+                    target,
+                    action: sub,
+                },
+                other => return Err(usage(format!("unknown rollout subcommand {other:?}"))),
             }
         }
         "drift" => {

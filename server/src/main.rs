@@ -15,6 +15,7 @@ mod log;
 mod records;
 mod releases;
 mod renewal;
+mod rollout;
 mod serve;
 mod store;
 mod tokens;
@@ -64,6 +65,18 @@ fn run() -> Result<(), Error> {
             id,
             release,
         } => admin::agents_update(&target, &id, &release),
+        Command::RolloutStart {
+            target,
+            release,
+            stages,
+            soak,
+            max_failures,
+            selector,
+        } => admin::rollout_start(&target, &release, stages, soak, max_failures, selector),
+        Command::RolloutShow { target, id, json } => {
+            admin::rollout_show(&target, id.as_deref(), json)
+        }
+        Command::RolloutAct { target, id, action } => admin::rollout_act(&target, &id, &action),
     }
 }
 

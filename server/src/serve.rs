@@ -76,6 +76,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
     let started_ms = now_ms();
     let mut configs = crate::config::Configs::load(store.load_configs()?)?;
     let releases = crate::releases::Releases::load(store.releases()?);
+    let rollouts = crate::rollout::load(store.rollouts()?)?;
     let fleet = Fleet::load(store.load_agents()?, &mut configs, started_ms);
     let agents = fleet.agents.len();
     let addr: SocketAddr = opts.listen.parse().map_err(|_| {
@@ -101,6 +102,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         fleet: Mutex::new(fleet),
         configs: Mutex::new(configs),
         releases: Mutex::new(releases),
+        rollouts: Mutex::new(rollouts),
         data_dir: dir.clone(),
         lifecycle_lock: Mutex::new(()),
         admin_sha256,
@@ -151,6 +153,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         );
         ex.spawn(lifecycle::timeout_monitor(app.clone())).detach();
         ex.spawn(lifecycle::heartbeat_flusher(app.clone())).detach();
+        ex.spawn(crate::rollout::controller(app.clone())).detach();
         loop {
             match listener.accept().await {
                 Ok((tcp, _)) => {

@@ -24,6 +24,8 @@ const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
 /// Key: `<token id>/<hex sha256 of the public key>`.
 const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Key: rollout id; value: the rollout's JSON (see `rollout::RolloutRecord`).
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 /// Key: release version.
 const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
 /// Key: scope (`global`, `label:K=V`, `agent:ID`).
@@ -88,6 +90,7 @@ impl Store {
             txn.open_table(AUDIT)?;
             txn.open_table(CONFIGS)?;
             txn.open_table(RELEASES)?;
+            txn.open_table(ROLLOUTS)?;
         }
         txn.commit()?;
         Ok(store)
@@ -381,6 +384,39 @@ impl Store {
         };
         txn.commit()?;
         Ok(record)
+    }
+
+    /// Every rollout, as stored JSON.
+    pub(crate) fn rollouts(&self) -> Result<Vec<String>, Error> {
+        let txn = self.db.begin_write()?;
+        let mut out = Vec::new();
+        {
+            let rollouts = txn.open_table(ROLLOUTS)?;
+            for row in rollouts.iter()? {
+                let (_, v) = row?;
+                out.push(String::from_utf8_lossy(v.value()).into_owned());
+            }
+        }
+        txn.commit()?;
+        Ok(out)
+    }
+
+    /// Writes a rollout's new state durably, with an audit line.
+    pub(crate) fn put_rollout(
+        &self,
+        id: &str,
+        json: &str,
+        action: &str,
+        detail: &str,
+    ) -> Result<(), Error> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut rollouts = txn.open_table(ROLLOUTS)?;
+            rollouts.insert(id, json.as_bytes())?;
+            append_audit(&txn, crate::app::now_secs(), action, id, detail)?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Every imported release.

@@ -4,6 +4,8 @@
 //! child process is killed by PID when its handle drops.
 #![forbid(unsafe_code)]
 
+pub mod release;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

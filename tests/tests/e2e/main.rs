@@ -9,5 +9,6 @@ mod doctor;
 mod enrollment;
 mod lifecycle;
 mod renewal;
+mod rollout;
 mod signing;
 mod update;

@@ -3,75 +3,24 @@
 //! each step of the swap, probation rollback, crash-loop rollback.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use stella_tests::release::{Keys, NEXT, sha256, signed_release};
 use stella_tests::{
     AgentDir, AgentView, DEADLINE, Server, ServerOptions, Supervisor, TempDir, bin, poll, run, text,
 };
 
-/// The second agent build (`cargo xtask test` makes it), reporting this version.
-const NEXT: &str = "0.2.0";
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
 
-fn target() -> &'static str {
-    // The debug binaries are native builds.
-    if cfg!(target_arch = "aarch64") {
-        "aarch64-unknown-linux-gnu"
-    } else {
-        "x86_64-unknown-linux-gnu"
-    }
-}
-
-fn sha256(path: &Path) -> String {
-    let out = stella_tests::tool("sha256sum", &[path.to_str().unwrap()]);
-    text(&out).0.split_whitespace().next().unwrap().to_owned()
-}
-
-/// An offline release key pair made with `cargo xtask keygen`.
-struct Keys {
-    dir: TempDir,
-}
-
-impl Keys {
-    fn new() -> Self {
-        let dir = TempDir::new("keys");
-        let out = run(Command::new(bin("xtask"))
-            .args(["keygen", "--out"])
-            .arg(dir.path()));
-        assert!(out.status.success(), "keygen: {:?}", text(&out));
-        Self { dir }
-    }
-    fn public(&self) -> PathBuf {
-        self.dir.join("release.pub")
-    }
-    fn private(&self) -> PathBuf {
-        self.dir.join("release.key")
-    }
-}
-
-/// A release dir with `binary` as this target's agent, signed with `keys`.
 fn release(keys: &Keys, version: &str, binary: &Path, extra: &[&str]) -> TempDir {
-    let dir = TempDir::new("release");
-    let agent = dir.join(&format!("{}/stella-agent", target()));
-    fs::create_dir_all(agent.parent().unwrap()).unwrap();
-    fs::copy(binary, &agent).unwrap();
-    let mut cmd = Command::new(bin("xtask"));
-    cmd.args(["sign", "--key"])
-        .arg(keys.private())
-        .args(["--version", version])
-        .args(extra)
-        .arg(dir.path());
-    let out = run(&mut cmd);
-    assert!(out.status.success(), "sign: {:?}", text(&out));
-    dir
+    signed_release(keys, version, binary, extra)
 }
 
 /// Imports a release and offers it to one agent.
 fn offer(server: &Server, dir: &TempDir, version: &str, id: &str) {
-    let out = server.admin(&["release", "import", dir.path().to_str().unwrap()]);
-    assert!(out.status.success(), "import: {:?}", text(&out));
+    stella_tests::release::import(server, dir);
     server.admin_ok(&["agents", "update", id, "--release", version]);
 }
 
@@ -163,7 +112,11 @@ fn a_new_version_is_deployed_and_committed() {
     offer(&server, &dir, NEXT, &id);
     let listed = server.admin_ok(&["release", "list"]);
     assert!(
-        listed.contains(NEXT) && listed.contains(&format!("{}/stella-agent", target())),
+        listed.contains(NEXT)
+            && listed.contains(&format!(
+                "{}/stella-agent",
+                stella_tests::release::native_target()
+            )),
         "{listed}"
     );
     let view = server.wait_for_agent(&id, "running and committed on the new version", |a| {

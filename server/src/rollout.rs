@@ -1,0 +1,825 @@
+//! Staged rollouts (DESIGN.md section 6): a release, ordered stages (percent
+//! of the eligible fleet, or `count:N` for a canary), a label/target
+//! selector, a soak time and a failure threshold. Membership is deterministic
+//! and cumulative: eligible agents are ordered by a hash of (rollout id,
+//! agent id) and stage k takes the first ⌈share × eligible⌉ of them, so the
+//! same agents are the canaries however often the server restarts. A stage
+//! is done when its active members run the new version and stayed healthy
+//! (active, doctor not failing) for the soak time; failures above the
+//! threshold pause the rollout. The engine here is pure; `controller` drives
+//! it against the live fleet and the store.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use miniserde::{Deserialize, Serialize};
+use stella_proto::api::Labels;
+
+use crate::app::{App, lock, now_ms};
+use crate::error::Error;
+use crate::log;
+use crate::records::{ACTIVE, REVOKED};
+
+pub(crate) const RUNNING: &str = "running";
+pub(crate) const PAUSED: &str = "paused";
+pub(crate) const COMPLETED: &str = "completed";
+pub(crate) const ABORTED: &str = "aborted";
+
+/// One stage's size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Share {
+    /// Percent of the eligible fleet (0 < p ≤ 100).
+    Percent(f64),
+    /// A fixed number of agents (a canary).
+    Count(u64),
+}
+
+impl Share {
+    /// Parses `10`, `12.5`, `100` or `count:N`.
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
+        if let Some(n) = s.strip_prefix("count:") {
+            return match n.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(Share::Count(n)),
+                _ => Err(format!("stage {s:?}: count:N needs N ≥ 1")),
+            };
+        }
+        match s.trim_end_matches('%').parse::<f64>() {
+            Ok(p) if p > 0.0 && p <= 100.0 => Ok(Share::Percent(p)),
+            _ => Err(format!(
+                "stage {s:?} must be a percent in (0, 100] or count:N"
+            )),
+        }
+    }
+
+    /// Agents in the stage (cumulative) out of `eligible`.
+    pub(crate) fn of(self, eligible: usize) -> usize {
+        match self {
+            Share::Percent(p) => ((p / 100.0) * eligible as f64).ceil() as usize,
+            Share::Count(n) => n as usize,
+        }
+        .min(eligible)
+    }
+}
+
+/// A rollout as stored.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct RolloutRecord {
+    pub(crate) id: String,
+    pub(crate) release: String,
+    /// Stage specs as given (`count:1`, `10`, ...).
+    pub(crate) stages: Vec<String>,
+    pub(crate) soak_ms: u64,
+    pub(crate) max_failures: f64,
+    /// Labels every member must carry; `target` selects a target triple.
+    pub(crate) selector: Labels,
+    pub(crate) status: String,
+    pub(crate) reason: Option<String>,
+    /// Index of the open stage (== stages.len() when completed).
+    pub(crate) open_stage: u32,
+    /// Since when (ms) the open stage's members have all been updated and
+    /// healthy (0: not yet); the soak timer.
+    pub(crate) healthy_since_ms: u64,
+    pub(crate) created_at: u64,
+    /// Failures already seen when an admin resumed: not counted again.
+    pub(crate) ignored_failures: Vec<String>,
+}
+
+impl RolloutRecord {
+    pub(crate) fn shares(&self) -> Vec<Share> {
+        self.stages
+            .iter()
+            .filter_map(|s| Share::parse(s).ok())
+            .collect()
+    }
+
+    /// Whether the rollout still holds its agents (no other may take them).
+    pub(crate) fn is_live(&self) -> bool {
+        self.status == RUNNING || self.status == PAUSED
+    }
+}
+
+/// What the engine needs to know of one agent.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentFacts {
+    pub(crate) id: String,
+    pub(crate) active: bool,
+    pub(crate) revoked: bool,
+    pub(crate) labels: Labels,
+    pub(crate) target: String,
+    pub(crate) version: String,
+    pub(crate) doctor_failing: bool,
+    /// The agent reported that the update to this version failed.
+    pub(crate) failed_version: Option<String>,
+}
+
+/// The bucket of an agent in a rollout: the first 8 bytes of
+/// SHA-256(rollout id, 0, agent id).
+pub(crate) fn bucket(rollout_id: &str, agent_id: &str) -> u64 {
+    let mut input = Vec::with_capacity(rollout_id.len() + agent_id.len() + 1);
+    input.extend_from_slice(rollout_id.as_bytes());
+    input.push(0);
+    input.extend_from_slice(agent_id.as_bytes());
+    let digest = stella_proto::hash::sha256(&input);
+    u64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Whether an agent may take part: not revoked, matching the selector, and
+/// with an artifact for its target in the release.
+pub(crate) fn eligible(rec: &RolloutRecord, a: &AgentFacts, targets: &HashSet<String>) -> bool {
+    if a.revoked || !targets.contains(&a.target) {
+        return false;
+    }
+    rec.selector.iter().all(|(k, v)| match k.as_str() {
+        "target" => a.target == *v,
+        _ => a.labels.get(k) == Some(v),
+    })
+}
+
+/// The eligible agents in rollout order.
+pub(crate) fn order<'a>(rollout_id: &str, eligible: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut keyed: Vec<(u64, &str)> = eligible.map(|id| (bucket(rollout_id, id), id)).collect();
+    keyed.sort_unstable();
+    keyed.into_iter().map(|(_, id)| id).collect()
+}
+
+/// Cumulative member counts per stage for `n` eligible agents (never
+/// shrinking from one stage to the next).
+pub(crate) fn cumulative(shares: &[Share], n: usize) -> Vec<usize> {
+    let mut out = Vec::with_capacity(shares.len());
+    let mut last = 0;
+    for s in shares {
+        last = last.max(s.of(n));
+        out.push(last);
+    }
+    out
+}
+
+/// Per-stage numbers, as `rollout show` prints them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct StageStats {
+    pub(crate) agents: usize,
+    pub(crate) updated: usize,
+    pub(crate) failed: usize,
+    pub(crate) state: &'static str,
+    pub(crate) members: Vec<String>,
+}
+
+/// A change the engine asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Change {
+    StartSoak(u64),
+    StopSoak,
+    Advance,
+    Complete,
+    Pause(String),
+}
+
+/// The result of evaluating one rollout against the fleet.
+#[derive(Debug, Default)]
+pub(crate) struct Evaluation {
+    pub(crate) stages: Vec<StageStats>,
+    /// Agents that may be offered the release now.
+    pub(crate) offered: Vec<String>,
+    pub(crate) change: Option<Change>,
+}
+
+/// Evaluates a rollout. Pure: the same inputs give the same answer.
+pub(crate) fn evaluate(
+    rec: &RolloutRecord,
+    agents: &[AgentFacts],
+    targets: &HashSet<String>,
+    now_ms: u64,
+) -> Evaluation {
+    let by_id: HashMap<&str, &AgentFacts> = agents.iter().map(|a| (a.id.as_str(), a)).collect();
+    let ordered = order(
+        &rec.id,
+        agents
+            .iter()
+            .filter(|a| eligible(rec, a, targets))
+            .map(|a| a.id.as_str()),
+    );
+    let shares = rec.shares();
+    let bounds = cumulative(&shares, ordered.len());
+    let ignored: HashSet<&str> = rec.ignored_failures.iter().map(String::as_str).collect();
+    let failed = |a: &AgentFacts| {
+        a.failed_version.as_deref() == Some(rec.release.as_str())
+            && !ignored.contains(a.id.as_str())
+    };
+    let updated = |a: &AgentFacts| a.version == rec.release;
+    let open = rec.open_stage as usize;
+    let mut eval = Evaluation::default();
+    let mut start = 0;
+    for (k, &end) in bounds.iter().enumerate() {
+        let slice = &ordered[start..end];
+        let members: Vec<&AgentFacts> = slice
+            .iter()
+            .filter_map(|id| by_id.get(id).copied())
+            .collect();
+        let state = match k.cmp(&open) {
+            std::cmp::Ordering::Less => "done",
+            std::cmp::Ordering::Equal if rec.status == COMPLETED => "done",
+            std::cmp::Ordering::Equal if rec.healthy_since_ms != 0 => "soaking",
+            std::cmp::Ordering::Equal => "open",
+            std::cmp::Ordering::Greater => "pending",
+        };
+        eval.stages.push(StageStats {
+            agents: members.len(),
+            updated: members.iter().filter(|a| updated(a)).count(),
+            failed: members.iter().filter(|a| failed(a)).count(),
+            state,
+            members: slice.iter().map(|s| (*s).to_owned()).collect(),
+        });
+        if k <= open && rec.status == RUNNING {
+            eval.offered.extend(
+                members
+                    .iter()
+                    .filter(|a| !updated(a) && !failed(a))
+                    .map(|a| a.id.clone()),
+            );
+        }
+        start = end;
+    }
+    if rec.status != RUNNING {
+        return eval;
+    }
+    let Some(stage) = eval.stages.get(open) else {
+        eval.change = Some(Change::Complete);
+        return eval;
+    };
+    // Too many failures in the open stage: stop offering.
+    if stage.failed > 0 && stage.failed as f64 > rec.max_failures * stage.agents as f64 {
+        eval.change = Some(Change::Pause(format!(
+            "stage {} ({}): {} of {} agents failed to update, over the threshold of {}",
+            open + 1,
+            rec.stages[open],
+            stage.failed,
+            stage.agents,
+            rec.max_failures
+        )));
+        eval.offered.clear();
+        return eval;
+    }
+    let slice = &ordered[bounds[..open].last().copied().unwrap_or(0)..bounds[open]];
+    let settled = slice
+        .iter()
+        .filter_map(|id| by_id.get(id))
+        .all(|a| !a.active || failed(a) || (updated(a) && !a.doctor_failing));
+    eval.change = match (settled, rec.healthy_since_ms) {
+        (false, 0) => None,
+        (false, _) => Some(Change::StopSoak),
+        (true, 0) => Some(Change::StartSoak(now_ms)),
+        (true, since) if now_ms.saturating_sub(since) >= rec.soak_ms => {
+            if open + 1 >= rec.stages.len() {
+                Some(Change::Complete)
+            } else {
+                Some(Change::Advance)
+            }
+        }
+        (true, _) => None,
+    };
+    eval
+}
+
+/// Rollouts in memory, and which agent is offered which release now.
+#[derive(Debug, Default)]
+pub(crate) struct Rollouts {
+    pub(crate) records: BTreeMap<String, RolloutRecord>,
+    /// Agent id → release version, from the last evaluation.
+    pub(crate) offered: HashMap<String, String>,
+    /// Last per-stage numbers, by rollout id.
+    pub(crate) stats: HashMap<String, Vec<StageStats>>,
+}
+
+/// The facts of every agent, for the engine.
+pub(crate) fn facts(app: &App) -> Vec<AgentFacts> {
+    let fleet = lock(&app.fleet);
+    fleet
+        .agents
+        .values()
+        .map(|live| {
+            let r = &live.record;
+            let hb = &live.hb;
+            AgentFacts {
+                id: r.id.clone(),
+                active: r.status == ACTIVE,
+                revoked: r.status == REVOKED,
+                labels: r.labels.clone(),
+                target: r.platform.target.clone(),
+                version: if hb.version.is_empty() {
+                    r.version.clone()
+                } else {
+                    hb.version.clone()
+                },
+                doctor_failing: hb.doctor.fail > 0,
+                failed_version: (hb.update_state == "failed").then(|| hb.update_version.clone()),
+            }
+        })
+        .collect()
+}
+
+/// The targets a release has an agent for.
+pub(crate) fn release_targets(app: &App, version: &str) -> HashSet<String> {
+    lock(&app.releases)
+        .by_version
+        .get(version)
+        .map(|r| {
+            r.files
+                .iter()
+                .filter_map(|f| f.name.strip_suffix("/stella-agent").map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One pass of the controller: evaluates every live rollout, records its
+/// transitions durably, and refreshes who is offered what. Blocking.
+pub(crate) fn tick(app: &App) -> Result<(), Error> {
+    let agents = facts(app);
+    let live: Vec<RolloutRecord> = lock(&app.rollouts)
+        .records
+        .values()
+        .filter(|r| r.is_live())
+        .cloned()
+        .collect();
+    let mut offered = HashMap::new();
+    let mut stats = HashMap::new();
+    for mut rec in live {
+        let targets = release_targets(app, &rec.release);
+        let eval = evaluate(&rec, &agents, &targets, now_ms());
+        if let Some(change) = eval.change.clone() {
+            let _serial = lock(&app.lifecycle_lock);
+            let action = match &change {
+                Change::StartSoak(at) => {
+                    rec.healthy_since_ms = *at;
+                    "rollout.soak"
+                }
+                Change::StopSoak => {
+                    rec.healthy_since_ms = 0;
+                    "rollout.soak_reset"
+                }
+                Change::Advance => {
+                    rec.open_stage += 1;
+                    rec.healthy_since_ms = 0;
+                    "rollout.advance"
+                }
+                Change::Complete => {
+                    rec.open_stage = rec.stages.len() as u32;
+                    rec.status = COMPLETED.into();
+                    rec.healthy_since_ms = 0;
+                    "rollout.complete"
+                }
+                Change::Pause(reason) => {
+                    rec.status = PAUSED.into();
+                    rec.reason = Some(reason.clone());
+                    "rollout.pause_on_failures"
+                }
+            };
+            app.store
+                .put_rollout(&rec.id, &encode(&rec), action, &format!("{change:?}"))?;
+            log::info(
+                "rollout changed",
+                &[
+                    ("rollout", &rec.id),
+                    ("action", &action),
+                    ("stage", &(rec.open_stage + 1)),
+                ],
+            );
+            lock(&app.rollouts)
+                .records
+                .insert(rec.id.clone(), rec.clone());
+        }
+        // Offers follow the state as it is now (a pause stops them at once).
+        let eval = if eval.change.is_some() {
+            evaluate(&rec, &agents, &targets, now_ms())
+        } else {
+            eval
+        };
+        for id in eval.offered {
+            offered.insert(id, rec.release.clone());
+        }
+        stats.insert(rec.id.clone(), eval.stages);
+    }
+    let mut rollouts = lock(&app.rollouts);
+    rollouts.offered = offered;
+    for (id, s) in stats {
+        rollouts.stats.insert(id, s);
+    }
+    Ok(())
+}
+
+fn encode(rec: &RolloutRecord) -> String {
+    miniserde::json::to_string(rec)
+}
+
+/// Runs the controller every second for the life of the server.
+pub(crate) async fn controller(app: Arc<App>) {
+    loop {
+        smol::Timer::after(Duration::from_secs(1)).await;
+        let app2 = app.clone();
+        if let Err(e) = smol::unblock(move || tick(&app2)).await {
+            log::warn("rollout controller failed", &[("error", &e)]);
+        }
+    }
+}
+
+/// `rollout start`: checks the release, the stages and that no agent it
+/// would take is already in a live rollout; records it durably.
+pub(crate) fn start(
+    app: &App,
+    release: &str,
+    stages: &[String],
+    soak: Duration,
+    max_failures: f64,
+    selector: Labels,
+) -> Result<RolloutRecord, Error> {
+    if stages.is_empty() {
+        return Err(Error::Invalid("a rollout needs at least one stage".into()));
+    }
+    let shares: Vec<Share> = stages
+        .iter()
+        .map(|s| Share::parse(s))
+        .collect::<Result<_, _>>()
+        .map_err(Error::Invalid)?;
+    if !(0.0..=1.0).contains(&max_failures) {
+        return Err(Error::Invalid(format!(
+            "--max-failures {max_failures} must be between 0 and 1"
+        )));
+    }
+    if !matches!(shares.last(), Some(Share::Percent(p)) if *p >= 100.0) {
+        return Err(Error::Invalid(
+            "the last stage must be 100 (the whole eligible fleet)".into(),
+        ));
+    }
+    crate::tokens::check_labels(&selector).map_err(Error::Invalid)?;
+    let targets = release_targets(app, release);
+    if targets.is_empty() {
+        return Err(Error::NotFound(format!(
+            "no release {release} with an agent artifact has been imported"
+        )));
+    }
+    let mut random = [0u8; 16];
+    crate::fsutil::random_bytes(&mut random)?;
+    let id = format!(
+        "rol_{}",
+        &stella_proto::id::agent_id_from_bytes(random)[4..16]
+    );
+    let rec = RolloutRecord {
+        id: id.clone(),
+        release: release.to_owned(),
+        stages: stages.to_vec(),
+        soak_ms: soak.as_millis() as u64,
+        max_failures,
+        selector,
+        status: RUNNING.into(),
+        reason: None,
+        open_stage: 0,
+        healthy_since_ms: 0,
+        created_at: crate::app::now_secs(),
+        ignored_failures: Vec::new(),
+    };
+    let agents = facts(app);
+    let _serial = lock(&app.lifecycle_lock);
+    {
+        let rollouts = lock(&app.rollouts);
+        for other in rollouts.records.values().filter(|r| r.is_live()) {
+            let other_targets = release_targets(app, &other.release);
+            let clash = agents
+                .iter()
+                .find(|a| eligible(&rec, a, &targets) && eligible(other, a, &other_targets));
+            if let Some(a) = clash {
+                return Err(Error::Conflict(format!(
+                    "agent {} is already in rollout {} ({}, release {}); pause is not enough: abort it or narrow --selector",
+                    a.id, other.id, other.status, other.release
+                )));
+            }
+        }
+    }
+    app.store.put_rollout(
+        &id,
+        &encode(&rec),
+        "rollout.start",
+        &format!(
+            "release={release} stages={} selector={:?}",
+            stages.join(","),
+            rec.selector
+        ),
+    )?;
+    lock(&app.rollouts).records.insert(id, rec.clone());
+    log::info(
+        "rollout started",
+        &[("rollout", &rec.id), ("release", &release)],
+    );
+    Ok(rec)
+}
+
+/// `rollout pause|resume|abort`: acts at once (durable, then offers stop or resume).
+pub(crate) fn act(app: &App, id: &str, action: &str) -> Result<RolloutRecord, Error> {
+    let _serial = lock(&app.lifecycle_lock);
+    let mut rec = lock(&app.rollouts)
+        .records
+        .get(id)
+        .cloned()
+        .ok_or_else(|| Error::NotFound(format!("no rollout with id {id}")))?;
+    match (action, rec.status.as_str()) {
+        (_, COMPLETED | ABORTED) => {
+            return Err(Error::Conflict(format!(
+                "rollout {id} is {}: it cannot be changed",
+                rec.status
+            )));
+        }
+        ("pause", RUNNING) => {
+            rec.status = PAUSED.into();
+            rec.reason = Some("paused by an administrator".into());
+        }
+        ("resume", PAUSED) => {
+            // Failures seen so far were looked at: only new ones count.
+            let agents = facts(app);
+            rec.ignored_failures = agents
+                .iter()
+                .filter(|a| a.failed_version.as_deref() == Some(rec.release.as_str()))
+                .map(|a| a.id.clone())
+                .collect();
+            rec.status = RUNNING.into();
+            rec.reason = None;
+            rec.healthy_since_ms = 0;
+        }
+        ("abort", _) => {
+            rec.status = ABORTED.into();
+            rec.reason = Some("aborted by an administrator".into());
+        }
+        ("pause", PAUSED) | ("resume", RUNNING) => return Ok(rec),
+        (other, _) => return Err(Error::Invalid(format!("unknown rollout action {other:?}"))),
+    }
+    app.store.put_rollout(
+        id,
+        &encode(&rec),
+        &format!("rollout.{action}"),
+        rec.reason.as_deref().unwrap_or(""),
+    )?;
+    let mut rollouts = lock(&app.rollouts);
+    if !rec.is_live() || rec.status == PAUSED {
+        rollouts.offered.retain(|_, v| *v != rec.release);
+    }
+    rollouts.records.insert(id.to_owned(), rec.clone());
+    log::info("rollout changed", &[("rollout", &id), ("action", &action)]);
+    Ok(rec)
+}
+
+/// The admin view of a rollout, evaluated now.
+pub(crate) fn view(
+    app: &App,
+    rec: &RolloutRecord,
+    with_members: bool,
+) -> stella_proto::api::RolloutView {
+    let agents = facts(app);
+    let targets = release_targets(app, &rec.release);
+    let eval = evaluate(rec, &agents, &targets, now_ms());
+    let stages = rec
+        .stages
+        .iter()
+        .zip(eval.stages)
+        .map(|(spec, s)| stella_proto::api::RolloutStageView {
+            stage: spec.clone(),
+            percent: match Share::parse(spec) {
+                Ok(Share::Percent(p)) => Some(p),
+                _ => None,
+            },
+            agents: s.agents as u64,
+            updated: s.updated as u64,
+            failed: s.failed as u64,
+            state: s.state.to_owned(),
+            members: with_members.then_some(s.members),
+        })
+        .collect();
+    stella_proto::api::RolloutView {
+        id: rec.id.clone(),
+        release: rec.release.clone(),
+        status: rec.status.clone(),
+        reason: rec.reason.clone(),
+        stages,
+        soak: stella_proto::format_duration(Duration::from_millis(rec.soak_ms)),
+        max_failures: rec.max_failures,
+        selector: rec.selector.clone(),
+        created_at: stella_proto::time::rfc3339(rec.created_at),
+    }
+}
+
+/// Loads stored rollouts.
+pub(crate) fn load(rows: Vec<String>) -> Result<Rollouts, Error> {
+    let mut rollouts = Rollouts::default();
+    for row in rows {
+        let rec: RolloutRecord = miniserde::json::from_str(&row)
+            .map_err(|_| Error::Store("corrupt rollout record in the store".into()))?;
+        rollouts.records.insert(rec.id.clone(), rec);
+    }
+    Ok(rollouts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(n: usize) -> Vec<AgentFacts> {
+        (0..n)
+            .map(|i| AgentFacts {
+                id: stella_proto::id::agent_id_from_bytes((i as u128 * 7919 + 13).to_be_bytes()),
+                active: true,
+                revoked: false,
+                labels: Labels::from([(
+                    "env".to_owned(),
+                    if i % 4 == 0 { "dev" } else { "prod" }.to_owned(),
+                )]),
+                target: "x86_64-unknown-linux-musl".into(),
+                version: "1.0.0".into(),
+                doctor_failing: false,
+                failed_version: None,
+            })
+            .collect()
+    }
+
+    fn rollout(stages: &[&str], selector: &[(&str, &str)]) -> RolloutRecord {
+        RolloutRecord {
+            id: "rol_test".into(),
+            release: "1.1.0".into(),
+            stages: stages.iter().map(|s| (*s).to_owned()).collect(),
+            soak_ms: 1000,
+            max_failures: 0.05,
+            selector: selector
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            status: RUNNING.into(),
+            reason: None,
+            open_stage: 0,
+            healthy_since_ms: 0,
+            created_at: 0,
+            ignored_failures: Vec::new(),
+        }
+    }
+
+    fn targets() -> HashSet<String> {
+        HashSet::from(["x86_64-unknown-linux-musl".to_owned()])
+    }
+
+    #[test]
+    fn ten_thousand_agents_hit_every_stage_share_exactly() {
+        let agents = fleet(10_000);
+        let mut rec = rollout(&["count:1", "10", "50", "100"], &[]);
+        let mut seen_before: Vec<String> = Vec::new();
+        for (stage, want) in [(0u32, 1usize), (1, 1_000), (2, 5_000), (3, 10_000)] {
+            rec.open_stage = stage;
+            let eval = evaluate(&rec, &agents, &targets(), 0);
+            let cumulative: usize = eval.stages[..=stage as usize]
+                .iter()
+                .map(|s| s.agents)
+                .sum();
+            assert!(
+                cumulative.abs_diff(want) <= 1,
+                "stage {stage}: {cumulative} agents for a target of {want}"
+            );
+            assert_eq!(eval.offered.len(), cumulative);
+            // Cumulative: everyone offered before is still offered.
+            assert!(
+                seen_before.iter().all(|id| eval.offered.contains(id)),
+                "stage {stage} dropped earlier members"
+            );
+            seen_before = eval.offered;
+        }
+    }
+
+    #[test]
+    fn membership_is_deterministic_and_depends_on_the_rollout() {
+        let agents = fleet(2_000);
+        let rec = rollout(&["10", "100"], &[]);
+        let first = evaluate(&rec, &agents, &targets(), 0).offered;
+        let mut shuffled = agents.clone();
+        shuffled.reverse();
+        shuffled.rotate_left(777);
+        let mut again = evaluate(&rec, &shuffled, &targets(), 0).offered;
+        let mut first_sorted = first;
+        first_sorted.sort();
+        again.sort();
+        assert_eq!(
+            first_sorted, again,
+            "the same agents whatever the input order"
+        );
+        let mut other = rec;
+        other.id = "rol_other".into();
+        let mut theirs = evaluate(&other, &agents, &targets(), 0).offered;
+        theirs.sort();
+        assert_ne!(first_sorted, theirs, "another rollout picks other canaries");
+    }
+
+    #[test]
+    fn the_selector_and_targets_limit_eligibility() {
+        let mut agents = fleet(400);
+        agents[1].target = "aarch64-unknown-linux-musl".into();
+        agents[2].revoked = true;
+        let rec = rollout(&["100"], &[("env", "prod")]);
+        let eval = evaluate(&rec, &agents, &targets(), 0);
+        let prod = agents
+            .iter()
+            .filter(|a| a.labels["env"] == "prod" && !a.revoked && a.target.starts_with("x86"))
+            .count();
+        assert_eq!(eval.stages[0].agents, prod);
+        assert!(
+            !eval.offered.contains(&agents[0].id),
+            "dev agents are not selected"
+        );
+        assert!(!eval.offered.contains(&agents[1].id) && !eval.offered.contains(&agents[2].id));
+    }
+
+    #[test]
+    fn a_stage_soaks_then_opens_the_next_and_the_last_completes() {
+        let mut agents = fleet(100);
+        let mut rec = rollout(&["10", "100"], &[]);
+        let members = evaluate(&rec, &agents, &targets(), 0).stages[0]
+            .members
+            .clone();
+        assert_eq!(
+            evaluate(&rec, &agents, &targets(), 0).change,
+            None,
+            "nobody updated yet"
+        );
+        for a in agents.iter_mut().filter(|a| members.contains(&a.id)) {
+            a.version = "1.1.0".into();
+        }
+        assert_eq!(
+            evaluate(&rec, &agents, &targets(), 5_000).change,
+            Some(Change::StartSoak(5_000))
+        );
+        rec.healthy_since_ms = 5_000;
+        assert_eq!(
+            evaluate(&rec, &agents, &targets(), 5_500).change,
+            None,
+            "still soaking"
+        );
+        // A member's doctor fails: the soak starts over.
+        let sick = agents.iter_mut().find(|a| members.contains(&a.id)).unwrap();
+        sick.doctor_failing = true;
+        assert_eq!(
+            evaluate(&rec, &agents, &targets(), 5_600).change,
+            Some(Change::StopSoak)
+        );
+        agents.iter_mut().for_each(|a| a.doctor_failing = false);
+        assert_eq!(
+            evaluate(&rec, &agents, &targets(), 6_000).change,
+            Some(Change::Advance)
+        );
+        rec.open_stage = 1;
+        rec.healthy_since_ms = 0;
+        agents.iter_mut().for_each(|a| a.version = "1.1.0".into());
+        assert_eq!(
+            evaluate(&rec, &agents, &targets(), 7_000).change,
+            Some(Change::StartSoak(7_000))
+        );
+        rec.healthy_since_ms = 7_000;
+        assert_eq!(
+            evaluate(&rec, &agents, &targets(), 8_000).change,
+            Some(Change::Complete)
+        );
+    }
+
+    #[test]
+    fn failures_over_the_threshold_pause_and_stop_offers() {
+        let mut agents = fleet(100);
+        let rec = rollout(&["count:1", "100"], &[]);
+        let canary = evaluate(&rec, &agents, &targets(), 0).stages[0].members[0].clone();
+        let a = agents.iter_mut().find(|a| a.id == canary).unwrap();
+        a.failed_version = Some("1.1.0".into());
+        let eval = evaluate(&rec, &agents, &targets(), 0);
+        assert!(
+            matches!(eval.change, Some(Change::Pause(ref r)) if r.contains("1 of 1 agents failed")),
+            "{:?}",
+            eval.change
+        );
+        assert!(eval.offered.is_empty());
+        // Offline members do not hold a stage back.
+        let mut quiet = fleet(10);
+        let rec = rollout(&["100"], &[]);
+        quiet.iter_mut().for_each(|a| a.active = false);
+        assert_eq!(
+            evaluate(&rec, &quiet, &targets(), 1).change,
+            Some(Change::StartSoak(1))
+        );
+    }
+
+    #[test]
+    fn stage_specs_parse() {
+        assert_eq!(Share::parse("count:1"), Ok(Share::Count(1)));
+        assert_eq!(Share::parse("12.5"), Ok(Share::Percent(12.5)));
+        assert!(
+            Share::parse("0").is_err()
+                && Share::parse("101").is_err()
+                && Share::parse("count:0").is_err()
+        );
+        assert_eq!(
+            cumulative(
+                &[Share::Count(5), Share::Percent(1.0), Share::Percent(100.0)],
+                100
+            ),
+            [5, 5, 100]
+        );
+    }
+}
