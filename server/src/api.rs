@@ -3,6 +3,7 @@
 //! JSON bodies in and out, `/healthz` and `/metrics`.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,13 +91,18 @@ fn parse_json<T: miniserde::Deserialize>(req: &Request) -> Result<T, Response> {
 }
 
 /// Answers one request.
-pub(crate) async fn handle(app: &Arc<App>, peer: Option<&Peer>, req: Request) -> Response {
+pub(crate) async fn handle(
+    app: &Arc<App>,
+    peer: Option<&Peer>,
+    source: IpAddr,
+    req: Request,
+) -> Response {
     Metrics::bump(&app.metrics.requests);
     let path = req.path.split('?').next().unwrap_or("").to_owned();
     match (req.method.as_str(), path.as_str()) {
         ("GET", "/healthz") => Response::new(200, "text/plain", b"ok\n".to_vec()),
         ("GET", "/metrics") => metrics(app),
-        ("POST", "/v1/agents/register") => register(app, &req).await,
+        ("POST", "/v1/agents/register") => register(app, &req, source).await,
         ("POST", "/v1/agents/heartbeat") => heartbeat(app, peer, &req).await,
         ("POST", "/v1/agents/certificate") => renew(app, peer, &req).await,
         ("GET", "/v1/agents/self") => whoami(app, peer),
@@ -233,15 +239,29 @@ async fn renew(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Response {
     )
 }
 
-async fn register(app: &Arc<App>, req: &Request) -> Response {
+async fn register(app: &Arc<App>, req: &Request, source: IpAddr) -> Response {
+    if let Some(wait) = lock(&app.registration_failures).blocked_for(source, now_ms()) {
+        Metrics::bump(&app.metrics.rate_limited);
+        let mut resp = Response::error(
+            429,
+            format!("too many failed registrations from {source}; retry in {wait}s"),
+        );
+        resp.extra_headers.push(("retry-after", wait.to_string()));
+        return resp;
+    }
     let body: RegisterRequest = match parse_json(req) {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let app = app.clone();
-    match smol::unblock(move || tokens::enroll(&app, body)).await {
+    let app2 = app.clone();
+    match smol::unblock(move || tokens::enroll(&app2, body)).await {
         Ok(answer) => Response::json(201, json::to_string(&answer)),
-        Err(refused) => Response::error(refused.status, refused.message),
+        Err(refused) => {
+            if refused.status == 401 {
+                lock(&app.registration_failures).record(source, now_ms());
+            }
+            Response::error(refused.status, refused.message)
+        }
     }
 }
 
@@ -794,6 +814,16 @@ fn metrics(app: &App) -> Response {
             "stella_tls_handshake_failures_total",
             "TLS handshakes that failed.",
             load(&m.tls_failures),
+        ),
+        (
+            "stella_rate_limited_total",
+            "Registrations refused with 429 after repeated token failures.",
+            load(&m.rate_limited),
+        ),
+        (
+            "stella_connections_refused_total",
+            "Connections closed at once because --max-connections were open.",
+            load(&m.connections_refused),
         ),
         (
             "stella_certificate_renewals_total",

@@ -37,6 +37,8 @@ pub(crate) struct Metrics {
     pub(crate) tls_failures: AtomicU64,
     pub(crate) renewals: AtomicU64,
     pub(crate) recoveries: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -58,6 +60,11 @@ pub(crate) struct App {
     /// Rollouts and current offers. Lock order: after fleet and releases.
     pub(crate) rollouts: Mutex<crate::rollout::Rollouts>,
     pub(crate) data_dir: std::path::PathBuf,
+    /// Failed registrations per source address (brute-force brake).
+    pub(crate) registration_failures: Mutex<crate::tokens::FailureWindows>,
+    /// Open connections, and how many are allowed.
+    pub(crate) connections: std::sync::atomic::AtomicUsize,
+    pub(crate) max_connections: usize,
     /// Held across a durable agent change and its mirror in `fleet`, so the
     /// two never disagree in order.
     pub(crate) lifecycle_lock: Mutex<()>,

@@ -28,6 +28,29 @@ pub(crate) const URL_FILE: &str = "server.url";
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Raises the open-file soft limit to the hard limit (one descriptor per
+/// agent connection) and returns how many connections to allow: the limit
+/// less a reserve for the store, blobs and logs.
+fn raise_open_file_limit() -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let mut soft = limit.current.unwrap_or(1 << 20);
+    if let (Some(cur), Some(max)) = (limit.current, limit.maximum)
+        && cur < max
+        && setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(max),
+                maximum: Some(max),
+            },
+        )
+        .is_ok()
+    {
+        soft = max;
+    }
+    (soft.min(1 << 20) as usize).saturating_sub(64).max(16)
+}
+
 /// `stella-server init`: CA, server certificate, admin token, empty store.
 pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
     if dir.join(STORE_FILE).exists() {
@@ -85,6 +108,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
             opts.listen
         ))
     })?;
+    let max_connections = raise_open_file_limit();
     let settings = Settings {
         heartbeat_interval: opts.heartbeat_interval,
         heartbeat_misses: opts.heartbeat_misses,
@@ -107,6 +131,9 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         lifecycle_lock: Mutex::new(()),
         admin_sha256,
         challenges: Mutex::new(Default::default()),
+        registration_failures: Mutex::new(Default::default()),
+        connections: std::sync::atomic::AtomicUsize::new(0),
+        max_connections,
         metrics: Metrics::default(),
         started_ms,
     });
@@ -149,6 +176,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
                     &stella_proto::format_duration(app.settings.heartbeat_interval),
                 ),
                 ("ca_hash", &app.ca.pin()),
+                ("max_connections", &app.max_connections),
             ],
         );
         ex.spawn(lifecycle::timeout_monitor(app.clone())).detach();
@@ -157,6 +185,17 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         loop {
             match listener.accept().await {
                 Ok((tcp, _)) => {
+                    let open = app
+                        .connections
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if open >= app.max_connections {
+                        // Full: close at once rather than let memory grow.
+                        app.connections
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        Metrics::bump(&app.metrics.connections_refused);
+                        drop(tcp);
+                        continue;
+                    }
                     ex.spawn(connection(app.clone(), acceptor.clone(), tcp))
                         .detach();
                 }
@@ -189,7 +228,22 @@ async fn drain<S: smol::io::AsyncRead + Unpin>(stream: &mut S) {
     read_all.or(give_up).await;
 }
 
+/// Counts a connection for its lifetime.
+struct ConnectionSlot<'a>(&'a App);
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
+    let _slot = ConnectionSlot(&app);
+    let source = tcp
+        .peer_addr()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let _ = tcp.set_nodelay(true);
     let handshake = async { acceptor.accept(tcp).await.map_err(|e| e.to_string()) };
     let timeout = async {
@@ -223,7 +277,7 @@ async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
         match read {
             Ok(req) => {
                 let keep_alive = req.keep_alive;
-                let resp = api::handle(&app, peer.as_ref(), req).await;
+                let resp = api::handle(&app, peer.as_ref(), source, req).await;
                 if http::write_response(&mut tls, &resp, keep_alive, &mut out)
                     .await
                     .is_err()

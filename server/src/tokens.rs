@@ -17,6 +17,44 @@ use crate::log;
 use crate::records::{ACTIVE, AgentRecord, CertRecord, HeartbeatState, TokenRecord};
 use crate::store::{EnrollRefusal, Enrollment};
 
+/// Failed registrations allowed per source address and window before 429.
+const MAX_FAILURES_PER_WINDOW: u32 = 10;
+const FAILURE_WINDOW_MS: u64 = 60_000;
+/// Addresses tracked at most (oldest windows are dropped first).
+const MAX_TRACKED_SOURCES: usize = 100_000;
+
+/// Failed registrations per source address in fixed one-minute windows.
+#[derive(Debug, Default)]
+pub(crate) struct FailureWindows {
+    by_source: std::collections::HashMap<std::net::IpAddr, (u64, u32)>,
+}
+
+impl FailureWindows {
+    /// Seconds until `source` may try again, if it is over the limit.
+    pub(crate) fn blocked_for(&mut self, source: std::net::IpAddr, now_ms: u64) -> Option<u64> {
+        let (start, failures) = *self.by_source.get(&source)?;
+        if now_ms.saturating_sub(start) >= FAILURE_WINDOW_MS {
+            self.by_source.remove(&source);
+            return None;
+        }
+        (failures >= MAX_FAILURES_PER_WINDOW)
+            .then(|| (start + FAILURE_WINDOW_MS - now_ms).div_ceil(1000))
+    }
+
+    /// Counts one failed registration from `source`.
+    pub(crate) fn record(&mut self, source: std::net::IpAddr, now_ms: u64) {
+        if self.by_source.len() >= MAX_TRACKED_SOURCES {
+            self.by_source
+                .retain(|_, (start, _)| now_ms.saturating_sub(*start) < FAILURE_WINDOW_MS);
+        }
+        let entry = self.by_source.entry(source).or_insert((now_ms, 0));
+        if now_ms.saturating_sub(entry.0) >= FAILURE_WINDOW_MS {
+            *entry = (now_ms, 0);
+        }
+        entry.1 += 1;
+    }
+}
+
 /// Longest lifetime a token may be given.
 pub(crate) const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 86_400);
 const MAX_LABELS: usize = 32;
