@@ -116,8 +116,68 @@ impl Identity {
     }
 }
 
+/// The TLS provider: ring, with only what talking to our server needs —
+/// ECDSA and Ed25519 (our CA and keys are P-256; no RSA code is linked),
+/// X25519 and P-256 key exchange, AES-GCM and ChaCha20 suites.
 pub(crate) fn ring_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::WebPkiSupportedAlgorithms;
+    use rustls::crypto::ring::{cipher_suite as suite, kx_group};
+    use webpki::ring as alg;
+    static ALGORITHMS: WebPkiSupportedAlgorithms = WebPkiSupportedAlgorithms {
+        all: &[
+            alg::ECDSA_P256_SHA256,
+            alg::ECDSA_P256_SHA384,
+            alg::ECDSA_P384_SHA256,
+            alg::ECDSA_P384_SHA384,
+            alg::ED25519,
+        ],
+        mapping: &[
+            (
+                SignatureScheme::ECDSA_NISTP384_SHA384,
+                &[alg::ECDSA_P384_SHA384, alg::ECDSA_P256_SHA384],
+            ),
+            (
+                SignatureScheme::ECDSA_NISTP256_SHA256,
+                &[alg::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256],
+            ),
+            (SignatureScheme::ED25519, &[alg::ED25519]),
+        ],
+    };
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            suite::TLS13_AES_128_GCM_SHA256,
+            suite::TLS13_AES_256_GCM_SHA384,
+            suite::TLS13_CHACHA20_POLY1305_SHA256,
+            suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ],
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
+        signature_verification_algorithms: ALGORITHMS,
+        secure_random: &EcdsaKeys,
+        key_provider: &EcdsaKeys,
+    })
+}
+
+/// Loads only ECDSA private keys (the agent's own), and draws randomness
+/// from the system.
+#[derive(Debug)]
+struct EcdsaKeys;
+
+impl rustls::crypto::SecureRandom for EcdsaKeys {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFailed> {
+        ring::rand::SecureRandom::fill(&SystemRandom::new(), buf)
+            .map_err(|_| rustls::crypto::GetRandomFailed)
+    }
+}
+
+impl rustls::crypto::KeyProvider for EcdsaKeys {
+    fn load_private_key(
+        &self,
+        key_der: rustls_pki_types::PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+        rustls::crypto::ring::sign::any_ecdsa_type(&key_der)
+    }
 }
 
 /// Trusts a server whose chain carries a CA with the pinned SPKI hash, and
