@@ -19,6 +19,9 @@ use crate::app::{App, lock, now_secs};
 use crate::error::Error;
 use crate::records::{ReleaseFile, ReleaseRecord};
 
+/// A bundle's enrollment file (it holds a token): not imported.
+const BOOTSTRAP_FILE: &str = "bootstrap.json";
+
 /// Largest file a release may carry.
 const MAX_FILE_BYTES: u64 = 512 << 20;
 
@@ -152,6 +155,11 @@ pub(crate) fn import(app: &App, data_dir: &Path, dir: &Path) -> Result<ReleaseVi
     let statement = statement_of(&envelope)?;
     let mut files = Vec::with_capacity(statement.subject.len());
     for subject in &statement.subject {
+        if subject.name == BOOTSTRAP_FILE {
+            // A USB bundle may carry a registration token: never keep it.
+            crate::log::info("release import: skipped a file that holds a token", &[("file", &subject.name)]);
+            continue;
+        }
         // Names were checked to be plain relative paths (no `..`, not absolute).
         let want = subject.sha256().unwrap_or_default();
         let size = store_blob(data_dir, &dir.join(&subject.name), want)?;
