@@ -24,8 +24,9 @@ pub fn is_agent_id(s: &str) -> bool {
         Some(rest) => {
             rest.len() == 26
                 && rest.bytes().all(|b| ALPHABET.contains(&b))
-                // The first character carries only 3 bits of the 128.
-                && rest.as_bytes()[0] <= b'h'
+                // The first character carries only 3 bits of the 128: a..h.
+                // (Not `<= b'h'`: the digits 2-7 sort below the letters.)
+                && matches!(rest.as_bytes()[0], b'a'..=b'h')
         }
         None => false,
     }
@@ -44,6 +45,9 @@ mod tests {
         assert!(is_agent_id(&zero) && is_agent_id(&ones));
         assert!(!is_agent_id("agt_h777777777777777777777777"));
         assert!(!is_agent_id("agt_i7777777777777777777777777"));
+        // Fuzzing found these: a digit first would need 130 bits.
+        assert!(!is_agent_id("agt_7777777777777777777777777a"));
+        assert!(!is_agent_id("agt_2aaaaaaaaaaaaaaaaaaaaaaaaa"));
         assert!(!is_agent_id("agt_../../etc/passwd"));
         assert!(!is_agent_id("xyz_aaaaaaaaaaaaaaaaaaaaaaaaaa"));
     }

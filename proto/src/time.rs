@@ -43,8 +43,15 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
         return None;
     }
     let days = days_from_civil(y as i64, mo as u32, d as u32);
-    u64::try_from(days * 86_400 + (h * 3600 + mi * 60 + sec) as i64).ok()
+    u64::try_from(days * 86_400 + (h * 3600 + mi * 60 + sec) as i64)
+        .ok()
+        // A leap second at 9999-12-31T23:59:60Z would be in the year 10000,
+        // which `rfc3339` cannot write back in four digits.
+        .filter(|&t| t < YEAR_10000)
 }
+
+/// 10000-01-01T00:00:00Z: the first instant four year digits cannot write.
+const YEAR_10000: u64 = 253_402_300_800;
 
 /// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
 pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -94,5 +101,8 @@ mod tests {
         assert_eq!(parse_rfc3339("2026-11-23 10:00:00Z"), None);
         assert_eq!(parse_rfc3339("2026-13-23T10:00:00Z"), None);
         assert_eq!(parse_rfc3339("2026-11-23T10:00:00+01:00"), None);
+        // Fuzzing found this one: it would format as 10000-01-01T00:00:00Z.
+        assert_eq!(parse_rfc3339("9999-12-31T23:59:60Z"), None);
+        assert_eq!(parse_rfc3339("9999-12-31T23:59:59Z"), Some(YEAR_10000 - 1));
     }
 }

@@ -722,7 +722,7 @@ async fn admin(app: &Arc<App>, req: &Request, path: &str) -> Response {
         }
         ("GET", ["agents"]) => {
             let fleet = lock(&app.fleet);
-            let mut views: Vec<_> = fleet.agents.values().map(lifecycle::view).collect();
+            let mut views: Vec<_> = fleet.agents.values().map(|a| lifecycle::view(a)).collect();
             drop(fleet);
             views.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
             Response::json(200, json::to_string(&views))

@@ -157,6 +157,18 @@ pub(crate) fn set(app: &App, scope: &str, doc: &Value) -> Result<ConfigScopeView
         ));
     }
     let canonical = config::canonical(doc);
+    // miniserde does not read every float back as the same number (1.3e-221
+    // comes back as 1.2999999999999999e-221, and that as 1.3e-221): an agent
+    // would hash such a document differently, refuse it under another hash,
+    // and be sent it again with every heartbeat.
+    let reread = config::parse(&canonical).map(|again| config::canonical(&again));
+    if reread.as_deref() != Some(canonical.as_str()) {
+        return Err(Error::Invalid(
+            "the configuration holds a number that does not read back as itself \
+             (some fractions and integers past 64 bits do not): write it as a string"
+                .into(),
+        ));
+    }
     if canonical.len() > MAX_DOC_BYTES {
         return Err(Error::Invalid(format!(
             "the configuration is {} bytes, over the limit of {MAX_DOC_BYTES}",

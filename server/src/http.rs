@@ -151,9 +151,15 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(
                     let value = std::str::from_utf8(h.value).unwrap_or("").trim();
                     let name = h.name;
                     if name.eq_ignore_ascii_case("content-length") {
-                        let n: usize = value.parse().map_err(|_| {
-                            ReadError::Reject(Response::error(400, "invalid Content-Length"))
-                        })?;
+                        // 1*DIGIT (RFC 9110): `usize::from_str` would also take "+5".
+                        let n: usize = value
+                            .bytes()
+                            .all(|b| b.is_ascii_digit())
+                            .then(|| value.parse().ok())
+                            .flatten()
+                            .ok_or_else(|| {
+                                ReadError::Reject(Response::error(400, "invalid Content-Length"))
+                            })?;
                         if content_length.is_some_and(|m| m != n) {
                             return Err(ReadError::Reject(Response::error(
                                 400,
@@ -331,6 +337,10 @@ mod tests {
             501
         );
         assert_eq!(status(parse(b"\x16\x03\x01\x02\x00garbage\r\n\r\n")), 400);
+        assert_eq!(
+            status(parse(b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello")),
+            400
+        );
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES + 10));
         assert_eq!(status(parse(&big)), 431);

@@ -39,7 +39,9 @@ impl LiveAgent {
 /// All agents, by id.
 #[derive(Debug, Default)]
 pub(crate) struct Fleet {
-    pub(crate) agents: HashMap<String, LiveAgent>,
+    /// Boxed: a `LiveAgent` is ~670 bytes, and a map stores its values in
+    /// power-of-two bucket arrays, up to half of them empty.
+    pub(crate) agents: HashMap<String, Box<LiveAgent>>,
     /// Agents whose heartbeat state is newer than the store's.
     pub(crate) dirty: HashSet<String>,
 }
@@ -47,29 +49,31 @@ pub(crate) struct Fleet {
 impl Fleet {
     /// Builds the fleet from the store. Agents get a fresh start from
     /// `started_ms`: the server being down is not the agents' fault.
+    /// Rows are streamed from the store into the map: no second copy of the
+    /// fleet exists at any time.
     pub(crate) fn load(
-        rows: Vec<(AgentRecord, HeartbeatState)>,
+        store: &crate::store::Store,
         configs: &mut Configs,
         started_ms: u64,
-    ) -> Self {
-        let mut agents = HashMap::with_capacity(rows.len());
-        for (record, hb) in rows {
+    ) -> Result<Self, Error> {
+        let mut agents = HashMap::new();
+        store.load_agents(|record, hb| {
             let last_seen_ms = hb.last_heartbeat_ms.max(started_ms);
             let desired = configs.desired(&record);
             agents.insert(
                 record.id.clone(),
-                LiveAgent {
+                Box::new(LiveAgent {
                     record,
                     hb,
                     last_seen_ms,
                     desired,
-                },
+                }),
             );
-        }
-        Self {
+        })?;
+        Ok(Self {
             agents,
             dirty: HashSet::new(),
-        }
+        })
     }
 
     /// Counts of agents by status, for `/metrics`.

@@ -157,7 +157,10 @@ pub(crate) fn import(app: &App, data_dir: &Path, dir: &Path) -> Result<ReleaseVi
     for subject in &statement.subject {
         if subject.name == BOOTSTRAP_FILE {
             // A USB bundle may carry a registration token: never keep it.
-            crate::log::info("release import: skipped a file that holds a token", &[("file", &subject.name)]);
+            crate::log::info(
+                "release import: skipped a file that holds a token",
+                &[("file", &subject.name)],
+            );
             continue;
         }
         // Names were checked to be plain relative paths (no `..`, not absolute).

@@ -231,12 +231,12 @@ pub(crate) fn enroll(app: &App, req: RegisterRequest) -> Result<RegisterResponse
             let mut fleet = lock(&app.fleet);
             fleet.agents.insert(
                 agent.id.clone(),
-                LiveAgent {
+                Box::new(LiveAgent {
                     record: agent.clone(),
                     hb: <HeartbeatState as Default>::default(),
                     last_seen_ms: now_ms(),
                     desired,
-                },
+                }),
             );
             log::info(
                 "agent enrolled",
