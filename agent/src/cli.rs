@@ -10,6 +10,7 @@ use stella_proto::api::Labels;
 
 use crate::bootstrap::{BootstrapOptions, CaTrust};
 use crate::error::Error;
+use crate::install::InstallOptions;
 use crate::state::DEFAULT_STATE_DIR;
 
 pub(crate) const USAGE: &str = "\
@@ -21,6 +22,7 @@ usage:
   stella-agent remediate [--dry-run] [--json]
   stella-agent status [--json]
   stella-agent self-test
+  stella-agent install --bundle DIR [--prefix P]
   stella-agent version
 All commands take --state-dir DIR (default $STELLA_STATE_DIR or /var/lib/stella-agent).";
 
@@ -35,6 +37,7 @@ pub(crate) enum Command {
     Status { json: bool },
     Doctor { json: bool, verbose: bool },
     Remediate { json: bool, dry_run: bool },
+    Install(InstallOptions),
 }
 
 /// The command and the state dir it works on.
@@ -74,6 +77,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
     let mut labels = Labels::new();
     let (mut verbose, mut dry_run) = (false, false);
     let mut release_key: Option<PathBuf> = None;
+    let (mut bundle, mut prefix) = (None::<PathBuf>, None::<PathBuf>);
     while let Some(arg) = p.next().map_err(lex)? {
         match arg {
             Long("help") | Short('h') => {
@@ -98,6 +102,8 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
             Long("ca-hash") => ca_hash = Some(string(p.value().map_err(lex)?, "--ca-hash")?),
             Long("name") => name = Some(string(p.value().map_err(lex)?, "--name")?),
             Long("release-key") => release_key = Some(p.value().map_err(lex)?.into()),
+            Long("bundle") => bundle = Some(p.value().map_err(lex)?.into()),
+            Long("prefix") => prefix = Some(p.value().map_err(lex)?.into()),
             Long("label") => {
                 let s = string(p.value().map_err(lex)?, "--label")?;
                 let (k, v) = s
@@ -122,6 +128,8 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
             ("verbose", verbose),
             ("dry-run", dry_run),
             ("release-key", release_key.is_some()),
+            ("bundle", bundle.is_some()),
+            ("prefix", prefix.is_some()),
         ];
         match given
             .iter()
@@ -156,6 +164,14 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
         "remediate" => {
             only(&["json", "dry-run"])?;
             Command::Remediate { json, dry_run }
+        }
+        "install" => {
+            only(&["bundle", "prefix"])?;
+            let bundle = bundle.ok_or_else(|| usage("install needs --bundle DIR"))?;
+            Command::Install(InstallOptions {
+                bundle,
+                prefix: prefix.unwrap_or_else(|| PathBuf::from("/")),
+            })
         }
         "bootstrap" => {
             only(&[
@@ -247,6 +263,8 @@ mod tests {
                 "sha256:",
             ),
             ("run --json", "does not take --json"),
+            ("install", "install needs --bundle DIR"),
+            ("run --bundle b", "does not take --bundle"),
             ("fly", "unknown command"),
             ("", "missing command"),
         ] {

@@ -374,6 +374,8 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         if let Err(e) = state.save_state(&saved) {
                             log::warn("could not save state", &[("error", &e)]);
                         }
+                        #[cfg(feature = "bench-alloc")]
+                        crate::alloc_count::report_if_asked(beat.seq);
                         jittered(agent.interval, 0.1, &agent.rng)
                     }
                     Err(Refusal::Rejected(message)) => return Err(agent.refused(&message)),

@@ -14,6 +14,7 @@ mod fault;
 mod heartbeat;
 mod host;
 mod identity;
+mod install;
 mod log;
 mod remediate;
 mod state;
@@ -56,16 +57,20 @@ fn run() -> Result<(), Error> {
             Ok(())
         }
         Command::Run => {
+            // Zero-touch: enroll with bootstrap.json first, if there is one.
+            install::zero_touch(&state)?;
             if !state.is_enrolled() {
                 return Err(Error::Invalid(format!(
-                    "{} holds no enrolled agent: run `stella-agent bootstrap` first",
-                    state.root().display()
+                    "{} holds no enrolled agent (and no {}): run `stella-agent bootstrap` first",
+                    state.root().display(),
+                    install::BOOTSTRAP_JSON
                 )));
             }
             heartbeat::run(&state)
         }
         Command::Status { json } => status::print(&state, json),
         Command::SelfTest => update::run_self_test(&state),
+        Command::Install(opts) => install::install(state.root(), &opts),
         Command::Doctor { json, verbose } => {
             let report = doctor::Doctor::new(&state).run_all();
             if json {

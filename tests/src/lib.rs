@@ -4,6 +4,7 @@
 //! child process is killed by PID when its handle drops.
 #![forbid(unsafe_code)]
 
+pub mod raw;
 pub mod release;
 
 use std::fs;

@@ -209,7 +209,7 @@ pub(crate) fn build(opts: &Options) -> Result<Dist, String> {
 }
 
 /// `--version`, else `STELLA_VERSION`, else `[workspace.package] version`.
-fn version(flag: Option<&str>) -> Result<String, String> {
+pub(crate) fn version(flag: Option<&str>) -> Result<String, String> {
     let env = std::env::var("STELLA_VERSION")
         .ok()
         .filter(|v| !v.is_empty());
@@ -431,7 +431,7 @@ fn print_table(rows: &[Row]) {
 }
 
 /// `1643240` as `1,643,240`.
-fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {

@@ -1,10 +1,13 @@
 //! cargo xtask: project automation with std `Command`s (`test`, `demo`, `dist`,
-//! `keygen`, `sign`).
+//! `keygen`, `sign`, `bundle`, `bench`).
 //! Reached through the alias in `.cargo/config.toml`.
 #![forbid(unsafe_code)]
 
+mod bench;
+mod bundle;
 mod demo;
 mod dist;
+mod fuzz;
 mod keygen;
 mod sign;
 mod tidy;
@@ -27,7 +30,21 @@ usage: cargo xtask <command>
                 make the offline release key: DIR/release.key (0600, never
                 overwritten) and DIR/release.pub; prints its fingerprint
   sign --key KEY --version V [--allow-downgrade-from V] DIR
-                sign every file under DIR into DIR/release.dsse.json";
+                sign every file under DIR into DIR/release.dsse.json
+  fuzz --smoke [--time S] | fuzz TARGET [--time S] | fuzz --list
+                libFuzzer targets in fuzz/ (cargo fuzz, installed if missing):
+                replay the kept corpus and crash regressions, then run every
+                target S s (default 15, 4 min in all), or one target (600 s)
+  bundle --key KEY --out DIR [--version V] [--server URL --token T] [--ca FILE]
+         [--dist DIST]
+                the USB bundle for offline hosts: both targets' binaries (from
+                dist, or a prebuilt DIST dir), release-key.pub, ca.pem,
+                bootstrap.json, install.sh, README.txt, all signed into
+                DIR/release.dsse.json; and DIR.tar
+  bench [--quick]
+                measure the agent and server against DESIGN.md section 13
+                (release builds, real processes on loopback); prints one
+                table and writes BENCHMARKS.md (--quick: about 2 minutes)";
 
 /// The workspace root (the parent of this crate's directory).
 pub(crate) fn project_root() -> PathBuf {
@@ -127,6 +144,14 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("demo") => demo::demo(&args[1..]),
+        Some("bench") => bench::bench(&args[1..]),
+        Some("fuzz") => match fuzz::Options::parse(&args[1..]) {
+            Ok(opts) => fuzz::fuzz(&opts),
+            Err(e) => {
+                eprintln!("xtask: {e}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
         Some("dist") => match dist::Options::parse(&args[1..]) {
             Ok(opts) => dist::dist(&opts),
             Err(e) => {
@@ -136,6 +161,13 @@ fn main() -> ExitCode {
         },
         Some("keygen") => match keygen::Options::parse(&args[1..]) {
             Ok(opts) => keygen::keygen(&opts),
+            Err(e) => {
+                eprintln!("xtask: {e}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        Some("bundle") => match bundle::Options::parse(&args[1..]) {
+            Ok(opts) => bundle::bundle(&opts),
             Err(e) => {
                 eprintln!("xtask: {e}\n{USAGE}");
                 return ExitCode::from(2);

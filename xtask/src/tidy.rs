@@ -26,7 +26,7 @@ mod tests {
     fn every_rust_file_starts_with_a_module_doc() {
         let root = crate::project_root();
         let mut files = Vec::new();
-        for part in ["proto", "agent", "server", "xtask", "tests"] {
+        for part in ["proto", "agent", "server", "xtask", "tests", "bench"] {
             rust_files(&root.join(part), &mut files);
         }
         assert!(

@@ -3,10 +3,13 @@
 //! keeps the build quick; modules follow the design's parts.
 
 mod api;
+mod bundle;
 mod config;
+mod crash;
 mod cross;
 mod doctor;
 mod enrollment;
+mod hostile;
 mod lifecycle;
 mod renewal;
 mod rollout;

@@ -1,0 +1,3 @@
+//! libFuzzer target: `stella_fuzz::duration`.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| stella_fuzz::duration(data));
