@@ -71,31 +71,49 @@ fn wall_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The heartbeat URL, parsed once.
+fn heartbeat_uri(server: &str) -> Result<ureq::http::Uri, Error> {
+    format!("{server}/v1/agents/heartbeat")
+        .parse()
+        .map_err(|_| Error::Invalid(format!("server URL {server:?} in agent.json is not a URL")))
+}
+
+/// Buffers reused by every heartbeat.
+#[derive(Debug, Default)]
+struct Buffers {
+    body: String,
+    answer: String,
+}
+
 fn heartbeat_once(
     client: &ureq::Agent,
-    url: &str,
-    body: &str,
+    uri: &ureq::http::Uri,
+    beat: &HeartbeatRequest,
+    buf: &mut Buffers,
 ) -> Result<HeartbeatResponse, Refusal> {
+    beat.write_json(&mut buf.body);
     // A keep-alive connection the server closed fails once; a fresh one is
     // tried at once before this counts as a failure.
-    let (status, text) = match transport::post_json(client, url, body) {
-        Ok(answer) => answer,
+    let status = match transport::post_json_into(client, uri, &buf.body, &mut buf.answer) {
+        Ok(status) => status,
         Err(first) => {
             log::debug(
                 "heartbeat failed, retrying on a new connection",
                 &[("error", &first)],
             );
-            transport::post_json(client, url, body).map_err(Refusal::Failed)?
+            transport::post_json_into(client, uri, &buf.body, &mut buf.answer)
+                .map_err(Refusal::Failed)?
         }
     };
+    let text = &buf.answer;
     match status {
-        200 => json::from_str(&text)
+        200 => json::from_str(text)
             .map_err(|_| Refusal::Failed("the heartbeat answer is not valid JSON".into())),
-        401 => Err(Refusal::Rejected(transport::error_message(&text))),
-        403 => Err(Refusal::Deactivated(transport::error_message(&text))),
+        401 => Err(Refusal::Rejected(transport::error_message(text))),
+        403 => Err(Refusal::Deactivated(transport::error_message(text))),
         other => Err(Refusal::Failed(format!(
             "server answered {other}: {}",
-            transport::error_message(&text)
+            transport::error_message(text)
         ))),
     }
 }
@@ -137,8 +155,8 @@ pub(crate) fn send_one(state: &StateDir) -> Result<u64, Error> {
     let mut beat = new_beat(&saved, &config, &Updater::default());
     beat.seq += 1;
     beat.config_drift = config.drift;
-    let url = format!("{}/v1/agents/heartbeat", ident.server);
-    match heartbeat_once(&client, &url, &json::to_string(&beat)) {
+    let uri = heartbeat_uri(&ident.server)?;
+    match heartbeat_once(&client, &uri, &beat, &mut Buffers::default()) {
         Ok(answer) => {
             let interval =
                 Duration::from_millis(answer.interval_ms).clamp(MIN_INTERVAL, MAX_INTERVAL);
@@ -273,7 +291,12 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
     if !log_level_from_env {
         log::set_level(config.settings.log_level);
     }
-    let url = format!("{}/v1/agents/heartbeat", agent.ident.server);
+    let uri = heartbeat_uri(&agent.ident.server)?;
+    let mut buffers = Buffers::default();
+    // When state.json was last written (an old instant: write at the first ack).
+    let mut persisted = Instant::now()
+        .checked_sub(Duration::from_secs(86_400))
+        .unwrap_or_else(Instant::now);
     let mut beat = new_beat(&saved, &config, &updater);
     log::info(
         "agent running",
@@ -309,10 +332,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                 if beat.config_error != config.refusal {
                     beat.config_error.clone_from(&config.refusal);
                 }
-                let report = updater.report(&saved);
-                if beat.update != report {
-                    beat.update = report;
-                }
+                updater.fill_report(&saved, &mut beat.update);
                 let silent =
                     Updater::in_probation(&saved) && fault::active("probation-no-heartbeat");
                 if beat.seq.is_multiple_of(CAPABILITY_REFRESH) {
@@ -323,7 +343,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         "fault injected: no heartbeat in probation".into(),
                     ))
                 } else {
-                    heartbeat_once(&agent.client, &url, &json::to_string(&beat))
+                    heartbeat_once(&agent.client, &uri, &beat, &mut buffers)
                 };
                 match sent {
                     Ok(answer) => {
@@ -371,8 +391,17 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         }
                         log::debug("heartbeat accepted", &[("seq", &beat.seq)]);
                         record_ack(&mut saved, beat.seq, agent.interval, answer.server_time);
-                        if let Err(e) = state.save_state(&saved) {
-                            log::warn("could not save state", &[("error", &e)]);
+                        // A plain acknowledgement is written at most every two
+                        // intervals (doctor allows three): half the writes and
+                        // fsyncs on flash. Anything else is written at once.
+                        let news = answer.config.is_some()
+                            || answer.update.is_some()
+                            || Updater::in_probation(&saved);
+                        if news || persisted.elapsed() >= agent.interval.mul_f64(1.7) {
+                            match state.save_state(&saved) {
+                                Ok(()) => persisted = Instant::now(),
+                                Err(e) => log::warn("could not save state", &[("error", &e)]),
+                            }
                         }
                         #[cfg(feature = "bench-alloc")]
                         crate::alloc_count::report_if_asked(beat.seq);

@@ -86,6 +86,30 @@ pub(crate) fn post_json(
     Ok((status, text))
 }
 
+/// POSTs a JSON body to a parsed URL and reads the (bounded) answer into
+/// `answer`, reusing its allocation: the heartbeat's hot path.
+pub(crate) fn post_json_into(
+    client: &ureq::Agent,
+    uri: &ureq::http::Uri,
+    body: &str,
+    answer: &mut String,
+) -> Result<u16, String> {
+    use std::io::Read;
+    let mut resp = client
+        .post(uri.clone())
+        .content_type("application/json")
+        .send(body)
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    answer.clear();
+    resp.body_mut()
+        .as_reader()
+        .take(MAX_ANSWER_BYTES)
+        .read_to_string(answer)
+        .map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
 /// GETs a URL; returns the status and the (bounded) answer text.
 pub(crate) fn get(client: &ureq::Agent, url: &str) -> Result<(u16, String), String> {
     let mut resp = client.get(url).call().map_err(|e| e.to_string())?;

@@ -220,31 +220,34 @@ fn hash_file(path: &Path, limit: u64) -> std::io::Result<(String, u64)> {
 impl Updater {
     /// Where the agent stands, for the heartbeat.
     pub(crate) fn report(&self, saved: &StateFile) -> UpdateReport {
-        if let Some(m) = &saved.update {
-            return UpdateReport {
-                state: m.phase.clone(),
-                version: m.to_version.clone(),
-                error: m.error.clone(),
-            };
-        }
-        if let Some(d) = &self.download {
-            return UpdateReport {
-                state: "downloading".into(),
-                version: d.accepted.version.clone(),
-                error: None,
-            };
-        }
-        if let Some(f) = &saved.update_failure {
-            return UpdateReport {
-                state: "failed".into(),
-                version: f.version.clone(),
-                error: Some(f.error.clone()),
-            };
-        }
-        UpdateReport {
-            state: "idle".into(),
-            version: host::VERSION.to_owned(),
+        let mut out = UpdateReport {
+            state: String::new(),
+            version: String::new(),
             error: None,
+        };
+        self.fill_report(saved, &mut out);
+        out
+    }
+
+    /// Writes the report into `out`, allocating only when it changed.
+    pub(crate) fn fill_report(&self, saved: &StateFile, out: &mut UpdateReport) {
+        let (state, version, error): (&str, &str, Option<&str>) = if let Some(m) = &saved.update {
+            (&m.phase, &m.to_version, m.error.as_deref())
+        } else if let Some(d) = &self.download {
+            ("downloading", &d.accepted.version, None)
+        } else if let Some(f) = &saved.update_failure {
+            ("failed", &f.version, Some(&f.error))
+        } else {
+            ("idle", host::VERSION, None)
+        };
+        if out.state != state {
+            out.state = state.to_owned();
+        }
+        if out.version != version {
+            out.version = version.to_owned();
+        }
+        if out.error.as_deref() != error {
+            out.error = error.map(str::to_owned);
         }
     }
 

@@ -179,6 +179,86 @@ pub struct HeartbeatRequest {
     pub capabilities: Vec<String>,
 }
 
+impl HeartbeatRequest {
+    /// Writes the same JSON as `miniserde::json::to_string(self)` into `out`
+    /// (cleared first), so the agent reuses one buffer for every heartbeat.
+    pub fn write_json(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        out.clear();
+        let _ = write!(out, "{{\"seq\":{},\"version\":", self.seq);
+        json_string(out, &self.version);
+        let _ = write!(out, ",\"uptime_s\":{},\"config_hash\":", self.uptime_s);
+        json_string(out, &self.config_hash);
+        let _ = write!(
+            out,
+            ",\"config_drift\":{},\"config_error\":",
+            self.config_drift
+        );
+        match &self.config_error {
+            None => out.push_str("null"),
+            Some(e) => {
+                out.push_str("{\"hash\":");
+                json_string(out, &e.hash);
+                out.push_str(",\"error\":");
+                json_string(out, &e.error);
+                out.push('}');
+            }
+        }
+        let d = &self.doctor;
+        let _ = write!(
+            out,
+            ",\"doctor\":{{\"pass\":{},\"warn\":{},\"fail\":{},\"skip\":{},\"failing\":",
+            d.pass, d.warn, d.fail, d.skip
+        );
+        json_strings(out, &d.failing);
+        out.push_str("},\"update\":{\"state\":");
+        json_string(out, &self.update.state);
+        out.push_str(",\"version\":");
+        json_string(out, &self.update.version);
+        out.push_str(",\"error\":");
+        match &self.update.error {
+            None => out.push_str("null"),
+            Some(e) => json_string(out, e),
+        }
+        out.push_str("},\"capabilities\":");
+        json_strings(out, &self.capabilities);
+        out.push('}');
+    }
+}
+
+/// Appends `s` as a JSON string, escaped as miniserde escapes it.
+fn json_string(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn json_strings(out: &mut String, items: &[String]) {
+    out.push('[');
+    for (i, s) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        json_string(out, s);
+    }
+    out.push(']');
+}
+
 /// A configuration the agent refused.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ConfigRefusal {
@@ -383,6 +463,31 @@ mod tests {
             capabilities: vec!["systemd".into()],
         };
         let text = miniserde::json::to_string(&hb);
+        let mut fast = String::new();
+        hb.write_json(&mut fast);
+        assert_eq!(fast, text);
+        let odd = HeartbeatRequest {
+            version: "1.0.0-\"q\"\\\n\t\u{1}é".into(),
+            config_error: Some(ConfigRefusal {
+                hash: "h".into(),
+                error: "bad \u{1f}".into(),
+            }),
+            doctor: DoctorSummary {
+                pass: 1,
+                warn: 2,
+                fail: 3,
+                skip: 4,
+                failing: vec!["a".into(), "b\r".into()],
+            },
+            update: UpdateReport {
+                state: "failed".into(),
+                version: "2".into(),
+                error: Some("x\u{8}\u{c}".into()),
+            },
+            ..hb.clone()
+        };
+        odd.write_json(&mut fast);
+        assert_eq!(fast, miniserde::json::to_string(&odd));
         let back: HeartbeatRequest = miniserde::json::from_str(&text).unwrap();
         assert_eq!(back.seq, 7);
         assert_eq!(back.update, hb.update);
