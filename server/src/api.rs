@@ -822,7 +822,7 @@ fn metrics(app: &App) -> Response {
         ),
         (
             "stella_connections_refused_total",
-            "Connections closed at once because --max-connections were open.",
+            "Connections closed at once: the open-file limit was reached.",
             load(&m.connections_refused),
         ),
         (
