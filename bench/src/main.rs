@@ -388,20 +388,44 @@ async fn get(o: &Options, out: &mut Results) -> Result<(), String> {
         ),
         None => None,
     };
-    let mut req = Vec::new();
-    http::request(&mut req, "GET", &o.path, bearer.as_deref(), None);
     let tls = target
         .connect(target.config(None)?)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let mut conn = http::Conn::new(tls);
     let t0 = Instant::now();
-    let (status, body) = conn
-        .exchange(&req)
-        .await
-        .map_err(|e| format!("GET {}: {e}", o.path))?;
+    // The agent list comes in pages of 1,000 (`?limit=&after=`): follow them
+    // as the CLI does.
+    const PAGE: usize = 1000;
+    let paged = o.path.ends_with("/v1/admin/agents");
+    let (mut bytes, mut after) = (0usize, String::new());
+    let status = loop {
+        let path = if paged {
+            format!("{}?limit={PAGE}&after={after}", o.path)
+        } else {
+            o.path.clone()
+        };
+        let mut req = Vec::new();
+        http::request(&mut req, "GET", &path, bearer.as_deref(), None);
+        let (s, body) = conn
+            .exchange(&req)
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        bytes += body.len();
+        if !paged || s != 200 {
+            break s;
+        }
+        let text =
+            std::str::from_utf8(body).map_err(|_| "the agent list is not UTF-8".to_owned())?;
+        let page: Vec<stella_proto::api::AgentView> =
+            miniserde::json::from_str(text).map_err(|_| "the agent list is not JSON".to_owned())?;
+        match page.last() {
+            Some(last) if page.len() == PAGE => after.clone_from(&last.id),
+            _ => break s,
+        }
+    };
     out.put("get.status", status);
-    out.put("get.bytes", body.len());
+    out.put("get.bytes", bytes);
     out.put(
         "get.ms",
         format!("{:.1}", t0.elapsed().as_secs_f64() * 1000.0),

@@ -142,12 +142,27 @@ fn labels_text(labels: &Labels) -> String {
 /// `agents list`.
 pub(crate) fn agents_list(target: &AdminTarget, as_json: bool) -> Result<(), Error> {
     let client = AdminClient::connect(target)?;
-    let text = client.call("GET", "/v1/admin/agents", None)?;
+    // The server answers in pages (id order); follow them.
+    const PAGE: usize = 1000;
+    let mut agents: Vec<AgentView> = Vec::new();
+    loop {
+        let after = agents.last().map_or(String::new(), |a| a.id.clone());
+        let page: Vec<AgentView> = AdminClient::parse(&client.call(
+            "GET",
+            &format!("/v1/admin/agents?limit={PAGE}&after={after}"),
+            None,
+        )?)?;
+        let done = page.len() < PAGE;
+        agents.extend(page);
+        if done {
+            break;
+        }
+    }
     if as_json {
-        println!("{text}");
+        println!("{}", json::to_string(&agents));
         return Ok(());
     }
-    let agents: Vec<AgentView> = AdminClient::parse(&text)?;
+    agents.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
     let rows: Vec<[String; 7]> = agents
         .iter()
         .map(|a| {

@@ -516,6 +516,10 @@ fn check_current(agent: &lifecycle::LiveAgent, peer: &Peer) -> Result<(), Respon
     Ok(())
 }
 
+/// Agents per page of `GET /v1/admin/agents`, by default and at most.
+const AGENT_PAGE: usize = 1000;
+const MAX_AGENT_PAGE: usize = 10_000;
+
 /// The value of `name` in the request's query string (no percent-decoding:
 /// our values are ids and label text).
 fn query_param(path: &str, name: &str) -> Option<String> {
@@ -721,10 +725,34 @@ async fn admin(app: &Arc<App>, req: &Request, path: &str) -> Response {
             }
         }
         ("GET", ["agents"]) => {
+            // Pages in id order (`?limit=N&after=ID`), so that listing a fleet
+            // of 100,000 never holds all of it as views and JSON at once.
+            let limit = match query_param(&req.path, "limit").map(|l| l.parse::<usize>()) {
+                None => AGENT_PAGE,
+                Some(Ok(n)) if (1..=MAX_AGENT_PAGE).contains(&n) => n,
+                Some(_) => {
+                    return Response::error(400, format!("limit must be 1 to {MAX_AGENT_PAGE}"));
+                }
+            };
+            let after = query_param(&req.path, "after").unwrap_or_default();
             let fleet = lock(&app.fleet);
-            let mut views: Vec<_> = fleet.agents.values().map(|a| lifecycle::view(a)).collect();
+            let mut ids: Vec<&str> = fleet
+                .agents
+                .keys()
+                .map(String::as_str)
+                .filter(|id| *id > after.as_str())
+                .collect();
+            if ids.len() > limit {
+                ids.select_nth_unstable(limit);
+                ids.truncate(limit);
+            }
+            ids.sort_unstable();
+            let views: Vec<_> = ids
+                .iter()
+                .filter_map(|id| fleet.agents.get(*id))
+                .map(|a| lifecycle::view(a))
+                .collect();
             drop(fleet);
-            views.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
             Response::json(200, json::to_string(&views))
         }
         ("GET", ["agents", id]) => {

@@ -163,3 +163,27 @@ fn the_agent_certificate_works_with_curl_and_only_over_mtls() {
     assert_eq!(status, 401, "{answer}");
     assert!(answer.contains("client certificate"), "{answer}");
 }
+
+#[test]
+fn the_agent_list_comes_in_pages_and_the_cli_follows_them() {
+    let server = Server::start();
+    for i in 0..5 {
+        AgentDir::new().enroll(&server, &format!("page{i}"));
+    }
+    let client = server.client();
+    let page = |q: &str| -> Vec<stella_tests::AgentView> {
+        let (status, body) = client.get_auth(&format!("/v1/admin/agents{q}"), &server.admin_token);
+        assert_eq!(status, 200, "{body}");
+        miniserde::json::from_str(&body).unwrap()
+    };
+    let first = page("?limit=2");
+    assert_eq!(first.len(), 2);
+    assert!(first[0].id < first[1].id, "pages are in id order");
+    let second = page(&format!("?limit=2&after={}", first[1].id));
+    let third = page(&format!("?limit=2&after={}", second[1].id));
+    assert_eq!((second.len(), third.len()), (2, 1));
+    assert!(first[1].id < second[0].id && second[1].id < third[0].id);
+    let (status, body) = client.get_auth("/v1/admin/agents?limit=0", &server.admin_token);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(server.agents().len(), 5);
+}
