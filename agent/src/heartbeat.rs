@@ -376,27 +376,19 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         if let Some(offer) = &answer.update {
                             updater.offer(state, &mut saved, offer, &config.settings);
                         }
-                        if Updater::in_probation(&saved) {
-                            record_ack(
-                                &mut saved,
-                                beat.seq,
-                                agent.interval,
-                                answer.server_time.clone(),
-                            );
-                            Updater::probation_ack(state, &mut saved)?;
-                        }
+                        let news = answer.config.is_some() || answer.update.is_some();
+                        record_ack(&mut saved, beat.seq, agent.interval, answer.server_time);
+                        // On probation this acknowledgement may commit the
+                        // update (it writes state.json itself) or roll back.
+                        Updater::probation_ack(state, &mut saved)?;
                         if answer.renew {
                             log::info("the server asks for a certificate renewal now", &[]);
                             agent.renew_at = wall_now();
                         }
                         log::debug("heartbeat accepted", &[("seq", &beat.seq)]);
-                        record_ack(&mut saved, beat.seq, agent.interval, answer.server_time);
                         // A plain acknowledgement is written at most every two
                         // intervals (doctor allows three): half the writes and
                         // fsyncs on flash. Anything else is written at once.
-                        let news = answer.config.is_some()
-                            || answer.update.is_some()
-                            || Updater::in_probation(&saved);
                         if news || persisted.elapsed() >= agent.interval.mul_f64(1.7) {
                             match state.save_state(&saved) {
                                 Ok(()) => persisted = Instant::now(),

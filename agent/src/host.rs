@@ -16,18 +16,28 @@ pub(crate) const TARGET: &str = env!("STELLA_TARGET");
 
 /// Hex SHA-256 of a file, streamed in 16 KiB chunks.
 pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
+    file_sha256_capped(path, u64::MAX).map(|(digest, _)| digest)
+}
+
+/// Hex SHA-256 and size of a file, refusing one larger than `limit` bytes.
+pub(crate) fn file_sha256_capped(path: &Path, limit: u64) -> std::io::Result<(String, u64)> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = [0u8; 16 * 1024];
+    let mut size = 0u64;
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
             break;
         }
+        size += n as u64;
+        if size > limit {
+            return Err(std::io::Error::other("larger than the limit"));
+        }
         ctx.update(&buf[..n]);
     }
-    Ok(stella_proto::hash::hex(ctx.finish().as_ref()))
+    Ok((stella_proto::hash::hex(ctx.finish().as_ref()), size))
 }
 
 /// OS, architecture and target of this build.

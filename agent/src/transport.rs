@@ -71,19 +71,10 @@ pub(crate) fn post_json(
     url: &str,
     body: &str,
 ) -> Result<(u16, String), String> {
-    let mut resp = client
-        .post(url)
-        .content_type("application/json")
-        .send(body)
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let text = resp
-        .body_mut()
-        .with_config()
-        .limit(MAX_ANSWER_BYTES)
-        .read_to_string()
-        .map_err(|e| e.to_string())?;
-    Ok((status, text))
+    let uri: ureq::http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    let mut answer = String::new();
+    let status = post_json_into(client, &uri, body, &mut answer)?;
+    Ok((status, answer))
 }
 
 /// POSTs a JSON body to a parsed URL and reads the (bounded) answer into

@@ -198,25 +198,6 @@ fn staging_part(state: &StateDir, version: &str) -> PathBuf {
         .join(format!("stella-agent-{version}-{}.part", host::TARGET))
 }
 
-fn hash_file(path: &Path, limit: u64) -> std::io::Result<(String, u64)> {
-    let mut file = File::open(path)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = [0u8; 16 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        if size > limit {
-            return Err(std::io::Error::other("larger than the limit"));
-        }
-        ctx.update(&buf[..n]);
-    }
-    Ok((stella_proto::hash::hex(ctx.finish().as_ref()), size))
-}
-
 impl Updater {
     /// Where the agent stands, for the heartbeat.
     pub(crate) fn report(&self, saved: &StateFile) -> UpdateReport {
@@ -462,7 +443,7 @@ impl Updater {
         let Some(d) = self.download.as_ref() else {
             return Ok(Step::Idle);
         };
-        let (digest, size) = match hash_file(&d.part, MAX_DOWNLOAD) {
+        let (digest, size) = match host::file_sha256_capped(&d.part, MAX_DOWNLOAD) {
             Ok(x) => x,
             Err(e) => {
                 self.fail(saved, format!("cannot read the download: {e}"));

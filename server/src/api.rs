@@ -382,7 +382,7 @@ async fn heartbeat(app: &Arc<App>, peer: Option<&Peer>, req: &Request) -> Respon
         }
         answer
     };
-    lifecycle::count_heartbeat(app);
+    Metrics::bump(&app.metrics.heartbeats);
     Response::json(200, json::to_string(&answer))
 }
 

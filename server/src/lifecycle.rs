@@ -9,7 +9,7 @@ use std::time::Duration;
 use stella_proto::api::AgentView;
 use stella_proto::time::rfc3339;
 
-use crate::app::{App, Metrics, lock, now_ms, now_secs};
+use crate::app::{App, lock, now_ms, now_secs};
 use crate::config::{Configs, Desired};
 use crate::error::Error;
 use crate::log;
@@ -311,9 +311,4 @@ pub(crate) async fn flush_heartbeats(app: &Arc<App>) {
         let mut fleet = lock(&app.fleet);
         fleet.dirty.extend(batch.into_iter().map(|(id, _)| id));
     }
-}
-
-/// Counts one accepted heartbeat.
-pub(crate) fn count_heartbeat(app: &App) {
-    Metrics::bump(&app.metrics.heartbeats);
 }

@@ -606,14 +606,11 @@ pub(crate) fn view(
 }
 
 /// Loads stored rollouts.
-pub(crate) fn load(rows: Vec<String>) -> Result<Rollouts, Error> {
-    let mut rollouts = Rollouts::default();
-    for row in rows {
-        let rec: RolloutRecord = miniserde::json::from_str(&row)
-            .map_err(|_| Error::Store("corrupt rollout record in the store".into()))?;
-        rollouts.records.insert(rec.id.clone(), rec);
+pub(crate) fn load(rows: Vec<RolloutRecord>) -> Rollouts {
+    Rollouts {
+        records: rows.into_iter().map(|r| (r.id.clone(), r)).collect(),
+        ..Rollouts::default()
     }
-    Ok(rollouts)
 }
 
 #[cfg(test)]

@@ -99,7 +99,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
     let started_ms = now_ms();
     let mut configs = crate::config::Configs::load(store.load_configs()?)?;
     let releases = crate::releases::Releases::load(store.releases()?);
-    let rollouts = crate::rollout::load(store.rollouts()?)?;
+    let rollouts = crate::rollout::load(store.rollouts()?);
     let fleet = Fleet::load(&store, &mut configs, started_ms)?;
     let agents = fleet.agents.len();
     let addr: SocketAddr = opts.listen.parse().map_err(|_| {

@@ -396,19 +396,9 @@ impl Store {
         Ok(record)
     }
 
-    /// Every rollout, as stored JSON.
-    pub(crate) fn rollouts(&self) -> Result<Vec<String>, Error> {
-        let txn = self.db.begin_write()?;
-        let mut out = Vec::new();
-        {
-            let rollouts = txn.open_table(ROLLOUTS)?;
-            for row in rollouts.iter()? {
-                let (_, v) = row?;
-                out.push(String::from_utf8_lossy(v.value()).into_owned());
-            }
-        }
-        txn.commit()?;
-        Ok(out)
+    /// Every rollout.
+    pub(crate) fn rollouts(&self) -> Result<Vec<crate::rollout::RolloutRecord>, Error> {
+        self.all(ROLLOUTS, "rollout")
     }
 
     /// Writes a rollout's new state durably, with an audit line.
@@ -431,17 +421,7 @@ impl Store {
 
     /// Every imported release.
     pub(crate) fn releases(&self) -> Result<Vec<ReleaseRecord>, Error> {
-        let txn = self.db.begin_write()?;
-        let mut out = Vec::new();
-        {
-            let releases = txn.open_table(RELEASES)?;
-            for row in releases.iter()? {
-                let (_, v) = row?;
-                out.push(decode("release", v.value())?);
-            }
-        }
-        txn.commit()?;
-        Ok(out)
+        self.all(RELEASES, "release")
     }
 
     /// Records an imported release; the same version may only be imported
@@ -475,17 +455,23 @@ impl Store {
 
     /// Every stored configuration scope.
     pub(crate) fn load_configs(&self) -> Result<Vec<ConfigRecord>, Error> {
-        let txn = self.db.begin_write()?;
+        self.all(CONFIGS, "config")
+    }
+
+    /// Every value of a table, decoded, in key order (read-only: `create`
+    /// made every table).
+    fn all<T: Deserialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        what: &str,
+    ) -> Result<Vec<T>, Error> {
+        let txn = self.db.begin_read()?;
+        let rows = txn.open_table(table)?;
         let mut out = Vec::new();
-        {
-            // Created on first use by stores made before configs existed.
-            let configs = txn.open_table(CONFIGS)?;
-            for row in configs.iter()? {
-                let (_, v) = row?;
-                out.push(decode("config", v.value())?);
-            }
+        for row in rows.iter()? {
+            let (_, v) = row?;
+            out.push(decode(what, v.value())?);
         }
-        txn.commit()?;
         Ok(out)
     }
 

@@ -222,6 +222,12 @@ pub fn csr_json(work: &Path, name: &str) -> String {
         work.join(format!("{name}.key")),
         work.join(format!("{name}.csr")),
     );
+    new_key_and_csr(&key, &csr, name);
+    fs::read_to_string(&csr).expect("csr").replace('\n', "\\n")
+}
+
+/// Makes a new P-256 key at `key` and a CSR for it with CN = `cn` at `csr`.
+pub fn new_key_and_csr(key: &Path, csr: &Path, cn: &str) {
     openssl(&[
         "ecparam",
         "-name",
@@ -229,19 +235,18 @@ pub fn csr_json(work: &Path, name: &str) -> String {
         "-genkey",
         "-noout",
         "-out",
-        path(&key),
+        path(key),
     ]);
     openssl(&[
         "req",
         "-new",
         "-key",
-        path(&key),
+        path(key),
         "-subj",
-        &format!("/CN={name}"),
+        &format!("/CN={cn}"),
         "-out",
-        path(&csr),
+        path(csr),
     ]);
-    fs::read_to_string(&csr).expect("csr").replace('\n', "\\n")
 }
 
 /// A registration body with this token and CSR (JSON-escaped PEM).

@@ -3,7 +3,6 @@
 //! the right machine, with a `SHA256SUMS` file and a size table.
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -443,24 +442,9 @@ pub(crate) fn thousands(n: u64) -> String {
     out
 }
 
-/// The SHA-256 of a file, in lowercase hex, read in chunks.
+/// The SHA-256 of a file, in lowercase hex.
 fn sha256_file(path: &Path) -> Result<String, String> {
-    let err = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
-    let mut file = fs::File::open(path).map_err(err)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf).map_err(err)?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-    }
-    Ok(hex(ctx.finish().as_ref()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::sha256_file(path).map(|d| stella_proto::hash::hex(&d))
 }
 
 /// The ELF machine (`e_machine`) a release target's binaries must have.

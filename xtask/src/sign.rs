@@ -4,11 +4,10 @@
 //! Also the atomic file write that `keygen` shares.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use ring::digest;
 use stella_proto::dsse::{self, SigningKey};
 use stella_proto::release::{self, ENVELOPE_FILE, PAYLOAD_TYPE, Statement, Subject, Version};
 
@@ -80,7 +79,10 @@ pub(crate) fn sign(opts: &Options) -> Result<(), String> {
     files.sort();
     let mut subjects = Vec::with_capacity(files.len());
     for (name, path) in &files {
-        subjects.push(Subject::new(name, &sha256_file(path)?));
+        subjects.push(Subject::new(
+            name,
+            &crate::sha256_file(path).map_err(|e| format!("sign: {e}"))?,
+        ));
     }
     let statement = Statement::new(
         &opts.version,
@@ -174,25 +176,6 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) -> Result<()
         }
     }
     Ok(())
-}
-
-/// SHA-256 of a file, read in 64 KiB pieces.
-fn sha256_file(path: &Path) -> Result<[u8; 32], String> {
-    let fail = |e: std::io::Error| format!("sign: cannot read {}: {e}", path.display());
-    let mut file = File::open(path).map_err(fail)?;
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => ctx.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(fail(e)),
-        }
-    }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    Ok(out)
 }
 
 /// Whether [`write_atomic`] may replace an existing file.

@@ -582,25 +582,7 @@ fn openssl_client_cert(
         dir.join("req.pem"),
         dir.join("cert.pem"),
     );
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        path(&key),
-    ]);
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        path(&key),
-        "-subj",
-        &format!("/CN={cn}"),
-        "-out",
-        path(&csr),
-    ]);
+    stella_tests::raw::new_key_and_csr(&key, &csr, cn);
     fs::write(dir.join("index.txt"), "").expect("index");
     let config = format!(
         "[ca]\ndefault_ca = test\n[test]\ndatabase = {d}/index.txt\nnew_certs_dir = {d}\n\

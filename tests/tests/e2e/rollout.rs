@@ -225,7 +225,7 @@ fn a_failing_release_pauses_at_the_canary() {
 fn membership_and_state_survive_a_server_restart() {
     let keys = Keys::new();
     let mut server = Server::start();
-    let ids: Vec<String> = (0..10)
+    let mut ids: Vec<String> = (0..10)
         .map(|i| enroll(&server, &keys, "prod", &format!("m{i}")).1)
         .collect();
     let dir = signed_release(&keys, NEXT, &bin("stella-agent-next"), &[]);
@@ -247,7 +247,15 @@ fn membership_and_state_survive_a_server_restart() {
         y.sort();
         assert_eq!(x, y, "stage membership changed across a restart");
     }
-    assert_eq!(ids.len(), 10);
+    // Every enrolled agent is in exactly one stage.
+    let mut members: Vec<String> = after
+        .stages
+        .iter()
+        .flat_map(|s| s.members.clone().unwrap())
+        .collect();
+    members.sort();
+    ids.sort();
+    assert_eq!(members, ids);
 }
 
 #[test]
