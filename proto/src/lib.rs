@@ -13,6 +13,7 @@ pub mod id;
 pub mod logfmt;
 pub mod pem;
 pub mod release;
+pub mod states;
 pub mod time;
 pub mod token;
 
