@@ -1,4 +1,4 @@
-//! Configuration (DESIGN.md section 7): scoped desired config pushed on the
+//! Configuration (docs/design.md section 7): scoped desired config pushed on the
 //! heartbeat, applied without restart, drift detected and restored, invalid
 //! documents refused with the last good one kept.
 

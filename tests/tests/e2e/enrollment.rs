@@ -1,4 +1,4 @@
-//! Enrollment with one-time tokens (DESIGN.md section 3): the issued
+//! Enrollment with one-time tokens (docs/design.md section 3): the issued
 //! certificate, CA pinning, every token refusal, and the lost-answer retry.
 
 use std::fs;

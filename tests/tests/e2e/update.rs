@@ -1,4 +1,4 @@
-//! Signed releases and self-update (DESIGN.md section 5): deploy a new
+//! Signed releases and self-update (docs/design.md section 5): deploy a new
 //! version, every refusal, resume after an interrupted download, a crash at
 //! each step of the swap, probation rollback, crash-loop rollback.
 
