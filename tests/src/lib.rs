@@ -35,8 +35,7 @@ pub fn ci() -> bool {
 pub fn skip_or_fail(test: &str, reason: &str) {
     if ci() {
         panic!(
-            "{test}: {reason}; under CI a missing prerequisite fails the test \
-             (.ci/deps installs what the tests need)"
+            "{test}: {reason} (CI is set: a missing prerequisite fails the test instead of skipping it)"
         );
     }
     use std::io::Write;

@@ -322,7 +322,7 @@ fn bundle_round_trip_through_install_sh_then_zero_touch_enrollment() {
     } else {
         skip_or_fail(
             "bundle (in part)",
-            "shellcheck is not installed, so install.sh is not linted",
+            "shellcheck is not installed, so install.sh is not linted (.ci/deps installs it)",
         );
     }
     let root = TempDir::new("root");
