@@ -558,6 +558,44 @@ impl AgentDir {
     }
 }
 
+/// Parses JSON that a command printed or a state file holds, failing with
+/// the text when it is not JSON.
+pub fn json(text: &str) -> miniserde::json::Value {
+    miniserde::json::from_str(text.trim()).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+/// The value at `path` in `value`: object keys joined by `/`
+/// (`update/version`), or `None` when a key is missing or not in an object.
+pub fn json_at<'a>(
+    value: &'a miniserde::json::Value,
+    path: &str,
+) -> Option<&'a miniserde::json::Value> {
+    path.split('/').try_fold(value, |v, key| match v {
+        miniserde::json::Value::Object(o) => o.get(key),
+        _ => None,
+    })
+}
+
+/// The string at `path` in `value` (see [`json_at`]); `None` when it is
+/// missing or not a string.
+pub fn json_str<'a>(value: &'a miniserde::json::Value, path: &str) -> Option<&'a str> {
+    match json_at(value, path) {
+        Some(miniserde::json::Value::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// The finding codes of a `doctor --json` report, in check order.
+pub fn doctor_codes(report: &miniserde::json::Value) -> Vec<String> {
+    match json_at(report, "checks") {
+        Some(miniserde::json::Value::Array(checks)) => checks
+            .iter()
+            .filter_map(|c| json_str(c, "code").map(str::to_owned))
+            .collect(),
+        _ => panic!("doctor --json has no checks array: {report:?}"),
+    }
+}
+
 /// Runs an external tool (openssl, curl) that the CI installs.
 pub fn tool(program: &str, args: &[&str]) -> Output {
     run(Command::new(program).args(args))
