@@ -19,6 +19,40 @@ pub use stella_proto::api::AgentView;
 /// How long tests wait for a state before failing (2-core shared machine).
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// Whether a missing prerequisite must fail the tests instead of skipping
+/// them: `CI` is set (and not `false` or `0`), as `.ci/run` sets it. CI
+/// installs every prerequisite, so there a skip would be a test that tests
+/// nothing and passes.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The one way a test gives up on a missing prerequisite (a tool, free disk,
+/// the release binaries): under [`ci`] it fails with `reason`; elsewhere it
+/// says SKIPPED on stderr, past the harness's capture (which would hide it for
+/// a passing test), and the caller returns or carries on with less.
+#[track_caller]
+pub fn skip_or_fail(test: &str, reason: &str) {
+    if ci() {
+        panic!(
+            "{test}: {reason} (CI is set: a missing prerequisite fails the test instead of skipping it)"
+        );
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
+}
+
+/// Whether `program` is an executable file on `PATH`.
+pub fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
 /// Where the binaries under test are: `STELLA_BIN_DIR` (set by `cargo xtask
 /// test`), else the cargo target dir this test was built into.
 pub fn bin_dir() -> PathBuf {
@@ -521,6 +555,44 @@ impl AgentDir {
 
     pub fn file(&self, name: &str) -> PathBuf {
         self.state.join(name)
+    }
+}
+
+/// Parses JSON that a command printed or a state file holds, failing with
+/// the text when it is not JSON.
+pub fn json(text: &str) -> miniserde::json::Value {
+    miniserde::json::from_str(text.trim()).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+/// The value at `path` in `value`: object keys joined by `/`
+/// (`update/version`), or `None` when a key is missing or not in an object.
+pub fn json_at<'a>(
+    value: &'a miniserde::json::Value,
+    path: &str,
+) -> Option<&'a miniserde::json::Value> {
+    path.split('/').try_fold(value, |v, key| match v {
+        miniserde::json::Value::Object(o) => o.get(key),
+        _ => None,
+    })
+}
+
+/// The string at `path` in `value` (see [`json_at`]); `None` when it is
+/// missing or not a string.
+pub fn json_str<'a>(value: &'a miniserde::json::Value, path: &str) -> Option<&'a str> {
+    match json_at(value, path) {
+        Some(miniserde::json::Value::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// The finding codes of a `doctor --json` report, in check order.
+pub fn doctor_codes(report: &miniserde::json::Value) -> Vec<String> {
+    match json_at(report, "checks") {
+        Some(miniserde::json::Value::Array(checks)) => checks
+            .iter()
+            .filter_map(|c| json_str(c, "code").map(str::to_owned))
+            .collect(),
+        _ => panic!("doctor --json has no checks array: {report:?}"),
     }
 }
 

@@ -1,10 +1,11 @@
-//! Configuration (DESIGN.md section 7): scoped desired config pushed on the
+//! Configuration (docs/design.md section 7): scoped desired config pushed on the
 //! heartbeat, applied without restart, drift detected and restored, invalid
 //! documents refused with the last good one kept.
 
 use std::fs;
 use std::time::Instant;
 
+use miniserde::json::Value;
 use stella_tests::{AgentDir, DEADLINE, Server, TempDir, poll, text};
 
 fn set(server: &Server, scope: &str, doc: &str) -> String {
@@ -44,8 +45,9 @@ fn a_pushed_config_is_applied_and_changes_the_cadence() {
         &mut agent.command(&["status", "--json"]),
     ))
     .0;
-    assert!(
-        status.contains(&format!("\"config_hash\":\"{hash}\"")),
+    assert_eq!(
+        stella_tests::json_str(&stella_tests::json(&status), "config_hash"),
+        Some(hash.as_str()),
         "{status}"
     );
 
@@ -230,12 +232,25 @@ fn a_hand_edit_is_reported_and_with_auto_remediation_restored() {
     assert!(server.admin_ok(&["drift"]).contains("no drift"));
 
     fs::write(agent.file("config.json"), r#"{"log_level":"debug"}"#).unwrap();
-    let rows = poll(DEADLINE, || {
-        let json = server.admin_ok(&["drift", "--json"]);
-        (json.contains(&id) && json.contains("\"local_drift\":true")).then_some(json)
+    // The agent's row of `drift --json`, once it reports the local edit.
+    let row = poll(DEADLINE, || {
+        let out = server.admin_ok(&["drift", "--json"]);
+        let Value::Array(rows) = stella_tests::json(&out) else {
+            panic!("drift --json is not an array: {out}")
+        };
+        rows.into_iter().find(|row| {
+            stella_tests::json_str(row, "agent") == Some(id.as_str())
+                && matches!(
+                    stella_tests::json_at(row, "local_drift"),
+                    Some(Value::Bool(true))
+                )
+        })
     })
     .expect("the edit is reported as drift");
-    assert!(rows.contains("\"since\":\"20"), "{rows}");
+    assert!(
+        stella_tests::json_str(&row, "since").is_some_and(|t| t.starts_with("20")),
+        "{row:?}"
+    );
     // Not restored without remediation: auto.
     assert_eq!(
         fs::read_to_string(agent.file("config.json")).unwrap(),

@@ -1,6 +1,7 @@
-//! Crash consistency with real SIGKILLs (DESIGN.md sections 3 and 4): the
+//! Crash consistency with real SIGKILLs (docs/design.md sections 3 and 4): the
 //! server killed while agents enroll and heartbeat, and the agent killed at a
-//! random moment of its enrollment. Enrollment and token use are durable
+//! random moment of its enrollment (at least once between its request and
+//! its end, or the test fails). Enrollment and token use are durable
 //! before the server answers, so after a restart every answered enrollment is
 //! there, every used token stays used, and a retry finds the same identity.
 
@@ -239,10 +240,52 @@ fn cert_matches_key(agent: &AgentDir) -> bool {
     cert.status.success() && text(&cert).0 == text(&key).0
 }
 
+/// Where a kill landed in one enrollment, as the test sees it afterwards in
+/// the agent's state dir and the server's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landed {
+    /// No key yet: the agent was starting or pinning the CA.
+    BeforeItsKey,
+    /// Key made (the request was being built or sent), nothing recorded.
+    BeforeTheServerRecordedIt,
+    /// Recorded by the server, no `agent.json`: after the agent sent its
+    /// request and before it finished, so the answer was lost.
+    AnswerLost,
+    /// `agent.json` written: the enrollment had finished.
+    Finished,
+}
+
+/// When to SIGKILL the agent's `bootstrap`.
+#[derive(Debug, Clone, Copy)]
+enum Aim {
+    /// After this long.
+    After(Duration),
+    /// As soon as the server's log says it recorded this enrollment (the
+    /// agent is then between its request and `agent.json`, unless it is
+    /// quicker than a look at the log).
+    AtTheServerRecord,
+}
+
+/// Whether the server log has a line with the field `name=<name>` (the
+/// server logs each recorded enrollment with the agent's name).
+fn server_logged_name(server: &Server, name: &str) -> bool {
+    let field = format!("name={name}");
+    server
+        .proc
+        .log_text()
+        .lines()
+        .any(|line| line.split_whitespace().any(|f| f == field))
+}
+
 #[test]
 fn agent_killed_at_random_moments_of_enrollment_retries_to_one_identity() {
     use std::os::unix::fs::PermissionsExt;
-    const ATTEMPTS: usize = 6;
+    // Kills spread at random over one enrollment's duration.
+    const SPREAD: usize = 6;
+    // Kills aimed at the server's record, only while no kill has yet landed
+    // between the request and the end, so that the test cannot pass without
+    // one.
+    const AIMED_AT_MOST: usize = 8;
     let server = Server::start();
 
     // How long one enrollment takes here, to spread the kills over it.
@@ -260,22 +303,50 @@ fn agent_killed_at_random_moments_of_enrollment_retries_to_one_identity() {
     assert!(out.status.success(), "{:?}", text(&out));
 
     let mut phases = Vec::new();
-    for attempt in 0..ATTEMPTS {
+    let mut landed = Vec::new();
+    let mut aimed = 0;
+    for attempt in 0.. {
+        let answer_lost = landed.iter().filter(|l| **l == Landed::AnswerLost).count();
+        let aim = if attempt < SPREAD {
+            // Spread over 10%..110% of a whole enrollment, at random within each slot.
+            let slot = whole.as_micros() as u64 / SPREAD as u64;
+            Aim::After(Duration::from_micros(
+                whole.as_micros() as u64 / 10 + slot * attempt as u64 + jitter(slot.max(1)),
+            ))
+        } else if answer_lost == 0 && aimed < AIMED_AT_MOST {
+            aimed += 1;
+            Aim::AtTheServerRecord
+        } else {
+            break;
+        };
         let name = format!("killed{attempt}");
         let token = server.token(&["--ttl", "1h"]);
         let agent = AgentDir::new();
-        // Spread over 10%..110% of a whole enrollment, at random within each slot.
-        let slot = whole.as_micros() as u64 / ATTEMPTS as u64;
-        let delay = Duration::from_micros(
-            whole.as_micros() as u64 / 10 + slot * attempt as u64 + jitter(slot.max(1)),
-        );
         let mut proc = Proc::spawn(
             bootstrap_cmd(&agent, &server.url, &server.pin, &token, &name),
             agent.dir.join("bootstrap.log"),
         );
-        std::thread::sleep(delay);
+        match aim {
+            Aim::After(delay) => std::thread::sleep(delay),
+            Aim::AtTheServerRecord => {
+                let deadline = Instant::now() + stella_tests::DEADLINE;
+                while !server_logged_name(&server, &name)
+                    && proc.try_exit_code().is_none()
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
         let finished = proc.try_exit_code().is_some();
         proc.kill();
+        let key_made = agent.file("agent.key").exists();
+        let local = std::fs::read_to_string(agent.file("agent.json")).ok();
+        if key_made && local.is_none() {
+            // A request that reached the server before the kill is still
+            // recorded: give the server a moment to finish it.
+            std::thread::sleep(Duration::from_millis(300));
+        }
 
         let on_server: Vec<_> = server
             .agents()
@@ -283,14 +354,18 @@ fn agent_killed_at_random_moments_of_enrollment_retries_to_one_identity() {
             .filter(|a| a.name == name)
             .collect();
         assert!(on_server.len() <= 1, "{on_server:?}");
-        let local = std::fs::read_to_string(agent.file("agent.json")).ok();
-        let phase = match (&local, on_server.first()) {
-            (Some(_), _) => "enrolled on both sides",
-            (None, Some(_)) => "enrolled on the server only (answer lost)",
-            (None, None) => "not enrolled",
+        let (spot, phase) = match (&local, on_server.first(), key_made) {
+            (Some(_), _, _) => (Landed::Finished, "enrolled on both sides"),
+            (None, Some(_), _) => (
+                Landed::AnswerLost,
+                "enrolled on the server only (answer lost)",
+            ),
+            (None, None, true) => (Landed::BeforeTheServerRecordedIt, "key made, not enrolled"),
+            (None, None, false) => (Landed::BeforeItsKey, "not enrolled, no key"),
         };
+        landed.push(spot);
         phases.push(format!(
-            "{delay:?}: {phase}{}",
+            "{aim:?}: {phase}{}",
             if finished { " (had exited)" } else { "" }
         ));
         if let Some(json) = &local {
@@ -340,4 +415,13 @@ fn agent_killed_at_random_moments_of_enrollment_retries_to_one_identity() {
         );
     }
     eprintln!("one enrollment takes {whole:?}; kills landed: {phases:#?}");
+    // Not a test of nothing: at least one kill landed after the agent's
+    // request reached the server and before the agent finished, and its
+    // retry above found the same identity.
+    assert!(
+        landed.contains(&Landed::AnswerLost),
+        "no kill landed between the request and the end of an enrollment \
+         ({aimed} aimed at the server's record); kills landed: {phases:#?}\nserver log:\n{}",
+        server.proc.log_text()
+    );
 }

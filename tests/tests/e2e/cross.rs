@@ -1,15 +1,15 @@
-//! Release binaries (DESIGN.md section 10): what `cargo xtask dist` built is
+//! Release binaries (docs/design.md section 10): what `cargo xtask dist` built is
 //! static, for the right machine and matches its SHA256SUMS, checked with
 //! binutils rather than xtask's own reader; and the aarch64 agent enrolls and
 //! heartbeats under qemu against the native server. `cargo xtask test` sets
 //! `STELLA_DIST_DIR` only when it could build every release target; without it
-//! these tests say SKIPPED and pass, so the native suite runs anywhere.
+//! (or without qemu) these tests say SKIPPED and pass, so the native suite runs
+//! anywhere, except under `CI=true`, where they fail.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use stella_tests::{AgentDir, DEADLINE, Proc, Server, poll, text, tool};
+use stella_tests::{AgentDir, DEADLINE, Proc, Server, on_path, poll, skip_or_fail, text, tool};
 
 /// Each release target with the machine `readelf -h` names for it.
 const TARGETS: [(&str, &str); 2] = [
@@ -18,20 +18,14 @@ const TARGETS: [(&str, &str); 2] = [
 ];
 const BINARIES: [&str; 2] = ["stella-agent", "stella-server"];
 
-/// Says that a test was skipped and why, on stderr past the test harness's
-/// output capture (which would hide it for a passing test).
-fn skipped(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED: cross::{test}: {why}");
-}
-
-/// `STELLA_DIST_DIR`, or `None` after a loud SKIPPED line.
+/// `STELLA_DIST_DIR`, or `None` after [`skip_or_fail`].
 fn dist_dir(test: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("STELLA_DIST_DIR").map(PathBuf::from);
     if dir.is_none() {
-        skipped(
-            test,
+        skip_or_fail(
+            &format!("cross::{test}"),
             "STELLA_DIST_DIR is not set (`cargo xtask test` sets it when `cargo xtask dist` \
-             built both musl targets; .ci/run installs what that needs)",
+             built both musl targets; .ci/deps installs what that needs)",
         );
     }
     dir
@@ -43,11 +37,6 @@ fn dist_version(dist: &Path) -> String {
         .expect("STELLA_DIST_DIR names dist/<version>")
         .to_string_lossy()
         .into_owned()
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// The value of a `Name:   value` line in `readelf -h` output.
@@ -130,8 +119,8 @@ fn aarch64_agent_under_qemu_enrolls_and_heartbeats() {
         return;
     };
     if !on_path("qemu-aarch64-static") {
-        skipped(
-            "aarch64_agent_under_qemu_enrolls_and_heartbeats",
+        skip_or_fail(
+            "cross::aarch64_agent_under_qemu_enrolls_and_heartbeats",
             "qemu-aarch64-static is not installed \
              (apt-get install -y --no-install-recommends qemu-user-static)",
         );

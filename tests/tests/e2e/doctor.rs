@@ -1,4 +1,4 @@
-//! Doctor and remediation (DESIGN.md sections 8–9): the 11 checks, each
+//! Doctor and remediation (docs/design.md sections 8–9): the 11 checks, each
 //! auto-fixable breakage fixed by `remediate`, `--dry-run` writing nothing,
 //! advice-only findings, and the running agent remediating by itself.
 
@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use stella_tests::{AgentDir, DEADLINE, Server, TempDir, poll, text};
+use stella_tests::{AgentDir, DEADLINE, Server, TempDir, poll, skip_or_fail, text};
 
 const CHECKS: [&str; 11] = [
     "identity.certificate",
@@ -308,8 +308,13 @@ fn remediate_purges_staging_when_space_runs_low() {
             .expect("df")
     };
     if free() < 4 << 30 {
-        eprintln!(
-            "SKIPPED remediate_purges_staging_when_space_runs_low: less than 4 GiB free here"
+        skip_or_fail(
+            "doctor::remediate_purges_staging_when_space_runs_low",
+            &format!(
+                "less than 4 GiB free in {} ({} bytes)",
+                agent.state.display(),
+                free()
+            ),
         );
         return;
     }

@@ -1,4 +1,4 @@
-//! Enrollment with one-time tokens (DESIGN.md section 3): the issued
+//! Enrollment with one-time tokens (docs/design.md section 3): the issued
 //! certificate, CA pinning, every token refusal, and the lost-answer retry.
 
 use std::fs;
@@ -29,12 +29,15 @@ fn enrollment_issues_a_certificate_that_chains_to_the_ca() {
     assert_eq!(mode(&agent.state), 0o700);
     assert_eq!(mode(&agent.file("agent.key")), 0o600);
     let agent_json = fs::read_to_string(agent.file("agent.json")).unwrap();
-    assert!(
-        agent_json.contains(&format!("\"id\":\"{id}\"")),
+    let parsed = stella_tests::json(&agent_json);
+    assert_eq!(
+        stella_tests::json_str(&parsed, "id"),
+        Some(id),
         "{agent_json}"
     );
-    assert!(
-        agent_json.contains(&format!("\"ca_hash\":\"{}\"", server.pin)),
+    assert_eq!(
+        stella_tests::json_str(&parsed, "ca_hash"),
+        Some(server.pin.as_str()),
         "{agent_json}"
     );
 

@@ -1,4 +1,4 @@
-//! Hostile clients against the real server on loopback (DESIGN.md sections 3
+//! Hostile clients against the real server on loopback (docs/design.md sections 3
 //! and 11): oversized and malformed requests, slow and idle connections,
 //! non-TLS bytes, foreign and expired client certificates, path traversal,
 //! admin calls without the token, token brute force, TLS versions, and

@@ -1,8 +1,9 @@
-//! Heartbeats and the agent lifecycle (DESIGN.md section 4): active on
+//! Heartbeats and the agent lifecycle (docs/design.md section 4): active on
 //! heartbeat, inactive after missed intervals, deactivate/activate, revoke.
 
 use std::fs;
 
+use miniserde::json::{self, Value};
 use stella_tests::{AgentDir, DEADLINE, Server, poll, text};
 
 #[test]
@@ -26,23 +27,50 @@ fn heartbeats_make_the_agent_active_with_its_details() {
     assert_eq!(view.labels.get("site").map(String::as_str), Some("lab"));
     assert_eq!(view.update.state, "idle");
 
-    // `agents list --json` has the documented fields.
+    // `agents list --json` has the documented fields, each of its JSON type.
     let listed = server.admin_ok(&["agents", "list", "--json"]);
-    for field in [
-        "\"id\"",
-        "\"name\"",
-        "\"status\"",
-        "\"reason\"",
-        "\"version\"",
-        "\"target\"",
-        "\"labels\"",
-        "\"capabilities\"",
-        "\"last_heartbeat\"",
-        "\"cert_not_after\"",
-        "\"config_hash\"",
-    ] {
-        assert!(listed.contains(field), "{field} missing in {listed}");
+    let rows = match json::from_str::<Value>(listed.trim()) {
+        Ok(Value::Array(rows)) => rows,
+        other => panic!("agents list --json is not a JSON array ({other:?}): {listed}"),
+    };
+    let row = rows
+        .iter()
+        .find_map(|row| match row {
+            Value::Object(o) if matches!(o.get("id"), Some(Value::String(s)) if *s == id) => {
+                Some(o)
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{id} is not a row of {listed}"));
+    let string = |field: &str| match row.get(field) {
+        Some(Value::String(s)) => s.clone(),
+        other => panic!("{field} is not a string but {other:?} in {listed}"),
+    };
+    assert_eq!(string("name"), "hb1");
+    assert_eq!(string("status"), "active");
+    assert!(
+        matches!(row.get("reason"), Some(Value::Null)),
+        "reason of an active agent: {listed}"
+    );
+    assert_eq!(string("version"), env!("CARGO_PKG_VERSION"));
+    assert_eq!(string("target"), view.target);
+    assert!(string("last_heartbeat").ends_with('Z'), "{listed}");
+    assert!(string("cert_not_after").ends_with('Z'), "{listed}");
+    assert!(
+        matches!(row.get("config_hash"), Some(Value::String(_) | Value::Null)),
+        "config_hash is neither a string nor null in {listed}"
+    );
+    match row.get("labels") {
+        Some(Value::Object(labels)) => assert!(
+            matches!(labels.get("site"), Some(Value::String(v)) if v == "lab"),
+            "{listed}"
+        ),
+        other => panic!("labels is not an object but {other:?} in {listed}"),
     }
+    assert!(
+        matches!(row.get("capabilities"), Some(Value::Array(_))),
+        "capabilities is not an array in {listed}"
+    );
     // The table names the agent too.
     assert!(server.admin_ok(&["agents", "list"]).contains("hb1"));
 
@@ -53,11 +81,16 @@ fn heartbeats_make_the_agent_active_with_its_details() {
     // `status` reads the state dir.
     let out = stella_tests::run(&mut agent.command(&["status", "--json"]));
     let (stdout, _) = text(&out);
-    assert!(
-        stdout.contains(&format!("\"agent_id\":\"{id}\"")),
+    let status = stella_tests::json(&stdout);
+    assert_eq!(
+        stella_tests::json_str(&status, "agent_id"),
+        Some(id.as_str()),
         "{stdout}"
     );
-    assert!(stdout.contains("\"last_heartbeat\":\"20"), "{stdout}");
+    assert!(
+        stella_tests::json_str(&status, "last_heartbeat").is_some_and(|t| t.starts_with("20")),
+        "{stdout}"
+    );
     proc.kill();
 }
 

@@ -1,4 +1,4 @@
-//! Certificate lifecycle (DESIGN.md section 3): scheduled renewal with a fresh
+//! Certificate lifecycle (docs/design.md section 3): scheduled renewal with a fresh
 //! key, renewal on request, refusal of revoked and superseded certificates,
 //! recovery after an offline expiry within the grace, and a crash at each step
 //! of the key/certificate swap.

@@ -1,4 +1,4 @@
-//! Staged rollouts (DESIGN.md section 6): real agents update stage by stage,
+//! Staged rollouts (docs/design.md section 6): real agents update stage by stage,
 //! a failing release pauses at the canary, membership survives a server
 //! restart, overlapping rollouts are refused, pause/resume/abort act at once.
 

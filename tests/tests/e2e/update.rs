@@ -1,4 +1,4 @@
-//! Signed releases and self-update (DESIGN.md section 5): deploy a new
+//! Signed releases and self-update (docs/design.md section 5): deploy a new
 //! version, every refusal, resume after an interrupted download, a crash at
 //! each step of the swap, probation rollback, crash-loop rollback.
 
@@ -139,14 +139,16 @@ fn a_new_version_is_deployed_and_committed() {
     let log = sup.log_text();
     assert!(log.contains("update committed"), "{log}");
     let status = text(&run(&mut agent.command(&["status", "--json"]))).0;
-    assert!(
-        status.contains(&format!("\"version\":\"{NEXT}\"")),
+    assert_eq!(
+        stella_tests::json_str(&stella_tests::json(&status), "version"),
+        Some(NEXT),
         "{status}"
     );
     // Doctor agrees the new binary is the installed one.
     let doctor = text(&run(&mut agent.command(&["doctor", "--json"]))).0;
     assert!(
-        doctor.contains(r#""code":"update.integrity/ok""#),
+        stella_tests::doctor_codes(&stella_tests::json(&doctor))
+            .contains(&"update.integrity/ok".to_owned()),
         "{doctor}"
     );
 }
@@ -487,7 +489,8 @@ fn doctor_and_remediate_finish_an_interrupted_swap() {
     );
     let doctor = text(&run(&mut agent.command(&["doctor", "--json"]))).0;
     assert!(
-        doctor.contains(r#""code":"update.integrity/interrupted""#),
+        stella_tests::doctor_codes(&stella_tests::json(&doctor))
+            .contains(&"update.integrity/interrupted".to_owned()),
         "{doctor}"
     );
     let out = run(&mut agent.command(&["remediate", "--json"]));
@@ -498,7 +501,8 @@ fn doctor_and_remediate_finish_an_interrupted_swap() {
     );
     let doctor = text(&run(&mut agent.command(&["doctor", "--json"]))).0;
     assert!(
-        doctor.contains(r#""code":"update.integrity/ok""#),
+        stella_tests::doctor_codes(&stella_tests::json(&doctor))
+            .contains(&"update.integrity/ok".to_owned()),
         "{doctor}"
     );
     assert_eq!(sha256(&agent.binary), original);
