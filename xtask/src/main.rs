@@ -7,6 +7,7 @@ mod bench;
 mod bundle;
 mod demo;
 mod dist;
+mod elf;
 mod fuzz;
 mod keygen;
 mod sign;
