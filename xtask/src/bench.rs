@@ -9,12 +9,16 @@
 //! never a timed test: nothing here runs under `cargo test`.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use lexopt::Arg;
+
+use crate::args::{Args, Usage};
 use crate::dist::{self, thousands};
 use crate::{cargo, project_root, run, target_dir};
 
@@ -565,19 +569,36 @@ fn parse_kv(path: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// `cargo xtask bench [--quick]`.
-pub(crate) fn bench(args: &[String]) -> Result<(), String> {
-    let mut quick = false;
-    for a in args {
-        match a.as_str() {
-            "--quick" => quick = true,
-            other => {
-                return Err(format!(
-                    "bench: unexpected argument {other:?} (only --quick)"
-                ));
+/// `cargo xtask bench` options.
+#[derive(Debug)]
+pub(crate) struct Options {
+    /// About 2 minutes of measuring instead of the full run.
+    quick: bool,
+}
+
+impl Options {
+    /// Parses `[--quick]`.
+    pub(crate) fn parse<I>(args: I) -> Result<Self, Usage>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        const CMD: &str = "bench";
+        let mut quick = false;
+        let mut args = Args::new(CMD, args);
+        while let Some(arg) = args.next()? {
+            match arg {
+                Arg::Long("quick") => quick = true,
+                other => return Err(Usage::unexpected(CMD, other)),
             }
         }
+        Ok(Self { quick })
     }
+}
+
+/// `cargo xtask bench [--quick]`.
+pub(crate) fn bench(opts: &Options) -> Result<(), String> {
+    let quick = opts.quick;
     let scale = Scale::new(quick);
     let command = if quick {
         "cargo xtask bench --quick"

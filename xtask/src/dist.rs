@@ -2,11 +2,15 @@
 //! `target/dist/<version>/<target>/`, each checked to be a static ELF file for
 //! the right machine, with a `SHA256SUMS` file and a size table.
 
+use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use lexopt::Arg;
+
+use crate::args::{Args, Usage};
 use crate::elf::{self, EM_AARCH64, EM_X86_64, Elf};
 use crate::{cargo, project_root, run, target_dir};
 
@@ -26,40 +30,43 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    /// Parses `[--version V] [--target T]... [--strict]`; errors are usage errors.
-    pub(crate) fn parse(args: &[String]) -> Result<Self, String> {
+    /// Parses `[--version V] [--target T]... [--strict]`.
+    pub(crate) fn parse<I>(args: I) -> Result<Self, Usage>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        const CMD: &str = "dist";
         let mut opts = Self::default();
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-                _ => (arg.as_str(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next().cloned())
-                    .ok_or_else(|| format!("{flag} needs a value"))
-            };
-            match flag {
-                "--version" => opts.version = Some(value()?),
-                "--target" => {
-                    let target = value()?;
+        let mut args = Args::new(CMD, args);
+        while let Some(arg) = args.next()? {
+            match arg {
+                Arg::Long("version") => opts.version = Some(args.string("--version")?),
+                Arg::Long("target") => {
+                    let target = args.string("--target")?;
                     if machine_of(&target).is_none() {
-                        return Err(format!(
-                            "unknown release target {target:?} (known: {})",
+                        return Err(Usage::Wrong(format!(
+                            "dist: unknown release target {target:?} (known: {})",
                             TARGETS.join(", ")
-                        ));
+                        )));
                     }
                     if !opts.targets.contains(&target) {
                         opts.targets.push(target);
                     }
                 }
-                "--strict" if inline.is_none() => opts.strict = true,
-                _ => return Err(format!("dist: unexpected argument {arg:?}")),
+                Arg::Long("strict") => opts.strict = true,
+                other => return Err(Usage::unexpected(CMD, other)),
             }
         }
         Ok(opts)
+    }
+
+    /// Every release target at `version`: what `bundle` needs.
+    pub(crate) fn for_version(version: &str) -> Self {
+        Self {
+            version: Some(version.to_owned()),
+            ..Self::default()
+        }
     }
 }
 
@@ -643,7 +650,7 @@ mod tests {
     #[test]
     fn options_parse() {
         let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        let o = Options::parse(&args(&[
+        let o = Options::parse(args(&[
             "--version",
             "1.0.0",
             "--target=aarch64-unknown-linux-musl",
@@ -653,9 +660,11 @@ mod tests {
         assert_eq!(o.version.as_deref(), Some("1.0.0"));
         assert_eq!(o.targets, ["aarch64-unknown-linux-musl"]);
         assert!(o.strict);
-        assert!(Options::parse(&args(&["--target", "armv7-unknown-linux-musleabihf"])).is_err());
-        assert!(Options::parse(&args(&["--version"])).is_err());
-        assert!(Options::parse(&args(&["--bogus"])).is_err());
+        assert!(Options::parse(args(&["--target", "armv7-unknown-linux-musleabihf"])).is_err());
+        assert!(Options::parse(args(&["--version"])).is_err());
+        assert!(Options::parse(args(&["--bogus"])).is_err());
+        assert!(Options::parse(args(&["--strict=yes"])).is_err());
+        assert_eq!(Options::parse(args(&["-h"])).unwrap_err(), Usage::Help);
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! libraries its dynamic segment needs (dist's static check), and whether a
 //! symbol table is left (bench's stripped check).
 
+use object::Endianness;
 use object::elf::{self, FileHeader64};
 use object::read::elf::{Dyn as _, FileHeader as _, ProgramHeader as _, SectionHeader as _};
-use object::Endianness;
 
 /// `e_machine` of the x86_64 release target.
 pub(crate) const EM_X86_64: u16 = elf::EM_X86_64.0;
@@ -91,7 +91,11 @@ pub(crate) fn parse(b: &[u8]) -> Result<Elf, String> {
 pub(crate) fn has_symtab(b: &[u8]) -> Option<bool> {
     let (header, endian) = header(b).ok()?;
     let sections = header.section_headers(endian, b).ok()?;
-    Some(sections.iter().any(|s| s.sh_type(endian) == elf::SHT_SYMTAB))
+    Some(
+        sections
+            .iter()
+            .any(|s| s.sh_type(endian) == elf::SHT_SYMTAB),
+    )
 }
 
 #[cfg(test)]
@@ -228,7 +232,11 @@ mod tests {
         // A program header pointing far past the end.
         let mut b = elf_file(EM_X86_64, ET_EXEC, &[(PT_LOAD, vec![0; 4])]);
         b[64 + 8..64 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(parse(&b).unwrap_err().contains("past the end"), "{:?}", parse(&b));
+        assert!(
+            parse(&b).unwrap_err().contains("past the end"),
+            "{:?}",
+            parse(&b)
+        );
     }
 
     #[test]
