@@ -8,8 +8,8 @@
 //! what parses re-encodes to something that parses to the same value, and
 //! refusals carry the statuses the API documents.
 //!
-//! The server's HTTP framing and the agent's DER reader live in binary crates,
-//! so their source files are compiled in here unchanged (`#[path]`).
+//! The server's HTTP framing and CSR check and the agent's DER reader are
+//! called in the agent's and the server's libraries, as the binaries call them.
 #![forbid(unsafe_code)]
 
 use std::cmp::Ordering;
@@ -19,28 +19,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use miniserde::{Deserialize, Serialize, json};
+use stella_agent::der;
 use stella_proto::dsse::{self, Envelope, PublicKey, SigningKey};
 use stella_proto::release::{self, Statement, Version};
 use stella_proto::{api, config, hash, id, pem, time, token};
-
-/// The one thing `agent/src/der.rs` needs of the agent's error type.
-#[allow(dead_code)]
-mod error {
-    #[derive(Debug)]
-    pub(crate) enum Error {
-        Invalid(String),
-    }
-}
-
-// The server's request framing, as the server compiles it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../server/src/http.rs"]
-mod http;
-
-// The agent's certificate reader, as the agent compiles it.
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../agent/src/der.rs"]
-mod der;
+use stella_server::{ca, http};
 
 /// A fuzz target: takes any bytes, panics on a bug.
 pub type Target = fn(&[u8]);
@@ -158,23 +141,21 @@ pub fn der_cert(data: &[u8]) {
 // ---------------------------------------------------------------------------
 // Server: CSRs in registrations (server/src/ca.rs `check_csr`).
 
-fn check_csr_der(der: &[u8]) {
-    use rcgen::PublicKeyData;
-    if let Ok(params) = rcgen::CertificateSigningRequestParams::from_der(&der.into()) {
-        let _p256 = params.public_key.algorithm() == &rcgen::PKCS_ECDSA_P256_SHA256;
-        let _ = hash::sha256(&params.public_key.subject_public_key_info());
+/// The server's check of a registration's PEM CSR; a refusal must say why.
+fn check_csr(csr_pem: &str) {
+    if let Err(e) = ca::check_csr(csr_pem) {
+        assert!(!e.to_string().is_empty(), "a CSR refusal without a reason");
     }
 }
 
-/// The server decodes the PEM CSR of a registration and checks it as
-/// `Ca::check_csr` does; the input is tried as DER and as PEM text.
+/// The server decodes the PEM CSR of a registration and checks it; the input
+/// is tried as PEM text, and as DER wrapped in PEM (so the fuzzer reaches the
+/// DER parser without having to learn base64).
 pub fn csr(data: &[u8]) {
-    check_csr_der(data);
-    if let Ok(text) = std::str::from_utf8(data)
-        && let Ok(der) = pem::decode("CERTIFICATE REQUEST", text)
-    {
-        check_csr_der(&der);
+    if let Ok(text) = std::str::from_utf8(data) {
+        check_csr(text);
     }
+    check_csr(&pem::encode("CERTIFICATE REQUEST", data));
 }
 
 // ---------------------------------------------------------------------------

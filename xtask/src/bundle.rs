@@ -4,15 +4,18 @@
 //! for, `install.sh` and `README.txt`, all signed into `release.dsse.json` by
 //! `sign`; then `DIR.tar`. `stella-server release import DIR` takes it as is.
 
+use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use lexopt::Arg;
 use stella_proto::RegistrationToken;
 use stella_proto::dsse::SigningKey;
 use stella_proto::release::Version;
 
+use crate::args::{Args, Usage};
 use crate::{dist, run, sign};
 
 /// The targets a bundle carries; `install.sh` maps `uname -m` onto them.
@@ -38,32 +41,34 @@ pub(crate) struct Options {
 
 impl Options {
     /// Parses `--key KEY --out DIR [--version V] [--server URL --token T]
-    /// [--ca FILE] [--dist DIR]`; errors are usage errors.
-    pub(crate) fn parse(args: &[String]) -> Result<Self, String> {
+    /// [--ca FILE] [--dist DIR]`.
+    pub(crate) fn parse<I>(args: I) -> Result<Self, Usage>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        const CMD: &str = "bundle";
         let (mut key, mut out) = (None, None);
         let mut opts = Self::default();
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-                _ => (arg.as_str(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next().cloned())
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| format!("bundle: {flag} needs a value"))
-            };
-            match flag {
-                "--key" => key = Some(PathBuf::from(value()?)),
-                "--out" => out = Some(PathBuf::from(value()?)),
-                "--version" => opts.version = Some(value()?),
-                "--server" => opts.server = Some(value()?),
-                "--token" => opts.token = Some(value()?),
-                "--ca" => opts.ca = Some(PathBuf::from(value()?)),
-                "--dist" => opts.dist = Some(PathBuf::from(value()?)),
-                _ => return Err(format!("bundle: unexpected argument {arg:?}")),
+        let mut args = Args::new(CMD, args);
+        // Every option takes a value, and an empty one is as good as none.
+        fn value(args: &mut Args, flag: &str) -> Result<String, Usage> {
+            let value = args.string(flag)?;
+            if value.is_empty() {
+                return Err(Usage::Wrong(format!("{CMD}: {flag} needs a value")));
+            }
+            Ok(value)
+        }
+        while let Some(arg) = args.next()? {
+            match arg {
+                Arg::Long("key") => key = Some(PathBuf::from(value(&mut args, "--key")?)),
+                Arg::Long("out") => out = Some(PathBuf::from(value(&mut args, "--out")?)),
+                Arg::Long("version") => opts.version = Some(value(&mut args, "--version")?),
+                Arg::Long("server") => opts.server = Some(value(&mut args, "--server")?),
+                Arg::Long("token") => opts.token = Some(value(&mut args, "--token")?),
+                Arg::Long("ca") => opts.ca = Some(PathBuf::from(value(&mut args, "--ca")?)),
+                Arg::Long("dist") => opts.dist = Some(PathBuf::from(value(&mut args, "--dist")?)),
+                other => return Err(Usage::unexpected(CMD, other)),
             }
         }
         opts.key = key.ok_or("bundle: --key KEY (the offline release key) is required")?;
@@ -89,9 +94,9 @@ impl Options {
                     .chars()
                     .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\\'));
             if !ok {
-                return Err(format!(
+                return Err(Usage::Wrong(format!(
                     "bundle: --server {server:?} must be an https:// URL"
-                ));
+                )));
             }
         }
         if let Some(token) = &opts.token {
@@ -163,8 +168,7 @@ pub(crate) fn bundle(opts: &Options) -> Result<(), String> {
 /// Runs `dist` for the version (cargo only rebuilds what changed) and
 /// returns its directory; a bundle needs every target.
 fn build_dist(version: &str) -> Result<PathBuf, String> {
-    let opts = dist::Options::parse(&["--version".to_owned(), version.to_owned()])?;
-    let built = dist::build(&opts)?;
+    let built = dist::build(&dist::Options::for_version(version))?;
     if let Some((target, reason)) = built.skipped.first() {
         return Err(format!(
             "bundle: dist could not build {target}: {reason}; a bundle needs both targets"
@@ -260,19 +264,7 @@ fn fill(
 
 /// Signs every file of the bundle with `sign`, as any release directory.
 fn sign_dir(opts: &Options, out: &Path, version: &str) -> Result<(), String> {
-    let utf8 = |p: &Path| {
-        p.to_str()
-            .map(str::to_owned)
-            .ok_or_else(|| format!("bundle: {} is not a UTF-8 path", p.display()))
-    };
-    let args = [
-        "--key".to_owned(),
-        utf8(&opts.key)?,
-        "--version".to_owned(),
-        version.to_owned(),
-        utf8(out)?,
-    ];
-    sign::sign(&sign::Options::parse(&args)?)
+    sign::sign(&sign::Options::new(&opts.key, version, out))
 }
 
 /// `tar` of the bundle next to it (`DIR.tar`, one top-level directory).
@@ -455,7 +447,7 @@ mod tests {
 
     #[test]
     fn parses_the_documented_arguments() {
-        let o = Options::parse(&args(&[
+        let o = Options::parse(args(&[
             "--key",
             "k",
             "--out=b",
@@ -473,7 +465,7 @@ mod tests {
         assert_eq!(o.out, PathBuf::from("b"));
         assert_eq!(o.version.as_deref(), Some("1.2.3"));
         assert_eq!(o.ca, Some(PathBuf::from("ca.pem")));
-        assert!(Options::parse(&args(&["--key", "k", "--out", "b", "--ca", "c"])).is_ok());
+        assert!(Options::parse(args(&["--key", "k", "--out", "b", "--ca", "c"])).is_ok());
     }
 
     #[test]
@@ -530,7 +522,7 @@ mod tests {
             ),
         ];
         for (list, want) in cases {
-            let err = Options::parse(&args(list)).unwrap_err();
+            let err = Options::parse(args(list)).unwrap_err().to_string();
             assert!(err.contains(want), "{list:?}: {err}");
         }
     }

@@ -2,10 +2,14 @@
 //! redb file, a registration token, an agent enrolled with the CA hash and
 //! heartbeating, and the fleet as `agents list` prints it.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lexopt::Arg;
+
+use crate::args::{Args, Usage};
 use crate::{cargo, run, target_dir};
 
 struct Killed(Child);
@@ -43,8 +47,35 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T, String
     }
 }
 
-pub(crate) fn demo(args: &[String]) -> Result<(), String> {
-    let once = args.iter().any(|a| a == "--once");
+/// `cargo xtask demo` options.
+#[derive(Debug)]
+pub(crate) struct Options {
+    /// Print the fleet and stop instead of running until Ctrl-C.
+    once: bool,
+}
+
+impl Options {
+    /// Parses `[--once]`.
+    pub(crate) fn parse<I>(args: I) -> Result<Self, Usage>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        const CMD: &str = "demo";
+        let mut once = false;
+        let mut args = Args::new(CMD, args);
+        while let Some(arg) = args.next()? {
+            match arg {
+                Arg::Long("once") => once = true,
+                other => return Err(Usage::unexpected(CMD, other)),
+            }
+        }
+        Ok(Self { once })
+    }
+}
+
+/// Runs the demo until Ctrl-C (or once).
+pub(crate) fn demo(opts: &Options) -> Result<(), String> {
     run(cargo().args(["build", "-p", "stella-server", "-p", "stella-agent"]))?;
     let bin = target_dir().join("debug");
     let server_bin = bin.join("stella-server");
@@ -143,7 +174,7 @@ pub(crate) fn demo(args: &[String]) -> Result<(), String> {
     println!("agent   {id}  (state dir {})", state.display());
     println!("CA hash {pin}\n");
     print!("{}", admin(&["agents", "list"])?);
-    if once {
+    if opts.once {
         return Ok(());
     }
     let sd = rel(&data);

@@ -2,11 +2,16 @@
 //! `target/dist/<version>/<target>/`, each checked to be a static ELF file for
 //! the right machine, with a `SHA256SUMS` file and a size table.
 
+use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use lexopt::Arg;
+
+use crate::args::{Args, Usage};
+use crate::elf::{self, EM_AARCH64, EM_X86_64, Elf};
 use crate::{cargo, project_root, run, target_dir};
 
 /// The release targets, all built by default.
@@ -15,9 +20,6 @@ const TARGETS: [&str; 2] = ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-
 const BINARIES: [&str; 2] = ["stella-agent", "stella-server"];
 /// DESIGN.md section 13: the stripped x86_64 musl agent.
 const AGENT_BUDGET: u64 = 2 * 1024 * 1024;
-
-const EM_X86_64: u16 = 62;
-const EM_AARCH64: u16 = 183;
 
 /// `cargo xtask dist` options.
 #[derive(Debug, Default)]
@@ -28,40 +30,43 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    /// Parses `[--version V] [--target T]... [--strict]`; errors are usage errors.
-    pub(crate) fn parse(args: &[String]) -> Result<Self, String> {
+    /// Parses `[--version V] [--target T]... [--strict]`.
+    pub(crate) fn parse<I>(args: I) -> Result<Self, Usage>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        const CMD: &str = "dist";
         let mut opts = Self::default();
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-                _ => (arg.as_str(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next().cloned())
-                    .ok_or_else(|| format!("{flag} needs a value"))
-            };
-            match flag {
-                "--version" => opts.version = Some(value()?),
-                "--target" => {
-                    let target = value()?;
+        let mut args = Args::new(CMD, args);
+        while let Some(arg) = args.next()? {
+            match arg {
+                Arg::Long("version") => opts.version = Some(args.string("--version")?),
+                Arg::Long("target") => {
+                    let target = args.string("--target")?;
                     if machine_of(&target).is_none() {
-                        return Err(format!(
-                            "unknown release target {target:?} (known: {})",
+                        return Err(Usage::Wrong(format!(
+                            "dist: unknown release target {target:?} (known: {})",
                             TARGETS.join(", ")
-                        ));
+                        )));
                     }
                     if !opts.targets.contains(&target) {
                         opts.targets.push(target);
                     }
                 }
-                "--strict" if inline.is_none() => opts.strict = true,
-                _ => return Err(format!("dist: unexpected argument {arg:?}")),
+                Arg::Long("strict") => opts.strict = true,
+                other => return Err(Usage::unexpected(CMD, other)),
             }
         }
         Ok(opts)
+    }
+
+    /// Every release target at `version`: what `bundle` needs.
+    pub(crate) fn for_version(version: &str) -> Self {
+        Self {
+            version: Some(version.to_owned()),
+            ..Self::default()
+        }
     }
 }
 
@@ -467,110 +472,6 @@ fn machine_name(machine: u16) -> &'static str {
     }
 }
 
-/// What `dist` checks in an ELF file.
-#[derive(Debug, PartialEq, Eq)]
-struct Elf {
-    /// `e_machine`.
-    machine: u16,
-    /// `ET_DYN`: position independent (static-pie when it has no interpreter).
-    pie: bool,
-    /// The program interpreter a `PT_INTERP` header names.
-    interp: Option<String>,
-    /// Whether there is a `PT_DYNAMIC` segment (static-pie has one for relocations).
-    dynamic: bool,
-    /// `DT_NEEDED` entries (shared libraries) in the dynamic segment.
-    needed: usize,
-}
-
-const PT_DYNAMIC: u32 = 2;
-const PT_INTERP: u32 = 3;
-const DT_NULL: u64 = 0;
-const DT_NEEDED: u64 = 1;
-const ET_EXEC: u16 = 2;
-const ET_DYN: u16 = 3;
-
-/// `N` bytes at `off`, if the buffer has them.
-fn bytes_at<const N: usize>(b: &[u8], off: u64) -> Option<[u8; N]> {
-    let off = usize::try_from(off).ok()?;
-    b.get(off..off.checked_add(N)?)?.try_into().ok()
-}
-
-fn u16_at(b: &[u8], off: u64) -> Option<u16> {
-    bytes_at(b, off).map(u16::from_le_bytes)
-}
-
-fn u32_at(b: &[u8], off: u64) -> Option<u32> {
-    bytes_at(b, off).map(u32::from_le_bytes)
-}
-
-fn u64_at(b: &[u8], off: u64) -> Option<u64> {
-    bytes_at(b, off).map(u64::from_le_bytes)
-}
-
-/// Reads the ELF header and program headers of a 64-bit little-endian file.
-fn parse_elf(b: &[u8]) -> Result<Elf, String> {
-    let truncated = || "truncated ELF file".to_owned();
-    if b.get(..4) != Some(b"\x7fELF".as_slice()) {
-        return Err("not an ELF file".into());
-    }
-    match (b.get(4), b.get(5)) {
-        (Some(2), Some(1)) => {}
-        (Some(class), Some(data)) => {
-            return Err(format!(
-                "not ELF64 little-endian (EI_CLASS {class}, EI_DATA {data})"
-            ));
-        }
-        _ => return Err(truncated()),
-    }
-    let e_type = u16_at(b, 16).ok_or_else(truncated)?;
-    if e_type != ET_EXEC && e_type != ET_DYN {
-        return Err(format!("not an executable (e_type {e_type})"));
-    }
-    let machine = u16_at(b, 18).ok_or_else(truncated)?;
-    let phoff = u64_at(b, 32).ok_or_else(truncated)?;
-    let phentsize = u64::from(u16_at(b, 54).ok_or_else(truncated)?);
-    let phnum = u64::from(u16_at(b, 56).ok_or_else(truncated)?);
-    if phentsize < 56 {
-        return Err(format!("program header size {phentsize} is too small"));
-    }
-    let mut elf = Elf {
-        machine,
-        pie: e_type == ET_DYN,
-        interp: None,
-        dynamic: false,
-        needed: 0,
-    };
-    for i in 0..phnum {
-        let ph = phoff.checked_add(i * phentsize).ok_or_else(truncated)?;
-        let p_type = u32_at(b, ph).ok_or_else(truncated)?;
-        let offset = u64_at(b, ph + 8).ok_or_else(truncated)?;
-        let filesz = u64_at(b, ph + 32).ok_or_else(truncated)?;
-        let segment = usize::try_from(offset)
-            .ok()
-            .zip(usize::try_from(offset.saturating_add(filesz)).ok())
-            .and_then(|(start, end)| b.get(start..end))
-            .ok_or_else(|| format!("program header {i} points past the end of the file"))?;
-        match p_type {
-            PT_INTERP => {
-                let name = segment.split(|&c| c == 0).next().unwrap_or_default();
-                elf.interp = Some(String::from_utf8_lossy(name).into_owned());
-            }
-            PT_DYNAMIC => {
-                elf.dynamic = true;
-                for entry in segment.chunks_exact(16) {
-                    match u64_at(entry, 0) {
-                        Some(DT_NULL) | None => break,
-                        Some(DT_NEEDED) => elf.needed += 1,
-                        Some(_) => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(elf)
-}
-
 /// Checks parsed ELF facts: the expected machine, and static (no interpreter,
 /// no shared libraries needed).
 fn verify(elf: &Elf, machine: u16) -> Result<(), String> {
@@ -601,7 +502,7 @@ fn verify(elf: &Elf, machine: u16) -> Result<(), String> {
 /// Reads and verifies one binary; the error names the file.
 fn check_static(path: &Path, machine: u16) -> Result<Elf, String> {
     let bytes = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let elf = parse_elf(&bytes)
+    let elf = elf::parse(&bytes)
         .and_then(|elf| verify(&elf, machine).map(|()| elf))
         .map_err(|e| format!("dist: {} {e}", path.display()))?;
     Ok(elf)
@@ -611,111 +512,50 @@ fn check_static(path: &Path, machine: u16) -> Result<Elf, String> {
 mod tests {
     use super::*;
 
-    /// A minimal ELF64 LE file: header, program headers, then their segments.
-    fn elf(machine: u16, e_type: u16, segments: &[(u32, Vec<u8>)]) -> Vec<u8> {
-        let phoff = 64u64;
-        let data_start = phoff + 56 * segments.len() as u64;
-        let mut b = vec![0u8; 64];
-        b[..4].copy_from_slice(b"\x7fELF");
-        b[4] = 2; // ELFCLASS64
-        b[5] = 1; // ELFDATA2LSB
-        b[6] = 1; // EV_CURRENT
-        b[16..18].copy_from_slice(&e_type.to_le_bytes());
-        b[18..20].copy_from_slice(&machine.to_le_bytes());
-        b[32..40].copy_from_slice(&phoff.to_le_bytes());
-        b[52..54].copy_from_slice(&64u16.to_le_bytes());
-        b[54..56].copy_from_slice(&56u16.to_le_bytes());
-        b[56..58].copy_from_slice(&(segments.len() as u16).to_le_bytes());
-        let mut offset = data_start;
-        for (p_type, data) in segments {
-            let mut ph = vec![0u8; 56];
-            ph[..4].copy_from_slice(&p_type.to_le_bytes());
-            ph[8..16].copy_from_slice(&offset.to_le_bytes());
-            ph[32..40].copy_from_slice(&(data.len() as u64).to_le_bytes());
-            ph[40..48].copy_from_slice(&(data.len() as u64).to_le_bytes());
-            b.extend_from_slice(&ph);
-            offset += data.len() as u64;
+    /// What `elf::parse` reads of a static executable for `machine`.
+    fn static_elf(machine: u16, pie: bool) -> Elf {
+        Elf {
+            machine,
+            pie,
+            interp: None,
+            dynamic: pie,
+            needed: 0,
         }
-        for (_, data) in segments {
-            b.extend_from_slice(data);
-        }
-        b
     }
-
-    /// A dynamic segment with these (tag, value) entries and a DT_NULL.
-    fn dynamic(entries: &[(u64, u64)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (tag, val) in entries.iter().chain([&(DT_NULL, 0)]) {
-            out.extend_from_slice(&tag.to_le_bytes());
-            out.extend_from_slice(&val.to_le_bytes());
-        }
-        out
-    }
-
-    const PT_LOAD: u32 = 1;
-    const DT_RELA: u64 = 7;
 
     #[test]
     fn a_static_executable_passes() {
-        let b = elf(EM_X86_64, ET_EXEC, &[(PT_LOAD, vec![0; 8])]);
-        let parsed = parse_elf(&b).unwrap();
-        assert_eq!(
-            parsed,
-            Elf {
-                machine: EM_X86_64,
-                pie: false,
-                interp: None,
-                dynamic: false,
-                needed: 0
-            }
-        );
-        verify(&parsed, EM_X86_64).unwrap();
+        verify(&static_elf(EM_X86_64, false), EM_X86_64).unwrap();
     }
 
     #[test]
     fn a_static_pie_with_a_dynamic_segment_but_no_needed_passes() {
-        let b = elf(
-            EM_AARCH64,
-            ET_DYN,
-            &[
-                (PT_LOAD, vec![0; 8]),
-                (PT_DYNAMIC, dynamic(&[(DT_RELA, 0x1000)])),
-            ],
-        );
-        let parsed = parse_elf(&b).unwrap();
-        assert!(parsed.pie && parsed.dynamic && parsed.needed == 0);
-        verify(&parsed, EM_AARCH64).unwrap();
+        verify(&static_elf(EM_AARCH64, true), EM_AARCH64).unwrap();
     }
 
     #[test]
     fn needed_libraries_fail() {
-        let b = elf(
-            EM_X86_64,
-            ET_DYN,
-            &[(PT_DYNAMIC, dynamic(&[(DT_NEEDED, 1), (DT_NEEDED, 9)]))],
-        );
-        let parsed = parse_elf(&b).unwrap();
-        assert_eq!(parsed.needed, 2);
-        let err = verify(&parsed, EM_X86_64).unwrap_err();
+        let elf = Elf {
+            needed: 2,
+            ..static_elf(EM_X86_64, true)
+        };
+        let err = verify(&elf, EM_X86_64).unwrap_err();
         assert!(err.contains("2 shared libraries (DT_NEEDED)"), "{err}");
-    }
-
-    #[test]
-    fn entries_after_dt_null_are_not_counted() {
-        let mut seg = dynamic(&[]);
-        seg.extend_from_slice(&dynamic(&[(DT_NEEDED, 1)]));
-        let b = elf(EM_X86_64, ET_DYN, &[(PT_DYNAMIC, seg)]);
-        assert_eq!(parse_elf(&b).unwrap().needed, 0);
+        let elf = Elf {
+            needed: 1,
+            ..static_elf(EM_X86_64, true)
+        };
+        let err = verify(&elf, EM_X86_64).unwrap_err();
+        assert!(err.contains("1 shared library (DT_NEEDED)"), "{err}");
     }
 
     #[test]
     fn an_interpreter_fails() {
-        let b = elf(
-            EM_X86_64,
-            ET_DYN,
-            &[(PT_INTERP, b"/lib/ld-musl-x86_64.so.1\0".to_vec())],
-        );
-        let err = verify(&parse_elf(&b).unwrap(), EM_X86_64).unwrap_err();
+        let elf = Elf {
+            interp: Some("/lib/ld-musl-x86_64.so.1".into()),
+            ..static_elf(EM_X86_64, true)
+        };
+        let err = verify(&elf, EM_X86_64).unwrap_err();
         assert!(
             err.contains("PT_INTERP") && err.contains("/lib/ld-musl-x86_64.so.1"),
             "{err}"
@@ -724,8 +564,7 @@ mod tests {
 
     #[test]
     fn the_wrong_machine_fails() {
-        let b = elf(EM_X86_64, ET_EXEC, &[]);
-        let err = verify(&parse_elf(&b).unwrap(), EM_AARCH64).unwrap_err();
+        let err = verify(&static_elf(EM_X86_64, false), EM_AARCH64).unwrap_err();
         assert_eq!(
             err,
             "is for ELF machine 62 (x86_64), expected 183 (aarch64)"
@@ -733,38 +572,18 @@ mod tests {
     }
 
     #[test]
-    fn other_files_are_refused_without_panicking() {
-        assert_eq!(parse_elf(b"#!/bin/sh\n").unwrap_err(), "not an ELF file");
-        let mut b = elf(EM_X86_64, ET_EXEC, &[]);
-        b[4] = 1;
-        assert!(parse_elf(&b).unwrap_err().contains("EI_CLASS 1"));
-        let mut b = elf(EM_X86_64, ET_EXEC, &[]);
-        b[5] = 2;
-        assert!(parse_elf(&b).unwrap_err().contains("EI_DATA 2"));
-        let b = elf(EM_X86_64, 1, &[]);
-        assert!(parse_elf(&b).unwrap_err().contains("e_type 1"));
-        // Every truncation of a valid file is an error, never a panic.
-        let full = elf(
-            EM_X86_64,
-            ET_DYN,
-            &[
-                (PT_INTERP, b"/lib/ld.so\0".to_vec()),
-                (PT_DYNAMIC, dynamic(&[(DT_NEEDED, 1)])),
-            ],
-        );
-        for len in 0..full.len() {
-            assert!(parse_elf(&full[..len]).is_err(), "length {len}");
-        }
-        // A program header pointing far past the end.
-        let mut b = elf(EM_X86_64, ET_EXEC, &[(PT_LOAD, vec![0; 4])]);
-        b[64 + 8..64 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(parse_elf(&b).unwrap_err().contains("past the end"));
+    fn a_file_that_is_not_elf_is_named_in_the_error() {
+        let path = std::env::temp_dir().join(format!("xtask-dist-sh-{}", std::process::id()));
+        fs::write(&path, "#!/bin/sh\n").unwrap();
+        let err = check_static(&path, EM_X86_64).unwrap_err();
+        assert_eq!(err, format!("dist: {} not an ELF file", path.display()));
+        fs::remove_file(&path).unwrap();
     }
 
     #[test]
     fn this_xtask_binary_reads_as_a_dynamic_host_executable() {
         let exe = std::env::current_exe().unwrap();
-        let parsed = parse_elf(&fs::read(&exe).unwrap()).unwrap();
+        let parsed = elf::parse(&fs::read(&exe).unwrap()).unwrap();
         let host = if cfg!(target_arch = "x86_64") {
             EM_X86_64
         } else if cfg!(target_arch = "aarch64") {
@@ -831,7 +650,7 @@ mod tests {
     #[test]
     fn options_parse() {
         let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        let o = Options::parse(&args(&[
+        let o = Options::parse(args(&[
             "--version",
             "1.0.0",
             "--target=aarch64-unknown-linux-musl",
@@ -841,9 +660,11 @@ mod tests {
         assert_eq!(o.version.as_deref(), Some("1.0.0"));
         assert_eq!(o.targets, ["aarch64-unknown-linux-musl"]);
         assert!(o.strict);
-        assert!(Options::parse(&args(&["--target", "armv7-unknown-linux-musleabihf"])).is_err());
-        assert!(Options::parse(&args(&["--version"])).is_err());
-        assert!(Options::parse(&args(&["--bogus"])).is_err());
+        assert!(Options::parse(args(&["--target", "armv7-unknown-linux-musleabihf"])).is_err());
+        assert!(Options::parse(args(&["--version"])).is_err());
+        assert!(Options::parse(args(&["--bogus"])).is_err());
+        assert!(Options::parse(args(&["--strict=yes"])).is_err());
+        assert_eq!(Options::parse(args(&["-h"])).unwrap_err(), Usage::Help);
     }
 
     #[test]

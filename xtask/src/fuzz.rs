@@ -4,10 +4,14 @@
 //! nightly compiler's flags: we pass `RUSTC_BOOTSTRAP=1` to the installed
 //! stable toolchain instead of installing another one.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
+use lexopt::Arg;
+
+use crate::args::{Args, Usage};
 use crate::{cargo, project_root, run, target_dir};
 
 /// Seconds per target in `--smoke`, unless `--time` says otherwise.
@@ -27,22 +31,27 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    /// Parses `--smoke | TARGET | --list`, `[--time S]`; errors are usage errors.
-    pub(crate) fn parse(args: &[String]) -> Result<Self, String> {
+    /// Parses `--smoke | TARGET | --list`, `[--time S]`.
+    pub(crate) fn parse<I>(args: I) -> Result<Self, Usage>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        const CMD: &str = "fuzz";
         let (mut target, mut secs, mut smoke, mut list) = (None, None, false, false);
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--smoke" => smoke = true,
-                "--list" => list = true,
-                "--time" => {
-                    let s = args.next().ok_or("fuzz: --time needs seconds")?;
-                    secs = Some(parse_secs(s)?);
+        let mut args = Args::new(CMD, args);
+        while let Some(arg) = args.next()? {
+            match arg {
+                Arg::Long("smoke") => smoke = true,
+                Arg::Long("list") => list = true,
+                Arg::Long("time") => secs = Some(parse_secs(&args.string("--time")?)?),
+                Arg::Value(name) if target.is_none() => {
+                    let name = name.into_string().map_err(|name| {
+                        Usage::Wrong(format!("fuzz: target name {name:?} is not valid UTF-8"))
+                    })?;
+                    target = Some(name);
                 }
-                a if a.starts_with("--time=") => secs = Some(parse_secs(&a[7..])?),
-                a if a.starts_with('-') => return Err(format!("fuzz: unknown option {a:?}")),
-                a if target.is_none() => target = Some(a.to_owned()),
-                a => return Err(format!("fuzz: unexpected argument {a:?}")),
+                other => return Err(Usage::unexpected(CMD, other)),
             }
         }
         if !list && smoke == target.is_some() {
@@ -55,7 +64,10 @@ impl Options {
 fn parse_secs(s: &str) -> Result<u64, String> {
     match s.trim_end_matches('s').parse::<u64>() {
         Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("fuzz: --time {s:?} is not a number of seconds")),
+        Ok(_) => Err(format!("fuzz: --time {s:?} must be at least one second")),
+        Err(e) => Err(format!(
+            "fuzz: --time {s:?} is not a number of seconds ({e})"
+        )),
     }
 }
 
@@ -196,5 +208,39 @@ fn smoke(all: &[String], secs: u64) -> Result<(), String> {
             "fuzz --smoke: failing targets: {}",
             failed.join(", ")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(list: &[&str]) -> Result<Options, Usage> {
+        Options::parse(list)
+    }
+
+    #[test]
+    fn parses_smoke_one_target_and_list() {
+        let o = parse(&["--smoke", "--time=5s"]).unwrap();
+        assert_eq!((o.target, o.secs, o.list), (None, Some(5), false));
+        let o = parse(&["dsse", "--time", "3600"]).unwrap();
+        assert_eq!((o.target.as_deref(), o.secs), (Some("dsse"), Some(3600)));
+        assert!(parse(&["--list"]).unwrap().list);
+    }
+
+    #[test]
+    fn usage_errors_say_what_is_wrong() {
+        let cases: [(&[&str], &str); 6] = [
+            (&[], "either --smoke or one TARGET"),
+            (&["--smoke", "dsse"], "either --smoke or one TARGET"),
+            (&["a", "b"], "unexpected argument \"b\""),
+            (&["--smoke", "--time"], "--time needs a value"),
+            (&["--smoke", "--time", "0"], "at least one second"),
+            (&["--smoke", "--fast"], "unexpected argument \"--fast\""),
+        ];
+        for (list, want) in cases {
+            let err = parse(list).unwrap_err().to_string();
+            assert!(err.contains(want), "{list:?}: {err}");
+        }
     }
 }

@@ -2,11 +2,15 @@
 //! Ed25519 release key, `DIR/release.key` (PKCS#8 PEM, 0600) and
 //! `DIR/release.pub` (SubjectPublicKeyInfo PEM), and never overwrites a key.
 
+use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
+use lexopt::Arg;
+
 use stella_proto::dsse::SigningKey;
 
+use crate::args::{Args, Usage};
 use crate::sign::{WriteMode, write_atomic};
 
 /// Private key file name.
@@ -21,18 +25,19 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    /// Parses `--out DIR`; errors are usage errors.
-    pub(crate) fn parse(args: &[String]) -> Result<Self, String> {
+    /// Parses `--out DIR`.
+    pub(crate) fn parse<I>(args: I) -> Result<Self, Usage>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        const CMD: &str = "keygen";
         let mut out = None;
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            match arg.split_once('=') {
-                Some(("--out", dir)) => out = Some(PathBuf::from(dir)),
-                _ if arg == "--out" => {
-                    let dir = args.next().ok_or("keygen: --out needs a directory")?;
-                    out = Some(PathBuf::from(dir));
-                }
-                _ => return Err(format!("keygen: unexpected argument {arg:?}")),
+        let mut args = Args::new(CMD, args);
+        while let Some(arg) = args.next()? {
+            match arg {
+                Arg::Long("out") => out = Some(args.path("--out")?),
+                other => return Err(Usage::unexpected(CMD, other)),
             }
         }
         match out {
@@ -92,11 +97,11 @@ mod tests {
     #[test]
     fn parses_out_and_refuses_the_rest() {
         assert_eq!(
-            Options::parse(&args(&["--out", "k"])).unwrap().out,
+            Options::parse(args(&["--out", "k"])).unwrap().out,
             PathBuf::from("k")
         );
         assert_eq!(
-            Options::parse(&args(&["--out=k"])).unwrap().out,
+            Options::parse(args(&["--out=k"])).unwrap().out,
             PathBuf::from("k")
         );
         for bad in [
@@ -106,7 +111,7 @@ mod tests {
             &["k"],
             &["--out", "k", "--force"],
         ] {
-            assert!(Options::parse(&args(bad)).is_err(), "{bad:?}");
+            assert!(Options::parse(args(bad)).is_err(), "{bad:?}");
         }
     }
 }

@@ -1,19 +1,26 @@
 //! cargo xtask: project automation with std `Command`s (`test`, `demo`, `dist`,
-//! `keygen`, `sign`, `bundle`, `bench`).
+//! `keygen`, `sign`, `bundle`, `bench`, `fuzz`), arguments read with lexopt.
 //! Reached through the alias in `.cargo/config.toml`.
 #![forbid(unsafe_code)]
 
+mod args;
 mod bench;
 mod bundle;
 mod demo;
 mod dist;
+mod elf;
 mod fuzz;
 mod keygen;
 mod sign;
 mod tidy;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+use lexopt::Arg;
+
+use crate::args::Usage;
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -106,7 +113,7 @@ const NEXT_AGENT_VERSION: &str = "0.2.0";
 /// end-to-end tests start (with crash points compiled in), copies it aside so
 /// no other build overwrites it, and runs all tests. A failed `dist` fails the
 /// run only after the native tests have run.
-fn test(args: &[String]) -> Result<(), String> {
+fn test(args: &[OsString]) -> Result<(), String> {
     let dist = dist::for_tests();
     if let Err(e) = &dist {
         eprintln!("xtask: {e}\nxtask: the cross tests are SKIPPED; the native tests still run");
@@ -159,65 +166,133 @@ fn test(args: &[String]) -> Result<(), String> {
     dist.map(drop)
 }
 
+/// One parsed command line.
+#[derive(Debug)]
+enum Task {
+    /// `test`: its arguments go to `cargo test` as they are.
+    Test(Vec<OsString>),
+    Demo(demo::Options),
+    Dist(dist::Options),
+    Keygen(keygen::Options),
+    Sign(sign::Options),
+    Bundle(bundle::Options),
+    Bench(bench::Options),
+    Fuzz(fuzz::Options),
+}
+
+impl Task {
+    /// Parses `<command> [ARGS]`: the command here, its arguments in its module.
+    fn parse<I>(args: I) -> Result<Self, Usage>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        let mut parser = lexopt::Parser::from_args(args);
+        let command = match parser.next() {
+            Ok(Some(Arg::Value(command))) => command,
+            Ok(Some(Arg::Short('h') | Arg::Long("help"))) => return Err(Usage::Help),
+            Ok(Some(other)) => {
+                return Err(Usage::Wrong(format!(
+                    "unknown command {:?}",
+                    args::text(&other)
+                )));
+            }
+            Ok(None) => return Err(Usage::Wrong("no command given".into())),
+            Err(e) => return Err(Usage::Wrong(e.to_string())),
+        };
+        let rest: Vec<OsString> = parser
+            .raw_args()
+            .map_err(|e| Usage::Wrong(e.to_string()))?
+            .collect();
+        match command.to_str() {
+            Some("test") => Ok(Self::Test(rest)),
+            Some("demo") => demo::Options::parse(rest).map(Self::Demo),
+            Some("dist") => dist::Options::parse(rest).map(Self::Dist),
+            Some("keygen") => keygen::Options::parse(rest).map(Self::Keygen),
+            Some("sign") => sign::Options::parse(rest).map(Self::Sign),
+            Some("bundle") => bundle::Options::parse(rest).map(Self::Bundle),
+            Some("bench") => bench::Options::parse(rest).map(Self::Bench),
+            Some("fuzz") => fuzz::Options::parse(rest).map(Self::Fuzz),
+            Some("help") => Err(Usage::Help),
+            _ => Err(Usage::Wrong(format!("unknown command {command:?}"))),
+        }
+    }
+
+    fn run(&self) -> Result<(), String> {
+        match self {
+            Self::Test(args) => test(args),
+            Self::Demo(opts) => demo::demo(opts),
+            Self::Dist(opts) => dist::dist(opts),
+            Self::Keygen(opts) => keygen::keygen(opts),
+            Self::Sign(opts) => sign::sign(opts),
+            Self::Bundle(opts) => bundle::bundle(opts),
+            Self::Bench(opts) => bench::bench(opts),
+            Self::Fuzz(opts) => fuzz::fuzz(opts),
+        }
+    }
+}
+
+/// Exit 0 when done (or the usage was asked for), 1 when a step failed, 2 on a
+/// usage error.
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("test") => test(&args[1..]),
-        Some("demo") => demo::demo(&args[1..]),
-        Some("bench") => bench::bench(&args[1..]),
-        Some("fuzz") => match fuzz::Options::parse(&args[1..]) {
-            Ok(opts) => fuzz::fuzz(&opts),
-            Err(e) => {
-                eprintln!("xtask: {e}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        },
-        Some("dist") => match dist::Options::parse(&args[1..]) {
-            Ok(opts) => dist::dist(&opts),
-            Err(e) => {
-                eprintln!("xtask: {e}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        },
-        Some("keygen") => match keygen::Options::parse(&args[1..]) {
-            Ok(opts) => keygen::keygen(&opts),
-            Err(e) => {
-                eprintln!("xtask: {e}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        },
-        Some("bundle") => match bundle::Options::parse(&args[1..]) {
-            Ok(opts) => bundle::bundle(&opts),
-            Err(e) => {
-                eprintln!("xtask: {e}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        },
-        Some("sign") => match sign::Options::parse(&args[1..]) {
-            Ok(opts) => sign::sign(&opts),
-            Err(e) => {
-                eprintln!("xtask: {e}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        },
-        Some("help" | "--help" | "-h") => {
+    let task = match Task::parse(std::env::args_os().skip(1)) {
+        Ok(task) => task,
+        Err(Usage::Help) => {
             println!("{USAGE}");
-            Ok(())
+            return ExitCode::SUCCESS;
         }
-        Some(other) => {
-            eprintln!("xtask: unknown command {other:?}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-        None => {
-            eprintln!("{USAGE}");
+        Err(Usage::Wrong(e)) => {
+            eprintln!("xtask: {e}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
-    match result {
+    match task.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xtask: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_and_help_parse() {
+        assert!(matches!(
+            Task::parse(["test", "--", "--nocapture", "x"]),
+            Ok(Task::Test(args)) if args == ["--", "--nocapture", "x"]
+        ));
+        assert!(matches!(Task::parse(["demo", "--once"]), Ok(Task::Demo(_))));
+        assert!(matches!(Task::parse(["bench"]), Ok(Task::Bench(_))));
+        for help in [
+            &["help"][..],
+            &["--help"],
+            &["-h"],
+            &["sign", "--help"],
+            &["bench", "-h"],
+        ] {
+            assert_eq!(Task::parse(help).unwrap_err(), Usage::Help, "{help:?}");
+        }
+    }
+
+    #[test]
+    fn usage_errors_say_what_is_wrong() {
+        let cases: [(&[&str], &str); 5] = [
+            (&[], "no command given"),
+            (&["build"], "unknown command \"build\""),
+            (&["--version"], "unknown command \"--version\""),
+            (
+                &["bench", "--fast"],
+                "bench: unexpected argument \"--fast\"",
+            ),
+            (&["demo", "now"], "demo: unexpected argument \"now\""),
+        ];
+        for (list, want) in cases {
+            let err = Task::parse(list).unwrap_err().to_string();
+            assert!(err.contains(want), "{list:?}: {err}");
         }
     }
 }

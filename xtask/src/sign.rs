@@ -3,13 +3,17 @@
 //! release statement with the offline key, writes `DIR/release.dsse.json`.
 //! Also the atomic file write that `keygen` shares.
 
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use lexopt::Arg;
 use stella_proto::dsse::{self, SigningKey};
 use stella_proto::release::{self, ENVELOPE_FILE, PAYLOAD_TYPE, Statement, Subject, Version};
+
+use crate::args::{Args, Usage};
 
 /// `cargo xtask sign` options.
 #[derive(Debug)]
@@ -21,28 +25,24 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    /// Parses `--key KEY --version V [--allow-downgrade-from V] DIR`; errors
-    /// are usage errors.
-    pub(crate) fn parse(args: &[String]) -> Result<Self, String> {
+    /// Parses `--key KEY --version V [--allow-downgrade-from V] DIR`.
+    pub(crate) fn parse<I>(args: I) -> Result<Self, Usage>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        const CMD: &str = "sign";
         let (mut key, mut version, mut from, mut dir) = (None, None, None, None);
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-                _ => (arg.as_str(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next().cloned())
-                    .ok_or_else(|| format!("sign: {flag} needs a value"))
-            };
-            match flag {
-                "--key" => key = Some(PathBuf::from(value()?)),
-                "--version" => version = Some(value()?),
-                "--allow-downgrade-from" => from = Some(value()?),
-                _ if !flag.starts_with('-') && dir.is_none() => dir = Some(PathBuf::from(arg)),
-                _ => return Err(format!("sign: unexpected argument {arg:?}")),
+        let mut args = Args::new(CMD, args);
+        while let Some(arg) = args.next()? {
+            match arg {
+                Arg::Long("key") => key = Some(args.path("--key")?),
+                Arg::Long("version") => version = Some(args.string("--version")?),
+                Arg::Long("allow-downgrade-from") => {
+                    from = Some(args.string("--allow-downgrade-from")?);
+                }
+                Arg::Value(value) if dir.is_none() => dir = Some(PathBuf::from(value)),
+                other => return Err(Usage::unexpected(CMD, other)),
             }
         }
         let key = key.ok_or("sign: --key KEY is required")?;
@@ -50,8 +50,9 @@ impl Options {
         let dir = dir.ok_or("sign: the release directory DIR is required")?;
         Version::parse(&version).map_err(|e| format!("sign: {e}"))?;
         if let Some(from) = &from {
-            release::compare_versions(from, &version)
-                .map_err(|_| format!("sign: --allow-downgrade-from {from:?} is not a version"))?;
+            release::compare_versions(from, &version).map_err(|e| {
+                format!("sign: --allow-downgrade-from {from:?} is not a version ({e})")
+            })?;
         }
         Ok(Self {
             key,
@@ -59,6 +60,17 @@ impl Options {
             allow_downgrade_from: from,
             dir,
         })
+    }
+
+    /// Signs `dir` with `key` as release `version` (already checked), no
+    /// downgrade allowed: what `bundle` asks for.
+    pub(crate) fn new(key: &Path, version: &str, dir: &Path) -> Self {
+        Self {
+            key: key.to_path_buf(),
+            version: version.to_owned(),
+            allow_downgrade_from: None,
+            dir: dir.to_path_buf(),
+        }
     }
 }
 
@@ -236,7 +248,7 @@ mod tests {
 
     #[test]
     fn parses_the_documented_arguments() {
-        let opts = Options::parse(&args(&[
+        let opts = Options::parse(args(&[
             "--key",
             "k.pem",
             "--version=1.4.0",
@@ -277,7 +289,7 @@ mod tests {
             (&["--key"], "--key needs a value"),
         ];
         for (list, want) in cases {
-            let err = Options::parse(&args(list)).unwrap_err();
+            let err = Options::parse(args(list)).unwrap_err().to_string();
             assert!(err.contains(want), "{list:?}: {err}");
         }
     }

@@ -1,0 +1,272 @@
+//! `cargo xtask bench [--quick]` (DESIGN.md section 13): builds release
+//! binaries, measures the agent (size, RSS, allocations, doctor) and the
+//! server (heartbeats/s against a `/healthz` baseline, enrollments/s, RSS and
+//! start-up with a big store) with real processes on loopback, and prints one
+//! table with the budgets, also written to `BENCHMARKS.md`.
+//!
+//! The simulated fleet is `stella-loadgen` (the `bench/` crate); these files
+//! only start processes, read `/proc` and write the table. A benchmark,
+//! never a timed test: nothing here runs under `cargo test`. This file runs
+//! the phases in order and writes the report; each phase is its own file.
+
+mod agent;
+mod bins;
+mod process;
+mod server;
+mod size;
+mod store;
+mod table;
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lexopt::Arg;
+
+use self::agent::Agents;
+use self::process::load_average;
+use self::table::{MIB, render};
+use crate::args::{Args, Usage};
+use crate::dist::thousands;
+use crate::{project_root, target_dir};
+
+/// The store size the server budget is about.
+const FLEET: usize = 100_000;
+/// Where BENCHMARKS.md keeps hand-written analysis across runs.
+const KEEP_MARKER: &str = "<!-- Everything below this line is kept by `cargo xtask bench`. -->";
+
+/// How big a run is.
+struct Scale {
+    quick: bool,
+    /// Heartbeats before the agent's RSS is read.
+    rss_beats: u64,
+    /// The allocation counts compare the heap at these two heartbeats.
+    alloc_early: u64,
+    alloc_late: u64,
+    doctor_runs: usize,
+    /// Agents enrolled (and timed) for the load phase.
+    enroll: usize,
+    conns: &'static str,
+    rounds: usize,
+    warmup: &'static str,
+    window: &'static str,
+    /// Agents in the store for the restart measurement, and the time allowed.
+    fill: usize,
+    fill_deadline: &'static str,
+}
+
+impl Scale {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                rss_beats: 500,
+                alloc_early: 100,
+                alloc_late: 500,
+                doctor_runs: 10,
+                enroll: 1_000,
+                conns: "1000",
+                rounds: 1,
+                warmup: "1s",
+                window: "5s",
+                fill: 10_000,
+                fill_deadline: "75s",
+            }
+        } else {
+            Self {
+                quick,
+                rss_beats: 1_000,
+                alloc_early: 100,
+                alloc_late: 10_000,
+                doctor_runs: 20,
+                enroll: 10_000,
+                conns: "1000,10000",
+                rounds: 3,
+                warmup: "2s",
+                window: "10s",
+                fill: FLEET,
+                fill_deadline: "600s",
+            }
+        }
+    }
+}
+
+/// `cargo xtask bench` options.
+#[derive(Debug)]
+pub(crate) struct Options {
+    /// About 2 minutes of measuring instead of the full run.
+    quick: bool,
+}
+
+impl Options {
+    /// Parses `[--quick]`.
+    pub(crate) fn parse<I>(args: I) -> Result<Self, Usage>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        const CMD: &str = "bench";
+        let mut quick = false;
+        let mut args = Args::new(CMD, args);
+        while let Some(arg) = args.next()? {
+            match arg {
+                Arg::Long("quick") => quick = true,
+                other => return Err(Usage::unexpected(CMD, other)),
+            }
+        }
+        Ok(Self { quick })
+    }
+}
+
+/// `cargo xtask bench [--quick]`.
+pub(crate) fn bench(opts: &Options) -> Result<(), String> {
+    let quick = opts.quick;
+    let scale = Scale::new(quick);
+    let command = if quick {
+        "cargo xtask bench --quick"
+    } else {
+        "cargo xtask bench"
+    };
+    let root = target_dir().join("bench");
+    let t_build = Instant::now();
+    let bins = bins::build(&scale, &root.join("bin"))?;
+    let build_secs = t_build.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let load_before = load_average();
+    let mut load_max = load_before;
+    let run_dir = root.join("run");
+    let _ = fs::remove_dir_all(&run_dir);
+    fs::create_dir_all(&run_dir)
+        .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    eprintln!(
+        "xtask bench: binaries built in {build_secs:.0}s; measuring in {}",
+        run_dir.display()
+    );
+    let mut rows = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+
+    // 1. Binary sizes.
+    size::agent_binaries(&bins, &mut rows)?;
+
+    // 2-4. Real agents against a real server at the fastest heartbeat it
+    // allows; they keep running (and are sampled) through the next phases.
+    let mut agents = Agents::start(&bins, &run_dir, &scale)?;
+    agents.doctor(&bins, &scale, &mut rows)?;
+
+    // 5-7. The fleet server under a simulated fleet.
+    let mut fleet = server::load(
+        &bins,
+        &run_dir,
+        &scale,
+        &mut || agents.poll(),
+        &mut load_max,
+        &mut rows,
+        &mut problems,
+    )?;
+    let threads = fleet.loadgen_threads.clone();
+
+    // 8. Restart with the filled store: start-up time and RSS.
+    store::restart(
+        &bins,
+        &run_dir,
+        &mut fleet,
+        &|| agents.server_status(),
+        &mut rows,
+        &mut problems,
+    )?;
+
+    // 2-3 again: wait for the agents to reach their heartbeat counts.
+    let measured_agents = agents.count();
+    agents.finish(&scale, &mut rows, &mut problems)?;
+
+    let run_secs = started.elapsed().as_secs_f64();
+    if quick {
+        notes.push(format!(
+            "--quick: agent RSS after {} heartbeats (not 1,000), heap compared at {} vs {} (not 10,000), {} enrolled and {} connections (not 10,000), one {} window per load, store of {} agents at most ({}) with the RSS extrapolated to 100,000.",
+            scale.rss_beats, scale.alloc_early, scale.alloc_late, scale.enroll, scale.conns, scale.window, thousands(scale.fill as u64), scale.fill_deadline
+        ));
+    }
+    notes.push(format!(
+        "The load generator (`stella-loadgen`, {threads} threads), the fleet server, the agent server and the {} measured agents all share the machine's cores; the agents and their server add about 30 requests/s.",
+        measured_agents
+    ));
+    notes.push(format!(
+        "1-minute load average {load_before:.1} when measuring started, up to {load_max:.1} during the load phase; with 2 cores, anything above ~3 means other work (builds, tests) competed with the measured processes and the server numbers are lower bounds."
+    ));
+    notes.push("The agent and server are the workspace release profile (fat LTO, opt-level \"z\"), native target; sizes are of the static musl dist binaries.".into());
+    let table = render(&rows);
+    let head = format!(
+        "# Benchmarks\n\nMeasured by `{command}` on {} ({run_secs:.0} s of measuring after {build_secs:.0} s of building).\n\nMachine: {}.\n\nEvery number below was measured by that run; nothing is copied from an earlier run. Budgets are DESIGN.md section 13.\n\n",
+        stella_proto::time::rfc3339(unix_now().as_secs()),
+        machine()
+    );
+    let mut doc = head;
+    doc.push_str(&table);
+    doc.push('\n');
+    for n in &notes {
+        let _ = writeln!(doc, "- {n}");
+    }
+    for p in &problems {
+        let _ = writeln!(doc, "- PROBLEM: {p}");
+    }
+    let path = project_root().join("BENCHMARKS.md");
+    let kept = fs::read_to_string(&path)
+        .ok()
+        .and_then(|old| old.find(KEEP_MARKER).map(|i| old[i..].to_owned()))
+        .unwrap_or_else(|| format!("{KEEP_MARKER}\n"));
+    let _ = write!(doc, "\n{kept}");
+    fs::write(&path, &doc).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    println!("{table}");
+    for n in &notes {
+        println!("- {n}");
+    }
+    println!(
+        "written to {} ({run_secs:.0} s measuring, {build_secs:.0} s building)",
+        path.display()
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\nxtask: "))
+    }
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let ram = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or_else(
+            || "unknown RAM".into(),
+            |kb| format!("{:.1} GiB RAM", kb as f64 / MIB),
+        );
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned());
+    let rustc = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {ram}, Linux {kernel}, {rustc}")
+}
