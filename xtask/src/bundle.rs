@@ -1,4 +1,4 @@
-//! `cargo xtask bundle` (DESIGN.md section 10): the USB bundle for offline
+//! `cargo xtask bundle` (docs/design.md section 10): the USB bundle for offline
 //! hosts. A release directory (both musl targets' agent and server from
 //! `dist`), plus `release-key.pub`, `ca.pem` and `bootstrap.json` when asked
 //! for, `install.sh` and `README.txt`, all signed into `release.dsse.json` by

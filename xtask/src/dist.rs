@@ -1,4 +1,4 @@
-//! `cargo xtask dist` (DESIGN.md section 10): static musl release binaries in
+//! `cargo xtask dist` (docs/design.md section 10): static musl release binaries in
 //! `target/dist/<version>/<target>/`, each checked to be a static ELF file for
 //! the right machine, with a `SHA256SUMS` file and a size table.
 
@@ -18,7 +18,7 @@ use crate::{cargo, project_root, run, target_dir};
 const TARGETS: [&str; 2] = ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"];
 /// What each target ships.
 const BINARIES: [&str; 2] = ["stella-agent", "stella-server"];
-/// DESIGN.md section 13: the stripped x86_64 musl agent.
+/// docs/design.md section 13: the stripped x86_64 musl agent.
 const AGENT_BUDGET: u64 = 2 * 1024 * 1024;
 
 /// `cargo xtask dist` options.
@@ -326,7 +326,7 @@ fn installed_targets() -> Vec<String> {
         .collect()
 }
 
-/// The C compiler and linker a target needs (TOOLCHAIN.md): extra environment
+/// The C compiler and linker a target needs (docs/development.md): extra environment
 /// for cargo, or why the target cannot be built and the apt command that fixes it.
 fn c_toolchain(target: &str) -> Result<Vec<(String, String)>, (String, String)> {
     let apt = |pkgs: &str| format!("apt-get install -y --no-install-recommends {pkgs}");
@@ -361,7 +361,7 @@ fn c_toolchain(target: &str) -> Result<Vec<(String, String)>, (String, String)> 
     }
 }
 
-fn on_path(program: &str) -> bool {
+pub(crate) fn on_path(program: &str) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::env::var_os("PATH").is_some_and(|path| {
         std::env::split_paths(&path).any(|dir| {
@@ -426,7 +426,7 @@ fn print_table(rows: &[Row]) {
     for r in rows {
         if r.name == "stella-agent" && r.target.starts_with("x86_64") && r.bytes > AGENT_BUDGET {
             loud(&[&format!(
-                "the {} agent is {} bytes, over the 2 MiB budget (DESIGN.md section 13)",
+                "the {} agent is {} bytes, over the 2 MiB budget (docs/design.md section 13)",
                 r.target,
                 thousands(r.bytes)
             )]);

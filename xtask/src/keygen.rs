@@ -1,4 +1,4 @@
-//! `cargo xtask keygen --out DIR` (DESIGN.md section 5): makes the offline
+//! `cargo xtask keygen --out DIR` (docs/design.md section 5): makes the offline
 //! Ed25519 release key, `DIR/release.key` (PKCS#8 PEM, 0600) and
 //! `DIR/release.pub` (SubjectPublicKeyInfo PEM), and never overwrites a key.
 

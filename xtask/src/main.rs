@@ -49,7 +49,7 @@ usage: cargo xtask <command>
                 bootstrap.json, install.sh, README.txt, all signed into
                 DIR/release.dsse.json; and DIR.tar
   bench [--quick]
-                measure the agent and server against DESIGN.md section 13
+                measure the agent and server against docs/design.md section 13
                 (release builds, real processes on loopback); prints one
                 table and writes BENCHMARKS.md (--quick: about 2 minutes)";
 
@@ -106,6 +106,17 @@ pub(crate) fn target_dir() -> PathBuf {
         .map_or_else(|| project_root().join("target"), PathBuf::from)
 }
 
+/// Programs the end-to-end tests call: certificate and API checks, the
+/// bundle's shell lint, the cross build and the aarch64 agent under qemu.
+const TEST_TOOLS: [&str; 6] = [
+    "openssl",
+    "curl",
+    "shellcheck",
+    "readelf",
+    "aarch64-linux-gnu-gcc",
+    "qemu-aarch64-static",
+];
+
 /// The version of the second agent build the update tests install.
 const NEXT_AGENT_VERSION: &str = "0.2.0";
 
@@ -114,6 +125,20 @@ const NEXT_AGENT_VERSION: &str = "0.2.0";
 /// no other build overwrites it, and runs all tests. A failed `dist` fails the
 /// run only after the native tests have run.
 fn test(args: &[OsString]) -> Result<(), String> {
+    // Stop at once, naming the one command that installs what is missing,
+    // rather than build for minutes and then skip or fail test by test.
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .copied()
+        .filter(|tool| !dist::on_path(tool))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the end-to-end tests need {}, which this machine lacks: install everything \
+             they need with `.ci/deps` (as root or with sudo), then run `cargo xtask test` again",
+            missing.join(", ")
+        ));
+    }
     let dist = dist::for_tests();
     if let Err(e) = &dist {
         eprintln!("xtask: {e}\nxtask: the cross tests are SKIPPED; the native tests still run");

@@ -1,5 +1,5 @@
 //! `cargo xtask sign --key KEY --version V [--allow-downgrade-from V] DIR`
-//! (DESIGN.md section 5): hashes every file under DIR, signs the in-toto
+//! (docs/design.md section 5): hashes every file under DIR, signs the in-toto
 //! release statement with the offline key, writes `DIR/release.dsse.json`.
 //! Also the atomic file write that `keygen` shares.
 

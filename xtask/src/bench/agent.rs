@@ -17,7 +17,7 @@ use super::table::{Row, median, mib, row, verdict};
 use crate::dist::thousands;
 use crate::project_root;
 
-/// DESIGN.md section 13.
+/// docs/design.md section 13.
 const AGENT_RSS_BUDGET_KB: u64 = 4 * 1024;
 const ALLOCS_PER_BEAT_BUDGET: f64 = 32.0;
 /// Heap growth between the early and late heartbeat still called "none"

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick]` (DESIGN.md section 13): builds release
+//! `cargo xtask bench [--quick]` (docs/design.md section 13): builds release
 //! binaries, measures the agent (size, RSS, allocations, doctor) and the
 //! server (heartbeats/s against a `/healthz` baseline, enrollments/s, RSS and
 //! start-up with a big store) with real processes on loopback, and prints one
@@ -199,7 +199,7 @@ pub(crate) fn bench(opts: &Options) -> Result<(), String> {
     notes.push("The agent and server are the workspace release profile (fat LTO, opt-level \"z\"), native target; sizes are of the static musl dist binaries.".into());
     let table = render(&rows);
     let head = format!(
-        "# Benchmarks\n\nMeasured by `{command}` on {} ({run_secs:.0} s of measuring after {build_secs:.0} s of building).\n\nMachine: {}.\n\nEvery number below was measured by that run; nothing is copied from an earlier run. Budgets are DESIGN.md section 13.\n\n",
+        "# Benchmarks\n\nMeasured by `{command}` on {} ({run_secs:.0} s of measuring after {build_secs:.0} s of building).\n\nMachine: {}.\n\nEvery number below was measured by that run; nothing is copied from an earlier run. Budgets are docs/design.md section 13.\n\n",
         stella_proto::time::rfc3339(unix_now().as_secs()),
         machine()
     );

@@ -17,7 +17,7 @@ use super::process::{
 use super::table::{Row, mib, row, verdict};
 use crate::dist::thousands;
 
-/// DESIGN.md section 13.
+/// docs/design.md section 13.
 const HEARTBEATS_PER_S_BUDGET: f64 = 20_000.0;
 const ENROLLMENTS_PER_S_BUDGET: f64 = 500.0;
 

@@ -7,7 +7,7 @@ use super::bins::Bins;
 use super::table::{MIB, Row, row, verdict};
 use crate::dist::thousands;
 
-/// DESIGN.md section 13: the stripped x86_64 musl agent.
+/// docs/design.md section 13: the stripped x86_64 musl agent.
 const AGENT_SIZE_BUDGET: u64 = 2 * 1024 * 1024;
 
 /// One row per release target's agent.

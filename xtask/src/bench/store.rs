@@ -13,7 +13,7 @@ use super::table::{Row, mib, row, verdict};
 use super::{FLEET, unix_now};
 use crate::dist::thousands;
 
-/// DESIGN.md section 13.
+/// docs/design.md section 13.
 const SERVER_RSS_BUDGET_KB: u64 = 200 * 1024;
 
 /// Kills the fleet server, starts it again on its store and adds the rows;
