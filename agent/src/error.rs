@@ -5,7 +5,7 @@ use std::fmt;
 /// Every failure the agent reports.
 #[derive(Debug)]
 #[non_exhaustive]
-pub(crate) enum Error {
+pub enum Error {
     /// Bad command line or arguments: exit 2.
     Usage(String),
     /// A file in the state dir could not be read or written.

@@ -1,0 +1,100 @@
+//! stella-agent as a library: enrollment, mTLS identity and renewal, the
+//! heartbeat scheduler, signed self-update, configuration, doctor and
+//! remediation. `main.rs` parses the arguments and maps errors to exit
+//! codes; the fuzz crate links [`der`], the certificate reader.
+#![deny(unsafe_code)]
+
+#[cfg(feature = "bench-alloc")]
+mod alloc_count;
+mod bootstrap;
+mod cli;
+mod config;
+pub mod der;
+mod doctor;
+mod error;
+mod fault;
+mod heartbeat;
+mod host;
+mod identity;
+mod install;
+mod log;
+mod remediate;
+mod state;
+mod status;
+mod sys;
+mod transport;
+mod update;
+
+use std::ffi::OsString;
+
+use cli::Command;
+pub use error::Error;
+use state::StateDir;
+
+/// Exit code when the server refuses this agent for good (revoked): the
+/// systemd unit does not restart on it.
+pub const EXIT_REVOKED: u8 = 3;
+
+/// Runs the command the arguments name (`std::env::args_os()`, program
+/// name first).
+pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
+    if let Some(level) = std::env::var("STELLA_LOG_LEVEL")
+        .ok()
+        .and_then(|l| log::Level::parse(&l))
+    {
+        log::set_level(level);
+    }
+    let inv = cli::parse(args)?;
+    let state = StateDir::new(inv.state_dir);
+    match inv.command {
+        Command::Help => {
+            println!("{}", cli::USAGE);
+            Ok(())
+        }
+        Command::Version => {
+            println!("stella-agent {} {}", host::VERSION, host::TARGET);
+            Ok(())
+        }
+        Command::Bootstrap(opts) => {
+            let id = bootstrap::enroll(&state, &opts)?;
+            println!("{id}");
+            Ok(())
+        }
+        Command::Run => {
+            // Zero-touch: enroll with bootstrap.json first, if there is one.
+            install::zero_touch(&state)?;
+            if !state.is_enrolled() {
+                return Err(Error::Invalid(format!(
+                    "{} holds no enrolled agent (and no {}): run `stella-agent bootstrap` first",
+                    state.root().display(),
+                    install::BOOTSTRAP_JSON
+                )));
+            }
+            heartbeat::run(&state)
+        }
+        Command::Status { json } => status::print(&state, json),
+        Command::SelfTest => update::run_self_test(&state),
+        Command::Install(opts) => install::install(state.root(), &opts),
+        Command::Doctor { json, verbose } => {
+            let report = doctor::Doctor::new(&state).run_all();
+            if json {
+                println!("{}", doctor::to_json(&report));
+            } else {
+                doctor::print_table(&report, verbose);
+            }
+            if report.any_failed() {
+                Err(Error::ChecksFailed)
+            } else {
+                Ok(())
+            }
+        }
+        Command::Remediate { json, dry_run } => {
+            let still_failing = remediate::remediate(&state, dry_run, json)?;
+            if still_failing {
+                Err(Error::ChecksFailed)
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
