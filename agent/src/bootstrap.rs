@@ -11,7 +11,7 @@ use stella_proto::api::{Labels, RegisterRequest, RegisterResponse};
 
 use crate::error::Error;
 use crate::state::{AGENT_CERT, AGENT_JSON, AGENT_KEY, AgentFile, CA_CERT, StateDir};
-use crate::{fault, host, identity, log, transport};
+use crate::{fault, host, identity, log, tls, transport};
 
 /// How the agent learns to trust the server.
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
         }
         None => None,
     };
-    identity::host_port(&server)?;
+    tls::host_port(&server)?;
 
     // Trust first: a wrong pin stops us before the token leaves the host.
     let ca_der = match &opts.ca {
@@ -66,7 +66,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
                 .map_err(|e| Error::io(format!("cannot read --ca-file {}", path.display()), e))?;
             identity::cert_der_from_pem(&pem, &path.display().to_string())?
         }
-        CaTrust::Hash(pin) => identity::discover_pinned_ca(&server, *pin)?,
+        CaTrust::Hash(pin) => tls::discover_pinned_ca(&server, *pin)?,
     };
     let ca_hash = identity::ca_pin(&ca_der)?;
 
@@ -100,7 +100,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
     let client = transport::http_client(&ca_der, None, Duration::from_secs(30))?;
     let url = format!("{server}/v1/agents/register");
     let (status, body) = transport::post_json(&client, &url, &json::to_string(&request))
-        .map_err(|e| Error::Network(format!("cannot reach {server}: {e}")))?;
+        .map_err(|e| Error::network(format!("cannot reach {server}"), e))?;
     if !(200..300).contains(&status) {
         return Err(Error::Refused {
             status,
@@ -153,7 +153,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
     )?;
     state.write_atomic(AGENT_CERT, answer.certificate.as_bytes(), 0o644)?;
     if let Some(pem) = &release_key {
-        state.write_atomic(crate::update::RELEASE_KEY, pem.as_bytes(), 0o644)?;
+        state.write_atomic(crate::state::RELEASE_KEY, pem.as_bytes(), 0o644)?;
     }
     // agent.json last: its presence marks a finished enrollment.
     state.write_json(

@@ -17,11 +17,12 @@ use stella_proto::api::{DoctorSummary, SelfView};
 use stella_proto::config::Settings;
 use stella_proto::time::rfc3339;
 
-use crate::config::CONFIG_JSON;
 use crate::der::{self, CertInfo};
-use crate::identity::{self, NEXT_CERT};
-use crate::state::{AGENT_CERT, AGENT_KEY, CA_CERT, StateDir, StateFile};
-use crate::{sys, transport};
+use crate::identity;
+use crate::state::{
+    AGENT_CERT, AGENT_KEY, CA_CERT, CONFIG_JSON, MarkerPhase, NEXT_CERT, StateDir, StateFile,
+};
+use crate::{sys, tls, transport};
 
 /// The checks, in the order they run and print.
 pub(crate) const CHECK_IDS: [&str; 11] = [
@@ -50,10 +51,6 @@ const NOT_ENROLLED: [&str; 9] = [
     "storage.writable/not-enrolled",
     "update.integrity/not-enrolled",
 ];
-
-/// Temp files older than this are stale (a running agent's own writes are younger).
-const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
-pub(crate) const STAGING_DIR: &str = "staging";
 
 /// Outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,47 +187,6 @@ fn human(secs: u64) -> String {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1}MiB", bytes as f64 / (1u64 << 20) as f64)
-}
-
-/// Stale temp files (`.*.tmp`) in the state dir and its staging dir.
-pub(crate) fn stale_temp_files(state: &StateDir) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for dir in [state.root().to_path_buf(), state.path(STAGING_DIR)] {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if !(name.starts_with('.') && name.ends_with(".tmp")) {
-                continue;
-            }
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age >= STALE_TEMP_AGE);
-            if old {
-                out.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Bytes held in the staging dir.
-pub(crate) fn staging_bytes(state: &StateDir) -> u64 {
-    fs::read_dir(state.path(STAGING_DIR))
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// Why a PEM certificate of the state dir could not be read.
@@ -507,7 +463,7 @@ impl<'a> Doctor<'a> {
                 ));
             }
         };
-        let Ok((host, port)) = identity::host_port(&agent.server) else {
+        let Ok((host, port)) = tls::host_port(&agent.server) else {
             return failed(fail!(
                 "server.reachable/url",
                 "server URL {} is invalid",
@@ -732,7 +688,7 @@ impl<'a> Doctor<'a> {
                 mib(stats.avail_bytes),
                 mib(needed),
                 mib(self.settings.disk_min_free),
-                mib(staging_bytes(self.state))
+                mib(self.state.staging_bytes())
             );
         }
         if stats.avail_inodes < 1024 {
@@ -779,7 +735,7 @@ impl<'a> Doctor<'a> {
                 "this process cannot write to the state dir"
             );
         }
-        let stale = stale_temp_files(self.state);
+        let stale = self.state.stale_temp_files();
         if let Some(first) = stale.first() {
             return warn!(
                 "storage.writable/stale-temp",
@@ -799,7 +755,7 @@ impl<'a> Doctor<'a> {
 
     fn integrity(&self) -> Finding {
         if let Some(m) = &self.saved.update
-            && m.phase == "swapping"
+            && m.phase == MarkerPhase::Swapping
         {
             return fail!(
                 "update.integrity/interrupted",
@@ -812,7 +768,7 @@ impl<'a> Doctor<'a> {
             .saved
             .update
             .as_ref()
-            .filter(|m| m.phase == "probation")
+            .filter(|m| m.phase == MarkerPhase::Probation)
             .map(|m| &m.to_sha256);
         let Some(recorded) = probation.or(self.saved.binary_sha256.as_ref()) else {
             return skip!(

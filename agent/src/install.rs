@@ -25,13 +25,9 @@ use stella_proto::release::{ENVELOPE_FILE, PAYLOAD_TYPE, Statement};
 
 use crate::bootstrap::{self, BootstrapOptions, CaTrust};
 use crate::error::Error;
-use crate::state::{CA_CERT, StateDir};
-use crate::update::RELEASE_KEY;
-use crate::{identity, log};
+use crate::state::{BOOTSTRAP_JSON, CA_CERT, RELEASE_KEY, StateDir};
+use crate::{identity, log, tls};
 
-/// Zero-touch enrollment file, in the bundle and (until enrollment
-/// succeeds) in the state dir.
-pub(crate) const BOOTSTRAP_JSON: &str = "bootstrap.json";
 /// Where the agent is installed, on the target system.
 const BIN_PATH: &str = "/usr/local/bin/stella-agent";
 /// Where the systemd unit is installed, on the target system.
@@ -76,7 +72,7 @@ fn parse_bootstrap(bytes: &[u8]) -> Result<Bootstrap, String> {
     if !file.server.starts_with("https://") {
         return Err(format!("server {:?} is not an https:// URL", file.server));
     }
-    identity::host_port(&file.server).map_err(|e| e.to_string())?;
+    tls::host_port(&file.server).map_err(|e| e.to_string())?;
     let token = RegistrationToken::parse(&file.token).map_err(|e| format!("token: {e}"))?;
     let pin = stella_proto::hash::parse_pin(&file.ca_hash)?;
     Ok(Bootstrap {

@@ -19,16 +19,19 @@ mod identity;
 mod install;
 mod log;
 mod remediate;
+mod renewal;
+mod run;
 mod state;
 mod status;
 mod sys;
+mod tls;
 mod transport;
 mod update;
 
 use std::ffi::OsString;
 
 use cli::Command;
-pub use error::Error;
+pub use error::{Cause, Error};
 use state::StateDir;
 
 /// Exit code when the server refuses this agent for good (revoked): the
@@ -67,10 +70,10 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
                 return Err(Error::Invalid(format!(
                     "{} holds no enrolled agent (and no {}): run `stella-agent bootstrap` first",
                     state.root().display(),
-                    install::BOOTSTRAP_JSON
+                    state::BOOTSTRAP_JSON
                 )));
             }
-            heartbeat::run(&state)
+            run::run(&state)
         }
         Command::Status { json } => status::print(&state, json),
         Command::SelfTest => update::run_self_test(&state),

@@ -10,11 +10,11 @@ use std::time::Duration;
 use miniserde::{Serialize, json};
 use stella_proto::api::DoctorSummary;
 
-use crate::doctor::{self, CheckResult, Doctor, JsonSummary, Report, STAGING_DIR, Status};
+use crate::doctor::{CheckResult, Doctor, JsonSummary, Report, Status};
 use crate::error::Error;
-use crate::identity::{self, Identity, NEXT_CERT, NEXT_KEY};
-use crate::state::{AGENT_CERT, AGENT_KEY, StateDir};
-use crate::{heartbeat, log, transport};
+use crate::identity::Identity;
+use crate::state::{AGENT_CERT, AGENT_KEY, CONFIG_JSON, NEXT_CERT, NEXT_KEY, StateDir};
+use crate::{heartbeat, log, renewal, transport};
 
 /// What a pattern does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,19 +115,6 @@ fn server_url(state: &StateDir) -> String {
         .unwrap_or_else(|_| "the server".into())
 }
 
-fn staged_files(state: &StateDir) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = fs::read_dir(state.path(STAGING_DIR))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_file())
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
-}
-
 fn list(paths: &[std::path::PathBuf]) -> String {
     if paths.is_empty() {
         return "nothing".into();
@@ -156,14 +143,14 @@ pub(crate) fn describe(action: Action, state: &StateDir) -> String {
         ),
         Action::RestoreConfig => format!(
             "rewrite {} with the applied configuration",
-            state.path(crate::config::CONFIG_JSON).display()
+            state.path(CONFIG_JSON).display()
         ),
         Action::PurgeStaging => {
-            let mut files = staged_files(state);
-            files.extend(doctor::stale_temp_files(state));
+            let mut files = state.staged_files();
+            files.extend(state.stale_temp_files());
             format!("remove {}", list(&files))
         }
-        Action::RemoveStaleTemp => format!("remove {}", list(&doctor::stale_temp_files(state))),
+        Action::RemoveStaleTemp => format!("remove {}", list(&state.stale_temp_files())),
         Action::ChmodStateDir => format!("chmod 0700 {}", state.root().display()),
         Action::HeartbeatNow => format!(
             "POST a heartbeat to {}/v1/agents/heartbeat",
@@ -199,20 +186,20 @@ fn chmod(path: &std::path::Path, mode: u32) -> Result<String, Error> {
 pub(crate) fn apply(action: Action, state: &StateDir) -> Result<String, Error> {
     match action {
         Action::RenewNow => {
-            identity::finish_interrupted_renewal(state)?;
+            renewal::finish_interrupted_renewal(state)?;
             let ident = Identity::load(state)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             let renewed = if now >= ident.cert.not_after {
-                identity::recover(state, &ident)
+                renewal::recover(state, &ident)
             } else {
                 let client = transport::http_client(
                     &ident.ca_der,
                     Some((&ident.cert_der, &ident.key_pem)),
                     Duration::from_secs(30),
                 )?;
-                identity::renew(state, &ident, &client)
+                renewal::renew(state, &ident, &client)
             };
             match renewed {
                 Ok(new) => Ok(format!(
@@ -220,14 +207,12 @@ pub(crate) fn apply(action: Action, state: &StateDir) -> Result<String, Error> {
                     new.cert.serial,
                     stella_proto::time::rfc3339(new.cert.not_after)
                 )),
-                Err(identity::RenewError::Refused(m) | identity::RenewError::Failed(m)) => {
-                    Err(Error::Network(m))
-                }
+                Err(e) => Err(e.into_error()),
             }
         }
         Action::ChmodKey => chmod(&state.path(AGENT_KEY), 0o600),
         Action::ChmodStateDir => chmod(state.root(), 0o700),
-        Action::FinishRenewal => match identity::finish_interrupted_renewal(state)? {
+        Action::FinishRenewal => match renewal::finish_interrupted_renewal(state)? {
             true => Ok("finished the interrupted renewal".into()),
             false => Ok("nothing left to finish".into()),
         },
@@ -245,11 +230,11 @@ pub(crate) fn apply(action: Action, state: &StateDir) -> Result<String, Error> {
             ))
         }
         Action::PurgeStaging => {
-            let mut files = staged_files(state);
-            files.extend(doctor::stale_temp_files(state));
+            let mut files = state.staged_files();
+            files.extend(state.stale_temp_files());
             remove_all(&files)
         }
-        Action::RemoveStaleTemp => remove_all(&doctor::stale_temp_files(state)),
+        Action::RemoveStaleTemp => remove_all(&state.stale_temp_files()),
         Action::HeartbeatNow => {
             heartbeat::send_one(state).map(|seq| format!("heartbeat {seq} acknowledged"))
         }

@@ -20,19 +20,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use miniserde::{Deserialize, Serialize};
 use stella_proto::api::{UpdateOffer, UpdateReport};
 use stella_proto::config::Settings;
 use stella_proto::dsse::{Envelope, PublicKey};
 use stella_proto::release::{self, Statement, Version};
 
-use crate::doctor::{Doctor, STAGING_DIR};
+use crate::doctor::Doctor;
 use crate::error::Error;
-use crate::state::{StateDir, StateFile};
+use crate::state::{MarkerPhase, RELEASE_KEY, StateDir, StateFile, UpdateFailure, UpdateMarker};
 use crate::{fault, host, log};
 
-/// The pinned release key in the state dir.
-pub(crate) const RELEASE_KEY: &str = "release-key.pub";
 /// Largest artifact accepted (debug builds are big; release ones ~2 MiB).
 const MAX_DOWNLOAD: u64 = 128 << 20;
 /// Bytes fetched per loop turn, so heartbeats are not held up.
@@ -41,30 +38,6 @@ const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A new version that starts this many times without passing probation is
 /// rolled back.
 const MAX_STARTS: u32 = 3;
-
-/// `state.json`'s update marker: a swap or probation in progress.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub(crate) struct UpdateMarker {
-    /// `swapping`, `probation` or `rolled-back`.
-    pub(crate) phase: String,
-    pub(crate) from_version: String,
-    pub(crate) to_version: String,
-    pub(crate) to_sha256: String,
-    pub(crate) install_path: String,
-    /// Starts of the new version so far.
-    pub(crate) starts: u32,
-    pub(crate) probation_ms: u64,
-    /// Unix seconds by which probation must be passed.
-    pub(crate) probation_until: u64,
-    pub(crate) error: Option<String>,
-}
-
-/// The last update that failed, reported until another one is tried.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub(crate) struct UpdateFailure {
-    pub(crate) version: String,
-    pub(crate) error: String,
-}
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -192,12 +165,6 @@ pub(crate) struct Updater {
     download: Option<Download>,
 }
 
-fn staging_part(state: &StateDir, version: &str) -> PathBuf {
-    state
-        .path(STAGING_DIR)
-        .join(format!("stella-agent-{version}-{}.part", host::TARGET))
-}
-
 impl Updater {
     /// Where the agent stands, for the heartbeat.
     pub(crate) fn report(&self, saved: &StateFile) -> UpdateReport {
@@ -213,7 +180,7 @@ impl Updater {
     /// Writes the report into `out`, allocating only when it changed.
     pub(crate) fn fill_report(&self, saved: &StateFile, out: &mut UpdateReport) {
         let (state, version, error): (&str, &str, Option<&str>) = if let Some(m) = &saved.update {
-            (&m.phase, &m.to_version, m.error.as_deref())
+            (m.phase.as_str(), &m.to_version, m.error.as_deref())
         } else if let Some(d) = &self.download {
             ("downloading", &d.accepted.version, None)
         } else if let Some(f) = &saved.update_failure {
@@ -232,14 +199,6 @@ impl Updater {
         }
     }
 
-    /// Whether a new version is on probation.
-    pub(crate) fn in_probation(saved: &StateFile) -> bool {
-        saved
-            .update
-            .as_ref()
-            .is_some_and(|m| m.phase == "probation")
-    }
-
     /// At start-up: settles a marker left by a swap, a probation or a
     /// rollback. May exec the previous binary (crash loop) and not return.
     pub(crate) fn on_start(state: &StateDir, saved: &mut StateFile) -> Result<(), Error> {
@@ -247,16 +206,16 @@ impl Updater {
             return Ok(());
         };
         let running = host::VERSION;
-        match m.phase.as_str() {
-            "swapping" if running == m.to_version => {
+        match m.phase {
+            MarkerPhase::Swapping if running == m.to_version => {
                 // The rename happened before the crash: the new version is live.
-                m.phase = "probation".into();
+                m.phase = MarkerPhase::Probation;
                 m.starts = 1;
                 m.probation_until = now_secs() + m.probation_ms.div_ceil(1000);
                 saved.update = Some(m);
                 state.save_state(saved)?;
             }
-            "swapping" => {
+            MarkerPhase::Swapping => {
                 // The swap did not happen: the old binary is in place. Tidy up.
                 let _ = fs::remove_file(next_path(Path::new(&m.install_path)));
                 log::warn(
@@ -270,7 +229,7 @@ impl Updater {
                 });
                 state.save_state(saved)?;
             }
-            "probation" if running == m.to_version => {
+            MarkerPhase::Probation if running == m.to_version => {
                 m.starts += 1;
                 let starts = m.starts;
                 saved.update = Some(m);
@@ -289,7 +248,7 @@ impl Updater {
                     std::process::exit(86);
                 }
             }
-            "rolled-back" | "probation" => {
+            MarkerPhase::RolledBack | MarkerPhase::Probation => {
                 // We are the old version again: report why, and forget the marker.
                 let error = m.error.clone().unwrap_or_else(|| "rolled back".into());
                 log::warn(
@@ -303,7 +262,7 @@ impl Updater {
                 });
                 state.save_state(saved)?;
             }
-            _ => {
+            MarkerPhase::Other(_) => {
                 saved.update = None;
                 state.save_state(saved)?;
             }
@@ -363,7 +322,7 @@ impl Updater {
             "update accepted; downloading",
             &[("version", &accepted.version), ("size", &offer.size)],
         );
-        let part = staging_part(state, &accepted.version);
+        let part = state.staging_part(&accepted.version, host::TARGET);
         let received = fs::metadata(&part).map_or(0, |m| m.len());
         if received > 0 {
             log::info(
@@ -483,7 +442,7 @@ impl Updater {
     /// After an acknowledged heartbeat on probation: doctor must pass, then
     /// the update is committed; otherwise it is rolled back.
     pub(crate) fn probation_ack(state: &StateDir, saved: &mut StateFile) -> Result<(), Error> {
-        if !Self::in_probation(saved) {
+        if !saved.in_probation() {
             return Ok(());
         }
         // Doctor reads state.json: let it see the acknowledged heartbeat.
@@ -519,7 +478,7 @@ impl Updater {
         let expired = saved
             .update
             .as_ref()
-            .is_some_and(|m| m.phase == "probation" && now_secs() > m.probation_until);
+            .is_some_and(|m| m.phase == MarkerPhase::Probation && now_secs() > m.probation_until);
         if expired {
             return Err(rollback(
                 state,
@@ -545,10 +504,8 @@ fn fetch_chunk(
     server: &str,
     d: &mut Download,
 ) -> Result<(), ChunkError> {
-    fs::create_dir_all(state.path(STAGING_DIR))
-        .and_then(|()| {
-            fs::set_permissions(state.path(STAGING_DIR), fs::Permissions::from_mode(0o700))
-        })
+    state
+        .create_staging()
         .map_err(|e| ChunkError::Retry(format!("cannot create the staging dir: {e}")))?;
     let end = d.received + CHUNK - 1;
     let url = format!("{server}{}", d.offer.path);
@@ -703,7 +660,7 @@ fn swap(
     sync_dir(install).map_err(|e| Error::io("cannot sync the install dir", e))?;
     fault::point("update-after-link");
     saved.update = Some(UpdateMarker {
-        phase: "swapping".into(),
+        phase: MarkerPhase::Swapping,
         from_version: host::VERSION.to_owned(),
         to_version: d.accepted.version.clone(),
         to_sha256: d.accepted.sha256.clone(),
@@ -720,7 +677,7 @@ fn swap(
     sync_dir(install).map_err(|e| Error::io("cannot sync the install dir", e))?;
     fault::point("update-after-rename");
     if let Some(m) = saved.update.as_mut() {
-        m.phase = "probation".into();
+        m.phase = MarkerPhase::Probation;
         m.starts = 0;
         m.probation_until = now_secs() + d.offer.probation_ms.div_ceil(1000);
     }
@@ -756,7 +713,7 @@ fn rollback(state: &StateDir, saved: &mut StateFile, error: &str) -> Error {
         let _ = state.save_state(saved);
         return Error::Invalid(failure);
     }
-    m.phase = "rolled-back".into();
+    m.phase = MarkerPhase::RolledBack;
     m.error = Some(error.to_owned());
     if let Err(e) = state.save_state(saved) {
         return e;
@@ -804,7 +761,7 @@ pub(crate) fn run_self_test(state: &StateDir) -> Result<(), Error> {
     )?;
     let (status, text) =
         crate::transport::get(&client, &format!("{}/v1/agents/self", ident.server))
-            .map_err(|e| Error::Network(format!("self-test cannot reach {}: {e}", ident.server)))?;
+            .map_err(|e| Error::network(format!("self-test cannot reach {}", ident.server), e))?;
     if status != 200 {
         return Err(Error::Refused {
             status,
