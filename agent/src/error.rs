@@ -89,6 +89,13 @@ impl Error {
     }
 }
 
+/// Writes one line of command output to stdout (see `outln!`).
+pub(crate) fn write_stdout(line: fmt::Arguments<'_>) -> Result<(), Error> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").map_err(Error::stdout)
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

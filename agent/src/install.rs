@@ -525,7 +525,7 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
     let prefix = &opts.prefix;
     let state = StateDir::new(under(prefix, state_dir));
     let bundle = verify(&opts.bundle, &state)?;
-    println!(
+    outln!(
         "verified bundle {}: release {}, {} files, signed with release key {} ({})",
         bundle.dir.display(),
         bundle.version,
@@ -536,16 +536,16 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
         } else {
             "taken from the bundle: compare it with the fingerprint you were given"
         }
-    );
+    )?;
 
     let bin = under(prefix, Path::new(BIN_PATH));
     install_binary(&bundle, &bin)?;
-    println!(
+    outln!(
         "installed {} ({}, sha256 {})",
         bin.display(),
         bundle.agent,
         bundle.agent_sha256
-    );
+    )?;
 
     state.create()?;
     let mut wrote = Vec::new();
@@ -557,10 +557,10 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
     }
     let enrolled = state.is_enrolled();
     if enrolled {
-        println!(
+        outln!(
             "{} is already enrolled: its CA is kept and no bootstrap.json is installed",
             state.root().display()
-        );
+        )?;
     } else {
         if let Some(pem) = &bundle.small.ca {
             state.write_atomic(CA_CERT, pem, 0o644)?;
@@ -576,11 +576,11 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
     saved.binary_sha256 = Some(bundle.agent_sha256.clone());
     state.save_state(&saved)?;
     wrote.push(crate::state::STATE_JSON);
-    println!(
+    outln!(
         "state dir {} (0700): {}",
         state.root().display(),
         wrote.join(", ")
-    );
+    )?;
 
     // The unit last: its presence marks a finished install.
     let unit_path = under(prefix, Path::new(UNIT_PATH));
@@ -592,21 +592,21 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
         unit(&bundle.version, state_dir).as_bytes(),
         0o644,
     )?;
-    println!("installed {}", unit_path.display());
+    outln!("installed {}", unit_path.display())?;
     if prefix != Path::new("/") {
-        println!(
+        outln!(
             "(installed under {}: the unit names {BIN_PATH} and {} as they will be on the target system)",
             prefix.display(),
             state_dir.display()
-        );
+        )?;
     }
-    println!("start it with: systemctl daemon-reload && systemctl enable --now stella-agent");
+    outln!("start it with: systemctl daemon-reload && systemctl enable --now stella-agent")?;
     if !enrolled && bundle.small.bootstrap.is_none() {
-        println!(
+        outln!(
             "then enroll it: {BIN_PATH} bootstrap --server URL --token T --ca-file {}/{CA_CERT} --state-dir {}",
             state_dir.display(),
             state_dir.display()
-        );
+        )?;
     }
     Ok(())
 }

@@ -4,6 +4,15 @@
 //! codes; the fuzz crate links [`der`], the certificate reader.
 #![deny(unsafe_code)]
 
+/// `println!` for command output: writes to a locked stdout and turns a
+/// closed pipe (`stella-agent doctor | head -1`) into `Error::StdoutClosed`
+/// (a quiet exit 0) where `println!` would panic.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::error::write_stdout(format_args!($($t)*))
+    };
+}
+
 #[cfg(feature = "bench-alloc")]
 mod alloc_count;
 mod bootstrap;
@@ -51,16 +60,16 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
     let state = StateDir::new(inv.state_dir);
     match inv.command {
         Command::Help => {
-            println!("{}", cli::USAGE);
+            outln!("{}", cli::USAGE)?;
             Ok(())
         }
         Command::Version => {
-            println!("stella-agent {} {}", host::VERSION, host::TARGET);
+            outln!("stella-agent {} {}", host::VERSION, host::TARGET)?;
             Ok(())
         }
         Command::Bootstrap(opts) => {
             let id = bootstrap::enroll(&state, &opts)?;
-            println!("{id}");
+            outln!("{id}")?;
             Ok(())
         }
         Command::Run => {
@@ -81,9 +90,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
         Command::Doctor { json, verbose } => {
             let report = doctor::Doctor::new(&state).run_all();
             if json {
-                println!("{}", doctor::to_json(&report));
+                doctor::print_json(&report)?;
             } else {
-                doctor::print_table(&report, verbose);
+                doctor::print_table(&report, verbose)?;
             }
             if report.any_failed() {
                 Err(Error::ChecksFailed)

@@ -13,6 +13,8 @@ fn main() -> ExitCode {
             eprintln!("stella-agent: {msg} (see `stella-agent --help`)");
             ExitCode::from(2)
         }
+        // Whoever read the output has all they wanted (`| head -1`).
+        Err(Error::StdoutClosed) => ExitCode::SUCCESS,
         // The report said it all; exit 1 without another line.
         Err(Error::ChecksFailed) => ExitCode::FAILURE,
         Err(e @ Error::Revoked(_)) => {

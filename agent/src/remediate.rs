@@ -10,7 +10,9 @@ use std::time::Duration;
 use miniserde::{Serialize, json};
 use stella_proto::api::DoctorSummary;
 
-use crate::doctor::{CheckResult, Doctor, JsonSummary, Report, Status};
+use stella_proto::states::CheckStatus;
+
+use crate::doctor::{CheckResult, Doctor, JsonSummary, Report};
 use crate::error::Error;
 use crate::identity::Identity;
 use crate::state::{AGENT_CERT, AGENT_KEY, CONFIG_JSON, NEXT_CERT, NEXT_KEY, StateDir};
@@ -265,7 +267,7 @@ pub(crate) fn plan(report: &Report) -> Vec<(&CheckResult, &'static Pattern)> {
     report
         .checks
         .iter()
-        .filter(|c| matches!(c.status, Status::Warn | Status::Fail))
+        .filter(|c| matches!(c.status, CheckStatus::Warn | CheckStatus::Fail))
         .filter_map(|c| pattern_for(c.code).map(|p| (c, p)))
         .collect()
 }
@@ -308,7 +310,7 @@ pub(crate) fn remediate(state: &StateDir, dry_run: bool, as_json: bool) -> Resul
         after.summary()
     };
     if as_json {
-        println!(
+        outln!(
             "{}",
             json::to_string(&RemediationReport {
                 dry_run,
@@ -316,9 +318,9 @@ pub(crate) fn remediate(state: &StateDir, dry_run: bool, as_json: bool) -> Resul
                 before: JsonSummary::from(&before_summary),
                 after: JsonSummary::from(&after_summary),
             })
-        );
+        )?;
     } else {
-        print_plain(dry_run, &records, &before_summary, &after_summary);
+        print_plain(dry_run, &records, &before_summary, &after_summary)?;
     }
     Ok(after_summary.fail > 0)
 }
@@ -328,9 +330,9 @@ fn print_plain(
     records: &[ActionRecord],
     before: &DoctorSummary,
     after: &DoctorSummary,
-) {
+) -> Result<(), Error> {
     if records.is_empty() {
-        println!("nothing to remediate: no warnings or failures with a known fix");
+        outln!("nothing to remediate: no warnings or failures with a known fix")?;
     }
     for r in records {
         let mark = match (r.applied, r.action.as_str()) {
@@ -339,7 +341,7 @@ fn print_plain(
             (false, _) if dry_run => "[ ]",
             (false, _) => "[✗]",
         };
-        println!("{mark} {:<32} {:<30} {}", r.check, r.pattern, r.result);
+        outln!("{mark} {:<32} {:<30} {}", r.check, r.pattern, r.result)?;
     }
     let line = |s: &DoctorSummary| {
         format!(
@@ -347,12 +349,13 @@ fn print_plain(
             s.pass, s.warn, s.fail, s.skip
         )
     };
-    println!("\nbefore: {}", line(before));
+    outln!("\nbefore: {}", line(before))?;
     if dry_run {
-        println!("dry run: nothing was changed");
+        outln!("dry run: nothing was changed")?;
     } else {
-        println!("after:  {}", line(after));
+        outln!("after:  {}", line(after))?;
     }
+    Ok(())
 }
 
 /// In the running agent with `remediation: auto`: applies the safe actions the

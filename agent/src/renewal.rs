@@ -249,9 +249,7 @@ mod tests {
             not_after: 1_000 + 10_000,
             spki: Vec::new(),
         };
-        let draws: Vec<u64> = (0..2000)
-            .map(|_| renewal_due(&cert, &rng))
-            .collect();
+        let draws: Vec<u64> = (0..2000).map(|_| renewal_due(&cert, &rng)).collect();
         assert!(
             draws.iter().all(|t| (7_000..=8_500).contains(t)),
             "{draws:?}"

@@ -768,11 +768,11 @@ pub(crate) fn run_self_test(state: &StateDir) -> Result<(), Error> {
             message: crate::transport::error_message(&text),
         });
     }
-    println!(
+    outln!(
         "self-test ok: stella-agent {} {}",
         host::VERSION,
         host::TARGET
-    );
+    )?;
     Ok(())
 }
 
