@@ -74,7 +74,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
         }
         Command::Run => {
             // Zero-touch: enroll with bootstrap.json first, if there is one.
-            install::zero_touch(&state)?;
+            bootstrap::zero_touch::zero_touch(&state)?;
             if !state.is_enrolled() {
                 return Err(Error::Invalid(format!(
                     "{} holds no enrolled agent (and no {}): run `stella-agent bootstrap` first",

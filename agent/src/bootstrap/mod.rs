@@ -1,6 +1,7 @@
 //! Enrollment: pin the server's CA, make a key pair here, send a CSR with a
 //! one-time token, and store the identity the server issues. A retry after a
 //! lost answer reuses the same key, so the server returns the same agent.
+//! Zero-touch enrollment from `bootstrap.json` is in `zero_touch`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +13,8 @@ use stella_proto::api::{Labels, RegisterRequest, RegisterResponse};
 use crate::error::Error;
 use crate::state::{AGENT_CERT, AGENT_JSON, AGENT_KEY, AgentFile, CA_CERT, StateDir};
 use crate::{fault, host, identity, log, tls, transport};
+
+pub(crate) mod zero_touch;
 
 /// How the agent learns to trust the server.
 #[derive(Debug, Clone)]
