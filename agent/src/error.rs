@@ -21,6 +21,8 @@ pub enum Error {
     Invalid(String),
     /// Something read did not parse; `source` says why.
     Malformed { context: String, source: Cause },
+    /// An operation failed; `source` says why.
+    Failed { context: String, source: Cause },
     /// Key, certificate or TLS failure.
     Crypto {
         context: String,
@@ -101,7 +103,9 @@ impl fmt::Display for Error {
         match self {
             Error::Usage(m) | Error::Invalid(m) | Error::Revoked(m) => f.write_str(m),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
-            Error::Malformed { context, source } => write!(f, "{context}: {source}"),
+            Error::Malformed { context, source } | Error::Failed { context, source } => {
+                write!(f, "{context}: {source}")
+            }
             Error::Crypto { context, source } | Error::Network { context, source } => {
                 match source {
                     Some(source) => write!(f, "{context}: {source}"),
@@ -121,7 +125,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io { source, .. } => Some(source),
-            Error::Malformed { source, .. } => Some(source.as_ref()),
+            Error::Malformed { source, .. } | Error::Failed { source, .. } => Some(source.as_ref()),
             Error::Crypto { source, .. } | Error::Network { source, .. } => source
                 .as_deref()
                 .map(|s| s as &(dyn std::error::Error + 'static)),

@@ -85,8 +85,8 @@ pub(crate) fn exchange(
     };
     let text = &buf.answer;
     match status {
-        // miniserde's error carries no detail.
-        200 => json::from_str(text).map_err(|_| {
+        // miniserde's error is a unit struct: there is no detail to keep.
+        200 => json::from_str(text).map_err(|miniserde::Error| {
             Refusal::Failed(Error::Invalid(
                 "the heartbeat answer is not valid JSON".into(),
             ))

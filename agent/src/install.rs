@@ -281,7 +281,7 @@ fn verify(dir: &Path, state: &StateDir) -> Result<Bundle, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let pem = read_small(dir, RELEASE_KEY, MAX_SMALL_BYTES)?;
             let key = std::str::from_utf8(&pem)
-                .map_err(|_| refuse(dir, format!("{RELEASE_KEY} is not text")))
+                .map_err(|e| refuse(dir, format!("{RELEASE_KEY} is not text: {e}")))
                 .and_then(|t| {
                     PublicKey::from_pem(t).map_err(|e| refuse(dir, format!("{RELEASE_KEY}: {e}")))
                 })?;
@@ -359,7 +359,7 @@ fn verify(dir: &Path, state: &StateDir) -> Result<Bundle, Error> {
     let ca_pin = match &small.ca {
         Some(pem) => {
             let der = std::str::from_utf8(pem)
-                .map_err(|_| refuse(dir, format!("{CA_CERT} is not text")))
+                .map_err(|e| refuse(dir, format!("{CA_CERT} is not text: {e}")))
                 .and_then(|t| {
                     identity::cert_der_from_pem(t, CA_CERT).map_err(|e| refuse(dir, e))
                 })?;

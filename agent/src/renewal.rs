@@ -157,8 +157,8 @@ fn install(
 
 fn certificate_answer(status: u16, text: &str) -> Result<CertificateResponse, RenewError> {
     match status {
-        // miniserde's error carries no detail.
-        200 => json::from_str(text).map_err(|_| {
+        // miniserde's error is a unit struct: there is no detail to keep.
+        200 => json::from_str(text).map_err(|miniserde::Error| {
             RenewError::Failed(Error::Invalid(
                 "the certificate answer is not valid JSON".into(),
             ))
@@ -207,8 +207,8 @@ pub(crate) fn recover(state: &StateDir, ident: &Identity) -> Result<Identity, Re
             .err()
             .unwrap_or(RenewError::Failed(Error::Invalid(text))));
     }
-    // miniserde's error carries no detail.
-    let challenge: ChallengeResponse = json::from_str(&text).map_err(|_| {
+    // miniserde's error is a unit struct: there is no detail to keep.
+    let challenge: ChallengeResponse = json::from_str(&text).map_err(|miniserde::Error| {
         RenewError::Failed(Error::Invalid(
             "the challenge answer is not valid JSON".into(),
         ))

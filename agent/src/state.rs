@@ -260,8 +260,8 @@ impl StateDir {
     /// Reads `agent.json`.
     pub(crate) fn agent_file(&self) -> Result<AgentFile, Error> {
         let text = self.read_text(AGENT_JSON)?;
-        // miniserde's error carries no detail: the file is named instead.
-        json::from_str(&text).map_err(|_| {
+        // miniserde's error is a unit struct: the file is named instead.
+        json::from_str(&text).map_err(|miniserde::Error| {
             Error::Invalid(format!(
                 "{} is not valid agent JSON",
                 self.path(AGENT_JSON).display()

@@ -55,7 +55,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
                 Error::io(format!("cannot read --release-key {}", path.display()), e)
             })?;
             stella_proto::dsse::PublicKey::from_pem(&pem)
-                .map_err(|e| Error::Invalid(format!("--release-key {}: {e}", path.display())))?;
+                .map_err(|e| Error::malformed(format!("--release-key {}", path.display()), e))?;
             Some(pem)
         }
         None => None,
@@ -78,7 +78,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
     // sends the same key and the server answers with the same registration.
     let key_der = match state.read_text(AGENT_KEY) {
         Ok(pem) => stella_proto::pem::decode("PRIVATE KEY", &pem)
-            .map_err(|e| Error::Invalid(format!("{AGENT_KEY}: {e}")))?,
+            .map_err(|e| Error::malformed(AGENT_KEY, e))?,
         Err(_) => {
             let der = identity::generate_key()?;
             state.write_atomic(
@@ -111,7 +111,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
         });
     }
     fault::point("bootstrap-after-register");
-    let answer: RegisterResponse = json::from_str(&body).map_err(|_| {
+    let answer: RegisterResponse = json::from_str(&body).map_err(|miniserde::Error| {
         Error::Invalid(format!(
             "{server} answered the registration with unexpected JSON"
         ))

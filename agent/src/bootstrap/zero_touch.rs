@@ -11,7 +11,7 @@ use stella_proto::RegistrationToken;
 use stella_proto::api::Labels;
 
 use super::{BootstrapOptions, CaTrust};
-use crate::error::Error;
+use crate::error::{Cause, Error};
 use crate::state::{BOOTSTRAP_JSON, CA_CERT, StateDir};
 use crate::{identity, log, tls};
 
@@ -77,31 +77,33 @@ pub(crate) fn zero_touch(state: &StateDir) -> Result<(), Error> {
         );
         return Ok(());
     }
-    let kept = |e: &dyn std::fmt::Display| {
-        Error::Invalid(format!(
-            "zero-touch enrollment with {} failed: {e} (the file is kept; the next start tries again)",
+    let kept = |e: Cause| Error::Failed {
+        context: format!(
+            "zero-touch enrollment with {} failed (the file is kept; the next start tries again)",
             path.display()
-        ))
+        ),
+        source: e,
     };
     let meta =
         fs::metadata(&path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
     if meta.len() > MAX_BOOTSTRAP_BYTES {
-        return Err(kept(&format!(
-            "it is larger than {MAX_BOOTSTRAP_BYTES} bytes"
-        )));
+        return Err(kept(
+            format!("it is larger than {MAX_BOOTSTRAP_BYTES} bytes").into(),
+        ));
     }
     let text = state.read_text(BOOTSTRAP_JSON)?;
-    let boot = parse_bootstrap(text.as_bytes()).map_err(|e| kept(&e))?;
+    let boot = parse_bootstrap(text.as_bytes()).map_err(|e| kept(e.into()))?;
     // The CA the bundle brought along, which must be the pinned one.
     let ca = if state.path(CA_CERT).exists() {
         let pem = state.read_text(CA_CERT)?;
-        let der = identity::cert_der_from_pem(&pem, CA_CERT).map_err(|e| kept(&e))?;
-        let found = identity::ca_pin(&der).map_err(|e| kept(&e))?;
+        let der = identity::cert_der_from_pem(&pem, CA_CERT).map_err(|e| kept(e.into()))?;
+        let found = identity::ca_pin(&der).map_err(|e| kept(e.into()))?;
         let want = pin_text(&boot.pin);
         if found != want {
-            return Err(kept(&format!(
-                "{CA_CERT} in the state dir is {found}, but bootstrap.json pins {want}"
-            )));
+            return Err(kept(
+                format!("{CA_CERT} in the state dir is {found}, but bootstrap.json pins {want}")
+                    .into(),
+            ));
         }
         CaTrust::File(state.path(CA_CERT))
     } else {
@@ -120,7 +122,7 @@ pub(crate) fn zero_touch(state: &StateDir) -> Result<(), Error> {
         // install.sh pinned the bundle's key already.
         release_key: None,
     };
-    let id = super::enroll(state, &opts).map_err(|e| kept(&e))?;
+    let id = super::enroll(state, &opts).map_err(|e| kept(e.into()))?;
     forget_bootstrap(state)?;
     log::info(
         "zero-touch enrollment done; bootstrap.json deleted",

@@ -174,8 +174,12 @@ enum PemProblem {
 }
 
 fn pem_cert(state: &StateDir, name: &str) -> Result<Vec<u8>, PemProblem> {
-    let text = state.read_text(name).map_err(|_| PemProblem::Missing)?;
-    identity::cert_der_from_pem(&text, name).map_err(|_| PemProblem::Unparsable)
+    // A finding, not an error: its fixed wording is what remediation and
+    // operators match on, so the library's message is not carried.
+    let Ok(text) = state.read_text(name) else {
+        return Err(PemProblem::Missing);
+    };
+    identity::cert_der_from_pem(&text, name).or(Err(PemProblem::Unparsable))
 }
 
 impl<'a> Doctor<'a> {

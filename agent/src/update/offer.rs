@@ -11,6 +11,7 @@ use stella_proto::release::{self, Statement, Version};
 
 use super::download::Download;
 use super::{Updater, now_secs};
+use crate::error::Error;
 use crate::state::{RELEASE_KEY, StateDir, StateFile, UpdateFailure};
 use crate::{host, log};
 
@@ -31,8 +32,11 @@ fn accept(state: &StateDir, offer: &UpdateOffer) -> Result<Accepted, String> {
             host::TARGET
         ));
     }
-    let key_pem = state.read_text(RELEASE_KEY).map_err(|_| {
-        format!("no release key is pinned ({RELEASE_KEY} is missing from the state dir)")
+    let key_pem = state.read_text(RELEASE_KEY).map_err(|e| match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            format!("no release key is pinned ({RELEASE_KEY} is missing from the state dir)")
+        }
+        other => format!("no release key is pinned: {other}"),
     })?;
     let key = PublicKey::from_pem(&key_pem).map_err(|e| format!("{RELEASE_KEY}: {e}"))?;
     let envelope = Envelope::from_json(offer.envelope.as_bytes())
