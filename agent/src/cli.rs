@@ -57,7 +57,7 @@ fn lex(e: lexopt::Error) -> Error {
 
 fn string(v: OsString, what: &str) -> Result<String, Error> {
     v.into_string()
-        .map_err(|v| usage(format!("{what} must be valid UTF-8, not {v:?}")))
+        .map_err(|v| usage(format!("{what} must be valid UTF-8, not {}", v.display())))
 }
 
 /// Parses the process arguments.

@@ -91,11 +91,32 @@ impl Error {
     }
 }
 
-/// Writes one line of command output to stdout (see `outln!`).
-pub(crate) fn write_stdout(line: fmt::Arguments<'_>) -> Result<(), Error> {
+thread_local! {
+    /// The first failed write to stdout; later output is dropped.
+    static STDOUT_FAILURE: std::cell::RefCell<Option<std::io::Error>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Writes one line of command output to stdout (see `outln!`). A failed
+/// write is kept for `stdout_failure` and the command goes on, so a reader
+/// that went away (`| head -1`) never cuts an install or a remediation short.
+pub(crate) fn write_stdout(line: fmt::Arguments<'_>) {
     use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}").map_err(Error::stdout)
+    STDOUT_FAILURE.with_borrow_mut(|failure| {
+        if failure.is_none()
+            && let Err(e) = writeln!(std::io::stdout().lock(), "{line}")
+        {
+            *failure = Some(e);
+        }
+    });
+}
+
+/// How writing the command's output failed, if it did: `StdoutClosed` for a
+/// closed pipe (a quiet exit 0).
+pub(crate) fn stdout_failure() -> Option<Error> {
+    STDOUT_FAILURE
+        .with_borrow_mut(Option::take)
+        .map(Error::stdout)
 }
 
 impl fmt::Display for Error {

@@ -490,7 +490,7 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
         } else {
             "taken from the bundle: compare it with the fingerprint you were given"
         }
-    )?;
+    );
 
     let bin = under(prefix, Path::new(BIN_PATH));
     install_binary(&bundle, &bin)?;
@@ -499,7 +499,7 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
         bin.display(),
         bundle.agent,
         bundle.agent_sha256
-    )?;
+    );
 
     state.create()?;
     let mut wrote = Vec::new();
@@ -514,7 +514,7 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
         outln!(
             "{} is already enrolled: its CA is kept and no bootstrap.json is installed",
             state.root().display()
-        )?;
+        );
     } else {
         if let Some(pem) = &bundle.small.ca {
             state.write_atomic(CA_CERT, pem, 0o644)?;
@@ -534,7 +534,7 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
         "state dir {} (0700): {}",
         state.root().display(),
         wrote.join(", ")
-    )?;
+    );
 
     // The unit last: its presence marks a finished install.
     let unit_path = under(prefix, Path::new(UNIT_PATH));
@@ -546,21 +546,21 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
         unit(&bundle.version, state_dir).as_bytes(),
         0o644,
     )?;
-    outln!("installed {}", unit_path.display())?;
+    outln!("installed {}", unit_path.display());
     if prefix != Path::new("/") {
         outln!(
             "(installed under {}: the unit names {BIN_PATH} and {} as they will be on the target system)",
             prefix.display(),
             state_dir.display()
-        )?;
+        );
     }
-    outln!("start it with: systemctl daemon-reload && systemctl enable --now stella-agent")?;
+    outln!("start it with: systemctl daemon-reload && systemctl enable --now stella-agent");
     if !enrolled && bundle.small.bootstrap.is_none() {
         outln!(
             "then enroll it: {BIN_PATH} bootstrap --server URL --token T --ca-file {}/{CA_CERT} --state-dir {}",
             state_dir.display(),
             state_dir.display()
-        )?;
+        );
     }
     Ok(())
 }

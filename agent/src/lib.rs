@@ -4,9 +4,10 @@
 //! codes; the fuzz crate links [`der`], the certificate reader.
 #![deny(unsafe_code)]
 
-/// `println!` for command output: writes to a locked stdout and turns a
-/// closed pipe (`stella-agent doctor | head -1`) into `Error::StdoutClosed`
-/// (a quiet exit 0) where `println!` would panic.
+/// `println!` for command output: writes to a locked stdout, and where
+/// `println!` would panic on a closed pipe (`stella-agent status | head -1`)
+/// keeps the failure for the end of the command (`Error::StdoutClosed`, a
+/// quiet exit 0).
 macro_rules! outln {
     ($($t:tt)*) => {
         $crate::error::write_stdout(format_args!($($t)*))
@@ -50,6 +51,16 @@ pub const EXIT_REVOKED: u8 = 3;
 /// Runs the command the arguments name (`std::env::args_os()`, program
 /// name first).
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
+    let result = run_command(args);
+    match (result, error::stdout_failure()) {
+        // A real failure is worth telling even to a reader who left.
+        (Err(e), _) if !matches!(e, Error::ChecksFailed | Error::StdoutClosed) => Err(e),
+        (_, Some(failure)) => Err(failure),
+        (result, None) => result,
+    }
+}
+
+fn run_command(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
     if let Some(level) = std::env::var("STELLA_LOG_LEVEL")
         .ok()
         .and_then(|l| log::Level::parse(&l))
@@ -60,16 +71,16 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
     let state = StateDir::new(inv.state_dir);
     match inv.command {
         Command::Help => {
-            outln!("{}", cli::USAGE)?;
+            outln!("{}", cli::USAGE);
             Ok(())
         }
         Command::Version => {
-            outln!("stella-agent {} {}", host::VERSION, host::TARGET)?;
+            outln!("stella-agent {} {}", host::VERSION, host::TARGET);
             Ok(())
         }
         Command::Bootstrap(opts) => {
             let id = bootstrap::enroll(&state, &opts)?;
-            outln!("{id}")?;
+            outln!("{id}");
             Ok(())
         }
         Command::Run => {

@@ -318,7 +318,7 @@ pub(crate) fn remediate(state: &StateDir, dry_run: bool, as_json: bool) -> Resul
                 before: JsonSummary::from(&before_summary),
                 after: JsonSummary::from(&after_summary),
             })
-        )?;
+        );
     } else {
         print_plain(dry_run, &records, &before_summary, &after_summary)?;
     }
@@ -332,7 +332,7 @@ fn print_plain(
     after: &DoctorSummary,
 ) -> Result<(), Error> {
     if records.is_empty() {
-        outln!("nothing to remediate: no warnings or failures with a known fix")?;
+        outln!("nothing to remediate: no warnings or failures with a known fix");
     }
     for r in records {
         let mark = match (r.applied, r.action.as_str()) {
@@ -341,7 +341,7 @@ fn print_plain(
             (false, _) if dry_run => "[ ]",
             (false, _) => "[✗]",
         };
-        outln!("{mark} {:<32} {:<30} {}", r.check, r.pattern, r.result)?;
+        outln!("{mark} {:<32} {:<30} {}", r.check, r.pattern, r.result);
     }
     let line = |s: &DoctorSummary| {
         format!(
@@ -349,11 +349,11 @@ fn print_plain(
             s.pass, s.warn, s.fail, s.skip
         )
     };
-    outln!("\nbefore: {}", line(before))?;
+    outln!("\nbefore: {}", line(before));
     if dry_run {
-        outln!("dry run: nothing was changed")?;
+        outln!("dry run: nothing was changed");
     } else {
-        outln!("after:  {}", line(after))?;
+        outln!("after:  {}", line(after));
     }
     Ok(())
 }

@@ -51,25 +51,25 @@ pub(crate) fn print(state: &StateDir, as_json: bool) -> Result<(), Error> {
         },
     };
     if as_json {
-        outln!("{}", json::to_string(&view))?;
+        outln!("{}", json::to_string(&view));
     } else {
-        outln!("agent           {}", view.agent_id)?;
-        outln!("server          {}", view.server)?;
-        outln!("version         {} ({})", view.version, host::TARGET)?;
-        outln!("certificate     valid until {}", view.cert_not_after)?;
+        outln!("agent           {}", view.agent_id);
+        outln!("server          {}", view.server);
+        outln!("version         {} ({})", view.version, host::TARGET);
+        outln!("certificate     valid until {}", view.cert_not_after);
         outln!(
             "last heartbeat  {}",
             view.last_heartbeat.as_deref().unwrap_or("never")
-        )?;
+        );
         outln!(
             "config          {}",
             view.config_hash.as_deref().unwrap_or("none applied")
-        )?;
+        );
         outln!(
             "update          {} {}",
             view.update.state,
             view.update.version
-        )?;
+        );
     }
     Ok(())
 }
