@@ -42,7 +42,7 @@ pub(crate) enum Command {
 
 /// The command and the state dir it works on.
 #[derive(Debug)]
-pub(crate) struct Invocation {
+pub struct Invocation {
     pub(crate) state_dir: PathBuf,
     pub(crate) command: Command,
 }

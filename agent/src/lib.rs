@@ -41,6 +41,7 @@ mod update;
 use std::ffi::OsString;
 
 use cli::Command;
+pub use cli::Invocation;
 pub use error::{Cause, Error};
 use state::StateDir;
 
@@ -48,10 +49,14 @@ use state::StateDir;
 /// systemd unit does not restart on it.
 pub const EXIT_REVOKED: u8 = 3;
 
-/// Runs the command the arguments name (`std::env::args_os()`, program
-/// name first).
-pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
-    let result = run_command(args);
+/// Parses the command line (`std::env::args_os()`, program name first).
+pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, Error> {
+    cli::parse(args)
+}
+
+/// Runs a parsed command.
+pub fn run(inv: Invocation) -> Result<(), Error> {
+    let result = run_command(inv);
     match (result, error::stdout_failure()) {
         // A real failure is worth telling even to a reader who left.
         (Err(e), _) if !matches!(e, Error::ChecksFailed | Error::StdoutClosed) => Err(e),
@@ -60,14 +65,13 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
     }
 }
 
-fn run_command(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
+fn run_command(inv: Invocation) -> Result<(), Error> {
     if let Some(level) = std::env::var("STELLA_LOG_LEVEL")
         .ok()
         .and_then(|l| log::Level::parse(&l))
     {
         log::set_level(level);
     }
-    let inv = cli::parse(args)?;
     let state = StateDir::new(inv.state_dir);
     match inv.command {
         Command::Help => {

@@ -1,5 +1,6 @@
 //! stella-agent: the edge agent. One static binary, one thread. This file
-//! only runs the library's command and maps its error to an exit code.
+//! parses the arguments, runs the command in the library, and maps its
+//! error to an exit code.
 #![deny(unsafe_code)]
 
 use std::process::ExitCode;
@@ -7,7 +8,7 @@ use std::process::ExitCode;
 use stella_agent::{EXIT_REVOKED, Error};
 
 fn main() -> ExitCode {
-    match stella_agent::run(std::env::args_os()) {
+    match stella_agent::parse_args(std::env::args_os()).and_then(stella_agent::run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Error::Usage(msg)) => {
             eprintln!("stella-agent: {msg} (see `stella-agent --help`)");
