@@ -42,7 +42,7 @@ pub(crate) enum Command {
 
 /// The command and the state dir it works on.
 #[derive(Debug)]
-pub(crate) struct Invocation {
+pub struct Invocation {
     pub(crate) state_dir: PathBuf,
     pub(crate) command: Command,
 }
@@ -57,7 +57,7 @@ fn lex(e: lexopt::Error) -> Error {
 
 fn string(v: OsString, what: &str) -> Result<String, Error> {
     v.into_string()
-        .map_err(|_| usage(format!("{what} must be valid UTF-8")))
+        .map_err(|v| usage(format!("{what} must be valid UTF-8, not {}", v.display())))
 }
 
 /// Parses the process arguments.

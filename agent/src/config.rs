@@ -14,9 +14,7 @@ use stella_proto::config::{self, Settings};
 
 use crate::error::Error;
 use crate::log;
-use crate::state::{StateDir, StateFile};
-
-pub(crate) const CONFIG_JSON: &str = "config.json";
+use crate::state::{CONFIG_JSON, StateDir, StateFile};
 
 /// Size and modification time of `config.json` as last verified.
 type FileSignature = (u64, i64, i64);

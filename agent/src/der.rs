@@ -43,7 +43,7 @@ fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
 }
 
 /// SubjectPublicKeyInfo of an uncompressed P-256 point.
-pub(crate) fn p256_spki(point: &[u8]) -> Vec<u8> {
+pub fn p256_spki(point: &[u8]) -> Vec<u8> {
     let mut alg = tlv(OID, EC_PUBLIC_KEY);
     put(&mut alg, OID, PRIME256V1);
     let mut bits = vec![0u8];
@@ -54,7 +54,7 @@ pub(crate) fn p256_spki(point: &[u8]) -> Vec<u8> {
 }
 
 /// The CertificationRequestInfo to be signed: version 0, subject CN, key, no attributes.
-pub(crate) fn csr_info(common_name: &str, point: &[u8]) -> Vec<u8> {
+pub fn csr_info(common_name: &str, point: &[u8]) -> Vec<u8> {
     let mut atv = tlv(OID, COMMON_NAME);
     put(&mut atv, UTF8_STRING, common_name.as_bytes());
     let name = tlv(SEQUENCE, &tlv(SET, &tlv(SEQUENCE, &atv)));
@@ -66,7 +66,7 @@ pub(crate) fn csr_info(common_name: &str, point: &[u8]) -> Vec<u8> {
 }
 
 /// The whole CSR from its signed info and the ASN.1 ECDSA signature.
-pub(crate) fn csr(info: &[u8], signature: &[u8]) -> Vec<u8> {
+pub fn csr(info: &[u8], signature: &[u8]) -> Vec<u8> {
     let mut body = info.to_vec();
     put(&mut body, SEQUENCE, &tlv(OID, ECDSA_SHA256));
     let mut bits = vec![0u8];
@@ -119,13 +119,13 @@ fn expect(input: &[u8], want: u8) -> Option<Tlv<'_>> {
 
 /// What the agent needs to know of a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct CertInfo {
+pub struct CertInfo {
     /// Hex of the serial's content octets.
-    pub(crate) serial: String,
-    pub(crate) not_before: u64,
-    pub(crate) not_after: u64,
+    pub serial: String,
+    pub not_before: u64,
+    pub not_after: u64,
     /// The DER SubjectPublicKeyInfo.
-    pub(crate) spki: Vec<u8>,
+    pub spki: Vec<u8>,
 }
 
 fn parse_time(tag: u8, s: &[u8]) -> Option<u64> {
@@ -152,7 +152,7 @@ fn parse_time(tag: u8, s: &[u8]) -> Option<u64> {
 }
 
 /// Reads serial, validity and key of an X.509 certificate.
-pub(crate) fn cert_info(der: &[u8]) -> Result<CertInfo, Error> {
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, Error> {
     let bad = || Error::Invalid("certificate is not valid DER X.509".into());
     let cert = expect(der, SEQUENCE).ok_or_else(bad)?;
     let tbs = expect(cert.content, SEQUENCE).ok_or_else(bad)?;

@@ -1,91 +1,69 @@
-//! `stella-agent run`: the single-threaded loop. A small deadline scheduler
-//! drives heartbeats over one mTLS keep-alive connection (with jitter and
-//! capped exponential backoff) and certificate renewal; lifecycle answers are
-//! obeyed (403 deactivated: back off and keep asking; 401 revoked: stop with
-//! exit code 3).
+//! One heartbeat exchange (DESIGN.md section 4): the body this agent sends
+//! as of its saved state, the POST over the kept mTLS connection with the
+//! buffers reused from beat to beat, and what the answer means (accepted,
+//! deactivated, revoked, or a failure to retry). The scheduler that repeats
+//! it is `run`.
 
-use std::thread::sleep;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use miniserde::json;
-use ring::rand::{SecureRandom, SystemRandom};
 use stella_proto::api::{HeartbeatRequest, HeartbeatResponse};
-use stella_proto::config::Remediation;
 use stella_proto::time::rfc3339;
 
 use crate::config::ConfigState;
-use crate::doctor::Doctor;
 use crate::error::Error;
-use crate::identity::{self, Identity, RenewError};
+use crate::identity::Identity;
 use crate::state::{StateDir, StateFile};
-use crate::update::{Step, Updater};
-use crate::{fault, host, log, remediate, transport};
+use crate::update::Updater;
+use crate::{host, log, transport};
 
-const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+/// The interval before the server has asked for one.
+pub(crate) const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
-/// Re-detect capabilities every this many heartbeats.
-const CAPABILITY_REFRESH: u64 = 20;
 
 /// Why one heartbeat did not get through.
-enum Refusal {
+pub(crate) enum Refusal {
     /// 403: an administrator deactivated us. Keep trying, slowly.
     Deactivated(String),
     /// 401: revoked, superseded or unknown. Stop.
     Rejected(String),
     /// Network trouble, server errors, garbage answers: retry with backoff.
-    Failed(String),
+    Failed(Error),
 }
 
-/// A number in [0, 1) from the system's random source.
-fn random_unit(rng: &SystemRandom) -> f64 {
-    let mut b = [0u8; 4];
-    let _ = rng.fill(&mut b);
-    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
+/// The interval the server asked for, within sane bounds.
+pub(crate) fn clamp_interval(ms: u64) -> Duration {
+    Duration::from_millis(ms).clamp(MIN_INTERVAL, MAX_INTERVAL)
 }
 
-/// `base` ± `spread` (a fraction), so a fleet started together drifts apart.
-fn jittered(base: Duration, spread: f64, rng: &SystemRandom) -> Duration {
-    base.mul_f64(1.0 - spread + 2.0 * spread * random_unit(rng))
-}
-
-/// The wait after `failures` consecutive failures: 1×, 2×, 4× the interval,
-/// never more than 4×.
-fn backoff(interval: Duration, failures: u32) -> Duration {
-    let factor = 1u32 << failures.saturating_sub(1).min(2);
-    interval * factor
-}
-
-/// The wait before retrying a failed renewal: starts at 1% of the lifetime
-/// (1 s to 1 min), doubles, capped at 10% of the lifetime (at most 1 h).
-fn renewal_backoff(lifetime_secs: u64, failures: u32) -> Duration {
-    let base = Duration::from_secs(lifetime_secs / 100)
-        .clamp(Duration::from_secs(1), Duration::from_secs(60));
-    let cap = Duration::from_secs(lifetime_secs / 10).clamp(base, Duration::from_secs(3600));
-    (base * (1u32 << failures.saturating_sub(1).min(16))).min(cap)
-}
-
-fn wall_now() -> u64 {
+pub(crate) fn wall_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
 /// The heartbeat URL, parsed once.
-fn heartbeat_uri(server: &str) -> Result<ureq::http::Uri, Error> {
+pub(crate) fn heartbeat_uri(server: &str) -> Result<ureq::http::Uri, Error> {
     format!("{server}/v1/agents/heartbeat")
         .parse()
-        .map_err(|_| Error::Invalid(format!("server URL {server:?} in agent.json is not a URL")))
+        .map_err(|e| {
+            Error::malformed(
+                format!("server URL {server:?} in agent.json is not a URL"),
+                e,
+            )
+        })
 }
 
 /// Buffers reused by every heartbeat.
 #[derive(Debug, Default)]
-struct Buffers {
+pub(crate) struct Buffers {
     body: String,
     answer: String,
 }
 
-fn heartbeat_once(
+/// Sends `beat` and reads what the server makes of it.
+pub(crate) fn exchange(
     client: &ureq::Agent,
     uri: &ureq::http::Uri,
     beat: &HeartbeatRequest,
@@ -102,24 +80,32 @@ fn heartbeat_once(
                 &[("error", &first)],
             );
             transport::post_json_into(client, uri, &buf.body, &mut buf.answer)
-                .map_err(Refusal::Failed)?
+                .map_err(|e| Refusal::Failed(Error::network(format!("POST {uri}"), e)))?
         }
     };
     let text = &buf.answer;
     match status {
-        200 => json::from_str(text)
-            .map_err(|_| Refusal::Failed("the heartbeat answer is not valid JSON".into())),
+        // miniserde's error is a unit struct: there is no detail to keep.
+        200 => json::from_str(text).map_err(|miniserde::Error| {
+            Refusal::Failed(Error::Invalid(
+                "the heartbeat answer is not valid JSON".into(),
+            ))
+        }),
         401 => Err(Refusal::Rejected(transport::error_message(text))),
         403 => Err(Refusal::Deactivated(transport::error_message(text))),
-        other => Err(Refusal::Failed(format!(
+        other => Err(Refusal::Failed(Error::Invalid(format!(
             "server answered {other}: {}",
             transport::error_message(text)
-        ))),
+        )))),
     }
 }
 
 /// A heartbeat body for this agent, as of its saved state.
-fn new_beat(saved: &StateFile, config: &ConfigState, updater: &Updater) -> HeartbeatRequest {
+pub(crate) fn new_beat(
+    saved: &StateFile,
+    config: &ConfigState,
+    updater: &Updater,
+) -> HeartbeatRequest {
     HeartbeatRequest {
         seq: saved.heartbeat_seq,
         version: host::VERSION.to_owned(),
@@ -134,7 +120,7 @@ fn new_beat(saved: &StateFile, config: &ConfigState, updater: &Updater) -> Heart
 }
 
 /// Records an acknowledged heartbeat in the saved state.
-fn record_ack(saved: &mut StateFile, seq: u64, interval: Duration, server_time: String) {
+pub(crate) fn record_ack(saved: &mut StateFile, seq: u64, interval: Duration, server_time: String) {
     saved.last_heartbeat = Some(rfc3339(wall_now()));
     saved.heartbeat_seq = seq;
     saved.heartbeat_interval_ms = interval.as_millis() as u64;
@@ -156,381 +142,17 @@ pub(crate) fn send_one(state: &StateDir) -> Result<u64, Error> {
     beat.seq += 1;
     beat.config_drift = config.drift;
     let uri = heartbeat_uri(&ident.server)?;
-    match heartbeat_once(&client, &uri, &beat, &mut Buffers::default()) {
+    match exchange(&client, &uri, &beat, &mut Buffers::default()) {
         Ok(answer) => {
-            let interval =
-                Duration::from_millis(answer.interval_ms).clamp(MIN_INTERVAL, MAX_INTERVAL);
+            let interval = clamp_interval(answer.interval_ms);
             record_ack(&mut saved, beat.seq, interval, answer.server_time);
             state.save_state(&saved)?;
             Ok(beat.seq)
         }
-        Err(Refusal::Rejected(m) | Refusal::Deactivated(m) | Refusal::Failed(m)) => {
-            Err(Error::Network(m))
-        }
-    }
-}
-
-/// The agent's running state.
-struct Agent<'a> {
-    state: &'a StateDir,
-    ident: Identity,
-    client: ureq::Agent,
-    rng: SystemRandom,
-    interval: Duration,
-    /// Unix seconds when the certificate should be renewed.
-    renew_at: u64,
-    renew_failures: u32,
-    beat_failures: u32,
-}
-
-impl Agent<'_> {
-    fn idle(interval: Duration) -> Duration {
-        (interval * 3).max(Duration::from_secs(60))
-    }
-
-    fn connect(ident: &Identity, interval: Duration) -> Result<ureq::Agent, Error> {
-        transport::http_client(
-            &ident.ca_der,
-            Some((&ident.cert_der, &ident.key_pem)),
-            Self::idle(interval),
-        )
-    }
-
-    fn refused(&self, message: &str) -> Error {
-        log::error(
-            "the server no longer accepts this agent; enroll this host again",
-            &[("agent", &self.ident.id), ("error", &message)],
-        );
-        Error::Revoked(format!(
-            "{} refused agent {}: {message}",
-            self.ident.server, self.ident.id
-        ))
-    }
-
-    /// Renews (or, once expired, recovers) the certificate. Failures are
-    /// retried later with backoff; the working pair is never removed.
-    fn renew(&mut self) -> Result<(), Error> {
-        let expired = wall_now() >= self.ident.cert.not_after;
-        let result = if expired {
-            log::warn(
-                "certificate expired; recovering with the old key",
-                &[("not_after", &rfc3339(self.ident.cert.not_after))],
-            );
-            identity::recover(self.state, &self.ident)
-        } else {
-            identity::renew(self.state, &self.ident, &self.client)
-        };
-        match result {
-            Ok(renewed) => {
-                self.client = Self::connect(&renewed, self.interval)?;
-                self.renew_at = identity::renewal_due(&renewed.cert, &self.rng);
-                self.ident = renewed;
-                self.renew_failures = 0;
-                log::info("next renewal scheduled", &[("at", &rfc3339(self.renew_at))]);
-                Ok(())
-            }
-            Err(RenewError::Refused(message)) => Err(self.refused(&message)),
-            Err(RenewError::Failed(message)) => {
-                self.renew_failures += 1;
-                let lifetime = self
-                    .ident
-                    .cert
-                    .not_after
-                    .saturating_sub(self.ident.cert.not_before);
-                let wait = jittered(
-                    renewal_backoff(lifetime, self.renew_failures),
-                    0.2,
-                    &self.rng,
-                );
-                self.renew_at = wall_now() + wait.as_secs().max(1);
-                log::warn(
-                    "certificate renewal failed; keeping the current certificate",
-                    &[
-                        ("error", &message),
-                        ("failures", &self.renew_failures),
-                        (
-                            "retry_in",
-                            &stella_proto::format_duration(Duration::from_secs(
-                                wait.as_secs().max(1),
-                            )),
-                        ),
-                    ],
-                );
-                Ok(())
-            }
-        }
-    }
-}
-
-/// Runs until revoked (Err(Revoked)) or killed.
-pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
-    identity::finish_interrupted_renewal(state)?;
-    let mut saved = state.state_file();
-    // A swap, probation or rollback left by the previous process.
-    Updater::on_start(state, &mut saved)?;
-    let ident = Identity::load(state)?;
-    let rng = SystemRandom::new();
-    let started = Instant::now();
-    let mut updater = Updater::default();
-    let interval = match saved.heartbeat_interval_ms {
-        0 => DEFAULT_INTERVAL,
-        ms => Duration::from_millis(ms).clamp(MIN_INTERVAL, MAX_INTERVAL),
-    };
-    let mut agent = Agent {
-        client: Agent::connect(&ident, interval)?,
-        renew_at: identity::renewal_due(&ident.cert, &rng),
-        ident,
-        state,
-        rng,
-        interval,
-        renew_failures: 0,
-        beat_failures: 0,
-    };
-    let mut config = ConfigState::load(&saved);
-    let log_level_from_env = std::env::var_os("STELLA_LOG_LEVEL").is_some();
-    if !log_level_from_env {
-        log::set_level(config.settings.log_level);
-    }
-    let uri = heartbeat_uri(&agent.ident.server)?;
-    let mut buffers = Buffers::default();
-    // When state.json was last written (an old instant: write at the first ack).
-    let mut persisted = Instant::now()
-        .checked_sub(Duration::from_secs(86_400))
-        .unwrap_or_else(Instant::now);
-    let mut beat = new_beat(&saved, &config, &updater);
-    log::info(
-        "agent running",
-        &[
-            ("agent", &agent.ident.id),
-            ("server", &agent.ident.server),
-            ("version", &host::VERSION),
-            ("cert_not_after", &rfc3339(agent.ident.cert.not_after)),
-            ("renew_at", &rfc3339(agent.renew_at)),
-        ],
-    );
-    let mut next_beat = Instant::now();
-    let mut next_doctor = Instant::now();
-    loop {
-        if wall_now() >= agent.renew_at {
-            agent.renew()?;
-        }
-        if Instant::now() >= next_beat {
-            // An expired certificate cannot heartbeat: wait for the recovery
-            // that the renewal schedule (already due) keeps attempting.
-            let wait = if wall_now() >= agent.ident.cert.not_after {
-                Duration::from_secs(1)
-            } else {
-                beat.seq += 1;
-                beat.uptime_s = started.elapsed().as_secs();
-                if config.check_drift(state) && config.settings.remediation == Remediation::Auto {
-                    config.restore(state)?;
-                }
-                if beat.config_hash != config.hash {
-                    beat.config_hash.clone_from(&config.hash);
-                }
-                beat.config_drift = config.drift;
-                if beat.config_error != config.refusal {
-                    beat.config_error.clone_from(&config.refusal);
-                }
-                updater.fill_report(&saved, &mut beat.update);
-                let silent =
-                    Updater::in_probation(&saved) && fault::active("probation-no-heartbeat");
-                if beat.seq.is_multiple_of(CAPABILITY_REFRESH) {
-                    beat.capabilities = host::capabilities();
-                }
-                let sent = if silent {
-                    Err(Refusal::Failed(
-                        "fault injected: no heartbeat in probation".into(),
-                    ))
-                } else {
-                    heartbeat_once(&agent.client, &uri, &beat, &mut buffers)
-                };
-                match sent {
-                    Ok(answer) => {
-                        if agent.beat_failures > 0 {
-                            log::info(
-                                "heartbeat accepted again",
-                                &[("after_failures", &agent.beat_failures)],
-                            );
-                        }
-                        agent.beat_failures = 0;
-                        let asked = Duration::from_millis(answer.interval_ms)
-                            .clamp(MIN_INTERVAL, MAX_INTERVAL);
-                        if asked != agent.interval {
-                            log::info(
-                                "heartbeat interval changed",
-                                &[("interval", &stella_proto::format_duration(asked))],
-                            );
-                            agent.interval = asked;
-                            agent.client = Agent::connect(&agent.ident, asked)?;
-                        }
-                        if let Some(doc) = &answer.config {
-                            config.apply(state, &mut saved, doc)?;
-                            if !log_level_from_env {
-                                log::set_level(config.settings.log_level);
-                            }
-                            // A shorter doctor interval takes effect now.
-                            next_doctor =
-                                next_doctor.min(Instant::now() + config.settings.doctor_interval);
-                        }
-                        if let Some(offer) = &answer.update {
-                            updater.offer(state, &mut saved, offer, &config.settings);
-                        }
-                        let news = answer.config.is_some() || answer.update.is_some();
-                        record_ack(&mut saved, beat.seq, agent.interval, answer.server_time);
-                        // On probation this acknowledgement may commit the
-                        // update (it writes state.json itself) or roll back.
-                        Updater::probation_ack(state, &mut saved)?;
-                        if answer.renew {
-                            log::info("the server asks for a certificate renewal now", &[]);
-                            agent.renew_at = wall_now();
-                        }
-                        log::debug("heartbeat accepted", &[("seq", &beat.seq)]);
-                        // A plain acknowledgement is written at most every two
-                        // intervals (doctor allows three): half the writes and
-                        // fsyncs on flash. Anything else is written at once.
-                        if news || persisted.elapsed() >= agent.interval.mul_f64(1.7) {
-                            match state.save_state(&saved) {
-                                Ok(()) => persisted = Instant::now(),
-                                Err(e) => log::warn("could not save state", &[("error", &e)]),
-                            }
-                        }
-                        #[cfg(feature = "bench-alloc")]
-                        crate::alloc_count::report_if_asked(beat.seq);
-                        jittered(agent.interval, 0.1, &agent.rng)
-                    }
-                    Err(Refusal::Rejected(message)) => return Err(agent.refused(&message)),
-                    Err(Refusal::Deactivated(message)) => {
-                        agent.beat_failures += 1;
-                        let wait = jittered(
-                            backoff(agent.interval, agent.beat_failures),
-                            0.1,
-                            &agent.rng,
-                        );
-                        log::warn(
-                            "agent is deactivated; will keep asking",
-                            &[
-                                ("error", &message),
-                                ("retry_in", &stella_proto::format_duration(wait)),
-                            ],
-                        );
-                        wait
-                    }
-                    Err(Refusal::Failed(message)) => {
-                        agent.beat_failures += 1;
-                        let wait = jittered(
-                            backoff(agent.interval, agent.beat_failures),
-                            0.1,
-                            &agent.rng,
-                        );
-                        log::warn(
-                            "heartbeat failed",
-                            &[
-                                ("error", &message),
-                                ("failures", &agent.beat_failures),
-                                ("retry_in", &stella_proto::format_duration(wait)),
-                            ],
-                        );
-                        wait
-                    }
-                }
-            };
-            next_beat = Instant::now() + wait;
-        }
-        if Instant::now() >= next_doctor {
-            let report = Doctor::new(state).run_all();
-            beat.doctor = report.summary();
-            if beat.doctor.fail > 0 {
-                log::warn(
-                    "doctor found failures",
-                    &[("failing", &beat.doctor.failing.join(","))],
-                );
-            }
-            let mode = config.settings.remediation;
-            if mode != Remediation::Off {
-                let (renew_now, beat_now) =
-                    remediate::in_loop(state, &report, mode == Remediation::Auto);
-                if renew_now {
-                    agent.renew_at = wall_now();
-                }
-                if beat_now {
-                    next_beat = Instant::now();
-                }
-            }
-            next_doctor = Instant::now() + config.settings.doctor_interval;
-        }
-        Updater::check_probation_deadline(state, &mut saved)?;
-        let downloading =
-            updater.step(state, &mut saved, &agent.client, &agent.ident.server)? == Step::Busy;
-        // Sleep until the earliest of the next heartbeat, renewal and doctor
-        // run (not at all while a download has more to fetch).
-        let until_beat = next_beat.saturating_duration_since(Instant::now());
-        let until_renewal = Duration::from_secs(agent.renew_at.saturating_sub(wall_now()));
-        let until_doctor = next_doctor.saturating_duration_since(Instant::now());
-        let nap = if downloading {
-            Duration::ZERO
-        } else {
-            until_beat.min(until_renewal).min(until_doctor)
-        };
-        if !nap.is_zero() {
-            sleep(nap);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_four_intervals() {
-        let i = Duration::from_secs(30);
-        let waits: Vec<u64> = (1..=6).map(|n| backoff(i, n).as_secs()).collect();
-        assert_eq!(waits, [30, 60, 120, 120, 120, 120]);
-    }
-
-    #[test]
-    fn renewal_backoff_is_capped_by_the_lifetime() {
-        let month = 30 * 86_400;
-        let waits: Vec<u64> = (1..=8)
-            .map(|n| renewal_backoff(month, n).as_secs())
-            .collect();
-        assert_eq!(waits, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
-        let short: Vec<u64> = (1..=4).map(|n| renewal_backoff(30, n).as_secs()).collect();
-        assert_eq!(short, [1, 2, 3, 3]);
-    }
-
-    #[test]
-    fn jitter_stays_within_its_spread() {
-        let rng = SystemRandom::new();
-        let base = Duration::from_secs(30);
-        for _ in 0..1000 {
-            let j = jittered(base, 0.1, &rng);
-            assert!(
-                j >= Duration::from_secs(27) && j <= Duration::from_secs(33),
-                "{j:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn renewal_falls_between_60_and_75_percent_of_the_lifetime() {
-        let rng = SystemRandom::new();
-        let cert = crate::der::CertInfo {
-            serial: String::new(),
-            not_before: 1_000,
-            not_after: 1_000 + 10_000,
-            spki: Vec::new(),
-        };
-        let draws: Vec<u64> = (0..2000)
-            .map(|_| identity::renewal_due(&cert, &rng))
-            .collect();
-        assert!(
-            draws.iter().all(|t| (7_000..=8_500).contains(t)),
-            "{draws:?}"
-        );
-        // Spread out, not one fixed point.
-        let (lo, hi) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
-        assert!(hi - lo > 1_000, "{lo}..{hi}");
+        Err(Refusal::Rejected(m) | Refusal::Deactivated(m)) => Err(Error::Network {
+            context: m,
+            source: None,
+        }),
+        Err(Refusal::Failed(e)) => Err(e),
     }
 }

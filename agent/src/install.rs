@@ -1,5 +1,6 @@
-//! Air-gapped install from a signed USB bundle (DESIGN.md section 10) and
-//! zero-touch enrollment from its `bootstrap.json` (section 3).
+//! Air-gapped install from a signed USB bundle (DESIGN.md section 10); the
+//! bundle's `bootstrap.json` is checked here and used by zero-touch
+//! enrollment (`bootstrap::zero_touch`).
 //!
 //! `stella-agent install --bundle DIR` checks the whole bundle before it
 //! writes anything: the DSSE signature with the release key already pinned
@@ -17,21 +18,14 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use miniserde::{Deserialize, Serialize, json};
-use stella_proto::RegistrationToken;
-use stella_proto::api::Labels;
 use stella_proto::dsse::{Envelope, MAX_ENVELOPE_BYTES, PublicKey};
 use stella_proto::release::{ENVELOPE_FILE, PAYLOAD_TYPE, Statement};
 
-use crate::bootstrap::{self, BootstrapOptions, CaTrust};
+use crate::bootstrap::zero_touch::{parse_bootstrap, pin_text};
 use crate::error::Error;
-use crate::state::{CA_CERT, StateDir};
-use crate::update::RELEASE_KEY;
-use crate::{identity, log};
+use crate::identity;
+use crate::state::{BOOTSTRAP_JSON, CA_CERT, RELEASE_KEY, StateDir};
 
-/// Zero-touch enrollment file, in the bundle and (until enrollment
-/// succeeds) in the state dir.
-pub(crate) const BOOTSTRAP_JSON: &str = "bootstrap.json";
 /// Where the agent is installed, on the target system.
 const BIN_PATH: &str = "/usr/local/bin/stella-agent";
 /// Where the systemd unit is installed, on the target system.
@@ -49,46 +43,6 @@ pub(crate) struct InstallOptions {
     pub(crate) bundle: PathBuf,
     /// Root everything is written under (`/` by default).
     pub(crate) prefix: PathBuf,
-}
-
-/// `bootstrap.json`: the server, a registration token, and the CA's pin
-/// (`sha256:HEX` of its SubjectPublicKeyInfo). The bundle also carries the
-/// CA itself as `ca.pem`; the agent checks that the two agree.
-#[derive(Serialize, Deserialize, Debug)]
-pub(crate) struct BootstrapFile {
-    pub(crate) server: String,
-    pub(crate) token: String,
-    pub(crate) ca_hash: String,
-}
-
-/// A checked `bootstrap.json`.
-struct Bootstrap {
-    server: String,
-    token: RegistrationToken,
-    pin: [u8; 32],
-}
-
-fn parse_bootstrap(bytes: &[u8]) -> Result<Bootstrap, String> {
-    let file: BootstrapFile = std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|t| json::from_str(t).ok())
-        .ok_or("it is not JSON of the shape {\"server\", \"token\", \"ca_hash\"}")?;
-    if !file.server.starts_with("https://") {
-        return Err(format!("server {:?} is not an https:// URL", file.server));
-    }
-    identity::host_port(&file.server).map_err(|e| e.to_string())?;
-    let token = RegistrationToken::parse(&file.token).map_err(|e| format!("token: {e}"))?;
-    let pin = stella_proto::hash::parse_pin(&file.ca_hash)?;
-    Ok(Bootstrap {
-        server: file.server,
-        token,
-        pin,
-    })
-}
-
-/// A CA pin as `sha256:HEX`.
-fn pin_text(pin: &[u8; 32]) -> String {
-    format!("sha256:{}", stella_proto::hash::hex(pin))
 }
 
 /// `path` (absolute, on the target system) under `prefix`.
@@ -327,7 +281,7 @@ fn verify(dir: &Path, state: &StateDir) -> Result<Bundle, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let pem = read_small(dir, RELEASE_KEY, MAX_SMALL_BYTES)?;
             let key = std::str::from_utf8(&pem)
-                .map_err(|_| refuse(dir, format!("{RELEASE_KEY} is not text")))
+                .map_err(|e| refuse(dir, format!("{RELEASE_KEY} is not text: {e}")))
                 .and_then(|t| {
                     PublicKey::from_pem(t).map_err(|e| refuse(dir, format!("{RELEASE_KEY}: {e}")))
                 })?;
@@ -405,7 +359,7 @@ fn verify(dir: &Path, state: &StateDir) -> Result<Bundle, Error> {
     let ca_pin = match &small.ca {
         Some(pem) => {
             let der = std::str::from_utf8(pem)
-                .map_err(|_| refuse(dir, format!("{CA_CERT} is not text")))
+                .map_err(|e| refuse(dir, format!("{CA_CERT} is not text: {e}")))
                 .and_then(|t| {
                     identity::cert_der_from_pem(t, CA_CERT).map_err(|e| refuse(dir, e))
                 })?;
@@ -479,26 +433,22 @@ fn install_binary(bundle: &Bundle, dest: &Path) -> Result<(), Error> {
     result
 }
 
+/// The systemd unit as the repository ships it (`packaging/`), naming the
+/// default paths.
+const UNIT_TEMPLATE: &str = include_str!("../../packaging/stella-agent.service");
+/// The unit's start line for the default paths, replaced by the chosen ones.
+const DEFAULT_EXEC_START: &str =
+    "ExecStart=/usr/local/bin/stella-agent run --state-dir /var/lib/stella-agent\n";
+
 /// The systemd unit; it names the paths of the target system.
 fn unit(version: &str, state_dir: &Path) -> String {
-    format!(
-        "# Installed by `stella-agent install` from a signed bundle (release {version}).\n\
-         [Unit]\n\
-         Description=Stella edge agent\n\
-         Wants=network-online.target\n\
-         After=network-online.target\n\
-         \n\
-         [Service]\n\
-         Type=simple\n\
-         ExecStart={BIN_PATH} run --state-dir {}\n\
-         Restart=always\n\
-         RestartSec=5\n\
-         # Exit code 3: this agent was revoked; restarting cannot help.\n\
-         RestartPreventExitStatus=3\n\
-         \n\
-         [Install]\n\
-         WantedBy=multi-user.target\n",
+    let exec_start = format!(
+        "ExecStart={BIN_PATH} run --state-dir {}\n",
         state_dir.display()
+    );
+    format!(
+        "# Installed by `stella-agent install` from a signed bundle (release {version}).\n{}",
+        UNIT_TEMPLATE.replacen(DEFAULT_EXEC_START, &exec_start, 1)
     )
 }
 
@@ -529,7 +479,7 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
     let prefix = &opts.prefix;
     let state = StateDir::new(under(prefix, state_dir));
     let bundle = verify(&opts.bundle, &state)?;
-    println!(
+    outln!(
         "verified bundle {}: release {}, {} files, signed with release key {} ({})",
         bundle.dir.display(),
         bundle.version,
@@ -544,7 +494,7 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
 
     let bin = under(prefix, Path::new(BIN_PATH));
     install_binary(&bundle, &bin)?;
-    println!(
+    outln!(
         "installed {} ({}, sha256 {})",
         bin.display(),
         bundle.agent,
@@ -561,7 +511,7 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
     }
     let enrolled = state.is_enrolled();
     if enrolled {
-        println!(
+        outln!(
             "{} is already enrolled: its CA is kept and no bootstrap.json is installed",
             state.root().display()
         );
@@ -580,7 +530,7 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
     saved.binary_sha256 = Some(bundle.agent_sha256.clone());
     state.save_state(&saved)?;
     wrote.push(crate::state::STATE_JSON);
-    println!(
+    outln!(
         "state dir {} (0700): {}",
         state.root().display(),
         wrote.join(", ")
@@ -596,100 +546,23 @@ pub(crate) fn install(state_dir: &Path, opts: &InstallOptions) -> Result<(), Err
         unit(&bundle.version, state_dir).as_bytes(),
         0o644,
     )?;
-    println!("installed {}", unit_path.display());
+    outln!("installed {}", unit_path.display());
     if prefix != Path::new("/") {
-        println!(
+        outln!(
             "(installed under {}: the unit names {BIN_PATH} and {} as they will be on the target system)",
             prefix.display(),
             state_dir.display()
         );
     }
-    println!("start it with: systemctl daemon-reload && systemctl enable --now stella-agent");
+    outln!("start it with: systemctl daemon-reload && systemctl enable --now stella-agent");
     if !enrolled && bundle.small.bootstrap.is_none() {
-        println!(
+        outln!(
             "then enroll it: {BIN_PATH} bootstrap --server URL --token T --ca-file {}/{CA_CERT} --state-dir {}",
             state_dir.display(),
             state_dir.display()
         );
     }
     Ok(())
-}
-
-/// Zero-touch, at the start of `run`: a host that is not enrolled but has
-/// `bootstrap.json` in its state dir enrolls with it, then deletes it (the
-/// token must not stay on disk). A failed enrollment keeps the file, so the
-/// next start (systemd restarts the agent) tries again. On an enrolled host
-/// a leftover file (a crash right after enrolling) is deleted.
-pub(crate) fn zero_touch(state: &StateDir) -> Result<(), Error> {
-    let path = state.path(BOOTSTRAP_JSON);
-    let present = fs::symlink_metadata(&path).is_ok();
-    if !present {
-        return Ok(());
-    }
-    if state.is_enrolled() {
-        forget_bootstrap(state)?;
-        log::warn(
-            "deleted a bootstrap.json left over from enrollment",
-            &[("path", &path.display())],
-        );
-        return Ok(());
-    }
-    let kept = |e: &dyn std::fmt::Display| {
-        Error::Invalid(format!(
-            "zero-touch enrollment with {} failed: {e} (the file is kept; the next start tries again)",
-            path.display()
-        ))
-    };
-    let meta =
-        fs::metadata(&path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
-    if meta.len() > MAX_SMALL_BYTES {
-        return Err(kept(&format!("it is larger than {MAX_SMALL_BYTES} bytes")));
-    }
-    let text = state.read_text(BOOTSTRAP_JSON)?;
-    let boot = parse_bootstrap(text.as_bytes()).map_err(|e| kept(&e))?;
-    // The CA the bundle brought along, which must be the pinned one.
-    let ca = if state.path(CA_CERT).exists() {
-        let pem = state.read_text(CA_CERT)?;
-        let der = identity::cert_der_from_pem(&pem, CA_CERT).map_err(|e| kept(&e))?;
-        let found = identity::ca_pin(&der).map_err(|e| kept(&e))?;
-        let want = pin_text(&boot.pin);
-        if found != want {
-            return Err(kept(&format!(
-                "{CA_CERT} in the state dir is {found}, but bootstrap.json pins {want}"
-            )));
-        }
-        CaTrust::File(state.path(CA_CERT))
-    } else {
-        CaTrust::Hash(boot.pin)
-    };
-    log::info(
-        "not enrolled; enrolling with bootstrap.json (zero-touch)",
-        &[("server", &boot.server), ("token", &boot.token.id())],
-    );
-    let opts = BootstrapOptions {
-        server: boot.server,
-        token: boot.token,
-        ca,
-        name: None,
-        labels: Labels::new(),
-        // install.sh pinned the bundle's key already.
-        release_key: None,
-    };
-    let id = bootstrap::enroll(state, &opts).map_err(|e| kept(&e))?;
-    forget_bootstrap(state)?;
-    log::info(
-        "zero-touch enrollment done; bootstrap.json deleted",
-        &[("agent", &id)],
-    );
-    Ok(())
-}
-
-/// Deletes `bootstrap.json` durably.
-fn forget_bootstrap(state: &StateDir) -> Result<(), Error> {
-    state.remove(BOOTSTRAP_JSON)?;
-    File::open(state.root())
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(format!("cannot sync {}", state.root().display()), e))
 }
 
 #[cfg(test)]
@@ -706,6 +579,29 @@ mod tests {
             under(Path::new("/"), Path::new("/var/lib/stella-agent")),
             PathBuf::from("/var/lib/stella-agent")
         );
+    }
+
+    #[test]
+    fn the_unit_is_the_packaged_one_with_the_paths_filled_in() {
+        assert!(UNIT_TEMPLATE.contains(DEFAULT_EXEC_START));
+        assert!(DEFAULT_EXEC_START.starts_with(&format!("ExecStart={BIN_PATH} ")));
+        let expected = "# Installed by `stella-agent install` from a signed bundle (release 1.2.3).\n\
+             [Unit]\n\
+             Description=Stella edge agent\n\
+             Wants=network-online.target\n\
+             After=network-online.target\n\
+             \n\
+             [Service]\n\
+             Type=simple\n\
+             ExecStart=/usr/local/bin/stella-agent run --state-dir /srv/stella\n\
+             Restart=always\n\
+             RestartSec=5\n\
+             # Exit code 3: this agent was revoked; restarting cannot help.\n\
+             RestartPreventExitStatus=3\n\
+             \n\
+             [Install]\n\
+             WantedBy=multi-user.target\n";
+        assert_eq!(unit("1.2.3", Path::new("/srv/stella")), expected);
     }
 
     #[test]
@@ -732,27 +628,6 @@ mod tests {
             "/x\ny",
         ] {
             assert!(check_state_dir(Path::new(bad)).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn bootstrap_files_are_checked() {
-        let pin = format!("sha256:{}", "ab".repeat(32));
-        let good = format!(
-            r#"{{"server":"https://10.0.0.1:8443","token":"abc123.0123456789abcdefghijklmnopqrstuv","ca_hash":"{pin}"}}"#
-        );
-        let boot = parse_bootstrap(good.as_bytes()).unwrap();
-        assert_eq!(boot.server, "https://10.0.0.1:8443");
-        assert_eq!(boot.pin, [0xab; 32]);
-        for (bad, why) in [
-            (good.replace("https://", "http://"), "https://"),
-            (good.replace("abc123.", "abc123"), "malformed token"),
-            (good.replace(&pin, "sha256:00"), "sha256:"),
-            ("{}".to_owned(), "not JSON of the shape"),
-            ("\u{0}".to_owned(), "not JSON of the shape"),
-        ] {
-            let err = parse_bootstrap(bad.as_bytes()).map(|_| ()).unwrap_err();
-            assert!(err.contains(why), "{bad}: {err}");
         }
     }
 }

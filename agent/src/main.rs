@@ -1,107 +1,21 @@
-//! stella-agent: the edge agent. One static binary, one thread: enrollment,
-//! mTLS identity, heartbeats, and (as they land) update, config and doctor.
+//! stella-agent: the edge agent. One static binary, one thread. This file
+//! parses the arguments, runs the command in the library, and maps its
+//! error to an exit code.
 #![deny(unsafe_code)]
-
-#[cfg(feature = "bench-alloc")]
-mod alloc_count;
-mod bootstrap;
-mod cli;
-mod config;
-mod der;
-mod doctor;
-mod error;
-mod fault;
-mod heartbeat;
-mod host;
-mod identity;
-mod install;
-mod log;
-mod remediate;
-mod state;
-mod status;
-mod sys;
-mod transport;
-mod update;
 
 use std::process::ExitCode;
 
-use cli::Command;
-use error::Error;
-use state::StateDir;
-
-/// Exit code when the server refuses this agent for good (revoked): the
-/// systemd unit does not restart on it.
-const EXIT_REVOKED: u8 = 3;
-
-fn run() -> Result<(), Error> {
-    if let Some(level) = std::env::var("STELLA_LOG_LEVEL")
-        .ok()
-        .and_then(|l| log::Level::parse(&l))
-    {
-        log::set_level(level);
-    }
-    let inv = cli::parse(std::env::args_os())?;
-    let state = StateDir::new(inv.state_dir);
-    match inv.command {
-        Command::Help => {
-            println!("{}", cli::USAGE);
-            Ok(())
-        }
-        Command::Version => {
-            println!("stella-agent {} {}", host::VERSION, host::TARGET);
-            Ok(())
-        }
-        Command::Bootstrap(opts) => {
-            let id = bootstrap::enroll(&state, &opts)?;
-            println!("{id}");
-            Ok(())
-        }
-        Command::Run => {
-            // Zero-touch: enroll with bootstrap.json first, if there is one.
-            install::zero_touch(&state)?;
-            if !state.is_enrolled() {
-                return Err(Error::Invalid(format!(
-                    "{} holds no enrolled agent (and no {}): run `stella-agent bootstrap` first",
-                    state.root().display(),
-                    install::BOOTSTRAP_JSON
-                )));
-            }
-            heartbeat::run(&state)
-        }
-        Command::Status { json } => status::print(&state, json),
-        Command::SelfTest => update::run_self_test(&state),
-        Command::Install(opts) => install::install(state.root(), &opts),
-        Command::Doctor { json, verbose } => {
-            let report = doctor::Doctor::new(&state).run_all();
-            if json {
-                println!("{}", doctor::to_json(&report));
-            } else {
-                doctor::print_table(&report, verbose);
-            }
-            if report.any_failed() {
-                Err(Error::ChecksFailed)
-            } else {
-                Ok(())
-            }
-        }
-        Command::Remediate { json, dry_run } => {
-            let still_failing = remediate::remediate(&state, dry_run, json)?;
-            if still_failing {
-                Err(Error::ChecksFailed)
-            } else {
-                Ok(())
-            }
-        }
-    }
-}
+use stella_agent::{EXIT_REVOKED, Error};
 
 fn main() -> ExitCode {
-    match run() {
+    match stella_agent::parse_args(std::env::args_os()).and_then(stella_agent::run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Error::Usage(msg)) => {
             eprintln!("stella-agent: {msg} (see `stella-agent --help`)");
             ExitCode::from(2)
         }
+        // Whoever read the output has all they wanted (`| head -1`).
+        Err(Error::StdoutClosed) => ExitCode::SUCCESS,
         // The report said it all; exit 1 without another line.
         Err(Error::ChecksFailed) => ExitCode::FAILURE,
         Err(e @ Error::Revoked(_)) => {

@@ -10,11 +10,13 @@ use std::time::Duration;
 use miniserde::{Serialize, json};
 use stella_proto::api::DoctorSummary;
 
-use crate::doctor::{self, CheckResult, Doctor, JsonSummary, Report, STAGING_DIR, Status};
+use stella_proto::states::CheckStatus;
+
+use crate::doctor::{CheckResult, Doctor, JsonSummary, Report};
 use crate::error::Error;
-use crate::identity::{self, Identity, NEXT_CERT, NEXT_KEY};
-use crate::state::{AGENT_CERT, AGENT_KEY, StateDir};
-use crate::{heartbeat, log, transport};
+use crate::identity::Identity;
+use crate::state::{AGENT_CERT, AGENT_KEY, CONFIG_JSON, NEXT_CERT, NEXT_KEY, StateDir};
+use crate::{heartbeat, log, renewal, transport};
 
 /// What a pattern does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,19 +117,6 @@ fn server_url(state: &StateDir) -> String {
         .unwrap_or_else(|_| "the server".into())
 }
 
-fn staged_files(state: &StateDir) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = fs::read_dir(state.path(STAGING_DIR))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_file())
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
-}
-
 fn list(paths: &[std::path::PathBuf]) -> String {
     if paths.is_empty() {
         return "nothing".into();
@@ -156,14 +145,14 @@ pub(crate) fn describe(action: Action, state: &StateDir) -> String {
         ),
         Action::RestoreConfig => format!(
             "rewrite {} with the applied configuration",
-            state.path(crate::config::CONFIG_JSON).display()
+            state.path(CONFIG_JSON).display()
         ),
         Action::PurgeStaging => {
-            let mut files = staged_files(state);
-            files.extend(doctor::stale_temp_files(state));
+            let mut files = state.staged_files();
+            files.extend(state.stale_temp_files());
             format!("remove {}", list(&files))
         }
-        Action::RemoveStaleTemp => format!("remove {}", list(&doctor::stale_temp_files(state))),
+        Action::RemoveStaleTemp => format!("remove {}", list(&state.stale_temp_files())),
         Action::ChmodStateDir => format!("chmod 0700 {}", state.root().display()),
         Action::HeartbeatNow => format!(
             "POST a heartbeat to {}/v1/agents/heartbeat",
@@ -199,20 +188,20 @@ fn chmod(path: &std::path::Path, mode: u32) -> Result<String, Error> {
 pub(crate) fn apply(action: Action, state: &StateDir) -> Result<String, Error> {
     match action {
         Action::RenewNow => {
-            identity::finish_interrupted_renewal(state)?;
+            renewal::finish_interrupted_renewal(state)?;
             let ident = Identity::load(state)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             let renewed = if now >= ident.cert.not_after {
-                identity::recover(state, &ident)
+                renewal::recover(state, &ident)
             } else {
                 let client = transport::http_client(
                     &ident.ca_der,
                     Some((&ident.cert_der, &ident.key_pem)),
                     Duration::from_secs(30),
                 )?;
-                identity::renew(state, &ident, &client)
+                renewal::renew(state, &ident, &client)
             };
             match renewed {
                 Ok(new) => Ok(format!(
@@ -220,14 +209,12 @@ pub(crate) fn apply(action: Action, state: &StateDir) -> Result<String, Error> {
                     new.cert.serial,
                     stella_proto::time::rfc3339(new.cert.not_after)
                 )),
-                Err(identity::RenewError::Refused(m) | identity::RenewError::Failed(m)) => {
-                    Err(Error::Network(m))
-                }
+                Err(e) => Err(e.into_error()),
             }
         }
         Action::ChmodKey => chmod(&state.path(AGENT_KEY), 0o600),
         Action::ChmodStateDir => chmod(state.root(), 0o700),
-        Action::FinishRenewal => match identity::finish_interrupted_renewal(state)? {
+        Action::FinishRenewal => match renewal::finish_interrupted_renewal(state)? {
             true => Ok("finished the interrupted renewal".into()),
             false => Ok("nothing left to finish".into()),
         },
@@ -245,11 +232,11 @@ pub(crate) fn apply(action: Action, state: &StateDir) -> Result<String, Error> {
             ))
         }
         Action::PurgeStaging => {
-            let mut files = staged_files(state);
-            files.extend(doctor::stale_temp_files(state));
+            let mut files = state.staged_files();
+            files.extend(state.stale_temp_files());
             remove_all(&files)
         }
-        Action::RemoveStaleTemp => remove_all(&doctor::stale_temp_files(state)),
+        Action::RemoveStaleTemp => remove_all(&state.stale_temp_files()),
         Action::HeartbeatNow => {
             heartbeat::send_one(state).map(|seq| format!("heartbeat {seq} acknowledged"))
         }
@@ -280,7 +267,7 @@ pub(crate) fn plan(report: &Report) -> Vec<(&CheckResult, &'static Pattern)> {
     report
         .checks
         .iter()
-        .filter(|c| matches!(c.status, Status::Warn | Status::Fail))
+        .filter(|c| matches!(c.status, CheckStatus::Warn | CheckStatus::Fail))
         .filter_map(|c| pattern_for(c.code).map(|p| (c, p)))
         .collect()
 }
@@ -323,7 +310,7 @@ pub(crate) fn remediate(state: &StateDir, dry_run: bool, as_json: bool) -> Resul
         after.summary()
     };
     if as_json {
-        println!(
+        outln!(
             "{}",
             json::to_string(&RemediationReport {
                 dry_run,
@@ -333,7 +320,7 @@ pub(crate) fn remediate(state: &StateDir, dry_run: bool, as_json: bool) -> Resul
             })
         );
     } else {
-        print_plain(dry_run, &records, &before_summary, &after_summary);
+        print_plain(dry_run, &records, &before_summary, &after_summary)?;
     }
     Ok(after_summary.fail > 0)
 }
@@ -343,9 +330,9 @@ fn print_plain(
     records: &[ActionRecord],
     before: &DoctorSummary,
     after: &DoctorSummary,
-) {
+) -> Result<(), Error> {
     if records.is_empty() {
-        println!("nothing to remediate: no warnings or failures with a known fix");
+        outln!("nothing to remediate: no warnings or failures with a known fix");
     }
     for r in records {
         let mark = match (r.applied, r.action.as_str()) {
@@ -354,7 +341,7 @@ fn print_plain(
             (false, _) if dry_run => "[ ]",
             (false, _) => "[✗]",
         };
-        println!("{mark} {:<32} {:<30} {}", r.check, r.pattern, r.result);
+        outln!("{mark} {:<32} {:<30} {}", r.check, r.pattern, r.result);
     }
     let line = |s: &DoctorSummary| {
         format!(
@@ -362,12 +349,13 @@ fn print_plain(
             s.pass, s.warn, s.fail, s.skip
         )
     };
-    println!("\nbefore: {}", line(before));
+    outln!("\nbefore: {}", line(before));
     if dry_run {
-        println!("dry run: nothing was changed");
+        outln!("dry run: nothing was changed");
     } else {
-        println!("after:  {}", line(after));
+        outln!("after:  {}", line(after));
     }
+    Ok(())
 }
 
 /// In the running agent with `remediation: auto`: applies the safe actions the

@@ -1,12 +1,18 @@
-//! The agent's state dir (0700): its layout, atomic writes, and the small
-//! JSON files `agent.json` (who am I, which server) and `state.json` (last
-//! acknowledged heartbeat).
+//! The agent's state dir (0700) and every file in it: the names, atomic
+//! writes, `agent.json` (who am I, which server), `state.json` (last
+//! acknowledged heartbeat, applied config, the update marker), the staging
+//! dir for downloads and the temp files a crash may leave. The bottom layer:
+//! it imports no other part of the agent but errors and the build's target.
 
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use miniserde::de::Visitor;
+use miniserde::ser::Fragment;
 use miniserde::{Deserialize, Serialize, json};
 
 use crate::error::Error;
@@ -19,6 +25,22 @@ pub(crate) const AGENT_KEY: &str = "agent.key";
 pub(crate) const AGENT_CERT: &str = "agent.pem";
 pub(crate) const CA_CERT: &str = "ca.pem";
 pub(crate) const STATE_JSON: &str = "state.json";
+/// The applied configuration, as the server sent it (canonical JSON).
+pub(crate) const CONFIG_JSON: &str = "config.json";
+/// The pinned release key.
+pub(crate) const RELEASE_KEY: &str = "release-key.pub";
+/// Zero-touch enrollment file, in the bundle and (until enrollment
+/// succeeds) in the state dir.
+pub(crate) const BOOTSTRAP_JSON: &str = "bootstrap.json";
+/// The next key, made before a renewal and kept until it is installed, so a
+/// retried renewal sends the same key.
+pub(crate) const NEXT_KEY: &str = "agent.key.new";
+/// The certificate for the next key, written before the swap.
+pub(crate) const NEXT_CERT: &str = "agent.pem.new";
+/// Downloads in progress (mode 0700).
+pub(crate) const STAGING_DIR: &str = "staging";
+/// Temp files older than this are stale (a running agent's own writes are younger).
+const STALE_TEMP_AGE: Duration = Duration::from_secs(60);
 
 /// `agent.json`: written last at enrollment, so its presence means enrolled.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -45,9 +67,102 @@ pub(crate) struct StateFile {
     /// SHA-256 of the binary as installed (bootstrap, install, update).
     pub(crate) binary_sha256: Option<String>,
     /// A swap or probation in progress.
-    pub(crate) update: Option<crate::update::UpdateMarker>,
+    pub(crate) update: Option<UpdateMarker>,
     /// The last update that failed.
-    pub(crate) update_failure: Option<crate::update::UpdateFailure>,
+    pub(crate) update_failure: Option<UpdateFailure>,
+}
+
+/// Where a swap stands, as `state.json` spells it. These spellings are on
+/// disk: an updated agent reads the marker an older one wrote, so they
+/// never change (they are not the heartbeat's update phases).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MarkerPhase {
+    /// The old binary is kept as `.prev`; the rename may or may not have happened.
+    Swapping,
+    /// The new version runs and must prove itself.
+    Probation,
+    /// The new version failed; `.prev` is back over the binary.
+    RolledBack,
+    /// A spelling this build does not know: the marker is dropped at start.
+    Other(String),
+}
+
+impl MarkerPhase {
+    /// The spelling in `state.json`.
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            MarkerPhase::Swapping => "swapping",
+            MarkerPhase::Probation => "probation",
+            MarkerPhase::RolledBack => "rolled-back",
+            MarkerPhase::Other(text) => text,
+        }
+    }
+
+    fn parse(text: &str) -> Self {
+        match text {
+            "swapping" => MarkerPhase::Swapping,
+            "probation" => MarkerPhase::Probation,
+            "rolled-back" => MarkerPhase::RolledBack,
+            other => MarkerPhase::Other(other.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for MarkerPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for MarkerPhase {
+    fn begin(&self) -> Fragment<'_> {
+        Fragment::Str(self.as_str().into())
+    }
+}
+
+impl Deserialize for MarkerPhase {
+    fn begin(out: &mut Option<Self>) -> &mut dyn Visitor {
+        miniserde::make_place!(Place);
+        impl Visitor for Place<MarkerPhase> {
+            fn string(&mut self, s: &str) -> miniserde::Result<()> {
+                self.out = Some(MarkerPhase::parse(s));
+                Ok(())
+            }
+        }
+        Place::new(out)
+    }
+}
+
+/// `state.json`'s update marker: a swap or probation in progress.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UpdateMarker {
+    pub(crate) phase: MarkerPhase,
+    pub(crate) from_version: String,
+    pub(crate) to_version: String,
+    pub(crate) to_sha256: String,
+    pub(crate) install_path: String,
+    /// Starts of the new version so far.
+    pub(crate) starts: u32,
+    pub(crate) probation_ms: u64,
+    /// Unix seconds by which probation must be passed.
+    pub(crate) probation_until: u64,
+    pub(crate) error: Option<String>,
+}
+
+/// The last update that failed, reported until another one is tried.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UpdateFailure {
+    pub(crate) version: String,
+    pub(crate) error: String,
+}
+
+impl StateFile {
+    /// Whether a new version is on probation.
+    pub(crate) fn in_probation(&self) -> bool {
+        self.update
+            .as_ref()
+            .is_some_and(|m| m.phase == MarkerPhase::Probation)
+    }
 }
 
 /// The state dir and the files in it.
@@ -145,7 +260,8 @@ impl StateDir {
     /// Reads `agent.json`.
     pub(crate) fn agent_file(&self) -> Result<AgentFile, Error> {
         let text = self.read_text(AGENT_JSON)?;
-        json::from_str(&text).map_err(|_| {
+        // miniserde's error is a unit struct: the file is named instead.
+        json::from_str(&text).map_err(|miniserde::Error| {
             Error::Invalid(format!(
                 "{} is not valid agent JSON",
                 self.path(AGENT_JSON).display()
@@ -174,5 +290,95 @@ impl StateDir {
         mode: u32,
     ) -> Result<(), Error> {
         self.write_atomic(name, json::to_string(value).as_bytes(), mode)
+    }
+}
+
+impl StateDir {
+    /// The part file a download of `version` for `target` is staged in.
+    pub(crate) fn staging_part(&self, version: &str, target: &str) -> PathBuf {
+        self.path(STAGING_DIR)
+            .join(format!("stella-agent-{version}-{target}.part"))
+    }
+
+    /// Creates the staging dir (mode 0700).
+    pub(crate) fn create_staging(&self) -> std::io::Result<()> {
+        let dir = self.path(STAGING_DIR);
+        fs::create_dir_all(&dir)
+            .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)))
+    }
+
+    /// Files in the staging dir, sorted.
+    pub(crate) fn staged_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<_> = fs::read_dir(self.path(STAGING_DIR))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+
+    /// Bytes held in the staging dir.
+    pub(crate) fn staging_bytes(&self) -> u64 {
+        fs::read_dir(self.path(STAGING_DIR))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Stale temp files (`.*.tmp`) in the state dir and its staging dir.
+    pub(crate) fn stale_temp_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for dir in [self.root.clone(), self.path(STAGING_DIR)] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if !(name.starts_with('.') && name.ends_with(".tmp")) {
+                    continue;
+                }
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= STALE_TEMP_AGE);
+                if old {
+                    out.push(e.path());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_phases_keep_their_on_disk_spellings() {
+        for (phase, text) in [
+            (MarkerPhase::Swapping, "\"swapping\""),
+            (MarkerPhase::Probation, "\"probation\""),
+            (MarkerPhase::RolledBack, "\"rolled-back\""),
+        ] {
+            assert_eq!(json::to_string(&phase), text);
+            assert_eq!(json::from_str::<MarkerPhase>(text).unwrap(), phase);
+        }
+        let odd: MarkerPhase = json::from_str("\"paused\"").unwrap();
+        assert_eq!(odd, MarkerPhase::Other("paused".into()));
+        assert_eq!(json::to_string(&odd), "\"paused\"");
     }
 }

@@ -51,23 +51,24 @@ pub(crate) fn print(state: &StateDir, as_json: bool) -> Result<(), Error> {
         },
     };
     if as_json {
-        println!("{}", json::to_string(&view));
+        outln!("{}", json::to_string(&view));
     } else {
-        println!("agent           {}", view.agent_id);
-        println!("server          {}", view.server);
-        println!("version         {} ({})", view.version, host::TARGET);
-        println!("certificate     valid until {}", view.cert_not_after);
-        println!(
+        outln!("agent           {}", view.agent_id);
+        outln!("server          {}", view.server);
+        outln!("version         {} ({})", view.version, host::TARGET);
+        outln!("certificate     valid until {}", view.cert_not_after);
+        outln!(
             "last heartbeat  {}",
             view.last_heartbeat.as_deref().unwrap_or("never")
         );
-        println!(
+        outln!(
             "config          {}",
             view.config_hash.as_deref().unwrap_or("none applied")
         );
-        println!(
+        outln!(
             "update          {} {}",
-            view.update.state, view.update.version
+            view.update.state,
+            view.update.version
         );
     }
     Ok(())

@@ -8,7 +8,7 @@ use miniserde::json;
 use stella_proto::api::ErrorBody;
 
 use crate::error::Error;
-use crate::identity::ring_provider;
+use crate::tls::ring_provider;
 
 /// Longest answer read from the server.
 const MAX_ANSWER_BYTES: u64 = 64 * 1024;
@@ -26,7 +26,7 @@ pub(crate) fn http_client(
     let client_cert = match client {
         Some((cert, key_pem)) => {
             let key = PrivateKey::from_pem(key_pem.as_bytes())
-                .map_err(|e| Error::Crypto(format!("agent key: {e}")))?;
+                .map_err(|e| Error::crypto("agent key", e))?;
             Some(ClientCert::new_with_certs(
                 &[Certificate::from_der(cert).to_owned()],
                 key,
@@ -64,14 +64,15 @@ pub(crate) fn http_client(
         .new_agent())
 }
 
-/// POSTs a JSON body; returns the status and the (bounded) answer text, or
-/// the transport error as text.
+/// POSTs a JSON body; returns the status and the (bounded) answer text.
 pub(crate) fn post_json(
     client: &ureq::Agent,
     url: &str,
     body: &str,
-) -> Result<(u16, String), String> {
-    let uri: ureq::http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+) -> Result<(u16, String), ureq::Error> {
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|e: ureq::http::uri::InvalidUri| ureq::Error::Http(e.into()))?;
     let mut answer = String::new();
     let status = post_json_into(client, &uri, body, &mut answer)?;
     Ok((status, answer))
@@ -84,33 +85,30 @@ pub(crate) fn post_json_into(
     uri: &ureq::http::Uri,
     body: &str,
     answer: &mut String,
-) -> Result<u16, String> {
+) -> Result<u16, ureq::Error> {
     use std::io::Read;
     let mut resp = client
         .post(uri.clone())
         .content_type("application/json")
-        .send(body)
-        .map_err(|e| e.to_string())?;
+        .send(body)?;
     let status = resp.status().as_u16();
     answer.clear();
     resp.body_mut()
         .as_reader()
         .take(MAX_ANSWER_BYTES)
-        .read_to_string(answer)
-        .map_err(|e| e.to_string())?;
+        .read_to_string(answer)?;
     Ok(status)
 }
 
 /// GETs a URL; returns the status and the (bounded) answer text.
-pub(crate) fn get(client: &ureq::Agent, url: &str) -> Result<(u16, String), String> {
-    let mut resp = client.get(url).call().map_err(|e| e.to_string())?;
+pub(crate) fn get(client: &ureq::Agent, url: &str) -> Result<(u16, String), ureq::Error> {
+    let mut resp = client.get(url).call()?;
     let status = resp.status().as_u16();
     let text = resp
         .body_mut()
         .with_config()
         .limit(MAX_ANSWER_BYTES)
-        .read_to_string()
-        .map_err(|e| e.to_string())?;
+        .read_to_string()?;
     Ok((status, text))
 }
 

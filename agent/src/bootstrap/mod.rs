@@ -1,6 +1,7 @@
 //! Enrollment: pin the server's CA, make a key pair here, send a CSR with a
 //! one-time token, and store the identity the server issues. A retry after a
 //! lost answer reuses the same key, so the server returns the same agent.
+//! Zero-touch enrollment from `bootstrap.json` is in `zero_touch`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,7 +12,9 @@ use stella_proto::api::{Labels, RegisterRequest, RegisterResponse};
 
 use crate::error::Error;
 use crate::state::{AGENT_CERT, AGENT_JSON, AGENT_KEY, AgentFile, CA_CERT, StateDir};
-use crate::{fault, host, identity, log, transport};
+use crate::{fault, host, identity, log, tls, transport};
+
+pub(crate) mod zero_touch;
 
 /// How the agent learns to trust the server.
 #[derive(Debug, Clone)]
@@ -52,12 +55,12 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
                 Error::io(format!("cannot read --release-key {}", path.display()), e)
             })?;
             stella_proto::dsse::PublicKey::from_pem(&pem)
-                .map_err(|e| Error::Invalid(format!("--release-key {}: {e}", path.display())))?;
+                .map_err(|e| Error::malformed(format!("--release-key {}", path.display()), e))?;
             Some(pem)
         }
         None => None,
     };
-    identity::host_port(&server)?;
+    tls::host_port(&server)?;
 
     // Trust first: a wrong pin stops us before the token leaves the host.
     let ca_der = match &opts.ca {
@@ -66,7 +69,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
                 .map_err(|e| Error::io(format!("cannot read --ca-file {}", path.display()), e))?;
             identity::cert_der_from_pem(&pem, &path.display().to_string())?
         }
-        CaTrust::Hash(pin) => identity::discover_pinned_ca(&server, *pin)?,
+        CaTrust::Hash(pin) => tls::discover_pinned_ca(&server, *pin)?,
     };
     let ca_hash = identity::ca_pin(&ca_der)?;
 
@@ -75,7 +78,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
     // sends the same key and the server answers with the same registration.
     let key_der = match state.read_text(AGENT_KEY) {
         Ok(pem) => stella_proto::pem::decode("PRIVATE KEY", &pem)
-            .map_err(|e| Error::Invalid(format!("{AGENT_KEY}: {e}")))?,
+            .map_err(|e| Error::malformed(AGENT_KEY, e))?,
         Err(_) => {
             let der = identity::generate_key()?;
             state.write_atomic(
@@ -100,7 +103,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
     let client = transport::http_client(&ca_der, None, Duration::from_secs(30))?;
     let url = format!("{server}/v1/agents/register");
     let (status, body) = transport::post_json(&client, &url, &json::to_string(&request))
-        .map_err(|e| Error::Network(format!("cannot reach {server}: {e}")))?;
+        .map_err(|e| Error::network(format!("cannot reach {server}"), e))?;
     if !(200..300).contains(&status) {
         return Err(Error::Refused {
             status,
@@ -108,7 +111,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
         });
     }
     fault::point("bootstrap-after-register");
-    let answer: RegisterResponse = json::from_str(&body).map_err(|_| {
+    let answer: RegisterResponse = json::from_str(&body).map_err(|miniserde::Error| {
         Error::Invalid(format!(
             "{server} answered the registration with unexpected JSON"
         ))
@@ -153,7 +156,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
     )?;
     state.write_atomic(AGENT_CERT, answer.certificate.as_bytes(), 0o644)?;
     if let Some(pem) = &release_key {
-        state.write_atomic(crate::update::RELEASE_KEY, pem.as_bytes(), 0o644)?;
+        state.write_atomic(crate::state::RELEASE_KEY, pem.as_bytes(), 0o644)?;
     }
     // agent.json last: its presence marks a finished enrollment.
     state.write_json(

@@ -1,0 +1,234 @@
+//! Self-update from signed releases (DESIGN.md section 5), in four parts:
+//! `offer` (check an offer against the pinned release key, target and
+//! version), `download` (chunks with HTTP Range into the staging dir,
+//! hashed as they arrive), `swap` (stage next to the binary, `self-test`,
+//! keep `.prev`, rename, exec in place) and `probation` (the new version
+//! must get a heartbeat acknowledged and pass doctor within the window, or
+//! `.prev` comes back; a start counter catches a crash loop). At every
+//! instant a runnable, verified binary is at the install path. This file
+//! holds the updater the run loop drives one step at a time, and what the
+//! heartbeat reports of it.
+
+use std::fs;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use stella_proto::api::UpdateReport;
+use stella_proto::states::UpdatePhase;
+
+use crate::error::Error;
+use crate::state::{MarkerPhase, StateDir, StateFile, UpdateFailure};
+use crate::{fault, host, log};
+
+mod download;
+mod offer;
+mod probation;
+mod swap;
+
+use download::{ChunkError, Download};
+pub(crate) use probation::finish_rollback;
+pub(crate) use swap::run_self_test;
+use swap::{install_path, next_path, self_test, stage_executable, swap};
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What the run loop should do after an update step.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Nothing pending.
+    Idle,
+    /// More to download: come back soon.
+    Busy,
+}
+
+/// The updater's state in the running agent.
+#[derive(Default)]
+pub(crate) struct Updater {
+    download: Option<Download>,
+}
+
+/// The phase a heartbeat reports for a marker in `state.json`. Swapping and
+/// rolled-back predate `UpdatePhase` and keep the spellings agents have
+/// always reported (a reader that does not know them shows them as they are).
+fn marker_phase(phase: &MarkerPhase) -> UpdatePhase {
+    match phase {
+        MarkerPhase::Probation => UpdatePhase::Probation,
+        MarkerPhase::Swapping | MarkerPhase::RolledBack | MarkerPhase::Other(_) => {
+            UpdatePhase::Unknown(phase.as_str().to_owned())
+        }
+    }
+}
+
+impl Updater {
+    /// Where the agent stands, for the heartbeat.
+    pub(crate) fn report(&self, saved: &StateFile) -> UpdateReport {
+        let mut out = UpdateReport {
+            state: String::new(),
+            version: String::new(),
+            error: None,
+        };
+        self.fill_report(saved, &mut out);
+        out
+    }
+
+    /// Where the agent stands: the phase, the version it concerns, and why
+    /// it failed.
+    fn standing<'a>(&'a self, saved: &'a StateFile) -> (UpdatePhase, &'a str, Option<&'a str>) {
+        if let Some(m) = &saved.update {
+            (marker_phase(&m.phase), &m.to_version, m.error.as_deref())
+        } else if let Some(d) = &self.download {
+            (UpdatePhase::Downloading, &d.accepted.version, None)
+        } else if let Some(f) = &saved.update_failure {
+            (UpdatePhase::Failed, &f.version, Some(&f.error))
+        } else {
+            (UpdatePhase::Idle, host::VERSION, None)
+        }
+    }
+
+    /// Writes the report into `out`, allocating only when it changed.
+    pub(crate) fn fill_report(&self, saved: &StateFile, out: &mut UpdateReport) {
+        let (phase, version, error) = self.standing(saved);
+        // The wire field is text until proto's report carries the phase.
+        let state = phase.as_str();
+        if out.state != state {
+            out.state = state.to_owned();
+        }
+        if out.version != version {
+            out.version = version.to_owned();
+        }
+        if out.error.as_deref() != error {
+            out.error = error.map(str::to_owned);
+        }
+    }
+
+    /// One turn of work: fetch the next chunk, or, once complete, verify,
+    /// self-test, swap and exec (which does not return).
+    pub(crate) fn step(
+        &mut self,
+        state: &StateDir,
+        saved: &mut StateFile,
+        client: &ureq::Agent,
+        server: &str,
+    ) -> Result<Step, Error> {
+        let Some(d) = self.download.as_mut() else {
+            return Ok(Step::Idle);
+        };
+        if Instant::now() < d.retry_at {
+            return Ok(Step::Idle);
+        }
+        if !d.is_complete() {
+            match d.fetch_chunk(state, client, server) {
+                Ok(()) => {
+                    d.failures = 0;
+                    fault::point("update-after-chunk");
+                    return Ok(Step::Busy);
+                }
+                Err(ChunkError::Refuse(e)) => {
+                    self.fail(saved, e);
+                    return Ok(Step::Idle);
+                }
+                Err(ChunkError::Retry(e)) => {
+                    d.failures += 1;
+                    let wait = Duration::from_secs(1 << d.failures.min(6));
+                    d.retry_at = Instant::now() + wait;
+                    log::warn(
+                        "update download interrupted; will resume",
+                        &[("error", &e), ("received", &d.received)],
+                    );
+                    return Ok(Step::Idle);
+                }
+            }
+        }
+        fault::point("update-after-download");
+        let Some(d) = self.download.as_ref() else {
+            return Ok(Step::Idle);
+        };
+        // Hashed as it arrived: the staged file is not read again for this.
+        let digest = d.digest();
+        if digest != d.accepted.sha256 {
+            let error = format!(
+                "the download ({} bytes) has sha256 {digest}, the signed release says {}",
+                d.received, d.accepted.sha256
+            );
+            self.fail(saved, error);
+            return Ok(Step::Idle);
+        }
+        let install = install_path()?;
+        let next = next_path(&install);
+        if let Err(e) = stage_executable(&d.part, &next) {
+            self.fail(
+                saved,
+                format!(
+                    "cannot stage the new binary next to {}: {e}",
+                    install.display()
+                ),
+            );
+            return Ok(Step::Idle);
+        }
+        fault::point("update-after-verify");
+        if let Err(e) = self_test(&next, state) {
+            self.fail(saved, e);
+            return Ok(Step::Idle);
+        }
+        let d = self.download.take().expect("download present");
+        swap(state, saved, &install, &next, &d)?;
+        Ok(Step::Idle)
+    }
+
+    /// Records a failed update and forgets the download and its files.
+    fn fail(&mut self, saved: &mut StateFile, error: String) {
+        if let Some(d) = self.download.take() {
+            let _ = fs::remove_file(&d.part);
+            if let Ok(install) = install_path() {
+                let _ = fs::remove_file(next_path(&install));
+            }
+            log::warn(
+                "update failed; staying on this version",
+                &[("version", &d.accepted.version), ("error", &error)],
+            );
+            saved.update_failure = Some(UpdateFailure {
+                version: d.accepted.version,
+                error,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::UpdateMarker;
+
+    #[test]
+    fn the_report_spells_phases_as_agents_always_did() {
+        let updater = Updater::default();
+        let mut saved = StateFile::default();
+        assert_eq!(updater.report(&saved).state, "idle");
+        saved.update_failure = Some(UpdateFailure {
+            version: "9.9.9".into(),
+            error: "no".into(),
+        });
+        assert_eq!(updater.report(&saved).state, "failed");
+        for (phase, text) in [
+            (MarkerPhase::Probation, "probation"),
+            (MarkerPhase::Swapping, "swapping"),
+            (MarkerPhase::RolledBack, "rolled-back"),
+        ] {
+            saved.update = Some(UpdateMarker {
+                phase,
+                from_version: "1.0.0".into(),
+                to_version: "9.9.9".into(),
+                to_sha256: String::new(),
+                install_path: String::new(),
+                starts: 0,
+                probation_ms: 0,
+                probation_until: 0,
+                error: None,
+            });
+            assert_eq!(updater.report(&saved).state, text);
+        }
+    }
+}
