@@ -3,7 +3,10 @@
 //! the file on disk is edited by hand (a cheap size/mtime check on every
 //! heartbeat, the bytes only when those changed), restoring it on request.
 //! The applied document is also kept in `state.json`, so it survives an
-//! edit of `config.json` and restarts while the server is unreachable.
+//! edit of `config.json` and restarts while the server is unreachable. A
+//! valid document whose file cannot be written (a full disk) is kept in
+//! memory, reported as refused, and written on a later heartbeat: the
+//! server does not send a document again once the agent reported it.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -35,6 +38,17 @@ pub(crate) struct ConfigState {
     pub(crate) drift: bool,
     /// The last document refused, and why.
     pub(crate) refusal: Option<ConfigRefusal>,
+    /// A valid document not applied yet because `config.json` could not be
+    /// written.
+    pending: Option<Pending>,
+}
+
+/// A validated document waiting for its file to be written.
+#[derive(Debug)]
+struct Pending {
+    hash: String,
+    canonical: String,
+    settings: Settings,
 }
 
 fn signature(state: &StateDir) -> Option<FileSignature> {
@@ -61,18 +75,21 @@ impl ConfigState {
             edited: None,
             drift: false,
             refusal: None,
+            pending: None,
         }
     }
 
     /// Validates and applies `doc`: writes `config.json`, records it in
-    /// `saved` (which the caller persists), and takes it into effect. A
-    /// refused document changes nothing and is remembered for the report.
+    /// `saved` (which the caller persists), and takes it into effect; true
+    /// when it did. A refused document changes nothing and is remembered for
+    /// the report. A valid one whose file cannot be written is an error, and
+    /// is also remembered, reported and kept for [`Self::retry_pending`].
     pub(crate) fn apply(
         &mut self,
         state: &StateDir,
         saved: &mut StateFile,
         doc: &Value,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let hash = config::hash(doc);
         let settings = match config::parse_settings(doc) {
             Ok(s) => s,
@@ -81,22 +98,77 @@ impl ConfigState {
                     "configuration refused; keeping the last good one",
                     &[("hash", &hash), ("error", &e)],
                 );
+                self.pending = None;
                 self.refusal = Some(ConfigRefusal {
                     hash,
                     error: e.to_string(),
                 });
-                return Ok(());
+                return Ok(false);
             }
         };
-        let canonical = config::canonical(doc);
-        state.write_atomic(CONFIG_JSON, canonical.as_bytes(), 0o600)?;
-        saved.config = Some(canonical.clone());
-        saved.config_hash = Some(hash.clone());
+        self.pending = Some(Pending {
+            hash,
+            canonical: config::canonical(doc),
+            settings,
+        });
+        self.write_pending(state, saved).map(|()| true)
+    }
+
+    /// Writes a document that could not be written before, if the server
+    /// still wants it (`desired` is the hash it asks for); true when it is
+    /// now applied. Without one pending this costs nothing.
+    pub(crate) fn retry_pending(
+        &mut self,
+        state: &StateDir,
+        saved: &mut StateFile,
+        desired: &str,
+    ) -> Result<bool, Error> {
+        match &self.pending {
+            None => Ok(false),
+            Some(p) if p.hash != desired => {
+                // The server changed its mind: drop the document and its report.
+                if self.refusal.as_ref().is_some_and(|r| r.hash == p.hash) {
+                    self.refusal = None;
+                }
+                self.pending = None;
+                Ok(false)
+            }
+            Some(_) => self.write_pending(state, saved).map(|()| true),
+        }
+    }
+
+    /// Writes the pending document to `config.json` and takes it into
+    /// effect; on failure keeps it pending and reports why.
+    fn write_pending(&mut self, state: &StateDir, saved: &mut StateFile) -> Result<(), Error> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        if let Err(e) = state.write_atomic(CONFIG_JSON, p.canonical.as_bytes(), 0o600) {
+            let error = e.to_string();
+            let repeated = self
+                .refusal
+                .as_ref()
+                .is_some_and(|r| r.hash == p.hash && r.error == error);
+            if !repeated {
+                log::warn(
+                    "configuration not applied: its file cannot be written; keeping the last good one and trying again",
+                    &[("hash", &p.hash), ("error", &error)],
+                );
+                self.refusal = Some(ConfigRefusal {
+                    hash: p.hash.clone(),
+                    error,
+                });
+            }
+            self.pending = Some(p);
+            return Err(e);
+        }
+        saved.config = Some(p.canonical.clone());
+        saved.config_hash = Some(p.hash.clone());
         self.verified = signature(state);
         self.edited = None;
-        self.applied = canonical;
-        self.hash = hash;
-        self.settings = settings;
+        self.applied = p.canonical;
+        self.hash = p.hash;
+        self.settings = p.settings;
         self.drift = false;
         self.refusal = None;
         log::info("configuration applied", &[("hash", &self.hash)]);

@@ -209,8 +209,12 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
             } else {
                 beat.seq += 1;
                 beat.uptime_s = started.elapsed().as_secs();
-                if config.check_drift(state) && config.settings.remediation == Remediation::Auto {
-                    config.restore(state)?;
+                if config.check_drift(state)
+                    && config.settings.remediation == Remediation::Auto
+                    && let Err(e) = config.restore(state)
+                {
+                    // Still drifted: the next heartbeat tries again.
+                    log::warn("could not restore config.json", &[("error", &e)]);
                 }
                 if beat.config_hash != config.hash {
                     beat.config_hash.clone_from(&config.hash);
@@ -249,8 +253,14 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                             agent.interval = asked;
                             agent.client = Agent::connect(&agent.ident, asked)?;
                         }
-                        if let Some(doc) = &answer.config {
-                            config.apply(state, &mut saved, doc)?;
+                        // A document that could not be written is reported
+                        // (config_error) and written on a later heartbeat.
+                        let applied = match &answer.config {
+                            Some(doc) => config.apply(state, &mut saved, doc),
+                            None => config.retry_pending(state, &mut saved, &answer.config_hash),
+                        }
+                        .unwrap_or(false);
+                        if applied {
                             if !log_level_from_env {
                                 log::set_level(config.settings.log_level);
                             }
@@ -261,7 +271,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         if let Some(offer) = &answer.update {
                             updater.offer(state, &mut saved, offer, &config.settings);
                         }
-                        let news = answer.config.is_some() || answer.update.is_some();
+                        let news = answer.config.is_some() || answer.update.is_some() || applied;
                         record_ack(&mut saved, beat.seq, agent.interval, answer.server_time);
                         // On probation this acknowledgement may commit the
                         // update (it writes state.json itself) or roll back.

@@ -3,13 +3,15 @@
 //! resumes), appended to a part file, capped in size, and hashed as they
 //! arrive. The digest state travels with the download, so the finished file
 //! is never read again to hash it; a download resumed by a new process
-//! re-hashes only the bytes already on disk.
+//! re-hashes the bytes already on disk and resumes from their real length
+//! (never from a count recorded elsewhere). A write that fails (a full disk)
+//! is cut from the file again and retried later.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ring::digest::{Context, SHA256};
 use stella_proto::api::UpdateOffer;
@@ -35,6 +37,13 @@ pub(super) struct Download {
     /// Do not try before this (after a failed chunk).
     pub(super) retry_at: Instant,
     pub(super) failures: u32,
+    /// Why the last attempt failed, reported until a chunk lands.
+    pub(super) last_error: Option<String>,
+    /// The byte this download last resumed at after an interruption (None:
+    /// fetched from byte 0 without one).
+    pub(super) resumed_at: Option<u64>,
+    /// A resumed download did not match and this is the one retry from zero.
+    pub(super) restarted_after_mismatch: bool,
 }
 
 /// Why a chunk did not arrive.
@@ -78,6 +87,9 @@ impl Download {
             hasher: Context::new(&SHA256),
             retry_at: Instant::now(),
             failures: 0,
+            last_error: None,
+            resumed_at: None,
+            restarted_after_mismatch: false,
         };
         let held = fs::metadata(&download.part).map_or(0, |m| m.len());
         if held == 0 {
@@ -85,7 +97,7 @@ impl Download {
         }
         let resumed = File::open(&download.part).and_then(|mut f| hash_prefix(&mut f, held));
         match resumed {
-            Ok((hasher, size)) if size == held && size <= MAX_DOWNLOAD => {
+            Ok((hasher, size)) if size == held && size <= MAX_DOWNLOAD.min(offer.size) => {
                 log::info(
                     "resuming the download",
                     &[
@@ -95,6 +107,7 @@ impl Download {
                 );
                 download.hasher = hasher;
                 download.received = size;
+                download.resumed_at = Some(size);
             }
             _ => download.restart(),
         }
@@ -112,10 +125,27 @@ impl Download {
     }
 
     /// Forgets what was received: the part file and its hash.
-    fn restart(&mut self) {
+    pub(super) fn restart(&mut self) {
         let _ = fs::remove_file(&self.part);
         self.received = 0;
+        self.resumed_at = None;
         self.hasher = Context::new(&SHA256);
+    }
+
+    /// Tries again later, with a growing wait, and reports why.
+    pub(super) fn retry_later(&mut self, error: String) {
+        self.failures += 1;
+        self.retry_at = Instant::now() + Duration::from_secs(1 << self.failures.min(6));
+        self.last_error = Some(error);
+    }
+
+    /// Takes a verified download that could not be put in place back from
+    /// `staged` into its part file; where that fails too, it is fetched again.
+    pub(super) fn unstage(&mut self, staged: &Path) {
+        if !self.part.exists() && fs::rename(staged, &self.part).is_err() {
+            self.restart();
+        }
+        let _ = fs::remove_file(staged);
     }
 
     /// Fetches the next chunk with `Range`, appends it to the part file and

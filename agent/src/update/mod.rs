@@ -10,7 +10,7 @@
 //! heartbeat reports of it.
 
 use std::fs;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use stella_proto::api::UpdateReport;
 use stella_proto::states::UpdatePhase;
@@ -27,7 +27,18 @@ mod swap;
 use download::{ChunkError, Download};
 pub(crate) use probation::finish_rollback;
 pub(crate) use swap::run_self_test;
-use swap::{install_path, next_path, self_test, stage_executable, swap};
+use swap::{
+    SwapFailure, check_version, install_path, next_path, self_test, stage_executable, swap,
+};
+
+/// Writes `state.json` during an update step. A failure (a full disk) is
+/// logged, not fatal: the run loop writes the state again later, and every
+/// marker read at start-up is settled safely whether or not it was written.
+fn persist(state: &StateDir, saved: &StateFile) {
+    if let Err(e) = state.save_state(saved) {
+        log::warn("could not save state", &[("error", &e)]);
+    }
+}
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -80,7 +91,12 @@ impl Updater {
         if let Some(m) = &saved.update {
             (marker_phase(&m.phase), &m.to_version, m.error.as_deref())
         } else if let Some(d) = &self.download {
-            (UpdatePhase::Downloading, &d.accepted.version, None)
+            // Why it is held up, if it is (a full disk, an unreachable server).
+            (
+                UpdatePhase::Downloading,
+                &d.accepted.version,
+                d.last_error.as_deref(),
+            )
         } else if let Some(f) = &saved.update_failure {
             (UpdatePhase::Failed, &f.version, Some(&f.error))
         } else {
@@ -123,6 +139,7 @@ impl Updater {
             match d.fetch_chunk(state, client, server) {
                 Ok(()) => {
                     d.failures = 0;
+                    d.last_error = None;
                     fault::point("update-after-chunk");
                     return Ok(Step::Busy);
                 }
@@ -131,26 +148,50 @@ impl Updater {
                     return Ok(Step::Idle);
                 }
                 Err(ChunkError::Retry(e)) => {
-                    d.failures += 1;
-                    let wait = Duration::from_secs(1 << d.failures.min(6));
-                    d.retry_at = Instant::now() + wait;
                     log::warn(
                         "update download interrupted; will resume",
                         &[("error", &e), ("received", &d.received)],
                     );
+                    if d.received > 0 {
+                        d.resumed_at = Some(d.received);
+                    }
+                    d.retry_later(e);
                     return Ok(Step::Idle);
                 }
             }
         }
         fault::point("update-after-download");
-        let Some(d) = self.download.as_ref() else {
-            return Ok(Step::Idle);
-        };
         // Hashed as it arrived: the staged file is not read again for this.
         let digest = d.digest();
         if digest != d.accepted.sha256 {
+            if let Some(at) = d.resumed_at
+                && !d.restarted_after_mismatch
+            {
+                // The bytes kept from before the interruption may be what is
+                // wrong: throw them away and fetch the whole artifact once more.
+                log::warn(
+                    "the resumed download does not match the signed release; downloading it again from the start",
+                    &[
+                        ("version", &d.accepted.version),
+                        ("resumed_at", &at),
+                        ("sha256", &digest),
+                    ],
+                );
+                d.restart();
+                d.restarted_after_mismatch = true;
+                return Ok(Step::Busy);
+            }
+            let how = match d.resumed_at {
+                Some(at) => format!("resumed at byte {at} after an interruption"),
+                None => "fetched in one piece from byte 0".to_owned(),
+            };
+            let again = if d.restarted_after_mismatch {
+                "; an earlier, resumed download of it did not match either"
+            } else {
+                ""
+            };
             let error = format!(
-                "the download ({} bytes) has sha256 {digest}, the signed release says {}",
+                "the download ({} bytes, {how}) has sha256 {digest}, the signed release says {}{again}",
                 d.received, d.accepted.sha256
             );
             self.fail(saved, error);
@@ -159,13 +200,15 @@ impl Updater {
         let install = install_path()?;
         let next = next_path(&install);
         if let Err(e) = stage_executable(&d.part, &next) {
-            self.fail(
-                saved,
-                format!(
-                    "cannot stage the new binary next to {}: {e}",
-                    install.display()
-                ),
+            // A write that failed (a full disk): verified bytes are kept and
+            // it is tried again later.
+            let error = format!(
+                "cannot stage the new binary next to {}: {e}",
+                install.display()
             );
+            log::warn("update waits: staging failed", &[("error", &error)]);
+            d.unstage(&next);
+            d.retry_later(error);
             return Ok(Step::Idle);
         }
         fault::point("update-after-verify");
@@ -173,9 +216,22 @@ impl Updater {
             self.fail(saved, e);
             return Ok(Step::Idle);
         }
-        let d = self.download.take().expect("download present");
-        swap(state, saved, &install, &next, &d)?;
-        Ok(Step::Idle)
+        if let Err(e) = check_version(&next, &d.accepted.version) {
+            self.fail(saved, e);
+            return Ok(Step::Idle);
+        }
+        match swap(state, saved, &install, &next, d) {
+            SwapFailure::Exec(e) => Err(e),
+            SwapFailure::NotSwapped(error) => {
+                log::warn(
+                    "update waits: the swap could not start; the old binary stays",
+                    &[("error", &error)],
+                );
+                d.unstage(&next);
+                d.retry_later(error);
+                Ok(Step::Idle)
+            }
+        }
     }
 
     /// Records a failed update and forgets the download and its files.

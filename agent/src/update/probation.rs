@@ -3,13 +3,15 @@
 //! crash-loops), the first acknowledged heartbeat plus a passing doctor
 //! commit the update, and a window that runs out without one restores
 //! `<binary>.prev` and execs it. Remediation can finish a rollback of an
-//! interrupted swap while the agent is stopped.
+//! interrupted swap while the agent is stopped. A marker that cannot be
+//! written (a full disk) does not stop the agent: each one left on disk
+//! is settled safely at the next start.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::swap::{exec, next_path, prev_path, sync_dir};
-use super::{Updater, now_secs};
+use super::{Updater, now_secs, persist};
 use crate::doctor::Doctor;
 use crate::error::Error;
 use crate::state::{MarkerPhase, StateDir, StateFile, UpdateFailure};
@@ -34,7 +36,7 @@ impl Updater {
                 m.starts = 1;
                 m.probation_until = now_secs() + m.probation_ms.div_ceil(1000);
                 saved.update = Some(m);
-                state.save_state(saved)?;
+                persist(state, saved);
             }
             MarkerPhase::Swapping => {
                 // The swap did not happen: the old binary is in place. Tidy up.
@@ -48,13 +50,13 @@ impl Updater {
                     version: m.to_version,
                     error: "the swap was interrupted; it will be tried again".into(),
                 });
-                state.save_state(saved)?;
+                persist(state, saved);
             }
             MarkerPhase::Probation if running == m.to_version => {
                 m.starts += 1;
                 let starts = m.starts;
                 saved.update = Some(m);
-                state.save_state(saved)?;
+                persist(state, saved);
                 if starts > MAX_STARTS {
                     return Err(rollback(
                         state,
@@ -81,11 +83,11 @@ impl Updater {
                     version: m.to_version,
                     error,
                 });
-                state.save_state(saved)?;
+                persist(state, saved);
             }
             MarkerPhase::Other(_) => {
                 saved.update = None;
-                state.save_state(saved)?;
+                persist(state, saved);
             }
         }
         Ok(())
@@ -98,7 +100,7 @@ impl Updater {
             return Ok(());
         }
         // Doctor reads state.json: let it see the acknowledged heartbeat.
-        state.save_state(saved)?;
+        persist(state, saved);
         let report = Doctor::new(state).run_all();
         if report.any_failed() {
             let failing = report.summary().failing.join(", ");
@@ -114,7 +116,7 @@ impl Updater {
         };
         saved.binary_sha256 = Some(m.to_sha256.clone());
         saved.update_failure = None;
-        state.save_state(saved)?;
+        persist(state, saved);
         log::info(
             "update committed",
             &[("from", &m.from_version), ("to", &m.to_version)],
@@ -167,9 +169,9 @@ fn rollback(state: &StateDir, saved: &mut StateFile, error: &str) -> Error {
     }
     m.phase = MarkerPhase::RolledBack;
     m.error = Some(error.to_owned());
-    if let Err(e) = state.save_state(saved) {
-        return e;
-    }
+    // Unwritten (a full disk), the `probation` marker still tells the old
+    // version that the update was rolled back.
+    persist(state, saved);
     exec(&install)
 }
 

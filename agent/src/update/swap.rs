@@ -1,9 +1,9 @@
 //! Putting a verified download in place: stage it next to the binary
 //! (a rename when the staging dir is on the same filesystem, else a copy),
-//! run its `self-test`, keep the old binary as `<binary>.prev` (hard link),
-//! rename the new one over the binary, fsync the directory, record the
-//! probation and exec the new version in place (same PID). Also the
-//! `self-test` command itself.
+//! run its `self-test`, check that it reports the version the release
+//! signs, keep the old binary as `<binary>.prev` (hard link), rename the new one over the
+//! binary, fsync the directory, record the probation and exec the new
+//! version in place (same PID). Also the `self-test` command itself.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -93,64 +93,137 @@ fn copy_executable(from: &Path, to: &Path) -> std::io::Result<()> {
     sync_dir(to)
 }
 
-/// Runs `<binary> self-test`: it must start, read the state dir and reach
-/// the server over mTLS, within a time limit.
-pub(super) fn self_test(binary: &Path, state: &StateDir) -> Result<(), String> {
-    let mut child = Command::new(binary)
-        .arg("self-test")
-        .arg("--state-dir")
-        .arg(state.root())
+/// What a finished child printed: its exit status, the first line of its
+/// stdout and the last line of its stderr (each read up to 4 KiB).
+struct Finished {
+    status: std::process::ExitStatus,
+    first_out: String,
+    last_err: String,
+}
+
+/// Runs `cmd` (stdout and stderr piped) to its end within `timeout`; what
+/// it is (`what`) names it in the errors.
+fn run_bounded(cmd: &mut Command, what: &str, timeout: Duration) -> Result<Finished, String> {
+    let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("self-test of the new binary could not start: {e}"))?;
-    let deadline = Instant::now() + SELF_TEST_TIMEOUT;
-    loop {
+        .map_err(|e| format!("{what} could not start: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.by_ref().take(4096).read_to_string(&mut err);
-                }
-                let line = err.lines().last().unwrap_or("").trim().to_owned();
-                return Err(format!(
-                    "self-test of the new binary failed ({status}): {line}"
-                ));
-            }
+            Ok(Some(status)) => break status,
             Ok(None) if Instant::now() > deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "self-test of the new binary took more than {SELF_TEST_TIMEOUT:?}"
-                ));
+                return Err(format!("{what} took more than {timeout:?}"));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("self-test: {e}")),
+            Err(e) => return Err(format!("{what}: {e}")),
         }
+    };
+    let read = |pipe: Option<&mut dyn Read>| {
+        let mut text = String::new();
+        if let Some(p) = pipe {
+            let _ = p.take(4096).read_to_string(&mut text);
+        }
+        text
+    };
+    let out = read(child.stdout.as_mut().map(|p| p as &mut dyn Read));
+    let err = read(child.stderr.as_mut().map(|p| p as &mut dyn Read));
+    Ok(Finished {
+        status,
+        first_out: out.lines().next().unwrap_or("").trim().to_owned(),
+        last_err: err.lines().last().unwrap_or("").trim().to_owned(),
+    })
+}
+
+/// Runs `<binary> self-test`: it must start, read the state dir and reach
+/// the server over mTLS, within a time limit.
+pub(super) fn self_test(binary: &Path, state: &StateDir) -> Result<(), String> {
+    let what = "self-test of the new binary";
+    let done = run_bounded(
+        Command::new(binary)
+            .arg("self-test")
+            .arg("--state-dir")
+            .arg(state.root()),
+        what,
+        SELF_TEST_TIMEOUT,
+    )?;
+    if done.status.success() {
+        return Ok(());
     }
+    Err(format!(
+        "{what} failed ({}): {}",
+        done.status, done.last_err
+    ))
+}
+
+/// Runs `<binary> version`: it must report exactly the version and target
+/// the release statement signs, or the update stops before the swap (a
+/// signed binary of another version would run under a false name and skip
+/// its probation).
+pub(super) fn check_version(binary: &Path, version: &str) -> Result<(), String> {
+    let signed = format!("stella-agent {version} {}", host::TARGET);
+    let done = run_bounded(
+        Command::new(binary).arg("version"),
+        "`version` of the new binary",
+        SELF_TEST_TIMEOUT,
+    )?;
+    if !done.status.success() {
+        return Err(format!(
+            "`version` of the new binary failed ({}): {}; the signed release is {signed}",
+            done.status, done.last_err
+        ));
+    }
+    if done.first_out != signed {
+        return Err(format!(
+            "the new binary reports {:?}, the signed release is {signed}",
+            done.first_out
+        ));
+    }
+    Ok(())
+}
+
+/// Why a swap returned (it does not when it succeeds).
+pub(super) enum SwapFailure {
+    /// Nothing changed: the old binary is in place and no marker is kept.
+    /// A passing failure (a full disk): try again later.
+    NotSwapped(String),
+    /// The new binary is in place but could not be started.
+    Exec(Error),
 }
 
 /// Keeps the old binary as `.prev`, renames the new one over the binary,
-/// records the probation, and execs the new version.
+/// records the probation, and execs the new version. Until the rename,
+/// every failure is undone; after it, the marker (`swapping` or, once
+/// written, `probation`) settles the update at the next start whether or
+/// not its last write landed.
 pub(super) fn swap(
     state: &StateDir,
     saved: &mut StateFile,
     install: &Path,
     next: &Path,
     d: &Download,
-) -> Result<(), Error> {
+) -> SwapFailure {
     let prev = prev_path(install);
     let _ = fs::remove_file(&prev);
-    fs::hard_link(install, &prev).map_err(|e| {
-        Error::io(
-            format!("cannot keep {} as {}", install.display(), prev.display()),
-            e,
-        )
-    })?;
-    sync_dir(install).map_err(|e| Error::io("cannot sync the install dir", e))?;
+    let kept = fs::hard_link(install, &prev)
+        .and_then(|()| sync_dir(install))
+        .map_err(|e| {
+            format!(
+                "cannot keep {} as {}: {e}",
+                install.display(),
+                prev.display()
+            )
+        });
+    if let Err(error) = kept {
+        let _ = fs::remove_file(&prev);
+        return SwapFailure::NotSwapped(error);
+    }
     fault::point("update-after-link");
+    let failure = saved.update_failure.take();
     saved.update = Some(UpdateMarker {
         phase: MarkerPhase::Swapping,
         from_version: host::VERSION.to_owned(),
@@ -162,24 +235,38 @@ pub(super) fn swap(
         probation_until: 0,
         error: None,
     });
-    saved.update_failure = None;
-    state.save_state(saved)?;
-    fs::rename(next, install)
-        .map_err(|e| Error::io(format!("cannot install {}", install.display()), e))?;
-    sync_dir(install).map_err(|e| Error::io("cannot sync the install dir", e))?;
+    // Without the marker on disk a crash after the rename could not be
+    // rolled back: no rename without it.
+    let renamed = state
+        .save_state(saved)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            fs::rename(next, install)
+                .map_err(|e| format!("cannot install {}: {e}", install.display()))
+        });
+    if let Err(error) = renamed {
+        saved.update = None;
+        saved.update_failure = failure;
+        let _ = fs::remove_file(&prev);
+        return SwapFailure::NotSwapped(error);
+    }
+    if let Err(e) = sync_dir(install) {
+        log::warn("cannot sync the install dir", &[("error", &e)]);
+    }
     fault::point("update-after-rename");
     if let Some(m) = saved.update.as_mut() {
         m.phase = MarkerPhase::Probation;
         m.starts = 0;
         m.probation_until = now_secs() + d.offer.probation_ms.div_ceil(1000);
     }
-    state.save_state(saved)?;
+    // Unwritten, the `swapping` marker tells the new version it is live.
+    super::persist(state, saved);
     let _ = fs::remove_file(&d.part);
     log::info(
         "update installed; starting the new version on probation",
         &[("from", &host::VERSION), ("to", &d.accepted.version)],
     );
-    Err(exec(install))
+    SwapFailure::Exec(exec(install))
 }
 
 /// `stella-agent self-test`: start, read the state dir, reach the server.

@@ -9,6 +9,7 @@ mod crash;
 mod cross;
 mod doctor;
 mod enrollment;
+mod faults;
 mod hostile;
 mod lifecycle;
 mod renewal;
