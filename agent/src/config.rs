@@ -218,3 +218,72 @@ impl ConfigState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(text: &str) -> Value {
+        config::parse(text).unwrap()
+    }
+
+    #[test]
+    fn an_unwritable_config_is_reported_kept_and_written_later() {
+        let root = std::env::temp_dir().join(format!("stella-config-unit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        // A directory in the way makes every write of config.json fail.
+        let blocker = root.join(CONFIG_JSON).join("x");
+        fs::create_dir_all(&blocker).unwrap();
+        let state = StateDir::new(root.clone());
+        let mut saved = StateFile::default();
+        let mut config = ConfigState::load(&saved);
+        let wanted = doc(r#"{"log_level":"debug"}"#);
+        let hash = config::hash(&wanted);
+
+        assert!(config.apply(&state, &mut saved, &wanted).is_err());
+        assert_eq!(config.hash, "", "nothing applied");
+        assert!(saved.config.is_none());
+        let refusal = config.refusal.clone().expect("reported");
+        assert_eq!(refusal.hash, hash);
+        assert!(refusal.error.contains(CONFIG_JSON), "{}", refusal.error);
+        // Still failing: still reported, still pending.
+        assert!(config.retry_pending(&state, &mut saved, &hash).is_err());
+        assert!(config.refusal.is_some());
+
+        fs::remove_dir_all(root.join(CONFIG_JSON)).unwrap();
+        assert!(config.retry_pending(&state, &mut saved, &hash).unwrap());
+        assert_eq!(config.hash, hash);
+        assert!(config.refusal.is_none());
+        assert_eq!(saved.config_hash.as_deref(), Some(hash.as_str()));
+        assert_eq!(
+            fs::read_to_string(state.path(CONFIG_JSON)).unwrap(),
+            config::canonical(&wanted)
+        );
+        // Nothing pending: a retry is a no-op.
+        assert!(!config.retry_pending(&state, &mut saved, &hash).unwrap());
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_pending_config_the_server_no_longer_wants_is_dropped() {
+        let root =
+            std::env::temp_dir().join(format!("stella-config-unit-drop-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join(CONFIG_JSON).join("x")).unwrap();
+        let state = StateDir::new(root.clone());
+        let mut saved = StateFile::default();
+        let mut config = ConfigState::load(&saved);
+        let wanted = doc(r#"{"log_level":"debug"}"#);
+        assert!(config.apply(&state, &mut saved, &wanted).is_err());
+        fs::remove_dir_all(root.join(CONFIG_JSON)).unwrap();
+        assert!(!config.retry_pending(&state, &mut saved, "other").unwrap());
+        assert!(config.refusal.is_none());
+        assert!(
+            !config
+                .retry_pending(&state, &mut saved, &config::hash(&wanted))
+                .unwrap()
+        );
+        assert!(!state.path(CONFIG_JSON).exists());
+        let _ = fs::remove_dir_all(&root);
+    }
+}

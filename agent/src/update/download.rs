@@ -95,9 +95,14 @@ impl Download {
         if held == 0 {
             return download;
         }
+        // Never more than the artifact can hold: such a file is not a prefix.
+        let limit = match offer.size {
+            0 => MAX_DOWNLOAD,
+            size => MAX_DOWNLOAD.min(size),
+        };
         let resumed = File::open(&download.part).and_then(|mut f| hash_prefix(&mut f, held));
         match resumed {
-            Ok((hasher, size)) if size == held && size <= MAX_DOWNLOAD.min(offer.size) => {
+            Ok((hasher, size)) if size == held && size <= limit => {
                 log::info(
                     "resuming the download",
                     &[

@@ -40,6 +40,15 @@ fn persist(state: &StateDir, saved: &StateFile) {
     }
 }
 
+/// Whether a failed write may work later by itself: the disk (or the
+/// quota) was full. Such a failure is retried; any other fails the update.
+fn out_of_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -200,15 +209,18 @@ impl Updater {
         let install = install_path()?;
         let next = next_path(&install);
         if let Err(e) = stage_executable(&d.part, &next) {
-            // A write that failed (a full disk): verified bytes are kept and
-            // it is tried again later.
             let error = format!(
                 "cannot stage the new binary next to {}: {e}",
                 install.display()
             );
-            log::warn("update waits: staging failed", &[("error", &error)]);
             d.unstage(&next);
-            d.retry_later(error);
+            if out_of_space(&e) {
+                // The verified bytes are kept: try again when there is room.
+                log::warn("update waits: staging failed", &[("error", &error)]);
+                d.retry_later(error);
+            } else {
+                self.fail(saved, error);
+            }
             return Ok(Step::Idle);
         }
         fault::point("update-after-verify");
@@ -222,13 +234,17 @@ impl Updater {
         }
         match swap(state, saved, &install, &next, d) {
             SwapFailure::Exec(e) => Err(e),
-            SwapFailure::NotSwapped(error) => {
-                log::warn(
-                    "update waits: the swap could not start; the old binary stays",
-                    &[("error", &error)],
-                );
+            SwapFailure::NotSwapped { error, full } => {
                 d.unstage(&next);
-                d.retry_later(error);
+                if full {
+                    log::warn(
+                        "update waits: the swap could not start; the old binary stays",
+                        &[("error", &error)],
+                    );
+                    d.retry_later(error);
+                } else {
+                    self.fail(saved, error);
+                }
                 Ok(Step::Idle)
             }
         }

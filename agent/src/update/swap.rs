@@ -189,8 +189,8 @@ pub(super) fn check_version(binary: &Path, version: &str) -> Result<(), String> 
 /// Why a swap returned (it does not when it succeeds).
 pub(super) enum SwapFailure {
     /// Nothing changed: the old binary is in place and no marker is kept.
-    /// A passing failure (a full disk): try again later.
-    NotSwapped(String),
+    /// `full`: a disk was full, so it may work later.
+    NotSwapped { error: String, full: bool },
     /// The new binary is in place but could not be started.
     Exec(Error),
 }
@@ -209,18 +209,16 @@ pub(super) fn swap(
 ) -> SwapFailure {
     let prev = prev_path(install);
     let _ = fs::remove_file(&prev);
-    let kept = fs::hard_link(install, &prev)
-        .and_then(|()| sync_dir(install))
-        .map_err(|e| {
-            format!(
+    if let Err(e) = fs::hard_link(install, &prev).and_then(|()| sync_dir(install)) {
+        let _ = fs::remove_file(&prev);
+        return SwapFailure::NotSwapped {
+            error: format!(
                 "cannot keep {} as {}: {e}",
                 install.display(),
                 prev.display()
-            )
-        });
-    if let Err(error) = kept {
-        let _ = fs::remove_file(&prev);
-        return SwapFailure::NotSwapped(error);
+            ),
+            full: super::out_of_space(&e),
+        };
     }
     fault::point("update-after-link");
     let failure = saved.update_failure.take();
@@ -237,18 +235,25 @@ pub(super) fn swap(
     });
     // Without the marker on disk a crash after the rename could not be
     // rolled back: no rename without it.
-    let renamed = state
-        .save_state(saved)
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            fs::rename(next, install)
-                .map_err(|e| format!("cannot install {}: {e}", install.display()))
-        });
-    if let Err(error) = renamed {
+    let renamed = match state.save_state(saved) {
+        Err(e) => {
+            let full = matches!(&e, Error::Io { source, .. } if super::out_of_space(source));
+            Err((e.to_string(), full))
+        }
+        Ok(()) => fs::rename(next, install).map_err(|e| {
+            (
+                format!("cannot install {}: {e}", install.display()),
+                super::out_of_space(&e),
+            )
+        }),
+    };
+    if let Err((error, full)) = renamed {
         saved.update = None;
         saved.update_failure = failure;
         let _ = fs::remove_file(&prev);
-        return SwapFailure::NotSwapped(error);
+        // The marker may have landed before the rename failed.
+        super::persist(state, saved);
+        return SwapFailure::NotSwapped { error, full };
     }
     if let Err(e) = sync_dir(install) {
         log::warn("cannot sync the install dir", &[("error", &e)]);
@@ -295,4 +300,34 @@ pub(crate) fn run_self_test(state: &StateDir) -> Result<(), Error> {
         host::TARGET
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_new_binary_must_report_the_signed_version_and_target() {
+        let dir = std::env::temp_dir().join(format!("stella-swap-unit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("stella-agent");
+        fs::write(
+            &script,
+            format!("#!/bin/sh\necho 'stella-agent 9.9.9 {}'\n", host::TARGET),
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(check_version(&script, "9.9.9"), Ok(()));
+        let err = check_version(&script, "9.9.10").unwrap_err();
+        assert!(
+            err.contains(&format!("reports \"stella-agent 9.9.9 {}\"", host::TARGET))
+                && err.contains("the signed release is stella-agent 9.9.10"),
+            "{err}"
+        );
+        fs::write(&script, "#!/bin/sh\necho broken >&2\nexit 3\n").unwrap();
+        let err = check_version(&script, "9.9.9").unwrap_err();
+        assert!(err.contains("failed") && err.contains("broken"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
