@@ -101,6 +101,16 @@ struct Finished {
     last_err: String,
 }
 
+/// Up to 4 KiB of what a finished child left in a pipe (no `dyn Read`:
+/// its vtables would cost bytes for nothing).
+fn read_some(pipe: Option<impl Read>) -> String {
+    let mut text = String::new();
+    if let Some(p) = pipe {
+        let _ = p.take(4096).read_to_string(&mut text);
+    }
+    text
+}
+
 /// Runs `cmd` (stdout and stderr piped) to its end within `timeout`; what
 /// it is (`what`) names it in the errors.
 fn run_bounded(cmd: &mut Command, what: &str, timeout: Duration) -> Result<Finished, String> {
@@ -123,15 +133,8 @@ fn run_bounded(cmd: &mut Command, what: &str, timeout: Duration) -> Result<Finis
             Err(e) => return Err(format!("{what}: {e}")),
         }
     };
-    let read = |pipe: Option<&mut dyn Read>| {
-        let mut text = String::new();
-        if let Some(p) = pipe {
-            let _ = p.take(4096).read_to_string(&mut text);
-        }
-        text
-    };
-    let out = read(child.stdout.as_mut().map(|p| p as &mut dyn Read));
-    let err = read(child.stderr.as_mut().map(|p| p as &mut dyn Read));
+    let out = read_some(child.stdout.take());
+    let err = read_some(child.stderr.take());
     Ok(Finished {
         status,
         first_out: out.lines().next().unwrap_or("").trim().to_owned(),
