@@ -319,6 +319,62 @@ fn a_resumed_download_that_does_not_match_is_fetched_again_from_zero() {
     second.kill();
 }
 
+#[test]
+fn a_resumed_download_is_retried_from_zero_once_and_the_failure_says_so() {
+    let keys = Keys::new();
+    let (server, agent) = setup_update();
+    let id = enroll_updater(&server, &agent, &keys);
+    let original = sha256(&agent.binary);
+    let dir = signed_release(&keys, NEXT, &bin("stella-agent-next"), &[]);
+    offer(&server, &dir, NEXT, &id);
+    // The served artifact is damaged past the first chunk (same size).
+    let blob = server
+        .data
+        .join("blobs/sha256")
+        .join(sha256(&bin("stella-agent-next")));
+    let mut bytes = fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&blob, bytes).unwrap();
+    let mut cmd = agent.command(&["run"]);
+    cmd.env("STELLA_FAULT", "update-after-chunk");
+    let mut first = Proc::spawn(cmd, agent.dir.join("first.log"));
+    assert_eq!(
+        first.wait_exit(DEADLINE * 2),
+        Some(86),
+        "{}",
+        first.log_text()
+    );
+    let mut second = agent.run();
+    let view = poll(Duration::from_secs(90), || {
+        Some(server.agent(&id)).filter(|a| a.update.state == "failed")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the damaged release never failed: {:?}\n{}",
+            server.agent(&id),
+            second.log_text()
+        )
+    });
+    let error = view.update.error.unwrap_or_default();
+    assert!(
+        error.contains("fetched in one piece from byte 0")
+            && error.contains("the signed release says")
+            && error.contains("an earlier, resumed download of it did not match either"),
+        "{error}"
+    );
+    let log = second.log_text();
+    assert_eq!(
+        log.matches("downloading it again from the start").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(view.version, CURRENT);
+    assert_eq!(sha256(&agent.binary), original);
+    assert!(staged_part(&agent).is_none());
+    second.kill();
+}
+
 fn supervise(agent: &AgentDir) -> Supervisor {
     let binary = agent.binary.clone();
     let state = agent.state.clone();
