@@ -29,14 +29,21 @@ impl Tmpfs {
     /// `None` (after [`skip_or_fail`]) when this machine cannot.
     fn mount(test: &str, dir: &Path, size: &str) -> Option<Self> {
         fs::create_dir_all(dir).expect("mount point");
-        let out = run(Command::new("mount")
+        let mounted = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
             .arg("tmpfs")
-            .arg(dir));
-        if !out.status.success() {
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .output();
+        let refused = match &mounted {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(text(out).1.trim().to_owned()),
+            Err(e) => Some(format!("cannot run mount: {e}")),
+        };
+        if let Some(why) = refused {
             skip_or_fail(
                 test,
-                &format!("cannot mount a tmpfs (needs root): {}", text(&out).1.trim()),
+                &format!("cannot mount a tmpfs for a full disk (needs root): {why}"),
             );
             return None;
         }
