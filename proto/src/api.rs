@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use miniserde::json::Value;
 use miniserde::{Deserialize, Serialize};
 
+use crate::states::{AgentStatus, InactiveReason};
+
 /// Labels: `key=value` pairs attached to agents and tokens.
 pub type Labels = BTreeMap<String, String>;
 
@@ -371,9 +373,9 @@ pub struct AgentView {
     pub id: String,
     pub name: String,
     /// `active`, `inactive` or `revoked`.
-    pub status: String,
+    pub status: AgentStatus,
     /// For `inactive`: `heartbeat_timeout` or `deactivated`.
-    pub reason: Option<String>,
+    pub reason: Option<InactiveReason>,
     pub version: String,
     pub target: String,
     pub labels: Labels,
