@@ -116,9 +116,10 @@ wire_enum! {
 /// Where an agent stands with an update, as its heartbeat reports it.
 /// A phase this build does not know (from a newer agent) is kept as
 /// `Unknown` with its text, so that it is shown rather than refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum UpdatePhase {
     /// No update under way.
+    #[default]
     Idle,
     /// An offer was accepted and is about to be fetched.
     Offered,
@@ -185,12 +186,6 @@ impl UpdatePhase {
             .find(|p| p.as_str() == text)
             .cloned()
             .unwrap_or_else(|| UpdatePhase::Unknown(text.to_owned()))
-    }
-}
-
-impl Default for UpdatePhase {
-    fn default() -> Self {
-        UpdatePhase::Idle
     }
 }
 
