@@ -498,48 +498,6 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_route_is_found_with_its_auth() {
-        let cases = [
-            ("GET", "/healthz", Ok(Auth::Open)),
-            ("GET", "/metrics", Ok(Auth::Open)),
-            ("POST", "/v1/agents/register", Ok(Auth::Registration)),
-            (
-                "POST",
-                "/v1/agents/heartbeat",
-                Ok(Auth::Agent(Act::Heartbeat)),
-            ),
-            (
-                "POST",
-                "/v1/agents/certificate",
-                Ok(Auth::Agent(Act::Renew)),
-            ),
-            ("GET", "/v1/agents/self", Ok(Auth::Agent(Act::WhoAmI))),
-            ("POST", "/v1/agents/challenge", Ok(Auth::Anonymous)),
-            ("POST", "/v1/agents/recover", Ok(Auth::Anonymous)),
-            (
-                "GET",
-                "/v1/releases/1.0.0/t",
-                Ok(Auth::Agent(Act::Download)),
-            ),
-            ("DELETE", "/v1/admin/anything", Ok(Auth::Admin)),
-            ("GET", "/v1/agents/heartbeat", Err(405)),
-            ("POST", "/healthz", Err(405)),
-            ("POST", "/v1/releases/1.0.0/t", Err(404)),
-            ("GET", "/v1/nothing", Err(404)),
-            ("GET", "/", Err(404)),
-        ];
-        for (method, path, want) in cases {
-            let got = route(method, path).map(|r| r.auth).map_err(|e| e.status());
-            assert_eq!(got, want, "{method} {path}");
-        }
-    }
-}
-
 fn parse_json<T: miniserde::Deserialize>(req: &Request) -> Result<T, Refusal> {
     let is_json = req.content_type.as_deref().is_some_and(|ct| {
         ct.split(';')
@@ -631,4 +589,46 @@ fn metrics(app: &App) -> Response {
         app.started_ms / 1000
     );
     Response::new(200, "text/plain; version=0.0.4", out.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_found_with_its_auth() {
+        let cases = [
+            ("GET", "/healthz", Ok(Auth::Open)),
+            ("GET", "/metrics", Ok(Auth::Open)),
+            ("POST", "/v1/agents/register", Ok(Auth::Registration)),
+            (
+                "POST",
+                "/v1/agents/heartbeat",
+                Ok(Auth::Agent(Act::Heartbeat)),
+            ),
+            (
+                "POST",
+                "/v1/agents/certificate",
+                Ok(Auth::Agent(Act::Renew)),
+            ),
+            ("GET", "/v1/agents/self", Ok(Auth::Agent(Act::WhoAmI))),
+            ("POST", "/v1/agents/challenge", Ok(Auth::Anonymous)),
+            ("POST", "/v1/agents/recover", Ok(Auth::Anonymous)),
+            (
+                "GET",
+                "/v1/releases/1.0.0/t",
+                Ok(Auth::Agent(Act::Download)),
+            ),
+            ("DELETE", "/v1/admin/anything", Ok(Auth::Admin)),
+            ("GET", "/v1/agents/heartbeat", Err(405)),
+            ("POST", "/healthz", Err(405)),
+            ("POST", "/v1/releases/1.0.0/t", Err(404)),
+            ("GET", "/v1/nothing", Err(404)),
+            ("GET", "/", Err(404)),
+        ];
+        for (method, path, want) in cases {
+            let got = route(method, path).map(|r| r.auth).map_err(|e| e.status());
+            assert_eq!(got, want, "{method} {path}");
+        }
+    }
 }

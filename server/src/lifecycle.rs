@@ -555,7 +555,7 @@ mod tests {
         // A document the agent refused is not sent again.
         let mut refused = beat("other", false);
         refused.config_error = Some(stella_proto::api::ConfigRefusal {
-            hash: desired.clone(),
+            hash: desired,
             error: "bad".into(),
         });
         assert!(!record_heartbeat(&mut a, refused, 5_000));

@@ -699,8 +699,9 @@ mod tests {
         change: impl Fn(&dyn Store) -> Result<(), StoreError>,
         invariant: impl Fn(&dyn Store, bool),
     ) {
-        let mut faults = 0;
         for at in 1..1_000 {
+            // Every earlier run reached its fault.
+            let faults = at - 1;
             let backend = FaultyBackend::default();
             {
                 let store = RedbStore::with_backend(backend.clone(), true).expect("new store");
@@ -720,7 +721,6 @@ mod tests {
                     assert!(faults > 2, "only {faults} faults injected");
                     return;
                 }
-                faults += 1;
                 drop(store);
                 backend.crash();
                 let reopened =
