@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 use miniserde::json::Value;
 use miniserde::{Deserialize, Serialize};
 
-use crate::states::{AgentStatus, InactiveReason};
-
 /// Labels: `key=value` pairs attached to agents and tokens.
 pub type Labels = BTreeMap<String, String>;
 
@@ -373,9 +371,9 @@ pub struct AgentView {
     pub id: String,
     pub name: String,
     /// `active`, `inactive` or `revoked`.
-    pub status: AgentStatus,
+    pub status: String,
     /// For `inactive`: `heartbeat_timeout` or `deactivated`.
-    pub reason: Option<InactiveReason>,
+    pub reason: Option<String>,
     pub version: String,
     pub target: String,
     pub labels: Labels,

@@ -192,7 +192,7 @@ pub(crate) fn agents_list(target: &AdminTarget, as_json: bool) -> Result<(), Err
         .map(|a| {
             let status = match &a.reason {
                 Some(r) => format!("{} ({r})", a.status),
-                None => a.status.to_string(),
+                None => a.status.clone(),
             };
             [
                 a.id.clone(),
@@ -247,7 +247,7 @@ fn print_agent(a: &AgentView) -> Result<(), Error> {
         "status",
         &match &a.reason {
             Some(r) => format!("{} ({r})", a.status),
-            None => a.status.to_string(),
+            None => a.status.clone(),
         },
     )?;
     field("version", &a.version)?;

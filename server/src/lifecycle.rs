@@ -344,8 +344,10 @@ pub(crate) fn view(live: &LiveAgent) -> AgentView {
     AgentView {
         id: r.id.clone(),
         name: r.name.clone(),
-        status: r.status,
-        reason: r.reason,
+        // `AgentView` is read by the e2e tests as strings too: typed at the
+        // server's records, spelled here.
+        status: r.status.as_str().to_owned(),
+        reason: r.reason.map(|x| x.as_str().to_owned()),
         version: version.to_owned(),
         target: r.platform.target.clone(),
         labels: r.labels.clone(),
