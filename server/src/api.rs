@@ -631,4 +631,156 @@ mod tests {
             assert_eq!(got, want, "{method} {path}");
         }
     }
+
+    /// A running server's state over a fresh data dir, without sockets.
+    fn app(name: &str) -> (Arc<App>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("stella-api-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::ca::init(&dir, &["localhost".into()], crate::app::now_secs()).unwrap();
+        let ca = crate::ca::Ca::load(&dir).unwrap();
+        let admin = stella_proto::hash::hex(&stella_proto::token::hash_secret("admin-secret"));
+        let store = crate::store::RedbStore::create(&dir.join("server.redb"), &admin).unwrap();
+        let settings = crate::app::Settings {
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_misses: 3,
+            cert_lifetime: Duration::from_secs(86_400),
+            expired_grace: Duration::from_secs(86_400),
+            update_probation: Duration::from_secs(60),
+            flush_every: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(90),
+            request_timeout: Duration::from_secs(10),
+        };
+        let app = App::load(settings, Box::new(store), ca, dir.clone(), 100).unwrap();
+        (Arc::new(app), dir)
+    }
+
+    fn enroll(app: &App, token: &str, name: &str) -> Peer {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let body = format!(
+            r#"{{"token":"{token}","csr":{},"name":"{name}","platform":{{"os":"linux","arch":"x86_64","target":"t"}},"version":"1","capabilities":[]}}"#,
+            json::to_string(&csr)
+        );
+        let req: RegisterRequest = json::from_str(&body).unwrap();
+        let answer = app.enroll(req, IpAddr::from([127, 0, 0, 1])).unwrap();
+        let serial = lock(&app.fleet).agents[&answer.agent_id]
+            .record
+            .cert_serial
+            .clone();
+        Peer {
+            agent_id: answer.agent_id,
+            serial,
+        }
+    }
+
+    fn status(app: &App, peer: Option<&Peer>, method: &str, path: &str, auth: Option<&str>) -> u16 {
+        // Whatever the body would be: the gate sees the head only.
+        let head = Request {
+            method: method.into(),
+            path: path.into(),
+            authorization: auth.map(str::to_owned),
+            ..Request::default()
+        };
+        match admit(app, peer, IpAddr::from([127, 0, 0, 1]), &head) {
+            Ok(_) => 200,
+            Err(resp) => resp.status,
+        }
+    }
+
+    #[test]
+    fn the_gate_decides_on_the_head_alone() {
+        let (app, dir) = app("gate");
+        let token = app
+            .create_token(Duration::from_secs(60), 3, Default::default())
+            .unwrap()
+            .token;
+        let good = enroll(&app, &token, "good");
+        let revoked = enroll(&app, &token, "revoked");
+        let paused = enroll(&app, &token, "paused");
+        app.act_on_agent(
+            &revoked.agent_id,
+            AgentAction::Transition(crate::lifecycle::Transition::Revoke),
+        )
+        .unwrap();
+        app.act_on_agent(
+            &paused.agent_id,
+            AgentAction::Transition(crate::lifecycle::Transition::Deactivate),
+        )
+        .unwrap();
+        let superseded = Peer {
+            agent_id: good.agent_id.clone(),
+            serial: "0badc0de".into(),
+        };
+        let unknown = Peer {
+            agent_id: stella_proto::id::agent_id_from_bytes([9; 16]),
+            serial: good.serial.clone(),
+        };
+        let agent_routes = [
+            ("POST", "/v1/agents/heartbeat"),
+            ("POST", "/v1/agents/certificate"),
+            ("GET", "/v1/agents/self"),
+            ("GET", "/v1/releases/1.0.0/t"),
+        ];
+        for (method, path) in agent_routes {
+            assert_eq!(status(&app, Some(&good), method, path, None), 200, "{path}");
+            for (who, peer) in [
+                ("revoked", Some(&revoked)),
+                ("superseded", Some(&superseded)),
+                ("unknown", Some(&unknown)),
+                ("no certificate", None),
+            ] {
+                assert_eq!(
+                    status(&app, peer, method, path, None),
+                    401,
+                    "{who} on {path}"
+                );
+            }
+        }
+        assert_eq!(
+            status(&app, Some(&paused), "POST", "/v1/agents/heartbeat", None),
+            403
+        );
+        assert_eq!(
+            status(&app, Some(&paused), "POST", "/v1/agents/certificate", None),
+            200,
+            "a deactivated agent may renew"
+        );
+        for auth in [None, Some("Bearer wrong"), Some("admin-secret")] {
+            assert_eq!(
+                status(&app, None, "POST", "/v1/admin/tokens", auth),
+                401,
+                "{auth:?}"
+            );
+        }
+        assert_eq!(
+            status(
+                &app,
+                Some(&good),
+                "POST",
+                "/v1/admin/tokens",
+                Some("Bearer admin-secret")
+            ),
+            200
+        );
+        for (method, path) in [
+            ("POST", "/v1/agents/register"),
+            ("POST", "/v1/agents/challenge"),
+            ("POST", "/v1/agents/recover"),
+            ("GET", "/healthz"),
+        ] {
+            assert_eq!(
+                status(&app, None, method, path, None),
+                200,
+                "{path} is open"
+            );
+        }
+        drop(app);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
