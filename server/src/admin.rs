@@ -126,6 +126,7 @@ impl AdminClient {
     }
 
     fn parse<T: miniserde::Deserialize>(text: &str) -> Result<T, Error> {
+        // miniserde's error carries no detail: the message says what was expected.
         json::from_str(text).map_err(|_| Error::Client {
             context: "the server's answer is not the expected JSON".into(),
             source: None,

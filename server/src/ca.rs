@@ -108,9 +108,9 @@ pub(crate) fn init(dir: &Path, sans: &[String], now: u64) -> Result<String, Erro
     for san in sans {
         let entry = match san.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(san.as_str().try_into().map_err(|_| {
+            Err(_) => SanType::DnsName(san.as_str().try_into().map_err(|e| {
                 Error::Usage(format!(
-                    "--san {san:?} is neither a DNS name nor an IP address"
+                    "--san {san:?} is neither a DNS name nor an IP address ({e})"
                 ))
             })?),
         };

@@ -77,7 +77,8 @@ pub enum ReadError {
     Closed,
     /// Idle too long between requests, or the request took too long.
     Timeout,
-    Io,
+    /// The connection failed.
+    Io(std::io::Error),
     /// Malformed or over a limit: answer with this, then close.
     Reject(Response),
 }
@@ -114,7 +115,7 @@ async fn read_some<S: AsyncRead + Unpin>(
     deadline: Instant,
 ) -> Result<usize, ReadError> {
     let mut chunk = [0u8; 4096];
-    let read = async { stream.read(&mut chunk).await.map_err(|_| ReadError::Io) };
+    let read = async { stream.read(&mut chunk).await.map_err(ReadError::Io) };
     let timeout = async {
         Timer::at(deadline).await;
         Err(ReadError::Timeout)

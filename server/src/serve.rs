@@ -95,9 +95,9 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
     let store = RedbStore::open(&dir.join(STORE_FILE))?;
     let ca = Ca::load(dir)?;
     let tls = ca::server_tls_config(dir, &ca)?;
-    let addr: SocketAddr = opts.listen.parse().map_err(|_| {
+    let addr: SocketAddr = opts.listen.parse().map_err(|e| {
         Error::Usage(format!(
-            "--listen {:?} is not an IP:PORT address",
+            "--listen {:?} is not an IP:PORT address ({e})",
             opts.listen
         ))
     })?;
@@ -274,7 +274,7 @@ async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
                 }
                 break;
             }
-            Err(ReadError::Closed | ReadError::Io) => break,
+            Err(ReadError::Closed | ReadError::Io(_)) => break,
         };
         let keep_alive = head.request.keep_alive;
         // The gate, on the head alone: a caller who fails is answered before
@@ -309,7 +309,7 @@ async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
                 let _ = http::write_response(&mut tls, &resp, false, &mut out).await;
                 break;
             }
-            Err(ReadError::Closed | ReadError::Io) => break,
+            Err(ReadError::Closed | ReadError::Io(_)) => break,
         };
         let resp = api::handle(&app, admitted, source, req).await;
         if http::write_response(&mut tls, &resp, keep_alive, &mut out)

@@ -108,7 +108,9 @@ impl App {
         lock(&self.challenges).take(&req.challenge, &req.agent_id, now_ms())?;
         let signature = base64::engine::general_purpose::STANDARD
             .decode(req.signature.as_bytes())
-            .map_err(|_| Refusal::bad_request("the recovery signature is not base64"))?;
+            .map_err(|e| {
+                Refusal::bad_request(format!("the recovery signature is not base64: {e}"))
+            })?;
         // Rare and security-relevant: read the agent from the store itself.
         let record = self.store.agent(&req.agent_id)?.ok_or_else(|| {
             Refusal::unauthorized(format!(
