@@ -11,7 +11,7 @@ use stella_proto::time::rfc3339;
 
 use super::{App, Metrics, lock, now_ms, now_secs};
 use crate::error::Error;
-use crate::lifecycle::{self, Act, Transition};
+use crate::lifecycle::{self, Act, Fleet, Transition};
 use crate::log;
 use crate::records::{AgentRecord, AgentStatus, HeartbeatState, InactiveReason};
 use crate::refusal::Refusal;
@@ -97,7 +97,8 @@ impl App {
 
     /// Answers a heartbeat: records what changed durably (reactivation after a
     /// timeout, retirement of a replaced certificate) off the async threads,
-    /// then the soft state in memory, and says what the agent should do.
+    /// then the soft state in memory, and says what the agent should do. The
+    /// usual heartbeat changes nothing durable and takes the fleet lock once.
     pub(crate) async fn heartbeat(
         self: &Arc<Self>,
         agent_id: &str,
@@ -106,72 +107,84 @@ impl App {
     ) -> Result<HeartbeatResponse, Error> {
         lifecycle::check_heartbeat(&body)?;
         let effects = {
-            let fleet = lock(&self.fleet);
+            let mut fleet = lock(&self.fleet);
             let record = fleet.agents.get(agent_id).map(|a| &a.record);
             lifecycle::may_act(record, agent_id, serial, Act::Heartbeat)?;
-            record.map_or_else(Default::default, |r| {
+            let effects = record.map_or_else(Default::default, |r| {
                 lifecycle::heartbeat_effects(r, serial)
-            })
-        };
-        if effects.reactivate || effects.retire_previous {
-            let app = self.clone();
-            let (id, serial) = (agent_id.to_owned(), serial.to_owned());
-            smol::unblock(move || {
-                if effects.reactivate {
-                    app.transition(&[&id], Transition::HeardFrom)?;
-                }
-                if effects.retire_previous {
-                    app.change_agents(&[&id], "agent.certificate_in_use", &mut |r| {
-                        Ok(lifecycle::retire_previous(r, &serial))
-                    })?;
-                }
-                Ok::<(), Error>(())
-            })
-            .await?;
-        }
-        let now = now_ms();
-        let answer = {
-            let mut fleet = lock(&self.fleet);
-            let fleet = &mut *fleet;
-            let agent = fleet.agents.get_mut(agent_id);
-            // Again: an admin may have acted while we recorded.
-            lifecycle::may_act(
-                agent.as_ref().map(|a| &a.record),
-                agent_id,
-                serial,
-                Act::Heartbeat,
-            )?;
-            let Some(agent) = agent else {
-                return Err(Refusal::unauthorized(format!(
-                    "agent {agent_id} is not known to this server"
-                ))
-                .into());
-            };
-            let push = lifecycle::record_heartbeat(agent, body, now);
-            let from_rollout = lock(&self.rollouts).offered.get(agent_id).cloned();
-            let update =
-                lifecycle::offered_version(agent, from_rollout.as_deref()).and_then(|version| {
-                    lock(&self.releases).offer(
-                        version,
-                        &agent.record.platform.target,
-                        self.settings.update_probation,
-                    )
-                });
-            let desired = &agent.desired;
-            let answer = HeartbeatResponse {
-                update,
-                interval_ms: agent.interval(self.settings.heartbeat_interval).as_millis() as u64,
-                server_time: rfc3339(now / 1000),
-                renew: agent.record.renew_requested,
-                config_hash: desired.hash.clone(),
-                config: push.then(|| desired.doc.clone()),
-            };
-            if !fleet.dirty.contains(agent_id) {
-                fleet.dirty.insert(agent_id.to_owned());
+            });
+            if !effects.reactivate && !effects.retire_previous {
+                let answer = self.answer_heartbeat(&mut fleet, agent_id, serial, body)?;
+                drop(fleet);
+                Metrics::bump(&self.metrics.heartbeats);
+                return Ok(answer);
             }
-            answer
+            effects
         };
+        let app = self.clone();
+        let (id, presented) = (agent_id.to_owned(), serial.to_owned());
+        smol::unblock(move || {
+            if effects.reactivate {
+                app.transition(&[&id], Transition::HeardFrom)?;
+            }
+            if effects.retire_previous {
+                app.change_agents(&[&id], "agent.certificate_in_use", &mut |r| {
+                    Ok(lifecycle::retire_previous(r, &presented))
+                })?;
+            }
+            Ok::<(), Error>(())
+        })
+        .await?;
+        let answer = self.answer_heartbeat(&mut lock(&self.fleet), agent_id, serial, body)?;
         Metrics::bump(&self.metrics.heartbeats);
+        Ok(answer)
+    }
+
+    /// Records a heartbeat's soft state and makes its answer, with the fleet
+    /// locked.
+    fn answer_heartbeat(
+        &self,
+        fleet: &mut Fleet,
+        agent_id: &str,
+        serial: &str,
+        body: HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, Refusal> {
+        let now = now_ms();
+        let agent = fleet.agents.get_mut(agent_id);
+        // Again: an admin may have acted since the last check.
+        lifecycle::may_act(
+            agent.as_ref().map(|a| &a.record),
+            agent_id,
+            serial,
+            Act::Heartbeat,
+        )?;
+        let Some(agent) = agent else {
+            return Err(Refusal::unauthorized(format!(
+                "agent {agent_id} is not known to this server"
+            )));
+        };
+        let push = lifecycle::record_heartbeat(agent, body, now);
+        let from_rollout = lock(&self.rollouts).offered.get(agent_id).cloned();
+        let update =
+            lifecycle::offered_version(agent, from_rollout.as_deref()).and_then(|version| {
+                lock(&self.releases).offer(
+                    version,
+                    &agent.record.platform.target,
+                    self.settings.update_probation,
+                )
+            });
+        let desired = &agent.desired;
+        let answer = HeartbeatResponse {
+            update,
+            interval_ms: agent.interval(self.settings.heartbeat_interval).as_millis() as u64,
+            server_time: rfc3339(now / 1000),
+            renew: agent.record.renew_requested,
+            config_hash: desired.hash.clone(),
+            config: push.then(|| desired.doc.clone()),
+        };
+        if !fleet.dirty.contains(agent_id) {
+            fleet.dirty.insert(agent_id.to_owned());
+        }
         Ok(answer)
     }
 
