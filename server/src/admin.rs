@@ -18,21 +18,10 @@ use crate::fsutil::read_text;
 use crate::refusal::Refusal;
 use crate::serve::{ADMIN_TOKEN_FILE, URL_FILE};
 
-/// Writes to stdout. A closed pipe (`agents list | head -1`) comes back as
-/// an I/O error that `run` ends quietly on.
-pub(crate) fn print(args: std::fmt::Arguments<'_>) -> Result<(), Error> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_fmt(args)
-        .and_then(|()| stdout.flush())
-        .map_err(|e| Error::io("cannot write to stdout", e))
-}
-
-/// `println!` that returns the write error (see `print`).
+/// `println!` that returns the write error (see `log::print`).
 macro_rules! outln {
     ($($arg:tt)*) => {
-        print(format_args!("{}\n", format_args!($($arg)*)))?
+        crate::log::print(format_args!("{}\n", format_args!($($arg)*)))?
     };
 }
 

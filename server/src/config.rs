@@ -260,3 +260,68 @@ pub(crate) fn drift_row(
 pub(crate) fn sort_drift(rows: &mut [DriftRow]) {
     rows.sort_by(|a, b| (&a.name, &a.agent).cmp(&(&b.name, &b.agent)));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use miniserde::json;
+
+    fn doc(text: &str) -> Value {
+        config::parse(text).expect("JSON")
+    }
+
+    #[test]
+    fn scopes_and_documents_are_checked() {
+        assert_eq!(Scope::parse("global"), Ok(Scope::Global));
+        assert_eq!(
+            Scope::parse("label:env=prod"),
+            Ok(Scope::Label("env".into(), "prod".into()))
+        );
+        for bad in ["", "globals", "label:env", "label:a b=c", "agent:nope"] {
+            assert_eq!(Scope::parse(bad).unwrap_err().status(), 400, "{bad:?}");
+        }
+        let ok = check("global", &doc(r#"{"b":1,"a":"x"}"#)).unwrap();
+        assert_eq!(ok.canonical, r#"{"a":"x","b":1}"#);
+        assert_eq!(ok.hash, config::hash(&doc(r#"{"a":"x","b":1}"#)));
+        assert!(check("global", &doc("[1]")).is_err(), "not an object");
+        assert!(
+            check("global", &doc(r#"{"f":1.3e-221}"#)).is_err(),
+            "a float that moves"
+        );
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_DOC_BYTES));
+        assert!(check("global", &doc(&big)).is_err(), "too large");
+    }
+
+    #[test]
+    fn scopes_merge_widest_first_and_drift_is_reported() {
+        let record = |scope: &str, text: &str| ConfigRecord {
+            scope: scope.into(),
+            version: 1,
+            doc: text.into(),
+            hash: String::new(),
+            updated_at: 0,
+        };
+        let mut configs = Configs::load(vec![
+            record("global", r#"{"a":1,"b":1}"#),
+            record("label:env=prod", r#"{"b":2}"#),
+        ])
+        .unwrap();
+        let agent: AgentRecord = json::from_str(
+            r#"{"id":"agt_a","name":"n","status":"active","reason":null,"labels":{"env":"prod"},"platform":{"os":"","arch":"","target":""},"version":"1","capabilities":[],"enrolled_at":0,"token_id":"t","key_sha256":"k","cert_serial":"s","cert_not_after":0,"previous_serial":null,"renew_requested":false,"update_offer":null}"#,
+        )
+        .expect("agent record");
+        let desired = configs.desired(&agent);
+        assert_eq!(config::canonical(&desired.doc), r#"{"a":1,"b":2}"#);
+        let mut hb = HeartbeatState {
+            config_hash: desired.hash.clone(),
+            ..HeartbeatState::default()
+        };
+        assert!(drift_row(&agent, &hb, &desired).is_none(), "in sync");
+        hb.config_drift = true;
+        assert!(drift_row(&agent, &hb, &desired).unwrap().local_drift);
+        hb.config_drift = false;
+        hb.config_hash = "other".into();
+        let row = drift_row(&agent, &hb, &desired).unwrap();
+        assert_eq!(row.applied_hash.as_deref(), Some("other"));
+    }
+}

@@ -35,8 +35,8 @@ pub use store::StoreError;
 /// Runs the command line `args` (the program name first).
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
     match cli::parse(args)? {
-        Command::Help => admin::print(format_args!("{}\n", cli::USAGE)),
-        Command::Version => admin::print(format_args!(
+        Command::Help => log::print(format_args!("{}\n", cli::USAGE)),
+        Command::Version => log::print(format_args!(
             "stella-server {}\n",
             env!("CARGO_PKG_VERSION")
         )),

@@ -78,14 +78,12 @@ pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
     // The store comes last: its presence marks a finished init.
     RedbStore::create(&dir.join(STORE_FILE), &admin_hash)?;
 
-    println!("initialized {}", dir.display());
-    println!("server names: {}", names.join(", "));
-    println!("CA hash: {pin}");
-    println!("admin token: {admin_token}");
-    println!(
-        "  (shown once; stored hashed, and in {} with mode 0600)",
+    crate::log::print(format_args!(
+        "initialized {}\nserver names: {}\nCA hash: {pin}\nadmin token: {admin_token}\n  (shown once; stored hashed, and in {} with mode 0600)\n",
+        dir.display(),
+        names.join(", "),
         dir.join(ADMIN_TOKEN_FILE).display()
-    );
+    ))?;
     Ok(())
 }
 
