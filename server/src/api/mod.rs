@@ -1,25 +1,25 @@
 //! The HTTP API under `/v1/`: the route table (each route with how its
 //! caller authenticates), the one authentication gate every request passes
-//! before its body is read, and thin handlers that parse JSON, call `app`,
-//! and format the answer; `/healthz` and `/metrics`.
+//! before its body is read, and thin agent handlers that parse JSON, call
+//! `app`, and format the answer. Admin routes are in `admin`, `/metrics` in
+//! `metrics`.
 
-use std::fmt::Write as _;
+mod admin;
+mod metrics;
+
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use miniserde::json;
 use stella_proto::api::{
-    AgentUpdateRequest, ChallengeRequest, ConfigSetRequest, HeartbeatRequest, RecoverRequest,
-    RegisterRequest, ReleaseImportRequest, RenewRequest, RolloutStartRequest, TokenCreateRequest,
+    ChallengeRequest, HeartbeatRequest, RecoverRequest, RegisterRequest, RenewRequest,
 };
 
-use crate::app::{AgentAction, App, Metrics, lock};
+use crate::app::{App, Metrics};
 use crate::error::Error;
 use crate::http::{self, Request, Response};
 use crate::lifecycle::Act;
 use crate::refusal::{Refusal, Why};
-use crate::rollout::StartRequest;
 
 /// The agent behind a verified client certificate.
 #[derive(Debug, Clone)]
@@ -301,7 +301,7 @@ pub(crate) async fn handle(
     };
     match (admitted.endpoint, peer) {
         (Endpoint::Healthz, _) => Response::new(200, "text/plain", b"ok\n".to_vec()),
-        (Endpoint::Metrics, _) => metrics(app),
+        (Endpoint::Metrics, _) => metrics::metrics(app),
         (Endpoint::Register, _) => match parse_json::<RegisterRequest>(&req) {
             Ok(body) => answer(
                 blocking(app, move |app| app.enroll(body, source)).await,
@@ -333,7 +333,7 @@ pub(crate) async fn handle(
             Err(r) => refused(r),
         },
         (Endpoint::Artifact, Some(_)) => artifact(app, &req),
-        (Endpoint::Admin, _) => admin(app, &req).await,
+        (Endpoint::Admin, _) => admin::admin(app, &req).await,
         // The gate admits agent endpoints only with a peer.
         (
             Endpoint::Heartbeat | Endpoint::Certificate | Endpoint::WhoAmI | Endpoint::Artifact,
@@ -393,111 +393,6 @@ fn artifact(app: &App, req: &Request) -> Response {
     resp
 }
 
-/// Agents per page of `GET /v1/admin/agents`, by default and at most.
-const AGENT_PAGE: usize = 1000;
-const MAX_AGENT_PAGE: usize = 10_000;
-
-/// A query parameter, percent-decoded; a broken encoding is refused.
-fn query(req: &Request, name: &str) -> Result<Option<String>, Refusal> {
-    http::query_param(&req.path, name).map_err(Refusal::bad_request)
-}
-
-async fn admin(app: &Arc<App>, req: &Request) -> Response {
-    match admin_route(app, req).await {
-        Ok(resp) => resp,
-        Err(e) => failed(e),
-    }
-}
-
-async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
-    let path = http::path_of(&req.path);
-    let parts: Vec<&str> = path["/v1/admin/".len()..].split('/').collect();
-    let json = |status: u16, body: String| Ok(Response::json(status, body));
-    match (req.method.as_str(), parts.as_slice()) {
-        ("POST", ["tokens"]) => {
-            let body: TokenCreateRequest = parse_json(req)?;
-            let created = blocking(app, move |app| {
-                app.create_token(Duration::from_millis(body.ttl_ms), body.uses, body.labels)
-            })
-            .await?;
-            json(201, json::to_string(&created))
-        }
-        ("POST", ["config"]) => {
-            let body: ConfigSetRequest = parse_json(req)?;
-            let view = blocking(app, move |app| app.set_config(&body.scope, &body.config)).await?;
-            json(200, json::to_string(&view))
-        }
-        ("GET", ["config"]) => {
-            let agent = query(req, "agent")?;
-            json(200, json::to_string(&app.show_config(agent.as_deref())?))
-        }
-        ("GET", ["drift"]) => json(200, json::to_string(&app.drift())),
-        ("POST", ["rollouts"]) => {
-            let body: RolloutStartRequest = parse_json(req)?;
-            let view = blocking(app, move |app| {
-                app.start_rollout(StartRequest {
-                    release: &body.release,
-                    stages: &body.stages,
-                    soak: Duration::from_millis(body.soak_ms),
-                    max_failures: body.max_failures,
-                    selector: body.selector.clone(),
-                })
-            })
-            .await?;
-            json(201, json::to_string(&view))
-        }
-        ("GET", ["rollouts"]) => json(200, json::to_string(&app.rollout_views())),
-        ("GET", ["rollouts", id]) => {
-            let members = query(req, "members")?.as_deref() == Some("1");
-            json(200, json::to_string(&app.rollout_view(id, members)?))
-        }
-        ("POST", ["rollouts", id, action]) => {
-            let (id, action) = ((*id).to_owned(), (*action).to_owned());
-            let view = blocking(app, move |app| app.act_on_rollout(&id, &action)).await?;
-            json(200, json::to_string(&view))
-        }
-        ("POST", ["releases"]) => {
-            let body: ReleaseImportRequest = parse_json(req)?;
-            let dir = std::path::PathBuf::from(body.dir);
-            let view = blocking(app, move |app| app.import_release(&dir)).await?;
-            json(201, json::to_string(&view))
-        }
-        ("GET", ["releases"]) => json(200, json::to_string(&app.release_views())),
-        ("POST", ["agents", id, "update"]) => {
-            let body: AgentUpdateRequest = parse_json(req)?;
-            let id = (*id).to_owned();
-            let view = blocking(app, move |app| app.offer_release(&id, &body.release)).await?;
-            json(200, json::to_string(&view))
-        }
-        ("GET", ["agents"]) => {
-            let limit = match query(req, "limit")?.map(|l| l.parse::<usize>()) {
-                None => AGENT_PAGE,
-                Some(Ok(n)) if (1..=MAX_AGENT_PAGE).contains(&n) => n,
-                Some(_) => {
-                    return Err(Refusal::bad_request(format!(
-                        "limit must be 1 to {MAX_AGENT_PAGE}"
-                    ))
-                    .into());
-                }
-            };
-            let after = query(req, "after")?.unwrap_or_default();
-            json(200, json::to_string(&app.agent_page(limit, &after)))
-        }
-        ("GET", ["agents", id]) => json(200, json::to_string(&app.agent_view(id)?)),
-        ("POST", ["agents", id, action]) => {
-            let Some(action) = AgentAction::parse(action) else {
-                return Err(Refusal::not_found(format!("unknown agent action {action:?}")).into());
-            };
-            let id = (*id).to_owned();
-            let view = blocking(app, move |app| app.act_on_agent(&id, action)).await?;
-            json(200, json::to_string(&view))
-        }
-        _ => {
-            Err(Refusal::not_found(format!("no such admin endpoint: {} {path}", req.method)).into())
-        }
-    }
-}
-
 fn parse_json<T: miniserde::Deserialize>(req: &Request) -> Result<T, Refusal> {
     let is_json = req.content_type.as_deref().is_some_and(|ct| {
         ct.split(';')
@@ -522,78 +417,12 @@ fn parse_json<T: miniserde::Deserialize>(req: &Request) -> Result<T, Refusal> {
     })
 }
 
-fn metrics(app: &App) -> Response {
-    let counts = lock(&app.fleet).count_by_status();
-    let m = &app.metrics;
-    let load = Metrics::load;
-    let mut out = String::with_capacity(1024);
-    out.push_str("# HELP stella_agents Agents by lifecycle status.\n# TYPE stella_agents gauge\n");
-    for (status, n) in counts {
-        let _ = writeln!(out, "stella_agents{{status=\"{status}\"}} {n}");
-    }
-    for (name, help, value) in [
-        (
-            "stella_enrollments_total",
-            "Agents enrolled.",
-            load(&m.enrollments),
-        ),
-        (
-            "stella_heartbeats_total",
-            "Heartbeats accepted.",
-            load(&m.heartbeats),
-        ),
-        (
-            "stella_token_failures_total",
-            "Enrollments refused for their token.",
-            load(&m.token_failures),
-        ),
-        (
-            "stella_http_requests_total",
-            "HTTP requests answered.",
-            load(&m.requests),
-        ),
-        (
-            "stella_tls_handshake_failures_total",
-            "TLS handshakes that failed.",
-            load(&m.tls_failures),
-        ),
-        (
-            "stella_rate_limited_total",
-            "Registrations refused with 429 after repeated token failures.",
-            load(&m.rate_limited),
-        ),
-        (
-            "stella_connections_refused_total",
-            "Connections closed at once: the open-file limit was reached.",
-            load(&m.connections_refused),
-        ),
-        (
-            "stella_certificate_renewals_total",
-            "Certificates renewed over mTLS.",
-            load(&m.renewals),
-        ),
-        (
-            "stella_certificate_recoveries_total",
-            "Expired certificates recovered with the old key.",
-            load(&m.recoveries),
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP stella_start_time_seconds When the server started.\n# TYPE stella_start_time_seconds gauge\nstella_start_time_seconds {}",
-        app.started_ms / 1000
-    );
-    Response::new(200, "text/plain; version=0.0.4", out.into_bytes())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::app::{AgentAction, lock};
 
     #[test]
     fn every_route_is_found_with_its_auth() {
