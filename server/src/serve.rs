@@ -309,7 +309,7 @@ async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
             }
             Err(ReadError::Closed | ReadError::Io(_)) => break,
         };
-        let resp = api::handle(&app, admitted, source, req).await;
+        let resp = api::handle(&app, admitted, peer.as_ref(), source, req).await;
         if http::write_response(&mut tls, &resp, keep_alive, &mut out)
             .await
             .is_err()

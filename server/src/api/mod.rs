@@ -185,20 +185,10 @@ fn route(method: &str, path: &str) -> Result<&'static Route, Refusal> {
     })
 }
 
-/// Who made a request, once the gate let it through.
-#[derive(Debug, Clone)]
-enum Caller {
-    /// Nobody in particular (open, registration and recovery routes).
-    Anyone,
-    Agent(Peer),
-    Admin,
-}
-
 /// A request whose route and caller passed the gate; its body may be read.
 #[derive(Debug)]
 pub(crate) struct Admitted {
     endpoint: Endpoint,
-    caller: Caller,
 }
 
 /// The authentication gate: finds the request's route and authenticates its
@@ -214,10 +204,9 @@ pub(crate) fn admit(
     Metrics::bump(&app.metrics.requests);
     let path = http::path_of(&head.path);
     let route = route(&head.method, path).map_err(refused)?;
-    let caller = authenticate(app, route.auth, peer, source, head).map_err(refused)?;
+    authenticate(app, route.auth, peer, source, head).map_err(refused)?;
     Ok(Admitted {
         endpoint: route.endpoint,
-        caller,
     })
 }
 
@@ -227,13 +216,11 @@ fn authenticate(
     peer: Option<&Peer>,
     source: IpAddr,
     head: &Request,
-) -> Result<Caller, Refusal> {
+) -> Result<(), Refusal> {
     match auth {
-        Auth::Open | Auth::Anonymous => Ok(Caller::Anyone),
-        Auth::Registration => app.check_registration_rate(source).map(|()| Caller::Anyone),
-        Auth::Admin => app
-            .check_admin(head.authorization.as_deref())
-            .map(|()| Caller::Admin),
+        Auth::Open | Auth::Anonymous => Ok(()),
+        Auth::Registration => app.check_registration_rate(source),
+        Auth::Admin => app.check_admin(head.authorization.as_deref()),
         Auth::Agent(act) => {
             let Some(peer) = peer else {
                 return Err(Refusal::unauthorized(match act {
@@ -245,8 +232,7 @@ fn authenticate(
                     Act::WhoAmI => "this endpoint needs the agent's client certificate (mTLS)",
                 }));
             };
-            app.check_agent(&peer.agent_id, &peer.serial, act)?;
-            Ok(Caller::Agent(peer.clone()))
+            app.check_agent(&peer.agent_id, &peer.serial, act)
         }
     }
 }
@@ -288,17 +274,14 @@ async fn blocking<T: Send + 'static>(
     smol::unblock(move || work(&app)).await
 }
 
-/// Answers an admitted request.
+/// Answers an admitted request from the connection's `peer`.
 pub(crate) async fn handle(
     app: &Arc<App>,
     admitted: Admitted,
+    peer: Option<&Peer>,
     source: IpAddr,
     req: Request,
 ) -> Response {
-    let peer = match &admitted.caller {
-        Caller::Agent(peer) => Some(peer.clone()),
-        Caller::Anyone | Caller::Admin => None,
-    };
     match (admitted.endpoint, peer) {
         (Endpoint::Healthz, _) => Response::new(200, "text/plain", b"ok\n".to_vec()),
         (Endpoint::Metrics, _) => metrics::metrics(app),
@@ -314,13 +297,16 @@ pub(crate) async fn handle(
             Err(r) => refused(r),
         },
         (Endpoint::Certificate, Some(peer)) => match parse_json::<RenewRequest>(&req) {
-            Ok(body) => answer(
-                blocking(app, move |app| {
-                    app.renew(&peer.agent_id, &peer.serial, &body)
-                })
-                .await,
-                200,
-            ),
+            Ok(body) => {
+                let peer = peer.clone();
+                answer(
+                    blocking(app, move |app| {
+                        app.renew(&peer.agent_id, &peer.serial, &body)
+                    })
+                    .await,
+                    200,
+                )
+            }
             Err(r) => refused(r),
         },
         (Endpoint::WhoAmI, Some(peer)) => answer(app.self_view(&peer.agent_id), 200),
