@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use stella_proto::time::rfc3339;
 
+use crate::lifecycle::{self, Act};
 use crate::records::{AgentRecord, AgentStatus, CertRecord};
 use crate::refusal::{Refusal, Why};
 
@@ -83,22 +84,16 @@ pub(crate) fn replace(
     why: Reissue,
     grace: Duration,
 ) -> Result<String, Refusal> {
-    if !r.accepts_serial(presented) {
-        return Err(Refusal::unauthorized(format!(
-            "certificate {presented} of agent {} has been superseded or revoked",
-            r.id
-        )));
-    }
     match why {
-        Reissue::Renew => {
-            if r.status == AgentStatus::Revoked {
+        // The gate's rule again, inside the transaction that writes.
+        Reissue::Renew => lifecycle::may_act(Some(r), &r.id, presented, Act::Renew)?,
+        Reissue::Recover { old_not_after, now } => {
+            if !r.accepts_serial(presented) {
                 return Err(Refusal::unauthorized(format!(
-                    "agent {} is revoked: enroll the host again with a new token",
+                    "certificate {presented} of agent {} has been superseded or revoked",
                     r.id
                 )));
             }
-        }
-        Reissue::Recover { old_not_after, now } => {
             if r.status == AgentStatus::Revoked {
                 return Err(enroll_again(&r.id, "it is revoked"));
             }
