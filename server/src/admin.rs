@@ -15,7 +15,15 @@ use stella_proto::api::{
 use crate::cli::{AdminTarget, AgentAction};
 use crate::error::Error;
 use crate::fsutil::read_text;
+use crate::refusal::Refusal;
 use crate::serve::{ADMIN_TOKEN_FILE, URL_FILE};
+
+/// `println!` that returns the write error (see `log::print`).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        crate::log::print(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
 
 /// A connection to the admin API.
 pub(crate) struct AdminClient {
@@ -32,10 +40,13 @@ impl AdminClient {
             Some(url) => url.trim_end_matches('/').to_owned(),
             None => read_text(&dir.join(URL_FILE))
                 .map_err(|e| {
-                    Error::Client(format!(
-                        "{e} (is `stella-server serve --data-dir {}` running?)",
-                        dir.display()
-                    ))
+                    Error::client(
+                        format!(
+                            "is `stella-server serve --data-dir {}` running?",
+                            dir.display()
+                        ),
+                        e,
+                    )
                 })?
                 .trim()
                 .to_owned(),
@@ -48,12 +59,12 @@ impl AdminClient {
         let token = match std::env::var("STELLA_ADMIN_TOKEN") {
             Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
             _ => read_text(&dir.join(ADMIN_TOKEN_FILE))
-                .map_err(|e| Error::Client(format!("{e} (or set STELLA_ADMIN_TOKEN)")))?
+                .map_err(|e| Error::client("no admin token (set STELLA_ADMIN_TOKEN)", e))?
                 .trim()
                 .to_owned(),
         };
         let ca = ureq::tls::Certificate::from_pem(ca_pem.as_bytes())
-            .map_err(|e| Error::Crypto(format!("{}: {e}", ca_path.display())))?;
+            .map_err(|e| Error::crypto(ca_path.display().to_string(), e))?;
         let tls = ureq::tls::TlsConfig::builder()
             .provider(ureq::tls::TlsProvider::Rustls)
             .root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]))
@@ -87,14 +98,14 @@ impl AdminClient {
             None => self.agent.get(&url).header("authorization", &auth).call(),
         };
         let mut resp =
-            result.map_err(|e| Error::Client(format!("cannot reach {}: {e}", self.base)))?;
+            result.map_err(|e| Error::client(format!("cannot reach {}", self.base), e))?;
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
             .with_config()
             .limit(256 * 1024 * 1024)
             .read_to_string()
-            .map_err(|e| Error::Client(format!("reading the answer from {}: {e}", self.base)))?;
+            .map_err(|e| Error::client(format!("reading the answer from {}", self.base), e))?;
         if (200..300).contains(&status) {
             Ok(text)
         } else {
@@ -104,8 +115,11 @@ impl AdminClient {
     }
 
     fn parse<T: miniserde::Deserialize>(text: &str) -> Result<T, Error> {
-        json::from_str(text)
-            .map_err(|_| Error::Client("the server's answer is not the expected JSON".into()))
+        // miniserde's error carries no detail: the message says what was expected.
+        json::from_str(text).map_err(|_| Error::Client {
+            context: "the server's answer is not the expected JSON".into(),
+            source: None,
+        })
     }
 }
 
@@ -127,7 +141,7 @@ pub(crate) fn token_create(
         "/v1/admin/tokens",
         Some(json::to_string(&body)),
     )?)?;
-    println!("{}", answer.token);
+    outln!("{}", answer.token);
     Ok(())
 }
 
@@ -159,7 +173,7 @@ pub(crate) fn agents_list(target: &AdminTarget, as_json: bool) -> Result<(), Err
         }
     }
     if as_json {
-        println!("{}", json::to_string(&agents));
+        outln!("{}", json::to_string(&agents));
         return Ok(());
     }
     agents.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
@@ -196,51 +210,55 @@ pub(crate) fn agents_list(target: &AdminTarget, as_json: bool) -> Result<(), Err
             *w = (*w).max(cell.len());
         }
     }
-    let print_row = |cells: &[&str]| {
+    let print_row = |cells: &[&str]| -> Result<(), Error> {
         let line: Vec<String> = cells
             .iter()
             .zip(widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        outln!("{}", line.join("  ").trim_end());
+        Ok(())
     };
-    print_row(&header);
+    print_row(&header)?;
     for row in &rows {
-        print_row(&row.each_ref().map(String::as_str));
+        print_row(&row.each_ref().map(String::as_str))?;
     }
     Ok(())
 }
 
-fn print_agent(a: &AgentView) {
-    let field = |k: &str, v: &str| println!("{k:<16}{v}");
-    field("id", &a.id);
-    field("name", &a.name);
+fn print_agent(a: &AgentView) -> Result<(), Error> {
+    let field = |k: &str, v: &str| -> Result<(), Error> {
+        outln!("{k:<16}{v}");
+        Ok(())
+    };
+    field("id", &a.id)?;
+    field("name", &a.name)?;
     field(
         "status",
         &match &a.reason {
             Some(r) => format!("{} ({r})", a.status),
             None => a.status.clone(),
         },
-    );
-    field("version", &a.version);
-    field("target", &a.target);
+    )?;
+    field("version", &a.version)?;
+    field("target", &a.target)?;
     field(
         "platform",
         &format!("{}/{}", a.platform.os, a.platform.arch),
-    );
-    field("labels", &labels_text(&a.labels));
-    field("capabilities", &a.capabilities.join(","));
-    field("enrolled at", &a.enrolled_at);
-    field("last heartbeat", a.last_heartbeat.as_deref().unwrap_or("-"));
-    field("heartbeat seq", &a.heartbeat_seq.to_string());
-    field("uptime", &format!("{}s", a.uptime_s));
+    )?;
+    field("labels", &labels_text(&a.labels))?;
+    field("capabilities", &a.capabilities.join(","))?;
+    field("enrolled at", &a.enrolled_at)?;
+    field("last heartbeat", a.last_heartbeat.as_deref().unwrap_or("-"))?;
+    field("heartbeat seq", &a.heartbeat_seq.to_string())?;
+    field("uptime", &format!("{}s", a.uptime_s))?;
     field(
         "certificate",
         &format!("serial {} until {}", a.cert_serial, a.cert_not_after),
-    );
-    field("config hash", a.config_hash.as_deref().unwrap_or("-"));
+    )?;
+    field("config hash", a.config_hash.as_deref().unwrap_or("-"))?;
     if let Some(e) = &a.config_error {
-        field("config refused", e);
+        field("config refused", e)?;
     }
     let d = &a.doctor;
     field(
@@ -249,11 +267,12 @@ fn print_agent(a: &AgentView) {
             "{} pass, {} warn, {} fail, {} skip",
             d.pass, d.warn, d.fail, d.skip
         ),
-    );
+    )?;
     field(
         "update",
         &format!("{} {}", a.update.state, a.update.version),
-    );
+    )?;
+    Ok(())
 }
 
 /// `agents show ID`.
@@ -261,9 +280,9 @@ pub(crate) fn agents_show(target: &AdminTarget, id: &str, as_json: bool) -> Resu
     let client = AdminClient::connect(target)?;
     let text = client.call("GET", &format!("/v1/admin/agents/{id}"), None)?;
     if as_json {
-        println!("{text}");
+        outln!("{text}");
     } else {
-        print_agent(&AdminClient::parse(&text)?);
+        print_agent(&AdminClient::parse(&text)?)?;
     }
     Ok(())
 }
@@ -278,15 +297,15 @@ pub(crate) fn agents_act(target: &AdminTarget, id: &str, action: AgentAction) ->
     )?;
     let agent: AgentView = AdminClient::parse(&text)?;
     if let AgentAction::Renew = action {
-        println!(
+        outln!(
             "{}: renewal requested; it renews at its next heartbeat",
             agent.id
         );
         return Ok(());
     }
     match agent.reason {
-        Some(r) => println!("{} {} ({r})", agent.id, agent.status),
-        None => println!("{} {}", agent.id, agent.status),
+        Some(r) => outln!("{} {} ({r})", agent.id, agent.status),
+        None => outln!("{} {}", agent.id, agent.status),
     }
     Ok(())
 }
@@ -299,7 +318,7 @@ pub(crate) fn config_set(
 ) -> Result<(), Error> {
     let text = read_text(file)?;
     let doc = stella_proto::config::parse(&text)
-        .ok_or_else(|| Error::Invalid(format!("{} is not valid JSON", file.display())))?;
+        .ok_or_else(|| Refusal::bad_request(format!("{} is not valid JSON", file.display())))?;
     // Agents validate what they get; warn now about what they would refuse.
     if let Err(e) = stella_proto::config::parse_settings(&doc) {
         eprintln!("warning: agents will refuse this config on its own: {e}");
@@ -314,7 +333,7 @@ pub(crate) fn config_set(
         "/v1/admin/config",
         Some(json::to_string(&body)),
     )?)?;
-    println!("{} version {} hash {}", view.scope, view.version, view.hash);
+    outln!("{} version {} hash {}", view.scope, view.version, view.hash);
     Ok(())
 }
 
@@ -327,17 +346,20 @@ pub(crate) fn config_show(target: &AdminTarget, agent: Option<&str>) -> Result<(
     };
     let view: ConfigShowResponse = AdminClient::parse(&client.call("GET", &path, None)?)?;
     match &view.agent {
-        Some(id) => println!("effective config of {id}"),
-        None => println!("global config"),
+        Some(id) => outln!("effective config of {id}"),
+        None => outln!("global config"),
     }
-    println!("hash {}", view.hash);
-    println!("{}", stella_proto::config::canonical(&view.config));
+    outln!("hash {}", view.hash);
+    outln!("{}", stella_proto::config::canonical(&view.config));
     if !view.scopes.is_empty() {
-        println!("scopes:");
+        outln!("scopes:");
         for s in &view.scopes {
-            println!(
+            outln!(
                 "  {:<40} version {:<4} {}  {}",
-                s.scope, s.version, s.updated_at, s.hash
+                s.scope,
+                s.version,
+                s.updated_at,
+                s.hash
             );
         }
     }
@@ -349,21 +371,25 @@ pub(crate) fn drift(target: &AdminTarget, as_json: bool) -> Result<(), Error> {
     let client = AdminClient::connect(target)?;
     let text = client.call("GET", "/v1/admin/drift", None)?;
     if as_json {
-        println!("{text}");
+        outln!("{text}");
         return Ok(());
     }
     let rows: Vec<DriftRow> = AdminClient::parse(&text)?;
     if rows.is_empty() {
-        println!("no drift: every agent runs its desired config");
+        outln!("no drift: every agent runs its desired config");
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<31} {:<16} {:<14} {:<14} {:<11} SINCE",
-        "AGENT", "NAME", "DESIRED", "APPLIED", "LOCAL EDIT"
+        "AGENT",
+        "NAME",
+        "DESIRED",
+        "APPLIED",
+        "LOCAL EDIT"
     );
     for r in &rows {
         let short = |h: &str| h.get(..12).unwrap_or(h).to_owned();
-        println!(
+        outln!(
             "{:<31} {:<16} {:<14} {:<14} {:<11} {}{}",
             r.agent,
             r.name,
@@ -392,7 +418,7 @@ pub(crate) fn release_import(target: &AdminTarget, dir: &std::path::Path) -> Res
         "/v1/admin/releases",
         Some(json::to_string(&body)),
     )?)?;
-    println!(
+    outln!(
         "imported release {} ({} files)",
         view.version,
         view.files.len()
@@ -405,17 +431,17 @@ pub(crate) fn release_list(target: &AdminTarget, as_json: bool) -> Result<(), Er
     let client = AdminClient::connect(target)?;
     let text = client.call("GET", "/v1/admin/releases", None)?;
     if as_json {
-        println!("{text}");
+        outln!("{text}");
         return Ok(());
     }
     let releases: Vec<ReleaseView> = AdminClient::parse(&text)?;
     if releases.is_empty() {
-        println!("no releases imported");
+        outln!("no releases imported");
     }
     for r in &releases {
-        println!("{}  imported {}", r.version, r.imported_at);
+        outln!("{}  imported {}", r.version, r.imported_at);
         for f in &r.files {
-            println!("  {:<44} {:>10} bytes  sha256:{}", f.name, f.size, f.sha256);
+            outln!("  {:<44} {:>10} bytes  sha256:{}", f.name, f.size, f.sha256);
         }
     }
     Ok(())
@@ -432,7 +458,7 @@ pub(crate) fn agents_update(target: &AdminTarget, id: &str, release: &str) -> Re
         &format!("/v1/admin/agents/{id}/update"),
         Some(json::to_string(&body)),
     )?)?;
-    println!(
+    outln!(
         "{}: offered release {release}; it updates at its next heartbeat",
         agent.id
     );
@@ -461,17 +487,17 @@ pub(crate) fn rollout_start(
         "/v1/admin/rollouts",
         Some(json::to_string(&body)),
     )?)?;
-    println!("{}", view.id);
+    outln!("{}", view.id);
     Ok(())
 }
 
-fn print_rollout(r: &RolloutView) {
+fn print_rollout(r: &RolloutView) -> Result<(), Error> {
     let status = match &r.reason {
         Some(reason) => format!("{} ({reason})", r.status),
         None => r.status.clone(),
     };
-    println!("rollout {}  release {}  {}", r.id, r.release, status);
-    println!(
+    outln!("rollout {}  release {}  {}", r.id, r.release, status);
+    outln!(
         "  soak {}, max failures {}, selector {}",
         r.soak,
         r.max_failures,
@@ -481,12 +507,16 @@ fn print_rollout(r: &RolloutView) {
             labels_text(&r.selector)
         }
     );
-    println!(
+    outln!(
         "  {:<4} {:<10} {:>7} {:>8} {:>7}  STATE",
-        "#", "STAGE", "AGENTS", "UPDATED", "FAILED"
+        "#",
+        "STAGE",
+        "AGENTS",
+        "UPDATED",
+        "FAILED"
     );
     for (i, s) in r.stages.iter().enumerate() {
-        println!(
+        outln!(
             "  {:<4} {:<10} {:>7} {:>8} {:>7}  {}",
             i + 1,
             s.stage,
@@ -496,6 +526,7 @@ fn print_rollout(r: &RolloutView) {
             s.state
         );
     }
+    Ok(())
 }
 
 /// `rollout show ID [--json]`, or `rollout list` without an id.
@@ -511,18 +542,18 @@ pub(crate) fn rollout_show(
     };
     let text = client.call("GET", &path, None)?;
     if as_json {
-        println!("{text}");
+        outln!("{text}");
         return Ok(());
     }
     if id.is_some() {
-        print_rollout(&AdminClient::parse(&text)?);
+        print_rollout(&AdminClient::parse(&text)?)?;
     } else {
         let all: Vec<RolloutView> = AdminClient::parse(&text)?;
         if all.is_empty() {
-            println!("no rollouts");
+            outln!("no rollouts");
         }
         for r in &all {
-            print_rollout(r);
+            print_rollout(r)?;
         }
     }
     Ok(())
@@ -536,6 +567,6 @@ pub(crate) fn rollout_act(target: &AdminTarget, id: &str, action: &str) -> Resul
         &format!("/v1/admin/rollouts/{id}/{action}"),
         None,
     )?)?;
-    println!("{} {}", view.id, view.status);
+    outln!("{} {}", view.id, view.status);
     Ok(())
 }

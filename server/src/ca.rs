@@ -1,6 +1,7 @@
 //! The server's certificate authority: the CA key pair made at `init`, the
 //! server's own TLS certificate, and the agent certificates it issues from CSRs
-//! (CN = agent id, URI SAN `stella://agent/<id>`, client auth only).
+//! (CN = agent id, URI SAN `stella://agent/<id>`, client auth only), from
+//! CSRs that `check_csr` accepted.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -17,6 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::Error;
 use crate::fsutil::{read_text, write_atomic};
+use crate::refusal::Refusal;
 
 /// File names in the data dir.
 pub(crate) const CA_CERT: &str = "ca.pem";
@@ -40,7 +42,8 @@ pub(crate) struct IssuedCert {
 }
 
 /// A CSR that passed every check, with the public key it carries.
-pub(crate) struct CheckedCsr {
+#[derive(Debug)]
+pub struct CheckedCsr {
     params: CertificateSigningRequestParams,
     /// Hex SHA-256 of the DER SubjectPublicKeyInfo.
     pub(crate) key_sha256: String,
@@ -55,7 +58,7 @@ pub(crate) struct Ca {
 
 fn offset_time(unix: u64) -> Result<time::OffsetDateTime, Error> {
     time::OffsetDateTime::from_unix_timestamp(unix as i64)
-        .map_err(|e| Error::Crypto(format!("time out of range: {e}")))
+        .map_err(|e| Error::crypto("time out of range", e))
 }
 
 fn random_serial() -> Result<(SerialNumber, String), Error> {
@@ -105,9 +108,9 @@ pub(crate) fn init(dir: &Path, sans: &[String], now: u64) -> Result<String, Erro
     for san in sans {
         let entry = match san.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(san.as_str().try_into().map_err(|_| {
+            Err(_) => SanType::DnsName(san.as_str().try_into().map_err(|e| {
                 Error::Usage(format!(
-                    "--san {san:?} is neither a DNS name nor an IP address"
+                    "--san {san:?} is neither a DNS name nor an IP address ({e})"
                 ))
             })?),
         };
@@ -146,9 +149,9 @@ impl Ca {
         let cert_pem = read_text(&dir.join(CA_CERT))?;
         let key_pem = read_text(&dir.join(CA_KEY))?;
         let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| Error::Crypto(format!("{}: {e}", dir.join(CA_KEY).display())))?;
+            .map_err(|e| Error::crypto(dir.join(CA_KEY).display().to_string(), e))?;
         let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|e| Error::Crypto(format!("{}: {e}", dir.join(CA_CERT).display())))?;
+            .map_err(|e| Error::crypto(dir.join(CA_CERT).display().to_string(), e))?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
         Ok(Self {
             issuer,
@@ -160,24 +163,6 @@ impl Ca {
     /// The CA pin agents use with `--ca-hash`.
     pub(crate) fn pin(&self) -> String {
         stella_proto::hash::spki_pin(&self.issuer.key().subject_public_key_info())
-    }
-
-    /// Parses a PEM CSR, verifies its self-signature, and accepts only ECDSA
-    /// P-256 keys with no extensions we would not honour.
-    pub(crate) fn check_csr(csr_pem: &str) -> Result<CheckedCsr, Error> {
-        let der = stella_proto::pem::decode("CERTIFICATE REQUEST", csr_pem)
-            .map_err(|e| Error::Invalid(format!("malformed CSR: {e}")))?;
-        let params = CertificateSigningRequestParams::from_der(&der.as_slice().into())
-            .map_err(|e| Error::Invalid(format!("malformed CSR: {e}")))?;
-        if params.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
-            return Err(Error::Invalid(
-                "CSR key must be ECDSA P-256 (signed with SHA-256)".into(),
-            ));
-        }
-        let key_sha256 = stella_proto::hash::hex(&stella_proto::hash::sha256(
-            &params.public_key.subject_public_key_info(),
-        ));
-        Ok(CheckedCsr { params, key_sha256 })
     }
 
     /// Issues an agent certificate for the CSR's key. Everything the CSR asked
@@ -193,11 +178,10 @@ impl Ca {
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, agent_id);
         let uri = format!("{}{agent_id}", stella_proto::AGENT_URI_PREFIX);
-        params.subject_alt_names = vec![SanType::URI(
-            uri.as_str()
-                .try_into()
-                .map_err(|_| Error::Crypto(format!("bad URI SAN {uri}")))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(uri.as_str().try_into().map_err(|e| {
+                Error::crypto(format!("bad URI SAN {uri}"), e)
+            })?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
@@ -214,6 +198,28 @@ impl Ca {
             not_after,
         })
     }
+}
+
+/// Parses a PEM CSR, verifies its self-signature, and accepts only ECDSA
+/// P-256 keys with no extensions we would not honour. A refusal is a
+/// `Error::Refused` (400) naming what was wrong.
+pub fn check_csr(csr_pem: &str) -> Result<CheckedCsr, Error> {
+    let malformed = |e: &dyn std::fmt::Display| {
+        Error::Refused(Refusal::bad_request(format!("malformed CSR: {e}")))
+    };
+    let der =
+        stella_proto::pem::decode("CERTIFICATE REQUEST", csr_pem).map_err(|e| malformed(&e))?;
+    let params = CertificateSigningRequestParams::from_der(&der.as_slice().into())
+        .map_err(|e| malformed(&e))?;
+    if params.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+        return Err(Error::Refused(Refusal::bad_request(
+            "CSR key must be ECDSA P-256 (signed with SHA-256)",
+        )));
+    }
+    let key_sha256 = stella_proto::hash::hex(&stella_proto::hash::sha256(
+        &params.public_key.subject_public_key_info(),
+    ));
+    Ok(CheckedCsr { params, key_sha256 })
 }
 
 /// Checks an ECDSA P-256 signature over `message` by the key of a certificate
@@ -247,12 +253,12 @@ pub(crate) fn server_tls_config(dir: &Path, ca: &Ca) -> Result<Arc<rustls::Serve
     )
     .allow_unauthenticated()
     .build()
-    .map_err(|e| Error::Crypto(format!("client verifier: {e}")))?;
+    .map_err(|e| Error::crypto("client verifier", e))?;
     let server_pem = read_text(&dir.join(SERVER_CERT))?;
     let server_cert = CertificateDer::from_pem_slice(server_pem.as_bytes())
-        .map_err(|e| Error::Crypto(format!("{}: {e}", dir.join(SERVER_CERT).display())))?;
+        .map_err(|e| Error::crypto(dir.join(SERVER_CERT).display().to_string(), e))?;
     let key = PrivateKeyDer::from_pem_file(dir.join(SERVER_KEY))
-        .map_err(|e| Error::Crypto(format!("{}: {e}", dir.join(SERVER_KEY).display())))?;
+        .map_err(|e| Error::crypto(dir.join(SERVER_KEY).display().to_string(), e))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)

@@ -1,7 +1,7 @@
 //! Desired configuration: versioned documents at three scopes (global,
 //! `label:K=V`, `agent:ID`), merged in that order into each agent's effective
 //! configuration, whose canonical hash the heartbeat compares with what the
-//! agent applied. Also the drift report.
+//! agent applied. Also the drift report. Pure: `app` stores and applies.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,11 +12,9 @@ use stella_proto::api::{ConfigScopeView, ConfigShowResponse, DriftRow};
 use stella_proto::config;
 use stella_proto::time::rfc3339;
 
-use crate::app::{App, lock, now_ms, now_secs};
-use crate::error::Error;
-use crate::lifecycle::Fleet;
-use crate::log;
-use crate::records::{AgentRecord, ConfigRecord};
+use crate::records::{AgentRecord, AgentStatus, ConfigRecord, HeartbeatState};
+use crate::refusal::Refusal;
+use crate::store::StoreError;
 
 /// Largest configuration document accepted per scope (canonical bytes).
 const MAX_DOC_BYTES: usize = 32 * 1024;
@@ -39,14 +37,14 @@ pub(crate) enum Scope {
 }
 
 impl Scope {
-    pub(crate) fn parse(s: &str) -> Result<Self, Error> {
+    pub(crate) fn parse(s: &str) -> Result<Self, Refusal> {
         if s == "global" {
             return Ok(Scope::Global);
         }
         if let Some((k, v)) = s.strip_prefix("label:").and_then(|kv| kv.split_once('=')) {
             let mut one = stella_proto::api::Labels::new();
             one.insert(k.to_owned(), v.to_owned());
-            crate::tokens::check_labels(&one).map_err(Error::Invalid)?;
+            crate::tokens::check_labels(&one).map_err(Refusal::bad_request)?;
             return Ok(Scope::Label(k.to_owned(), v.to_owned()));
         }
         if let Some(id) = s.strip_prefix("agent:")
@@ -54,12 +52,12 @@ impl Scope {
         {
             return Ok(Scope::Agent(id.to_owned()));
         }
-        Err(Error::Invalid(format!(
+        Err(Refusal::bad_request(format!(
             "scope {s:?} must be global, label:KEY=VALUE or agent:AGENT_ID"
         )))
     }
 
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match self {
             Scope::Global => "global".into(),
             Scope::Label(k, v) => format!("label:{k}={v}"),
@@ -77,16 +75,29 @@ pub(crate) struct Configs {
 }
 
 impl Configs {
-    pub(crate) fn load(records: Vec<ConfigRecord>) -> Result<Self, Error> {
+    pub(crate) fn load(records: Vec<ConfigRecord>) -> Result<Self, StoreError> {
         let mut configs = Self::default();
         for record in records {
-            let scope = Scope::parse(&record.scope)?;
-            let doc = config::parse(&record.doc).ok_or_else(|| {
-                Error::Store(format!("stored config of {} is not JSON", record.scope))
-            })?;
+            let corrupt = || StoreError::Corrupt {
+                what: "config",
+                key: record.scope.clone(),
+            };
+            let scope = Scope::parse(&record.scope).map_err(|_| corrupt())?;
+            let doc = config::parse(&record.doc).ok_or_else(corrupt)?;
             configs.scopes.insert(scope, (record, doc));
         }
         Ok(configs)
+    }
+
+    /// Puts a newly stored version of a scope in place (then refresh every
+    /// agent's desired configuration).
+    pub(crate) fn insert(&mut self, scope: Scope, record: ConfigRecord, doc: Value) {
+        self.scopes.insert(scope, (record, doc));
+    }
+
+    /// Forgets the effective documents computed so far.
+    pub(crate) fn clear_cache(&mut self) {
+        self.cache.clear();
     }
 
     /// The scopes that apply to an agent, widest first.
@@ -123,7 +134,9 @@ impl Configs {
         desired
     }
 
-    fn views<'a>(entries: impl Iterator<Item = &'a (ConfigRecord, Value)>) -> Vec<ConfigScopeView> {
+    pub(crate) fn views<'a>(
+        entries: impl Iterator<Item = &'a (ConfigRecord, Value)>,
+    ) -> Vec<ConfigScopeView> {
         entries
             .map(|(r, _)| ConfigScopeView {
                 scope: r.scope.clone(),
@@ -135,25 +148,21 @@ impl Configs {
     }
 }
 
-/// Recomputes every agent's desired configuration (after a change).
-pub(crate) fn refresh_all(configs: &mut Configs, fleet: &mut Fleet) {
-    configs.cache.clear();
-    let now = now_ms();
-    for live in fleet.agents.values_mut() {
-        live.desired = configs.desired(&live.record);
-        if live.hb.config_hash != live.desired.hash && live.hb.drift_since_ms == 0 {
-            live.hb.drift_since_ms = now;
-        }
-    }
+/// A `config set` that passed its checks: the scope, the canonical
+/// document and its hash.
+#[derive(Debug)]
+pub(crate) struct CheckedConfig {
+    pub(crate) scope: Scope,
+    pub(crate) canonical: String,
+    pub(crate) hash: String,
 }
 
-/// `config set`: validates the scope and document, stores a new version, and
-/// recomputes what every agent should run. Blocking.
-pub(crate) fn set(app: &App, scope: &str, doc: &Value) -> Result<ConfigScopeView, Error> {
-    let parsed = Scope::parse(scope)?;
+/// Checks a scope and document for `config set`.
+pub(crate) fn check(scope: &str, doc: &Value) -> Result<CheckedConfig, Refusal> {
+    let scope = Scope::parse(scope)?;
     if !matches!(doc, Value::Object(_)) {
-        return Err(Error::Invalid(
-            "the configuration must be a JSON object".into(),
+        return Err(Refusal::bad_request(
+            "the configuration must be a JSON object",
         ));
     }
     let canonical = config::canonical(doc);
@@ -163,106 +172,156 @@ pub(crate) fn set(app: &App, scope: &str, doc: &Value) -> Result<ConfigScopeView
     // and be sent it again with every heartbeat.
     let reread = config::parse(&canonical).map(|again| config::canonical(&again));
     if reread.as_deref() != Some(canonical.as_str()) {
-        return Err(Error::Invalid(
+        return Err(Refusal::bad_request(
             "the configuration holds a number that does not read back as itself \
-             (some fractions and integers past 64 bits do not): write it as a string"
-                .into(),
+             (some fractions and integers past 64 bits do not): write it as a string",
         ));
     }
     if canonical.len() > MAX_DOC_BYTES {
-        return Err(Error::Invalid(format!(
+        return Err(Refusal::bad_request(format!(
             "the configuration is {} bytes, over the limit of {MAX_DOC_BYTES}",
             canonical.len()
         )));
     }
-    if let Scope::Agent(id) = &parsed
-        && !lock(&app.fleet).agents.contains_key(id)
-    {
-        return Err(Error::NotFound(format!("no agent with id {id}")));
-    }
-    let hash = config::hash(doc);
-    let _serial = lock(&app.lifecycle_lock);
-    let record = app
-        .store
-        .set_config(&parsed.name(), &canonical, &hash, now_secs())?;
-    let view = ConfigScopeView {
+    Ok(CheckedConfig {
+        scope,
+        hash: config::hash(doc),
+        canonical,
+    })
+}
+
+/// The admin view of one stored scope.
+pub(crate) fn scope_view(record: &ConfigRecord) -> ConfigScopeView {
+    ConfigScopeView {
         scope: record.scope.clone(),
         version: record.version,
         hash: record.hash.clone(),
         updated_at: rfc3339(record.updated_at),
-    };
-    let mut configs = lock(&app.configs);
-    configs.scopes.insert(parsed, (record, doc.clone()));
-    refresh_all(&mut configs, &mut lock(&app.fleet));
-    log::info(
-        "config set",
-        &[
-            ("scope", &view.scope),
-            ("version", &view.version),
-            ("hash", &view.hash),
-        ],
-    );
-    Ok(view)
-}
-
-/// `config show`: the effective configuration of one agent, or the global one
-/// and the list of every scope.
-pub(crate) fn show(app: &App, agent: Option<&str>) -> Result<ConfigShowResponse, Error> {
-    let configs = lock(&app.configs);
-    match agent {
-        Some(id) => {
-            let fleet = lock(&app.fleet);
-            let live = fleet
-                .agents
-                .get(id)
-                .ok_or_else(|| Error::NotFound(format!("no agent with id {id}")))?;
-            Ok(ConfigShowResponse {
-                agent: Some(id.to_owned()),
-                hash: live.desired.hash.clone(),
-                config: live.desired.doc.clone(),
-                scopes: Configs::views(configs.applicable(&live.record)),
-            })
-        }
-        None => {
-            let global = configs
-                .scopes
-                .get(&Scope::Global)
-                .map(|(_, d)| d.clone())
-                .unwrap_or_else(config::empty);
-            Ok(ConfigShowResponse {
-                agent: None,
-                hash: config::hash(&global),
-                config: global,
-                scopes: Configs::views(configs.scopes.values()),
-            })
-        }
     }
 }
 
-/// `drift`: agents whose applied configuration differs from the desired one,
-/// or whose file on disk was edited, with since when.
-pub(crate) fn drift(app: &App) -> Vec<DriftRow> {
-    let fleet = lock(&app.fleet);
-    let mut rows: Vec<DriftRow> = fleet
-        .agents
-        .values()
-        .filter(|a| a.record.status != crate::records::REVOKED)
-        .filter(|a| a.hb.config_hash != a.desired.hash || a.hb.config_drift)
-        .map(|a| DriftRow {
-            agent: a.record.id.clone(),
-            name: a.record.name.clone(),
-            desired_hash: a.desired.hash.clone(),
-            applied_hash: (!a.hb.config_hash.is_empty()).then(|| a.hb.config_hash.clone()),
-            local_drift: a.hb.config_drift,
-            since: (a.hb.drift_since_ms != 0).then(|| rfc3339(a.hb.drift_since_ms / 1000)),
-            error: a
-                .hb
-                .config_error
-                .as_ref()
-                .filter(|e| e.hash == a.desired.hash)
-                .map(|e| e.error.clone()),
-        })
-        .collect();
+/// `config show --agent ID`: the agent's effective configuration and the
+/// scopes it is made of.
+pub(crate) fn show_agent(
+    configs: &Configs,
+    record: &AgentRecord,
+    desired: &Desired,
+) -> ConfigShowResponse {
+    ConfigShowResponse {
+        agent: Some(record.id.clone()),
+        hash: desired.hash.clone(),
+        config: desired.doc.clone(),
+        scopes: Configs::views(configs.applicable(record)),
+    }
+}
+
+/// `config show`: the global configuration and every scope.
+pub(crate) fn show_global(configs: &Configs) -> ConfigShowResponse {
+    let global = configs
+        .scopes
+        .get(&Scope::Global)
+        .map(|(_, d)| d.clone())
+        .unwrap_or_else(config::empty);
+    ConfigShowResponse {
+        agent: None,
+        hash: config::hash(&global),
+        config: global,
+        scopes: Configs::views(configs.scopes.values()),
+    }
+}
+
+/// One line of `drift`, if the agent (not revoked) runs another configuration
+/// than `desired` or edited its file on disk.
+pub(crate) fn drift_row(
+    record: &AgentRecord,
+    hb: &HeartbeatState,
+    desired: &Desired,
+) -> Option<DriftRow> {
+    if record.status == AgentStatus::Revoked || (hb.config_hash == desired.hash && !hb.config_drift)
+    {
+        return None;
+    }
+    Some(DriftRow {
+        agent: record.id.clone(),
+        name: record.name.clone(),
+        desired_hash: desired.hash.clone(),
+        applied_hash: (!hb.config_hash.is_empty()).then(|| hb.config_hash.clone()),
+        local_drift: hb.config_drift,
+        since: (hb.drift_since_ms != 0).then(|| rfc3339(hb.drift_since_ms / 1000)),
+        error: hb
+            .config_error
+            .as_ref()
+            .filter(|e| e.hash == desired.hash)
+            .map(|e| e.error.clone()),
+    })
+}
+
+/// Orders drift lines by agent name, then id.
+pub(crate) fn sort_drift(rows: &mut [DriftRow]) {
     rows.sort_by(|a, b| (&a.name, &a.agent).cmp(&(&b.name, &b.agent)));
-    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use miniserde::json;
+
+    fn doc(text: &str) -> Value {
+        config::parse(text).expect("JSON")
+    }
+
+    #[test]
+    fn scopes_and_documents_are_checked() {
+        assert_eq!(Scope::parse("global"), Ok(Scope::Global));
+        assert_eq!(
+            Scope::parse("label:env=prod"),
+            Ok(Scope::Label("env".into(), "prod".into()))
+        );
+        for bad in ["", "globals", "label:env", "label:a b=c", "agent:nope"] {
+            assert_eq!(Scope::parse(bad).unwrap_err().status(), 400, "{bad:?}");
+        }
+        let ok = check("global", &doc(r#"{"b":1,"a":"x"}"#)).unwrap();
+        assert_eq!(ok.canonical, r#"{"a":"x","b":1}"#);
+        assert_eq!(ok.hash, config::hash(&doc(r#"{"a":"x","b":1}"#)));
+        assert!(check("global", &doc("[1]")).is_err(), "not an object");
+        assert!(
+            check("global", &doc(r#"{"f":1.3e-221}"#)).is_err(),
+            "a float that moves"
+        );
+        let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(MAX_DOC_BYTES));
+        assert!(check("global", &doc(&big)).is_err(), "too large");
+    }
+
+    #[test]
+    fn scopes_merge_widest_first_and_drift_is_reported() {
+        let record = |scope: &str, text: &str| ConfigRecord {
+            scope: scope.into(),
+            version: 1,
+            doc: text.into(),
+            hash: String::new(),
+            updated_at: 0,
+        };
+        let mut configs = Configs::load(vec![
+            record("global", r#"{"a":1,"b":1}"#),
+            record("label:env=prod", r#"{"b":2}"#),
+        ])
+        .unwrap();
+        let agent: AgentRecord = json::from_str(
+            r#"{"id":"agt_a","name":"n","status":"active","reason":null,"labels":{"env":"prod"},"platform":{"os":"","arch":"","target":""},"version":"1","capabilities":[],"enrolled_at":0,"token_id":"t","key_sha256":"k","cert_serial":"s","cert_not_after":0,"previous_serial":null,"renew_requested":false,"update_offer":null}"#,
+        )
+        .expect("agent record");
+        let desired = configs.desired(&agent);
+        assert_eq!(config::canonical(&desired.doc), r#"{"a":1,"b":2}"#);
+        let mut hb = HeartbeatState {
+            config_hash: desired.hash.clone(),
+            ..HeartbeatState::default()
+        };
+        assert!(drift_row(&agent, &hb, &desired).is_none(), "in sync");
+        hb.config_drift = true;
+        assert!(drift_row(&agent, &hb, &desired).unwrap().local_drift);
+        hb.config_drift = false;
+        hb.config_hash = "other".into();
+        let row = drift_row(&agent, &hb, &desired).unwrap();
+        assert_eq!(row.applied_hash.as_deref(), Some("other"));
+    }
 }

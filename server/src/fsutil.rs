@@ -50,5 +50,9 @@ pub(crate) fn random_bytes(buf: &mut [u8]) -> Result<(), Error> {
     use ring::rand::SecureRandom;
     ring::rand::SystemRandom::new()
         .fill(buf)
-        .map_err(|_| Error::Crypto("the system random source failed".into()))
+        // ring's `Unspecified` says nothing more than this message.
+        .map_err(|_| Error::Crypto {
+            context: "the system random source failed".into(),
+            source: None,
+        })
 }

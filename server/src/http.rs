@@ -1,7 +1,9 @@
 //! HTTP/1.1 framing over any async byte stream: request parsing with httparse,
-//! hard limits on header and body size, an absolute deadline per request
-//! (slow clients cannot hold a connection by trickling bytes), keep-alive and
-//! pipelining, and response writing.
+//! the head apart from the body (so that the caller is authenticated before
+//! the body is read), hard limits on header and body size, an absolute
+//! deadline per request (slow clients cannot hold a connection by trickling
+//! bytes), keep-alive and pipelining, response writing; and the parsers of
+//! request parts (query parameters, `Range`).
 
 use std::time::{Duration, Instant};
 
@@ -10,41 +12,41 @@ use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest request head (request line and headers) accepted.
-pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 48;
 
 /// One parsed request.
 #[derive(Debug, Default)]
-pub(crate) struct Request {
-    pub(crate) method: String,
-    pub(crate) path: String,
-    pub(crate) authorization: Option<String>,
-    pub(crate) content_type: Option<String>,
-    pub(crate) range: Option<String>,
-    pub(crate) keep_alive: bool,
-    pub(crate) body: Vec<u8>,
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    pub range: Option<String>,
+    pub keep_alive: bool,
+    pub body: Vec<u8>,
 }
 
 /// A response: headers and a body in memory, or a file range streamed after.
 #[derive(Debug)]
-pub(crate) struct Response {
-    pub(crate) status: u16,
-    pub(crate) content_type: &'static str,
-    pub(crate) body: Vec<u8>,
-    pub(crate) extra_headers: Vec<(&'static str, String)>,
-    pub(crate) file: Option<FileBody>,
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+    pub extra_headers: Vec<(&'static str, String)>,
+    pub file: Option<FileBody>,
 }
 
 /// Part of a file to stream as the body.
 #[derive(Debug)]
-pub(crate) struct FileBody {
-    pub(crate) path: std::path::PathBuf,
-    pub(crate) start: u64,
-    pub(crate) len: u64,
+pub struct FileBody {
+    pub path: std::path::PathBuf,
+    pub start: u64,
+    pub len: u64,
 }
 
 impl Response {
-    pub(crate) fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Self {
+    pub fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Self {
         Self {
             status,
             content_type,
@@ -55,12 +57,12 @@ impl Response {
     }
 
     /// A JSON body.
-    pub(crate) fn json(status: u16, body: String) -> Self {
+    pub fn json(status: u16, body: String) -> Self {
         Self::new(status, "application/json", body.into_bytes())
     }
 
     /// The `{"error": "..."}` body every refusal carries.
-    pub(crate) fn error(status: u16, message: impl Into<String>) -> Self {
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
         let body = stella_proto::api::ErrorBody {
             error: message.into(),
         };
@@ -70,12 +72,13 @@ impl Response {
 
 /// Why a request could not be read; some deserve an answer before closing.
 #[derive(Debug)]
-pub(crate) enum ReadError {
+pub enum ReadError {
     /// The peer closed the connection between requests (not an error).
     Closed,
     /// Idle too long between requests, or the request took too long.
     Timeout,
-    Io,
+    /// The connection failed.
+    Io(std::io::Error),
     /// Malformed or over a limit: answer with this, then close.
     Reject(Response),
 }
@@ -112,7 +115,7 @@ async fn read_some<S: AsyncRead + Unpin>(
     deadline: Instant,
 ) -> Result<usize, ReadError> {
     let mut chunk = [0u8; 4096];
-    let read = async { stream.read(&mut chunk).await.map_err(|_| ReadError::Io) };
+    let read = async { stream.read(&mut chunk).await.map_err(ReadError::Io) };
     let timeout = async {
         Timer::at(deadline).await;
         Err(ReadError::Timeout)
@@ -122,15 +125,86 @@ async fn read_some<S: AsyncRead + Unpin>(
     Ok(n)
 }
 
-/// Reads the next request from `stream`. `buf` holds bytes already received
-/// (pipelined requests) and keeps what follows this request.
-pub(crate) async fn read_request<S: AsyncRead + Unpin>(
+/// Reads the next request from `stream`, head and body. `buf` holds bytes
+/// already received (pipelined requests) and keeps what follows this request.
+pub async fn read_request<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     idle: Duration,
     request_time: Duration,
     max_body: usize,
 ) -> Result<Request, ReadError> {
+    let head = read_head(stream, buf, idle, request_time).await?;
+    read_body(stream, buf, head, max_body).await
+}
+
+/// A request whose head has been read: its body, `body_len` bytes, has not.
+#[derive(Debug)]
+pub struct Head {
+    /// The request, without its body.
+    pub request: Request,
+    /// The body's length (Content-Length).
+    pub body_len: usize,
+    deadline: Instant,
+}
+
+/// Reads the body of `head` (refused with 413 over `max_body`, before any of
+/// it is read).
+pub async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    head: Head,
+    max_body: usize,
+) -> Result<Request, ReadError> {
+    let Head {
+        mut request,
+        body_len,
+        deadline,
+    } = head;
+    if body_len > max_body {
+        return Err(ReadError::Reject(Response::error(
+            413,
+            format!("request body of {body_len} bytes is over the limit of {max_body} bytes"),
+        )));
+    }
+    while buf.len() < body_len {
+        if read_some(stream, buf, deadline).await? == 0 {
+            return Err(ReadError::Closed);
+        }
+    }
+    request.body = buf[..body_len].to_vec();
+    buf.drain(..body_len);
+    Ok(request)
+}
+
+/// Reads and drops the body of a request that was refused on its head, so
+/// that the connection can serve the next request.
+pub async fn skip_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    head: &Head,
+) -> Result<(), ReadError> {
+    let mut left = head.body_len;
+    loop {
+        let n = left.min(buf.len());
+        buf.drain(..n);
+        left -= n;
+        if left == 0 {
+            return Ok(());
+        }
+        if read_some(stream, buf, head.deadline).await? == 0 {
+            return Err(ReadError::Closed);
+        }
+    }
+}
+
+/// Reads the head of the next request from `stream` (see `read_request`).
+pub async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    idle: Duration,
+    request_time: Duration,
+) -> Result<Head, ReadError> {
     if buf.is_empty() && read_some(stream, buf, Instant::now() + idle).await? == 0 {
         return Err(ReadError::Closed);
     }
@@ -186,23 +260,12 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(
                         }
                     }
                 }
-                let body_len = content_length.unwrap_or(0);
-                if body_len > max_body {
-                    return Err(ReadError::Reject(Response::error(
-                        413,
-                        format!(
-                            "request body of {body_len} bytes is over the limit of {max_body} bytes"
-                        ),
-                    )));
-                }
-                while buf.len() < head_len + body_len {
-                    if read_some(stream, buf, deadline).await? == 0 {
-                        return Err(ReadError::Closed);
-                    }
-                }
-                req.body = buf[head_len..head_len + body_len].to_vec();
-                buf.drain(..head_len + body_len);
-                return Ok(req);
+                buf.drain(..head_len);
+                return Ok(Head {
+                    request: req,
+                    body_len: content_length.unwrap_or(0),
+                    deadline,
+                });
             }
             Ok(httparse::Status::Partial) => {
                 if buf.len() > MAX_HEAD_BYTES {
@@ -232,7 +295,7 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(
 }
 
 /// Writes `resp`; `keep_alive` decides the `Connection` header.
-pub(crate) async fn write_response<S: AsyncWrite + Unpin>(
+pub async fn write_response<S: AsyncWrite + Unpin>(
     stream: &mut S,
     resp: &Response,
     keep_alive: bool,
@@ -280,6 +343,77 @@ pub(crate) async fn write_response<S: AsyncWrite + Unpin>(
         }
     }
     stream.flush().await
+}
+
+/// The path of a request target, without its query.
+pub fn path_of(target: &str) -> &str {
+    target.split_once('?').map_or(target, |(p, _)| p)
+}
+
+/// The value of `name` in the query of a request target, percent-decoded
+/// (`+` is a space, as in forms); `Err` names a parameter whose encoding is
+/// broken or not UTF-8.
+pub fn query_param(target: &str, name: &str) -> Result<Option<String>, String> {
+    let Some((_, query)) = target.split_once('?') else {
+        return Ok(None);
+    };
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(key)
+            .ok_or_else(|| format!("query parameter {key:?} is not valid percent-encoding"))?;
+        if key == name {
+            return percent_decode(value)
+                .map(Some)
+                .ok_or_else(|| format!("query parameter {name} is not valid percent-encoding"));
+        }
+    }
+    Ok(None)
+}
+
+/// Decodes `%XX` escapes and `+`; `None` for a broken escape or bytes that
+/// are not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A `Range` header of the two forms we serve, `bytes=START-` and
+/// `bytes=START-END` (END inclusive, clamped to the content), as the
+/// half-open range [start, end) within `size`; `None` (answered with 416)
+/// for anything else: suffix ranges, several ranges, other units, a start at
+/// or past the end, an end before the start.
+pub fn parse_range(header: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    let start: u64 = a.trim().parse().ok()?;
+    let end = match b.trim() {
+        "" => size,
+        e => e.parse::<u64>().ok()?.saturating_add(1).min(size),
+    };
+    (start < end && start < size).then_some((start, end))
 }
 
 #[cfg(test)]
@@ -345,5 +479,90 @@ mod tests {
         big.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES + 10));
         assert_eq!(status(parse(&big)), 431);
         assert!(matches!(parse(b""), Err(ReadError::Closed)));
+    }
+
+    #[test]
+    fn the_head_comes_before_the_body() {
+        let mut stream = smol::io::Cursor::new(
+            b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\n\r\n".to_vec(),
+        );
+        let mut buf = Vec::new();
+        let d = Duration::from_secs(1);
+        let head = smol::block_on(read_head(&mut stream, &mut buf, d, d)).unwrap();
+        assert_eq!((head.request.path.as_str(), head.body_len), ("/a", 3));
+        assert!(
+            head.request.body.is_empty(),
+            "the body is not read with the head"
+        );
+        smol::block_on(skip_body(&mut stream, &mut buf, &head)).unwrap();
+        let next = smol::block_on(read_request(&mut stream, &mut buf, d, d, 64)).unwrap();
+        assert_eq!(
+            next.path, "/b",
+            "a skipped body leaves the next request intact"
+        );
+        // Over the limit: refused before a byte of the body is read.
+        let mut stream = smol::io::Cursor::new(
+            b"POST /a HTTP/1.1\r\nContent-Length: 100000000000\r\n\r\n".to_vec(),
+        );
+        let mut buf = Vec::new();
+        let head = smol::block_on(read_head(&mut stream, &mut buf, d, d)).unwrap();
+        assert!(matches!(
+            smol::block_on(read_body(&mut stream, &mut buf, head, 64)),
+            Err(ReadError::Reject(Response { status: 413, .. }))
+        ));
+    }
+
+    #[test]
+    fn query_parameters_are_percent_decoded() {
+        let target = "/v1/admin/agents?limit=10&after=agt_x&label=env%3Dprod+eu&k%61y=%E2%82%AC";
+        assert_eq!(path_of(target), "/v1/admin/agents");
+        assert_eq!(query_param(target, "limit"), Ok(Some("10".into())));
+        assert_eq!(query_param(target, "after"), Ok(Some("agt_x".into())));
+        assert_eq!(query_param(target, "label"), Ok(Some("env=prod eu".into())));
+        assert_eq!(
+            query_param(target, "kay"),
+            Ok(Some("€".into())),
+            "names decode too"
+        );
+        assert_eq!(query_param(target, "missing"), Ok(None));
+        assert_eq!(query_param("/x", "a"), Ok(None));
+        assert_eq!(query_param("/x?a", "a"), Ok(Some(String::new())));
+        for broken in ["/x?a=%", "/x?a=%4", "/x?a=%zz", "/x?a=%ff"] {
+            assert!(query_param(broken, "a").is_err(), "{broken}");
+        }
+    }
+
+    #[test]
+    fn range_forms_accepted_and_refused() {
+        let size = 100;
+        for (header, want) in [
+            ("bytes=0-", Some((0, 100))),
+            ("bytes=10-", Some((10, 100))),
+            ("bytes=99-", Some((99, 100))),
+            ("bytes=0-0", Some((0, 1))),
+            ("bytes=10-19", Some((10, 20))),
+            ("bytes=0-99", Some((0, 100))),
+            ("bytes=50-1000", Some((50, 100))),
+            ("  bytes= 5 - 9 ", Some((5, 10))),
+            ("bytes=100-", None),
+            ("bytes=150-200", None),
+            ("bytes=20-10", None),
+            ("bytes=-10", None),
+            ("bytes=0-1,5-9", None),
+            ("bytes=a-b", None),
+            ("bytes=1-x", None),
+            ("bytes=+1-2", Some((1, 3))),
+            ("bytes=", None),
+            ("bytes 0-1", None),
+            ("items=0-1", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_range(header, size), want, "{header:?}");
+        }
+        assert_eq!(
+            parse_range("bytes=0-", 0),
+            None,
+            "nothing to serve of an empty file"
+        );
     }
 }

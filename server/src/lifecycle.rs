@@ -1,21 +1,20 @@
-//! Agent lifecycle: the in-memory fleet (mirror of the store plus heartbeat
-//! soft state), status transitions (active, inactive with a reason, revoked),
-//! the heartbeat-timeout monitor and the group commit of heartbeats.
+//! Agent lifecycle, as rules: the in-memory fleet (the store's agents plus
+//! heartbeat soft state), the state machine (active, inactive with a reason,
+//! revoked) as a function of state and transition, the one "may this agent
+//! act" check every agent endpoint uses, and what a heartbeat changes and
+//! gets back. Pure: `app` applies these to the store and the shared fleet.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use stella_proto::api::AgentView;
+use stella_proto::api::{AgentView, HeartbeatRequest};
 use stella_proto::time::rfc3339;
 
-use crate::app::{App, lock, now_ms, now_secs};
 use crate::config::{Configs, Desired};
-use crate::error::Error;
-use crate::log;
-use crate::records::{
-    ACTIVE, AgentRecord, DEACTIVATED, HEARTBEAT_TIMEOUT, HeartbeatState, INACTIVE, REVOKED,
-};
+use crate::records::{AgentRecord, AgentStatus, HeartbeatState, InactiveReason};
+use crate::refusal::Refusal;
+use crate::store::{Store, StoreError};
 
 /// One agent as the running server knows it.
 #[derive(Debug)]
@@ -33,6 +32,23 @@ impl LiveAgent {
     /// The heartbeat interval this agent is asked to keep.
     pub(crate) fn interval(&self, default: Duration) -> Duration {
         self.desired.heartbeat_interval.unwrap_or(default)
+    }
+
+    /// Whether the agent is overdue: active, and silent for more than
+    /// `misses` of its intervals.
+    pub(crate) fn is_overdue(&self, now_ms: u64, default: Duration, misses: u32) -> bool {
+        let allowed_ms = self.interval(default).as_millis() as u64 * u64::from(misses);
+        self.record.status == AgentStatus::Active
+            && now_ms.saturating_sub(self.last_seen_ms) > allowed_ms
+    }
+
+    /// The version it runs (reported, else declared at enrollment).
+    pub(crate) fn version(&self) -> &str {
+        if self.hb.version.is_empty() {
+            &self.record.version
+        } else {
+            &self.hb.version
+        }
     }
 }
 
@@ -52,12 +68,12 @@ impl Fleet {
     /// Rows are streamed from the store into the map: no second copy of the
     /// fleet exists at any time.
     pub(crate) fn load(
-        store: &crate::store::Store,
+        store: &dyn Store,
         configs: &mut Configs,
         started_ms: u64,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, StoreError> {
         let mut agents = HashMap::new();
-        store.load_agents(|record, hb| {
+        store.load_agents(&mut |record, hb| {
             let last_seen_ms = hb.last_heartbeat_ms.max(started_ms);
             let desired = configs.desired(&record);
             agents.insert(
@@ -77,14 +93,41 @@ impl Fleet {
     }
 
     /// Counts of agents by status, for `/metrics`.
-    pub(crate) fn count_by_status(&self) -> [(&'static str, usize); 3] {
-        let mut counts = [(ACTIVE, 0), (INACTIVE, 0), (REVOKED, 0)];
+    pub(crate) fn count_by_status(&self) -> [(AgentStatus, usize); 3] {
+        let mut counts = [
+            (AgentStatus::Active, 0),
+            (AgentStatus::Inactive, 0),
+            (AgentStatus::Revoked, 0),
+        ];
         for agent in self.agents.values() {
             if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == agent.record.status) {
                 slot.1 += 1;
             }
         }
         counts
+    }
+
+    /// Recomputes every agent's desired configuration (after a change); an
+    /// agent that no longer runs what it should drifts from `now_ms`.
+    pub(crate) fn refresh_desired(&mut self, configs: &mut Configs, now_ms: u64) {
+        configs.clear_cache();
+        for live in self.agents.values_mut() {
+            live.desired = configs.desired(&live.record);
+            if live.hb.config_hash != live.desired.hash && live.hb.drift_since_ms == 0 {
+                live.hb.drift_since_ms = now_ms;
+            }
+        }
+    }
+
+    /// Puts a freshly committed record in the fleet.
+    pub(crate) fn mirror(&mut self, record: AgentRecord, now_ms: u64) {
+        if let Some(live) = self.agents.get_mut(&record.id) {
+            if record.status == AgentStatus::Active && live.record.status != AgentStatus::Active {
+                // A fresh start: do not time out again before it could heartbeat.
+                live.last_seen_ms = live.last_seen_ms.max(now_ms);
+            }
+            live.record = record;
+        }
     }
 }
 
@@ -101,7 +144,8 @@ pub(crate) enum Transition {
 }
 
 impl Transition {
-    fn action(self) -> &'static str {
+    /// The audit action.
+    pub(crate) fn action(self) -> &'static str {
         match self {
             Transition::Deactivate => "agent.deactivate",
             Transition::Activate => "agent.activate",
@@ -111,104 +155,200 @@ impl Transition {
         }
     }
 
-    /// Applies the transition to a record; `Ok(false)` when nothing changes.
-    fn apply(self, r: &mut AgentRecord) -> Result<bool, Error> {
-        let reason = r.reason.as_deref();
-        let (status, reason): (&str, Option<&str>) = match (self, r.status.as_str(), reason) {
-            (Transition::Revoke, REVOKED, _) => return Ok(false),
-            (_, REVOKED, _) if matches!(self, Transition::Deactivate | Transition::Activate) => {
-                return Err(Error::Conflict(format!(
-                    "agent {} is revoked, and revoked is final: enroll the host again with a new token",
-                    r.id
+    /// The status and reason after this transition from (`status`,
+    /// `reason`): `Ok(None)` when nothing changes. Revoked is final.
+    pub(crate) fn next(
+        self,
+        id: &str,
+        status: AgentStatus,
+        reason: Option<InactiveReason>,
+    ) -> Result<Option<(AgentStatus, Option<InactiveReason>)>, Refusal> {
+        use AgentStatus::{Active, Inactive, Revoked};
+        use InactiveReason::{Deactivated, HeartbeatTimeout};
+        Ok(Some(match (self, status, reason) {
+            (Transition::Deactivate | Transition::Activate, Revoked, _) => {
+                return Err(Refusal::conflict(format!(
+                    "agent {id} is revoked, and revoked is final: enroll the host again with a new token"
                 )));
             }
-            (_, REVOKED, _) => return Ok(false),
-            (Transition::Revoke, _, _) => (REVOKED, None),
-            (Transition::Deactivate, INACTIVE, Some(DEACTIVATED)) => return Ok(false),
-            (Transition::Deactivate, _, _) => (INACTIVE, Some(DEACTIVATED)),
-            (Transition::Activate, ACTIVE, _) => return Ok(false),
-            (Transition::Activate, _, _) => (ACTIVE, None),
-            (Transition::TimedOut, ACTIVE, _) => (INACTIVE, Some(HEARTBEAT_TIMEOUT)),
-            (Transition::HeardFrom, INACTIVE, Some(HEARTBEAT_TIMEOUT)) => (ACTIVE, None),
-            (Transition::TimedOut | Transition::HeardFrom, _, _) => return Ok(false),
-        };
-        r.status = status.to_owned();
-        r.reason = reason.map(str::to_owned);
-        Ok(true)
+            (_, Revoked, _) => return Ok(None),
+            (Transition::Revoke, _, _) => (Revoked, None),
+            (Transition::Deactivate, Inactive, Some(Deactivated)) => return Ok(None),
+            (Transition::Deactivate, _, _) => (Inactive, Some(Deactivated)),
+            (Transition::Activate, Active, _) => return Ok(None),
+            (Transition::Activate, _, _) => (Active, None),
+            (Transition::TimedOut, Active, _) => (Inactive, Some(HeartbeatTimeout)),
+            (Transition::HeardFrom, Inactive, Some(HeartbeatTimeout)) => (Active, None),
+            (Transition::TimedOut | Transition::HeardFrom, _, _) => return Ok(None),
+        }))
     }
-}
 
-/// Applies `transition` to the named agents: durable first, then mirrored in
-/// memory. Returns the agents' records afterwards (changed or not). Blocking.
-pub(crate) fn transition(
-    app: &App,
-    ids: &[&str],
-    transition: Transition,
-) -> Result<Vec<AgentRecord>, Error> {
-    change_agents(app, ids, transition.action(), |r| transition.apply(r))
-}
-
-/// Applies `change` to the named agents in one durable transaction, then
-/// mirrors the written records in memory, under the lifecycle lock so the two
-/// never disagree. Returns the agents' records afterwards. Blocking.
-pub(crate) fn change_agents(
-    app: &App,
-    ids: &[&str],
-    action: &str,
-    change: impl FnMut(&mut AgentRecord) -> Result<bool, Error>,
-) -> Result<Vec<AgentRecord>, Error> {
-    let _serial = lock(&app.lifecycle_lock);
-    let now = now_secs();
-    let written = app.store.update_agents(ids, now, action, change)?;
-    let mut fleet = lock(&app.fleet);
-    for record in written {
-        log::info(
-            "agent changed",
-            &[
-                ("agent", &record.id),
-                ("action", &action),
-                ("status", &record.status),
-                ("reason", &record.reason.as_deref().unwrap_or("-")),
-            ],
-        );
-        mirror(&mut fleet, record);
-    }
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        match fleet.agents.get(*id) {
-            Some(live) => out.push(live.record.clone()),
-            None => return Err(Error::NotFound(format!("no agent with id {id}"))),
+    /// Applies the transition to a record; `Ok(false)` when nothing changes.
+    pub(crate) fn apply(self, r: &mut AgentRecord) -> Result<bool, Refusal> {
+        match self.next(&r.id, r.status, r.reason)? {
+            Some((status, reason)) => {
+                r.status = status;
+                r.reason = reason;
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
-    Ok(out)
 }
 
-/// Puts a freshly committed record in the in-memory fleet.
-pub(crate) fn mirror(fleet: &mut Fleet, record: AgentRecord) {
-    if let Some(live) = fleet.agents.get_mut(&record.id) {
-        if record.status == ACTIVE && live.record.status != ACTIVE {
-            // A fresh start: do not time out again before it could heartbeat.
-            live.last_seen_ms = live.last_seen_ms.max(now_ms());
-        }
-        live.record = record;
+/// What an agent asks to do with its client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Act {
+    /// Heartbeat: a deactivated agent is told so (403) and keeps trying.
+    Heartbeat,
+    /// Renew its certificate: allowed while deactivated, so that it is still
+    /// reachable when activated again.
+    Renew,
+    /// Download a release artifact.
+    Download,
+    /// Ask how the server sees it.
+    WhoAmI,
+}
+
+/// Whether the agent `agent_id` (its record, if known), presenting the
+/// certificate `serial`, may `act`. Unknown, revoked and superseded
+/// certificates get 401; a deactivated agent's heartbeat gets 403.
+pub(crate) fn may_act(
+    record: Option<&AgentRecord>,
+    agent_id: &str,
+    serial: &str,
+    act: Act,
+) -> Result<(), Refusal> {
+    let Some(r) = record else {
+        return Err(Refusal::unauthorized(format!(
+            "agent {agent_id} is not known to this server: enroll it again"
+        )));
+    };
+    if r.status == AgentStatus::Revoked {
+        return Err(Refusal::unauthorized(format!(
+            "agent {} is revoked: enroll the host again with a new token",
+            r.id
+        )));
+    }
+    if !r.accepts_serial(serial) {
+        return Err(Refusal::unauthorized(format!(
+            "certificate {serial} of agent {} has been superseded or revoked",
+            r.id
+        )));
+    }
+    if act == Act::Heartbeat && r.is_deactivated() {
+        return Err(Refusal::forbidden(format!(
+            "agent {} is deactivated by an administrator",
+            r.id
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a heartbeat whose fields are over their size limits.
+pub(crate) fn check_heartbeat(body: &HeartbeatRequest) -> Result<(), Refusal> {
+    if body.capabilities.len() > 32
+        || body.version.len() > 64
+        || body.config_hash.len() > 80
+        || body.doctor.failing.len() > 32
+    {
+        return Err(Refusal::bad_request(
+            "heartbeat fields are over their size limits",
+        ));
+    }
+    Ok(())
+}
+
+/// Durable changes a heartbeat causes before it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct HeartbeatEffects {
+    /// The agent was timed out: it is active again.
+    pub(crate) reactivate: bool,
+    /// The agent uses its new certificate: the one it replaced is refused
+    /// from now on.
+    pub(crate) retire_previous: bool,
+}
+
+/// What a heartbeat with certificate `serial` changes durably.
+pub(crate) fn heartbeat_effects(r: &AgentRecord, serial: &str) -> HeartbeatEffects {
+    HeartbeatEffects {
+        reactivate: r.status == AgentStatus::Inactive
+            && r.reason == Some(InactiveReason::HeartbeatTimeout),
+        retire_previous: r.previous_serial.is_some() && r.cert_serial == serial,
     }
 }
+
+/// Forgets the replaced certificate once the agent presents its new one
+/// `serial`; `false` when there is nothing to retire.
+pub(crate) fn retire_previous(r: &mut AgentRecord, serial: &str) -> bool {
+    let retire = r.cert_serial == serial && r.previous_serial.is_some();
+    if retire {
+        r.previous_serial = None;
+    }
+    retire
+}
+
+/// Records a heartbeat's soft state at `now_ms`; returns whether the answer
+/// carries the desired configuration document (only when the agent runs
+/// another one and has not already refused this one: an in-sync heartbeat
+/// carries the hash alone).
+pub(crate) fn record_heartbeat(agent: &mut LiveAgent, body: HeartbeatRequest, now_ms: u64) -> bool {
+    let hb = &mut agent.hb;
+    hb.last_heartbeat_ms = now_ms;
+    hb.seq = body.seq;
+    hb.uptime_s = body.uptime_s;
+    hb.version = body.version;
+    hb.config_hash = body.config_hash;
+    hb.config_drift = body.config_drift;
+    hb.config_error = body.config_error;
+    hb.doctor = body.doctor;
+    hb.update_state = body.update.state;
+    hb.update_version = body.update.version;
+    hb.update_error = body.update.error;
+    hb.capabilities = body.capabilities;
+    agent.last_seen_ms = now_ms;
+    let desired = &agent.desired;
+    if hb.config_hash == desired.hash && !hb.config_drift {
+        hb.drift_since_ms = 0;
+    } else if hb.drift_since_ms == 0 {
+        hb.drift_since_ms = now_ms;
+    }
+    let refused = hb
+        .config_error
+        .as_ref()
+        .is_some_and(|e| e.hash == desired.hash);
+    hb.config_hash != desired.hash && !refused
+}
+
+/// The release version to offer an agent now: its direct offer, else the
+/// rollout's; unless it already runs that version or reported that the
+/// update to it failed.
+pub(crate) fn offered_version<'a>(
+    agent: &'a LiveAgent,
+    from_rollout: Option<&'a str>,
+) -> Option<&'a str> {
+    let version = agent.record.update_offer.as_deref().or(from_rollout)?;
+    let hb = &agent.hb;
+    let failed = hb.update_state == UPDATE_FAILED && hb.update_version == version;
+    (hb.version != version && !failed).then_some(version)
+}
+
+/// The update phase an agent reports when the update to a version failed.
+pub(crate) const UPDATE_FAILED: &str = "failed";
 
 /// The admin view of one agent.
 pub(crate) fn view(live: &LiveAgent) -> AgentView {
     let r = &live.record;
     let hb = &live.hb;
-    let version = if hb.version.is_empty() {
-        &r.version
-    } else {
-        &hb.version
-    };
+    let version = live.version();
     AgentView {
         id: r.id.clone(),
         name: r.name.clone(),
-        status: r.status.clone(),
-        reason: r.reason.clone(),
-        version: version.clone(),
+        // `AgentView` is read by the e2e tests as strings too: typed at the
+        // server's records, spelled here.
+        status: r.status.as_str().to_owned(),
+        reason: r.reason.map(|x| x.as_str().to_owned()),
+        version: version.to_owned(),
         target: r.platform.target.clone(),
         labels: r.labels.clone(),
         capabilities: if hb.last_heartbeat_ms == 0 {
@@ -234,81 +374,225 @@ pub(crate) fn view(live: &LiveAgent) -> AgentView {
     }
 }
 
-/// Marks agents `inactive` (heartbeat_timeout) after `--heartbeat-misses`
-/// intervals of silence. Runs for the life of the server.
-pub(crate) async fn timeout_monitor(app: Arc<App>) {
-    let default = app.settings.heartbeat_interval;
-    let tick = (default / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let misses = u64::from(app.settings.heartbeat_misses);
-    loop {
-        smol::Timer::after(tick).await;
-        let now = now_ms();
-        let overdue: Vec<String> = {
-            let fleet = lock(&app.fleet);
-            fleet
-                .agents
-                .values()
-                .filter(|a| {
-                    let allowed_ms = a.interval(default).as_millis() as u64 * misses;
-                    a.record.status == ACTIVE && now.saturating_sub(a.last_seen_ms) > allowed_ms
-                })
-                .map(|a| a.record.id.clone())
-                .collect()
-        };
-        if overdue.is_empty() {
-            continue;
-        }
-        let app2 = app.clone();
-        let result = smol::unblock(move || {
-            let ids: Vec<&str> = overdue.iter().map(String::as_str).collect();
-            transition(&app2, &ids, Transition::TimedOut).map(|_| ())
-        })
-        .await;
-        if let Err(e) = result {
-            log::warn(
-                "heartbeat timeout monitor could not record",
-                &[("error", &e)],
-            );
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Configs;
+    use AgentStatus::{Active, Inactive, Revoked};
+    use InactiveReason::{Deactivated, HeartbeatTimeout};
+
+    fn record(status: AgentStatus, reason: Option<InactiveReason>) -> AgentRecord {
+        AgentRecord {
+            id: "agt_a".into(),
+            name: "n".into(),
+            status,
+            reason,
+            labels: Default::default(),
+            platform: Default::default(),
+            version: "1.0.0".into(),
+            capabilities: Vec::new(),
+            enrolled_at: 0,
+            token_id: "t".into(),
+            key_sha256: "k".into(),
+            cert_serial: "new".into(),
+            cert_not_after: 0,
+            previous_serial: Some("old".into()),
+            renew_requested: false,
+            update_offer: None,
         }
     }
-}
 
-/// Commits heartbeat soft state in batches, one transaction per tick.
-pub(crate) async fn heartbeat_flusher(app: Arc<App>) {
-    loop {
-        smol::Timer::after(app.settings.flush_every).await;
-        flush_heartbeats(&app).await;
+    fn live(r: AgentRecord) -> LiveAgent {
+        let mut configs = Configs::default();
+        let desired = configs.desired(&r);
+        LiveAgent {
+            record: r,
+            hb: HeartbeatState::default(),
+            last_seen_ms: 0,
+            desired,
+        }
     }
-}
 
-/// Writes every dirty heartbeat state now.
-pub(crate) async fn flush_heartbeats(app: &Arc<App>) {
-    let batch: Vec<(String, HeartbeatState)> = {
-        let mut fleet = lock(&app.fleet);
-        let dirty = std::mem::take(&mut fleet.dirty);
-        dirty
-            .into_iter()
-            .filter_map(|id| {
-                let hb = fleet.agents.get(&id)?.hb.clone();
-                Some((id, hb))
-            })
-            .collect()
-    };
-    if batch.is_empty() {
-        return;
+    #[test]
+    fn the_state_machine_table() {
+        let states = [
+            (Active, None),
+            (Inactive, Some(HeartbeatTimeout)),
+            (Inactive, Some(Deactivated)),
+            (Revoked, None),
+        ];
+        let same = Ok(None);
+        let conflict = Err(409);
+        // (transition, [result from each state above]).
+        #[allow(clippy::type_complexity)]
+        let table: [(
+            Transition,
+            [Result<Option<(AgentStatus, Option<InactiveReason>)>, u16>; 4],
+        ); 5] = [
+            (
+                Transition::Deactivate,
+                [
+                    Ok(Some((Inactive, Some(Deactivated)))),
+                    Ok(Some((Inactive, Some(Deactivated)))),
+                    same,
+                    conflict,
+                ],
+            ),
+            (
+                Transition::Activate,
+                [
+                    same,
+                    Ok(Some((Active, None))),
+                    Ok(Some((Active, None))),
+                    conflict,
+                ],
+            ),
+            (
+                Transition::Revoke,
+                [
+                    Ok(Some((Revoked, None))),
+                    Ok(Some((Revoked, None))),
+                    Ok(Some((Revoked, None))),
+                    same,
+                ],
+            ),
+            (
+                Transition::TimedOut,
+                [
+                    Ok(Some((Inactive, Some(HeartbeatTimeout)))),
+                    same,
+                    same,
+                    same,
+                ],
+            ),
+            (
+                Transition::HeardFrom,
+                [same, Ok(Some((Active, None))), same, same],
+            ),
+        ];
+        for (transition, expected) in table {
+            for ((status, reason), want) in states.iter().zip(expected) {
+                let got = transition
+                    .next("agt_a", *status, *reason)
+                    .map_err(|r| r.status());
+                assert_eq!(got, want, "{transition:?} from {status}/{reason:?}");
+            }
+        }
     }
-    let app2 = app.clone();
-    let result = smol::unblock(move || {
-        let r = app2.store.save_heartbeats(&batch);
-        (r, batch)
-    })
-    .await;
-    if let (Err(e), batch) = result {
-        log::warn(
-            "could not save heartbeats; will retry",
-            &[("error", &e), ("agents", &batch.len())],
+
+    #[test]
+    fn one_check_decides_who_may_act() {
+        let cases = [
+            (Act::Heartbeat, Active, None, "new", Ok(())),
+            (Act::Heartbeat, Active, None, "old", Ok(())),
+            (Act::Heartbeat, Active, None, "other", Err(401)),
+            (Act::Heartbeat, Revoked, None, "new", Err(401)),
+            (Act::Heartbeat, Inactive, Some(Deactivated), "new", Err(403)),
+            (
+                Act::Heartbeat,
+                Inactive,
+                Some(HeartbeatTimeout),
+                "new",
+                Ok(()),
+            ),
+            (Act::Renew, Inactive, Some(Deactivated), "new", Ok(())),
+            (Act::Renew, Revoked, None, "new", Err(401)),
+            (Act::Download, Inactive, Some(Deactivated), "old", Ok(())),
+            (Act::Download, Active, None, "other", Err(401)),
+            (Act::WhoAmI, Inactive, Some(Deactivated), "new", Ok(())),
+            (Act::WhoAmI, Revoked, None, "new", Err(401)),
+        ];
+        for (act, status, reason, serial, want) in cases {
+            let r = record(status, reason);
+            let got = may_act(Some(&r), &r.id, serial, act).map_err(|e| e.status());
+            assert_eq!(got, want, "{act:?} by {status}/{reason:?} with {serial}");
+        }
+        for act in [Act::Heartbeat, Act::Renew, Act::Download, Act::WhoAmI] {
+            assert_eq!(may_act(None, "agt_x", "s", act).unwrap_err().status(), 401);
+        }
+    }
+
+    #[test]
+    fn heartbeat_effects_reactivate_and_retire() {
+        let r = record(Inactive, Some(HeartbeatTimeout));
+        assert_eq!(
+            heartbeat_effects(&r, "new"),
+            HeartbeatEffects {
+                reactivate: true,
+                retire_previous: true
+            }
         );
-        let mut fleet = lock(&app.fleet);
-        fleet.dirty.extend(batch.into_iter().map(|(id, _)| id));
+        // Still on the old certificate: the new one is not known to work yet.
+        assert!(!heartbeat_effects(&r, "old").retire_previous);
+        assert!(!heartbeat_effects(&record(Active, None), "old").reactivate);
+        let mut r = record(Active, None);
+        assert!(!retire_previous(&mut r, "old"));
+        assert!(retire_previous(&mut r, "new"));
+        assert_eq!(r.previous_serial, None);
+        assert!(!retire_previous(&mut r, "new"), "nothing left to retire");
+    }
+
+    fn beat(config_hash: &str, drift: bool) -> HeartbeatRequest {
+        let mut body: HeartbeatRequest = miniserde::json::from_str(
+            r#"{"seq":1,"version":"1.0.0","uptime_s":1,"config_hash":"","config_drift":false,"doctor":{"pass":0,"warn":0,"fail":0,"skip":0,"failing":[]},"update":{"state":"idle","version":"1.0.0"},"capabilities":[]}"#,
+        )
+        .expect("heartbeat JSON");
+        body.config_hash = config_hash.to_owned();
+        body.config_drift = drift;
+        body
+    }
+
+    #[test]
+    fn a_heartbeat_tracks_drift_and_pushes_only_what_is_needed() {
+        let mut a = live(record(Active, None));
+        let desired = a.desired.hash.clone();
+        assert!(record_heartbeat(&mut a, beat("other", false), 1_000));
+        assert_eq!(a.hb.drift_since_ms, 1_000);
+        assert!(record_heartbeat(&mut a, beat("other", false), 2_000));
+        assert_eq!(a.hb.drift_since_ms, 1_000, "drift keeps its start");
+        assert!(!record_heartbeat(&mut a, beat(&desired, true), 3_000));
+        assert_eq!(a.hb.drift_since_ms, 1_000, "edited on disk: still drifting");
+        assert!(!record_heartbeat(&mut a, beat(&desired, false), 4_000));
+        assert_eq!((a.hb.drift_since_ms, a.last_seen_ms), (0, 4_000));
+        // A document the agent refused is not sent again.
+        let mut refused = beat("other", false);
+        refused.config_error = Some(stella_proto::api::ConfigRefusal {
+            hash: desired,
+            error: "bad".into(),
+        });
+        assert!(!record_heartbeat(&mut a, refused, 5_000));
+    }
+
+    #[test]
+    fn offers_skip_the_running_and_the_failed_version() {
+        let mut a = live(record(Active, None));
+        assert_eq!(offered_version(&a, None), None);
+        assert_eq!(offered_version(&a, Some("1.1.0")), Some("1.1.0"));
+        a.record.update_offer = Some("1.2.0".into());
+        assert_eq!(
+            offered_version(&a, Some("1.1.0")),
+            Some("1.2.0"),
+            "direct first"
+        );
+        a.hb.version = "1.2.0".into();
+        assert_eq!(offered_version(&a, None), None, "already runs it");
+        a.hb.version = "1.0.0".into();
+        a.hb.update_state = UPDATE_FAILED.into();
+        a.hb.update_version = "1.2.0".into();
+        assert_eq!(offered_version(&a, None), None, "failed before");
+    }
+
+    #[test]
+    fn overdue_after_the_allowed_misses() {
+        let mut a = live(record(Active, None));
+        let interval = Duration::from_secs(1);
+        a.last_seen_ms = 10_000;
+        assert!(!a.is_overdue(13_000, interval, 3));
+        assert!(a.is_overdue(13_001, interval, 3));
+        a.record.status = Inactive;
+        assert!(
+            !a.is_overdue(20_000, interval, 3),
+            "only active agents time out"
+        );
     }
 }

@@ -1,24 +1,18 @@
 //! What the server persists: one JSON document per agent, token, certificate,
-//! enrollment and audit event, as stored in the redb tables of `store`.
+//! enrollment, configuration scope, release, rollout and audit event, as
+//! every store backend keeps them (the redb tables hold exactly this JSON).
 
 use miniserde::{Deserialize, Serialize};
 use stella_proto::api::{ConfigRefusal, DoctorSummary, Labels, Platform, UpdateReport};
-
-/// Lifecycle status of an agent.
-pub(crate) const ACTIVE: &str = "active";
-pub(crate) const INACTIVE: &str = "inactive";
-pub(crate) const REVOKED: &str = "revoked";
-/// Reasons for `inactive`.
-pub(crate) const HEARTBEAT_TIMEOUT: &str = "heartbeat_timeout";
-pub(crate) const DEACTIVATED: &str = "deactivated";
+pub(crate) use stella_proto::states::{AgentStatus, InactiveReason};
 
 /// The durable identity and lifecycle of one agent.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub(crate) struct AgentRecord {
     pub(crate) id: String,
     pub(crate) name: String,
-    pub(crate) status: String,
-    pub(crate) reason: Option<String>,
+    pub(crate) status: AgentStatus,
+    pub(crate) reason: Option<InactiveReason>,
     pub(crate) labels: Labels,
     pub(crate) platform: Platform,
     /// Version and capabilities declared at enrollment (heartbeats refresh them).
@@ -44,6 +38,20 @@ impl AgentRecord {
     /// Whether a certificate with this serial may act as this agent.
     pub(crate) fn accepts_serial(&self, serial: &str) -> bool {
         self.cert_serial == serial || self.previous_serial.as_deref() == Some(serial)
+    }
+
+    /// Whether an administrator deactivated the agent.
+    pub(crate) fn is_deactivated(&self) -> bool {
+        self.status == AgentStatus::Inactive && self.reason == Some(InactiveReason::Deactivated)
+    }
+
+    /// `status/reason`, as audit lines show it.
+    pub(crate) fn status_text(&self) -> String {
+        format!(
+            "{}/{}",
+            self.status,
+            self.reason.map_or("-", InactiveReason::as_str)
+        )
     }
 }
 
@@ -154,4 +162,27 @@ pub(crate) struct AuditRecord {
     pub(crate) action: String,
     pub(crate) subject: String,
     pub(crate) detail: String,
+}
+
+/// A rollout as stored (see `rollout` for what the fields mean to the engine).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub(crate) struct RolloutRecord {
+    pub(crate) id: String,
+    pub(crate) release: String,
+    /// Stage specs as given (`count:1`, `10`, ...).
+    pub(crate) stages: Vec<String>,
+    pub(crate) soak_ms: u64,
+    pub(crate) max_failures: f64,
+    /// Labels every member must carry; `target` selects a target triple.
+    pub(crate) selector: Labels,
+    pub(crate) status: String,
+    pub(crate) reason: Option<String>,
+    /// Index of the open stage (== stages.len() when completed).
+    pub(crate) open_stage: u32,
+    /// Since when (ms) the open stage's members have all been updated and
+    /// healthy (0: not yet); the soak timer.
+    pub(crate) healthy_since_ms: u64,
+    pub(crate) created_at: u64,
+    /// Failures already seen when an admin resumed: not counted again.
+    pub(crate) ignored_failures: Vec<String>,
 }

@@ -4,7 +4,8 @@
 //! list releases; offer one to an agent; and serve an agent its artifact
 //! (mTLS, HTTP Range) — only ever from the blob store, never from a path a
 //! request names. The server does not need the release key: agents verify
-//! the signature with the key pinned on them.
+//! the signature with the key pinned on them. `app` records what is imported
+//! and keeps the list in memory.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -15,9 +16,9 @@ use stella_proto::dsse::{self, Envelope};
 use stella_proto::release::{self, Statement};
 use stella_proto::time::rfc3339;
 
-use crate::app::{App, lock, now_secs};
 use crate::error::Error;
 use crate::records::{ReleaseFile, ReleaseRecord};
+use crate::refusal::Refusal;
 
 /// A bundle's enrollment file (it holds a token): not imported.
 const BOOTSTRAP_FILE: &str = "bootstrap.json";
@@ -42,6 +43,105 @@ impl Releases {
     }
 }
 
+fn invalid(message: String) -> Error {
+    Error::Refused(Refusal::bad_request(message))
+}
+
+impl Releases {
+    /// Adds an imported release.
+    pub(crate) fn insert(&mut self, record: ReleaseRecord) {
+        self.by_version.insert(record.version.clone(), record);
+    }
+
+    /// The file of `version`'s agent for `target`.
+    fn agent_file(&self, version: &str, target: &str) -> Option<(&ReleaseRecord, &ReleaseFile)> {
+        let record = self.by_version.get(version)?;
+        let name = agent_artifact(target);
+        let file = record.files.iter().find(|f| f.name == name)?;
+        Some((record, file))
+    }
+
+    /// The offer of `version` to an agent built for `target`, if the release
+    /// has an agent for it.
+    pub(crate) fn offer(
+        &self,
+        version: &str,
+        target: &str,
+        probation: std::time::Duration,
+    ) -> Option<UpdateOffer> {
+        let (record, file) = self.agent_file(version, target)?;
+        Some(UpdateOffer {
+            version: record.version.clone(),
+            target: target.to_owned(),
+            path: format!("/v1/releases/{}/{target}", record.version),
+            size: file.size,
+            envelope: record.envelope.clone(),
+            probation_ms: probation.as_millis() as u64,
+        })
+    }
+
+    /// The blob holding `version`'s agent for `target`: (path, size).
+    pub(crate) fn artifact(
+        &self,
+        data_dir: &Path,
+        version: &str,
+        target: &str,
+    ) -> Option<(PathBuf, u64)> {
+        let (_, file) = self.agent_file(version, target)?;
+        let path = blob_path(data_dir, &file.sha256);
+        // Serve what is on disk: a blob damaged since import is the agent's to
+        // refuse (its digest will not match the signed one).
+        let size = fs::metadata(&path).map_or(file.size, |m| m.len());
+        Some((path, size))
+    }
+
+    /// The targets `version` has an agent for.
+    pub(crate) fn targets(&self, version: &str) -> std::collections::HashSet<String> {
+        self.by_version
+            .get(version)
+            .map(|r| {
+                r.files
+                    .iter()
+                    .filter_map(|f| f.name.strip_suffix("/stella-agent").map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Refuses a direct offer of `version` to agent `agent`, built for `target`.
+    pub(crate) fn check_offer(
+        &self,
+        version: &str,
+        target: &str,
+        agent: &str,
+    ) -> Result<(), Refusal> {
+        if !self.by_version.contains_key(version) {
+            return Err(Refusal::not_found(format!(
+                "no release {version} has been imported"
+            )));
+        }
+        if self.agent_file(version, target).is_none() {
+            return Err(Refusal::conflict(format!(
+                "release {version} has no agent for {target} (agent {agent}'s target)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A release imported again: fine with the same envelope (nothing changes),
+/// refused with another.
+pub(crate) fn check_reimport(existing: &ReleaseRecord, new: &ReleaseRecord) -> Result<(), Refusal> {
+    if existing.envelope == new.envelope {
+        Ok(())
+    } else {
+        Err(Refusal::conflict(format!(
+            "release {} was imported before with a different envelope",
+            new.version
+        )))
+    }
+}
+
 /// Where a blob lives.
 pub(crate) fn blob_path(data_dir: &Path, sha256: &str) -> PathBuf {
     data_dir.join("blobs").join("sha256").join(sha256)
@@ -51,17 +151,17 @@ pub(crate) fn blob_path(data_dir: &Path, sha256: &str) -> PathBuf {
 /// is for agents to check with their pinned key).
 pub(crate) fn statement_of(envelope: &str) -> Result<Statement, Error> {
     let env = Envelope::from_json(envelope.as_bytes())
-        .map_err(|e| Error::Invalid(format!("release.dsse.json: {e}")))?;
+        .map_err(|e| invalid(format!("release.dsse.json: {e}")))?;
     if env.payload_type != release::PAYLOAD_TYPE {
-        return Err(Error::Invalid(format!(
+        return Err(invalid(format!(
             "release.dsse.json: payload type {:?} is not {}",
             env.payload_type,
             release::PAYLOAD_TYPE
         )));
     }
     let payload = dsse::decode_base64("payload", &env.payload)
-        .map_err(|e| Error::Invalid(format!("release.dsse.json: {e}")))?;
-    Statement::from_json(&payload).map_err(|e| Error::Invalid(format!("release.dsse.json: {e}")))
+        .map_err(|e| invalid(format!("release.dsse.json: {e}")))?;
+    Statement::from_json(&payload).map_err(|e| invalid(format!("release.dsse.json: {e}")))
 }
 
 /// Copies `src` into the blob store while hashing it; refuses a digest other
@@ -70,13 +170,10 @@ fn store_blob(data_dir: &Path, src: &Path, want: &str) -> Result<u64, Error> {
     let meta = fs::symlink_metadata(src)
         .map_err(|e| Error::io(format!("cannot read {}", src.display()), e))?;
     if !meta.is_file() {
-        return Err(Error::Invalid(format!(
-            "{} is not a regular file",
-            src.display()
-        )));
+        return Err(invalid(format!("{} is not a regular file", src.display())));
     }
     if meta.len() > MAX_FILE_BYTES {
-        return Err(Error::Invalid(format!(
+        return Err(invalid(format!(
             "{} is larger than {} bytes",
             src.display(),
             MAX_FILE_BYTES
@@ -104,7 +201,7 @@ fn store_blob(data_dir: &Path, src: &Path, want: &str) -> Result<u64, Error> {
             }
             size += n as u64;
             if size > MAX_FILE_BYTES {
-                return Err(Error::Invalid(format!(
+                return Err(invalid(format!(
                     "{} grew past {} bytes",
                     src.display(),
                     MAX_FILE_BYTES
@@ -120,7 +217,7 @@ fn store_blob(data_dir: &Path, src: &Path, want: &str) -> Result<u64, Error> {
     };
     let result = copy().and_then(|(digest, size)| {
         if digest != want {
-            return Err(Error::Invalid(format!(
+            return Err(invalid(format!(
                 "{} has sha256 {digest}, but the signed statement says {want}",
                 src.display()
             )));
@@ -138,17 +235,14 @@ fn store_blob(data_dir: &Path, src: &Path, want: &str) -> Result<u64, Error> {
     result
 }
 
-/// `release import DIR`: checks and stores every file the statement names,
-/// then records the release durably. Blocking.
-pub(crate) fn import(app: &App, data_dir: &Path, dir: &Path) -> Result<ReleaseView, Error> {
+/// `release import DIR`: checks and stores every file the statement names
+/// as a blob; returns the release to record. Blocking.
+pub(crate) fn stage_import(data_dir: &Path, dir: &Path, now: u64) -> Result<ReleaseRecord, Error> {
     let envelope_path = dir.join(release::ENVELOPE_FILE);
     let meta = fs::metadata(&envelope_path)
         .map_err(|e| Error::io(format!("cannot read {}", envelope_path.display()), e))?;
     if meta.len() > dsse::MAX_ENVELOPE_BYTES as u64 {
-        return Err(Error::Invalid(format!(
-            "{} is too large",
-            envelope_path.display()
-        )));
+        return Err(invalid(format!("{} is too large", envelope_path.display())));
     }
     let envelope = fs::read_to_string(&envelope_path)
         .map_err(|e| Error::io(format!("cannot read {}", envelope_path.display()), e))?;
@@ -172,22 +266,12 @@ pub(crate) fn import(app: &App, data_dir: &Path, dir: &Path) -> Result<ReleaseVi
             size,
         });
     }
-    let record = ReleaseRecord {
+    Ok(ReleaseRecord {
         version: statement.predicate.version,
         envelope,
         files,
-        imported_at: now_secs(),
-    };
-    app.store.insert_release(&record)?;
-    let view = view(&record);
-    lock(&app.releases)
-        .by_version
-        .insert(record.version.clone(), record);
-    crate::log::info(
-        "release imported",
-        &[("version", &view.version), ("files", &view.files.len())],
-    );
-    Ok(view)
+        imported_at: now,
+    })
 }
 
 /// The admin view of a release.
@@ -210,34 +294,4 @@ pub(crate) fn view(r: &ReleaseRecord) -> ReleaseView {
 /// The agent artifact name for a target.
 pub(crate) fn agent_artifact(target: &str) -> String {
     format!("{target}/stella-agent")
-}
-
-/// The offer of `version` to an agent built for `target`, if the release has
-/// an agent for it.
-pub(crate) fn offer(app: &App, version: &str, target: &str) -> Option<UpdateOffer> {
-    let releases = lock(&app.releases);
-    let record = releases.by_version.get(version)?;
-    let name = agent_artifact(target);
-    let file = record.files.iter().find(|f| f.name == name)?;
-    Some(UpdateOffer {
-        version: record.version.clone(),
-        target: target.to_owned(),
-        path: format!("/v1/releases/{}/{target}", record.version),
-        size: file.size,
-        envelope: record.envelope.clone(),
-        probation_ms: app.settings.update_probation.as_millis() as u64,
-    })
-}
-
-/// The blob holding `version`'s agent for `target`: (path, size).
-pub(crate) fn artifact(app: &App, version: &str, target: &str) -> Option<(PathBuf, u64)> {
-    let releases = lock(&app.releases);
-    let record = releases.by_version.get(version)?;
-    let name = agent_artifact(target);
-    let file = record.files.iter().find(|f| f.name == name)?;
-    let path = blob_path(&app.data_dir, &file.sha256);
-    // Serve what is on disk: a blob damaged since import is the agent's to
-    // refuse (its digest will not match the signed one).
-    let size = fs::metadata(&path).map_or(file.size, |m| m.len());
-    Some((path, size))
 }

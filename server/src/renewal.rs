@@ -1,26 +1,22 @@
-//! Certificate renewal: over mTLS with the current certificate (or the one
-//! it replaced, if the agent never got the answer), on request from an
-//! administrator, and recovery after an offline expiry by signing a fresh
-//! single-use challenge with the old key, within `--expired-grace`.
+//! Certificate renewal and recovery, as rules: which certificate a new one
+//! replaces (the presented one stays accepted as `previous` until the agent
+//! uses the new one, anything older is retired), who may renew over mTLS
+//! (not a revoked agent; a deactivated one may), and who may recover after an
+//! offline expiry by signing a fresh single-use challenge with the old key
+//! (neither revoked nor deactivated, expired for less than `--expired-grace`).
+//! Pure: `app` signs, stores and mirrors.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use base64::Engine;
-use stella_proto::api::{
-    CertificateResponse, ChallengeRequest, ChallengeResponse, RecoverRequest, RenewRequest,
-};
 use stella_proto::time::rfc3339;
 
-use crate::api::Peer;
-use crate::app::{App, Metrics, Refused, lock, now_ms, now_secs};
-use crate::ca::{self, Ca};
-use crate::error::Error;
-use crate::lifecycle;
-use crate::log;
-use crate::records::{AgentRecord, CertRecord, DEACTIVATED, INACTIVE, REVOKED};
+use crate::lifecycle::{self, Act};
+use crate::records::{AgentRecord, AgentStatus, CertRecord};
+use crate::refusal::{Refusal, Why};
 
 /// How long a recovery challenge may be answered.
-const CHALLENGE_TTL_MS: u64 = 60_000;
+pub(crate) const CHALLENGE_TTL_MS: u64 = 60_000;
 /// Most challenges outstanding at once (each is small; this bounds memory).
 const MAX_CHALLENGES: usize = 10_000;
 
@@ -30,196 +26,203 @@ pub(crate) struct Challenges {
     open: HashMap<String, (String, u64)>,
 }
 
-fn internal(e: Error) -> Refused {
-    log::warn("certificate request failed", &[("error", &e)]);
-    Refused::new(
-        500,
-        format!("certificate request failed on the server: {e}"),
-    )
-}
-
-fn refusal(e: Error) -> Refused {
-    match e {
-        Error::Conflict(m) | Error::NotFound(m) => Refused::new(401, m),
-        Error::Invalid(m) => Refused::new(403, m),
-        other => internal(other),
-    }
-}
-
-/// Issues a certificate for `csr_pem` and records it in place of `presented`.
-fn reissue(
-    app: &App,
-    agent_id: &str,
-    presented: &str,
-    csr_pem: &str,
-    check: impl FnOnce(&AgentRecord) -> Result<(), Error>,
-) -> Result<CertificateResponse, Refused> {
-    let csr = Ca::check_csr(csr_pem).map_err(|e| Refused::new(400, e.to_string()))?;
-    let now = now_secs();
-    let issued = app
-        .ca
-        .issue_agent_cert(&csr, agent_id, now, app.settings.cert_lifetime)
-        .map_err(internal)?;
-    let cert = CertRecord {
-        agent_id: agent_id.to_owned(),
-        serial: issued.serial,
-        pem: issued.pem,
-        issued_at: now,
-        not_after: issued.not_after,
-    };
-    let _serial = lock(&app.lifecycle_lock);
-    let record = app
-        .store
-        .replace_certificate(agent_id, presented, &cert, &csr.key_sha256, check)
-        .map_err(refusal)?;
-    lifecycle::mirror(&mut lock(&app.fleet), record);
-    log::info(
-        "certificate issued",
-        &[
-            ("agent", &agent_id),
-            ("serial", &cert.serial),
-            ("replaces", &presented),
-            ("not_after", &rfc3339(cert.not_after)),
-        ],
-    );
-    Ok(CertificateResponse {
-        certificate: cert.pem,
-        ca: app.ca.cert_pem.clone(),
-        cert_not_after: rfc3339(cert.not_after),
-    })
-}
-
-/// Renewal over mTLS. Deactivated agents may renew (so that they are still
-/// reachable when activated again); revoked ones may not.
-pub(crate) fn renew(
-    app: &App,
-    peer: &Peer,
-    req: &RenewRequest,
-) -> Result<CertificateResponse, Refused> {
-    let response = reissue(app, &peer.agent_id, &peer.serial, &req.csr, |r| {
-        if r.status == REVOKED {
-            return Err(Error::Conflict(format!(
-                "agent {} is revoked: enroll the host again with a new token",
-                r.id
-            )));
+impl Challenges {
+    /// Records `nonce` for `agent_id` until `now_ms + CHALLENGE_TTL_MS`.
+    pub(crate) fn issue(
+        &mut self,
+        nonce: String,
+        agent_id: &str,
+        now_ms: u64,
+    ) -> Result<u64, Refusal> {
+        self.open.retain(|_, (_, expires)| *expires > now_ms);
+        if self.open.len() >= MAX_CHALLENGES {
+            return Err(Refusal::new(
+                Why::TooManyRequests,
+                "too many recovery challenges outstanding; retry later",
+            ));
         }
-        Ok(())
-    })?;
-    Metrics::bump(&app.metrics.renewals);
-    Ok(response)
+        let expires = now_ms + CHALLENGE_TTL_MS;
+        self.open.insert(nonce, (agent_id.to_owned(), expires));
+        Ok(expires)
+    }
+
+    /// Uses up `nonce`: it must be open, unexpired and for `agent_id`.
+    pub(crate) fn take(&mut self, nonce: &str, agent_id: &str, now_ms: u64) -> Result<(), Refusal> {
+        match self.open.remove(nonce) {
+            Some((agent, expires)) if agent == agent_id && expires > now_ms => Ok(()),
+            _ => Err(Refusal::unauthorized(
+                "the recovery challenge is unknown, used or expired",
+            )),
+        }
+    }
 }
 
-/// Hands out a single-use nonce for an agent to sign with its old key.
-pub(crate) fn challenge(app: &App, req: &ChallengeRequest) -> Result<ChallengeResponse, Refused> {
-    if !stella_proto::id::is_agent_id(&req.agent_id) {
-        return Err(Refused::new(
-            400,
-            format!("{:?} is not an agent id", req.agent_id),
-        ));
-    }
-    let mut random = [0u8; 32];
-    crate::fsutil::random_bytes(&mut random).map_err(internal)?;
-    let nonce = stella_proto::hash::hex(&random);
-    let now = now_ms();
-    let mut challenges = lock(&app.challenges);
-    challenges.open.retain(|_, (_, expires)| *expires > now);
-    if challenges.open.len() >= MAX_CHALLENGES {
-        return Err(Refused::new(
-            429,
-            "too many recovery challenges outstanding; retry later",
-        ));
-    }
-    challenges.open.insert(
-        nonce.clone(),
-        (req.agent_id.clone(), now + CHALLENGE_TTL_MS),
-    );
-    Ok(ChallengeResponse {
-        challenge: nonce,
-        expires_at: rfc3339((now + CHALLENGE_TTL_MS) / 1000),
-    })
+/// Why a certificate is being replaced.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Reissue {
+    /// Over mTLS with the current (or previous) certificate.
+    Renew,
+    /// After an offline expiry, proven with the old key; the old certificate
+    /// expired at `old_not_after`.
+    Recover { old_not_after: u64, now: u64 },
 }
 
-fn enroll_again(id: &str, why: &str) -> Error {
-    Error::Conflict(format!(
+fn enroll_again(id: &str, why: &str) -> Refusal {
+    Refusal::unauthorized(format!(
         "agent {id} cannot recover: {why}; enroll the host again with a new token"
     ))
 }
 
-/// Recovery after an offline expiry: the challenge must be fresh and for this
-/// agent, the signature must verify with the key of its current (or previous)
-/// certificate, that certificate must be expired for less than the grace, and
-/// the agent neither revoked nor deactivated.
-pub(crate) fn recover(app: &App, req: &RecoverRequest) -> Result<CertificateResponse, Refused> {
-    let denied = |m: String| Refused::new(401, m);
-    let issued_for = {
-        let mut challenges = lock(&app.challenges);
-        challenges.open.remove(&req.challenge)
-    };
-    match issued_for {
-        Some((agent, expires)) if agent == req.agent_id && expires > now_ms() => {}
-        _ => {
-            return Err(denied(
-                "the recovery challenge is unknown, used or expired".into(),
-            ));
-        }
-    }
-    let signature = base64::engine::general_purpose::STANDARD
-        .decode(req.signature.as_bytes())
-        .map_err(|_| Refused::new(400, "the recovery signature is not base64"))?;
-    let record = {
-        let fleet = lock(&app.fleet);
-        match fleet.agents.get(&req.agent_id) {
-            Some(live) => live.record.clone(),
-            None => {
-                return Err(denied(format!(
-                    "agent {} is not known to this server",
-                    req.agent_id
+/// Applies a new certificate `cert` (for key `key_sha256`) to the agent's
+/// record in place of `presented`, if the rules allow; returns the audit
+/// detail. Every refusal is 401: the caller must enroll again.
+pub(crate) fn replace(
+    r: &mut AgentRecord,
+    presented: &str,
+    cert: &CertRecord,
+    key_sha256: &str,
+    why: Reissue,
+    grace: Duration,
+) -> Result<String, Refusal> {
+    match why {
+        // The gate's rule again, inside the transaction that writes.
+        Reissue::Renew => lifecycle::may_act(Some(r), &r.id, presented, Act::Renew)?,
+        Reissue::Recover { old_not_after, now } => {
+            if !r.accepts_serial(presented) {
+                return Err(Refusal::unauthorized(format!(
+                    "certificate {presented} of agent {} has been superseded or revoked",
+                    r.id
                 )));
             }
-        }
-    };
-    let message = stella_proto::api::recovery_message(&req.agent_id, &req.challenge);
-    let mut proven = None;
-    for serial in std::iter::once(&record.cert_serial).chain(record.previous_serial.as_ref()) {
-        let Some(cert) = app.store.cert(serial).map_err(internal)? else {
-            continue;
-        };
-        if ca::verify_by_cert_key(&cert.pem, &message, &signature) {
-            proven = Some(cert);
-            break;
+            if r.status == AgentStatus::Revoked {
+                return Err(enroll_again(&r.id, "it is revoked"));
+            }
+            if r.is_deactivated() {
+                return Err(enroll_again(&r.id, "it is deactivated"));
+            }
+            if now > old_not_after + grace.as_secs() {
+                return Err(enroll_again(
+                    &r.id,
+                    &format!(
+                        "its certificate expired at {}, more than {} ago",
+                        rfc3339(old_not_after),
+                        stella_proto::format_duration(grace)
+                    ),
+                ));
+            }
         }
     }
-    let Some(old) = proven else {
-        return Err(denied(format!(
-            "the signature does not match the key of agent {}'s certificate",
-            req.agent_id
-        )));
-    };
-    let grace = app.settings.expired_grace.as_secs();
-    let now = now_secs();
-    let response = reissue(app, &req.agent_id, &old.serial, &req.csr, |r| {
-        if r.status == REVOKED {
-            return Err(enroll_again(&r.id, "it is revoked"));
+    let retired = std::mem::replace(&mut r.cert_serial, cert.serial.clone());
+    r.previous_serial = Some(presented.to_owned());
+    r.cert_not_after = cert.not_after;
+    r.key_sha256 = key_sha256.to_owned();
+    r.renew_requested = false;
+    Ok(format!(
+        "serial={} replaces={} retired={}",
+        cert.serial,
+        presented,
+        if retired == presented {
+            "-"
+        } else {
+            retired.as_str()
         }
-        if r.status == INACTIVE && r.reason.as_deref() == Some(DEACTIVATED) {
-            return Err(enroll_again(&r.id, "it is deactivated"));
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::InactiveReason;
+
+    fn record(status: AgentStatus, reason: Option<InactiveReason>) -> AgentRecord {
+        AgentRecord {
+            id: "agt_a".into(),
+            name: "n".into(),
+            status,
+            reason,
+            labels: Default::default(),
+            platform: Default::default(),
+            version: "1".into(),
+            capabilities: Vec::new(),
+            enrolled_at: 0,
+            token_id: "t".into(),
+            key_sha256: "k0".into(),
+            cert_serial: "s2".into(),
+            cert_not_after: 100,
+            previous_serial: Some("s1".into()),
+            renew_requested: true,
+            update_offer: None,
         }
-        if now > old.not_after + grace {
-            return Err(enroll_again(
-                &r.id,
-                &format!(
-                    "its certificate expired at {}, more than {} ago",
-                    rfc3339(old.not_after),
-                    stella_proto::format_duration(app.settings.expired_grace)
-                ),
-            ));
+    }
+
+    fn cert() -> CertRecord {
+        CertRecord {
+            agent_id: "agt_a".into(),
+            serial: "s3".into(),
+            pem: String::new(),
+            issued_at: 50,
+            not_after: 500,
         }
-        Ok(())
-    })?;
-    Metrics::bump(&app.metrics.recoveries);
-    log::info(
-        "agent recovered after expiry",
-        &[("agent", &req.agent_id), ("old_serial", &old.serial)],
-    );
-    Ok(response)
+    }
+
+    const GRACE: Duration = Duration::from_secs(100);
+
+    #[test]
+    fn renewal_keeps_the_presented_certificate_and_retires_older_ones() {
+        let mut r = record(AgentStatus::Active, None);
+        let detail = replace(&mut r, "s1", &cert(), "k1", Reissue::Renew, GRACE).unwrap();
+        assert_eq!(detail, "serial=s3 replaces=s1 retired=s2");
+        assert_eq!(
+            (r.cert_serial.as_str(), r.previous_serial.as_deref()),
+            ("s3", Some("s1"))
+        );
+        assert_eq!((r.cert_not_after, r.key_sha256.as_str()), (500, "k1"));
+        assert!(!r.renew_requested);
+        let mut r = record(AgentStatus::Active, None);
+        let detail = replace(&mut r, "s2", &cert(), "k1", Reissue::Renew, GRACE).unwrap();
+        assert_eq!(detail, "serial=s3 replaces=s2 retired=-");
+    }
+
+    #[test]
+    fn who_may_renew_and_recover() {
+        use AgentStatus::*;
+        let deactivated = (Inactive, Some(InactiveReason::Deactivated));
+        let recover = |now| Reissue::Recover {
+            old_not_after: 100,
+            now,
+        };
+        let cases = [
+            ((Active, None), "s0", Reissue::Renew, Err(401)),
+            ((Revoked, None), "s2", Reissue::Renew, Err(401)),
+            (deactivated, "s2", Reissue::Renew, Ok(())),
+            ((Active, None), "s2", recover(200), Ok(())),
+            ((Active, None), "s2", recover(201), Err(401)),
+            (deactivated, "s2", recover(150), Err(401)),
+            ((Revoked, None), "s2", recover(150), Err(401)),
+        ];
+        for ((status, reason), presented, why, want) in cases {
+            let mut r = record(status, reason);
+            let got = replace(&mut r, presented, &cert(), "k1", why, GRACE)
+                .map(|_| ())
+                .map_err(|e| e.status());
+            assert_eq!(got, want, "{status}/{reason:?} {presented} {why:?}");
+        }
+    }
+
+    #[test]
+    fn a_challenge_is_single_use_for_one_agent_and_expires() {
+        let mut c = Challenges::default();
+        let expires = c.issue("n1".into(), "agt_a", 1_000).unwrap();
+        assert_eq!(expires, 1_000 + CHALLENGE_TTL_MS);
+        assert!(c.take("n1", "agt_b", 1_001).is_err(), "another agent's");
+        assert!(
+            c.take("n1", "agt_a", 1_001).is_err(),
+            "used by the failed try"
+        );
+        c.issue("n2".into(), "agt_a", 1_000).unwrap();
+        assert!(c.take("n2", "agt_a", expires).is_err(), "expired");
+        c.issue("n3".into(), "agt_a", 1_000).unwrap();
+        assert!(c.take("n3", "agt_a", 1_500).is_ok());
+        assert!(c.take("n3", "agt_a", 1_500).is_err(), "single use");
+    }
 }

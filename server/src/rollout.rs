@@ -6,20 +6,17 @@
 //! same agents are the canaries however often the server restarts. A stage
 //! is done when its active members run the new version and stayed healthy
 //! (active, doctor not failing) for the soak time; failures above the
-//! threshold pause the rollout. The engine here is pure; `controller` drives
-//! it against the live fleet and the store.
+//! threshold pause the rollout. The engine here is pure; `app` drives it
+//! against the live fleet and the store.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
-use miniserde::{Deserialize, Serialize};
 use stella_proto::api::Labels;
 
-use crate::app::{App, lock, now_ms};
-use crate::error::Error;
-use crate::log;
-use crate::records::{ACTIVE, REVOKED};
+use crate::lifecycle::{Fleet, UPDATE_FAILED};
+use crate::records::{AgentStatus, RolloutRecord};
+use crate::refusal::Refusal;
 
 pub(crate) const RUNNING: &str = "running";
 pub(crate) const PAUSED: &str = "paused";
@@ -60,29 +57,6 @@ impl Share {
         }
         .min(eligible)
     }
-}
-
-/// A rollout as stored.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub(crate) struct RolloutRecord {
-    pub(crate) id: String,
-    pub(crate) release: String,
-    /// Stage specs as given (`count:1`, `10`, ...).
-    pub(crate) stages: Vec<String>,
-    pub(crate) soak_ms: u64,
-    pub(crate) max_failures: f64,
-    /// Labels every member must carry; `target` selects a target triple.
-    pub(crate) selector: Labels,
-    pub(crate) status: String,
-    pub(crate) reason: Option<String>,
-    /// Index of the open stage (== stages.len() when completed).
-    pub(crate) open_stage: u32,
-    /// Since when (ms) the open stage's members have all been updated and
-    /// healthy (0: not yet); the soak timer.
-    pub(crate) healthy_since_ms: u64,
-    pub(crate) created_at: u64,
-    /// Failures already seen when an admin resumed: not counted again.
-    pub(crate) ignored_failures: Vec<String>,
 }
 
 impl RolloutRecord {
@@ -292,8 +266,7 @@ pub(crate) struct Rollouts {
 }
 
 /// The facts of every agent, for the engine.
-pub(crate) fn facts(app: &App) -> Vec<AgentFacts> {
-    let fleet = lock(&app.fleet);
+pub(crate) fn facts(fleet: &Fleet) -> Vec<AgentFacts> {
     fleet
         .agents
         .values()
@@ -302,230 +275,144 @@ pub(crate) fn facts(app: &App) -> Vec<AgentFacts> {
             let hb = &live.hb;
             AgentFacts {
                 id: r.id.clone(),
-                active: r.status == ACTIVE,
-                revoked: r.status == REVOKED,
+                active: r.status == AgentStatus::Active,
+                revoked: r.status == AgentStatus::Revoked,
                 labels: r.labels.clone(),
                 target: r.platform.target.clone(),
-                version: if hb.version.is_empty() {
-                    r.version.clone()
-                } else {
-                    hb.version.clone()
-                },
+                version: live.version().to_owned(),
                 doctor_failing: hb.doctor.fail > 0,
-                failed_version: (hb.update_state == "failed").then(|| hb.update_version.clone()),
+                failed_version: (hb.update_state == UPDATE_FAILED)
+                    .then(|| hb.update_version.clone()),
             }
         })
         .collect()
 }
 
-/// The targets a release has an agent for.
-pub(crate) fn release_targets(app: &App, version: &str) -> HashSet<String> {
-    lock(&app.releases)
-        .by_version
-        .get(version)
-        .map(|r| {
-            r.files
-                .iter()
-                .filter_map(|f| f.name.strip_suffix("/stella-agent").map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// One pass of the controller: evaluates every live rollout, records its
-/// transitions durably, and refreshes who is offered what. Blocking.
-pub(crate) fn tick(app: &App) -> Result<(), Error> {
-    let agents = facts(app);
-    let live: Vec<RolloutRecord> = lock(&app.rollouts)
-        .records
-        .values()
-        .filter(|r| r.is_live())
-        .cloned()
-        .collect();
-    let mut offered = HashMap::new();
-    let mut stats = HashMap::new();
-    for mut rec in live {
-        let targets = release_targets(app, &rec.release);
-        let eval = evaluate(&rec, &agents, &targets, now_ms());
-        if let Some(change) = eval.change.clone() {
-            let _serial = lock(&app.lifecycle_lock);
-            let action = match &change {
-                Change::StartSoak(at) => {
-                    rec.healthy_since_ms = *at;
-                    "rollout.soak"
-                }
-                Change::StopSoak => {
-                    rec.healthy_since_ms = 0;
-                    "rollout.soak_reset"
-                }
-                Change::Advance => {
-                    rec.open_stage += 1;
-                    rec.healthy_since_ms = 0;
-                    "rollout.advance"
-                }
-                Change::Complete => {
-                    rec.open_stage = rec.stages.len() as u32;
-                    rec.status = COMPLETED.into();
-                    rec.healthy_since_ms = 0;
-                    "rollout.complete"
-                }
-                Change::Pause(reason) => {
-                    rec.status = PAUSED.into();
-                    rec.reason = Some(reason.clone());
-                    "rollout.pause_on_failures"
-                }
-            };
-            app.store
-                .put_rollout(&rec.id, &encode(&rec), action, &format!("{change:?}"))?;
-            log::info(
-                "rollout changed",
-                &[
-                    ("rollout", &rec.id),
-                    ("action", &action),
-                    ("stage", &(rec.open_stage + 1)),
-                ],
-            );
-            lock(&app.rollouts)
-                .records
-                .insert(rec.id.clone(), rec.clone());
+/// Applies the engine's change to the record; returns the audit action.
+pub(crate) fn apply(rec: &mut RolloutRecord, change: &Change) -> &'static str {
+    match change {
+        Change::StartSoak(at) => {
+            rec.healthy_since_ms = *at;
+            "rollout.soak"
         }
-        // Offers follow the state as it is now (a pause stops them at once).
-        let eval = if eval.change.is_some() {
-            evaluate(&rec, &agents, &targets, now_ms())
-        } else {
-            eval
-        };
-        for id in eval.offered {
-            offered.insert(id, rec.release.clone());
+        Change::StopSoak => {
+            rec.healthy_since_ms = 0;
+            "rollout.soak_reset"
         }
-        stats.insert(rec.id.clone(), eval.stages);
-    }
-    let mut rollouts = lock(&app.rollouts);
-    rollouts.offered = offered;
-    for (id, s) in stats {
-        rollouts.stats.insert(id, s);
-    }
-    Ok(())
-}
-
-fn encode(rec: &RolloutRecord) -> String {
-    miniserde::json::to_string(rec)
-}
-
-/// Runs the controller every second for the life of the server.
-pub(crate) async fn controller(app: Arc<App>) {
-    loop {
-        smol::Timer::after(Duration::from_secs(1)).await;
-        let app2 = app.clone();
-        if let Err(e) = smol::unblock(move || tick(&app2)).await {
-            log::warn("rollout controller failed", &[("error", &e)]);
+        Change::Advance => {
+            rec.open_stage += 1;
+            rec.healthy_since_ms = 0;
+            "rollout.advance"
+        }
+        Change::Complete => {
+            rec.open_stage = rec.stages.len() as u32;
+            rec.status = COMPLETED.into();
+            rec.healthy_since_ms = 0;
+            "rollout.complete"
+        }
+        Change::Pause(reason) => {
+            rec.status = PAUSED.into();
+            rec.reason = Some(reason.clone());
+            "rollout.pause_on_failures"
         }
     }
 }
 
-/// `rollout start`: checks the release, the stages and that no agent it
-/// would take is already in a live rollout; records it durably.
-pub(crate) fn start(
-    app: &App,
-    release: &str,
-    stages: &[String],
-    soak: Duration,
-    max_failures: f64,
-    selector: Labels,
-) -> Result<RolloutRecord, Error> {
-    if stages.is_empty() {
-        return Err(Error::Invalid("a rollout needs at least one stage".into()));
+/// What `rollout start` asks for.
+#[derive(Debug)]
+pub(crate) struct StartRequest<'a> {
+    pub(crate) release: &'a str,
+    pub(crate) stages: &'a [String],
+    pub(crate) soak: Duration,
+    pub(crate) max_failures: f64,
+    pub(crate) selector: Labels,
+}
+
+/// Checks a `rollout start` (stages, threshold, selector, a release with
+/// agents for `targets`) and makes the rollout `id` to record.
+pub(crate) fn check_start(
+    req: StartRequest<'_>,
+    targets: &HashSet<String>,
+    id: String,
+    now: u64,
+) -> Result<RolloutRecord, Refusal> {
+    if req.stages.is_empty() {
+        return Err(Refusal::bad_request("a rollout needs at least one stage"));
     }
-    let shares: Vec<Share> = stages
+    let shares: Vec<Share> = req
+        .stages
         .iter()
         .map(|s| Share::parse(s))
         .collect::<Result<_, _>>()
-        .map_err(Error::Invalid)?;
-    if !(0.0..=1.0).contains(&max_failures) {
-        return Err(Error::Invalid(format!(
-            "--max-failures {max_failures} must be between 0 and 1"
+        .map_err(Refusal::bad_request)?;
+    if !(0.0..=1.0).contains(&req.max_failures) {
+        return Err(Refusal::bad_request(format!(
+            "--max-failures {} must be between 0 and 1",
+            req.max_failures
         )));
     }
     if !matches!(shares.last(), Some(Share::Percent(p)) if *p >= 100.0) {
-        return Err(Error::Invalid(
-            "the last stage must be 100 (the whole eligible fleet)".into(),
+        return Err(Refusal::bad_request(
+            "the last stage must be 100 (the whole eligible fleet)",
         ));
     }
-    crate::tokens::check_labels(&selector).map_err(Error::Invalid)?;
-    let targets = release_targets(app, release);
+    crate::tokens::check_labels(&req.selector).map_err(Refusal::bad_request)?;
     if targets.is_empty() {
-        return Err(Error::NotFound(format!(
-            "no release {release} with an agent artifact has been imported"
+        return Err(Refusal::not_found(format!(
+            "no release {} with an agent artifact has been imported",
+            req.release
         )));
     }
-    let mut random = [0u8; 16];
-    crate::fsutil::random_bytes(&mut random)?;
-    let id = format!(
-        "rol_{}",
-        &stella_proto::id::agent_id_from_bytes(random)[4..16]
-    );
-    let rec = RolloutRecord {
-        id: id.clone(),
-        release: release.to_owned(),
-        stages: stages.to_vec(),
-        soak_ms: soak.as_millis() as u64,
-        max_failures,
-        selector,
+    Ok(RolloutRecord {
+        id,
+        release: req.release.to_owned(),
+        stages: req.stages.to_vec(),
+        soak_ms: req.soak.as_millis() as u64,
+        max_failures: req.max_failures,
+        selector: req.selector,
         status: RUNNING.into(),
         reason: None,
         open_stage: 0,
         healthy_since_ms: 0,
-        created_at: crate::app::now_secs(),
+        created_at: now,
         ignored_failures: Vec::new(),
-    };
-    let agents = facts(app);
-    let _serial = lock(&app.lifecycle_lock);
-    {
-        let rollouts = lock(&app.rollouts);
-        for other in rollouts.records.values().filter(|r| r.is_live()) {
-            let other_targets = release_targets(app, &other.release);
-            let clash = agents
-                .iter()
-                .find(|a| eligible(&rec, a, &targets) && eligible(other, a, &other_targets));
-            if let Some(a) = clash {
-                return Err(Error::Conflict(format!(
-                    "agent {} is already in rollout {} ({}, release {}); pause is not enough: abort it or narrow --selector",
-                    a.id, other.id, other.status, other.release
-                )));
-            }
-        }
-    }
-    app.store.put_rollout(
-        &id,
-        &encode(&rec),
-        "rollout.start",
-        &format!(
-            "release={release} stages={} selector={:?}",
-            stages.join(","),
-            rec.selector
-        ),
-    )?;
-    lock(&app.rollouts).records.insert(id, rec.clone());
-    log::info(
-        "rollout started",
-        &[("rollout", &rec.id), ("release", &release)],
-    );
-    Ok(rec)
+    })
 }
 
-/// `rollout pause|resume|abort`: acts at once (durable, then offers stop or resume).
-pub(crate) fn act(app: &App, id: &str, action: &str) -> Result<RolloutRecord, Error> {
-    let _serial = lock(&app.lifecycle_lock);
-    let mut rec = lock(&app.rollouts)
-        .records
-        .get(id)
-        .cloned()
-        .ok_or_else(|| Error::NotFound(format!("no rollout with id {id}")))?;
+/// Refuses a new rollout that would take an agent a live one holds.
+pub(crate) fn check_no_clash<'a>(
+    rec: &RolloutRecord,
+    targets: &HashSet<String>,
+    live: impl Iterator<Item = (&'a RolloutRecord, HashSet<String>)>,
+    agents: &[AgentFacts],
+) -> Result<(), Refusal> {
+    for (other, other_targets) in live {
+        let clash = agents
+            .iter()
+            .find(|a| eligible(rec, a, targets) && eligible(other, a, &other_targets));
+        if let Some(a) = clash {
+            return Err(Refusal::conflict(format!(
+                "agent {} is already in rollout {} ({}, release {}); pause is not enough: abort it or narrow --selector",
+                a.id, other.id, other.status, other.release
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `rollout pause|resume|abort`: the rollout afterwards, or `Ok(None)` when
+/// nothing changes. Resuming forgets the failures seen so far (`agents`).
+pub(crate) fn act(
+    rec: &RolloutRecord,
+    action: &str,
+    agents: &[AgentFacts],
+) -> Result<Option<RolloutRecord>, Refusal> {
+    let mut rec = rec.clone();
     match (action, rec.status.as_str()) {
         (_, COMPLETED | ABORTED) => {
-            return Err(Error::Conflict(format!(
-                "rollout {id} is {}: it cannot be changed",
-                rec.status
+            return Err(Refusal::conflict(format!(
+                "rollout {} is {}: it cannot be changed",
+                rec.id, rec.status
             )));
         }
         ("pause", RUNNING) => {
@@ -534,7 +421,6 @@ pub(crate) fn act(app: &App, id: &str, action: &str) -> Result<RolloutRecord, Er
         }
         ("resume", PAUSED) => {
             // Failures seen so far were looked at: only new ones count.
-            let agents = facts(app);
             rec.ignored_failures = agents
                 .iter()
                 .filter(|a| a.failed_version.as_deref() == Some(rec.release.as_str()))
@@ -548,33 +434,22 @@ pub(crate) fn act(app: &App, id: &str, action: &str) -> Result<RolloutRecord, Er
             rec.status = ABORTED.into();
             rec.reason = Some("aborted by an administrator".into());
         }
-        ("pause", PAUSED) | ("resume", RUNNING) => return Ok(rec),
-        (other, _) => return Err(Error::Invalid(format!("unknown rollout action {other:?}"))),
+        ("pause", PAUSED) | ("resume", RUNNING) => return Ok(None),
+        (other, _) => {
+            return Err(Refusal::bad_request(format!(
+                "unknown rollout action {other:?}"
+            )));
+        }
     }
-    app.store.put_rollout(
-        id,
-        &encode(&rec),
-        &format!("rollout.{action}"),
-        rec.reason.as_deref().unwrap_or(""),
-    )?;
-    let mut rollouts = lock(&app.rollouts);
-    if !rec.is_live() || rec.status == PAUSED {
-        rollouts.offered.retain(|_, v| *v != rec.release);
-    }
-    rollouts.records.insert(id.to_owned(), rec.clone());
-    log::info("rollout changed", &[("rollout", &id), ("action", &action)]);
-    Ok(rec)
+    Ok(Some(rec))
 }
 
-/// The admin view of a rollout, evaluated now.
+/// The admin view of a rollout, from an evaluation of it.
 pub(crate) fn view(
-    app: &App,
     rec: &RolloutRecord,
+    eval: Evaluation,
     with_members: bool,
 ) -> stella_proto::api::RolloutView {
-    let agents = facts(app);
-    let targets = release_targets(app, &rec.release);
-    let eval = evaluate(rec, &agents, &targets, now_ms());
     let stages = rec
         .stages
         .iter()

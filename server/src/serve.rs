@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_rustls::TlsAcceptor;
@@ -12,15 +12,15 @@ use smol::future::FutureExt;
 use smol::net::{TcpListener, TcpStream};
 
 use crate::api::{self, Peer};
-use crate::app::{App, Metrics, Settings, now_ms};
+use crate::app::{self, App, Metrics, Settings};
 use crate::ca::{self, Ca};
 use crate::cli::ServeOptions;
 use crate::error::Error;
 use crate::fsutil::{create_private_dir, random_bytes, write_atomic};
 use crate::http::{self, ReadError};
-use crate::lifecycle::{self, Fleet};
 use crate::log;
-use crate::store::Store;
+use crate::refusal::Refusal;
+use crate::store::RedbStore;
 
 pub(crate) const STORE_FILE: &str = "server.redb";
 pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -54,16 +54,17 @@ fn raise_open_file_limit() -> usize {
 /// `stella-server init`: CA, server certificate, admin token, empty store.
 pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
     if dir.join(STORE_FILE).exists() {
-        return Err(Error::Invalid(format!(
+        return Err(Refusal::conflict(format!(
             "{} is already initialized (it has {STORE_FILE})",
             dir.display()
-        )));
+        ))
+        .into());
     }
     create_private_dir(dir)?;
     // Local admin commands and agents on this host reach us by these names.
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
     names.extend(sans.iter().cloned());
-    let pin = ca::init(dir, &names, crate::app::now_secs())?;
+    let pin = ca::init(dir, &names, app::now_secs())?;
 
     let mut random = [0u8; 32];
     random_bytes(&mut random)?;
@@ -75,36 +76,26 @@ pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
     )?;
     let admin_hash = stella_proto::hash::hex(&stella_proto::token::hash_secret(&admin_token));
     // The store comes last: its presence marks a finished init.
-    Store::create(&dir.join(STORE_FILE), &admin_hash)?;
+    RedbStore::create(&dir.join(STORE_FILE), &admin_hash)?;
 
-    println!("initialized {}", dir.display());
-    println!("server names: {}", names.join(", "));
-    println!("CA hash: {pin}");
-    println!("admin token: {admin_token}");
-    println!(
-        "  (shown once; stored hashed, and in {} with mode 0600)",
+    crate::log::print(format_args!(
+        "initialized {}\nserver names: {}\nCA hash: {pin}\nadmin token: {admin_token}\n  (shown once; stored hashed, and in {} with mode 0600)\n",
+        dir.display(),
+        names.join(", "),
         dir.join(ADMIN_TOKEN_FILE).display()
-    );
+    ))?;
     Ok(())
 }
 
 /// `stella-server serve`: runs until killed.
 pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
     let dir = &opts.data_dir;
-    let store = Store::open(&dir.join(STORE_FILE))?;
+    let store = RedbStore::open(&dir.join(STORE_FILE))?;
     let ca = Ca::load(dir)?;
     let tls = ca::server_tls_config(dir, &ca)?;
-    let admin_sha256 = stella_proto::hash::unhex(&store.admin_token_sha256()?)
-        .ok_or_else(|| Error::Store("the stored admin token hash is not hex".into()))?;
-    let started_ms = now_ms();
-    let mut configs = crate::config::Configs::load(store.load_configs()?)?;
-    let releases = crate::releases::Releases::load(store.releases()?);
-    let rollouts = crate::rollout::load(store.rollouts()?);
-    let fleet = Fleet::load(&store, &mut configs, started_ms)?;
-    let agents = fleet.agents.len();
-    let addr: SocketAddr = opts.listen.parse().map_err(|_| {
+    let addr: SocketAddr = opts.listen.parse().map_err(|e| {
         Error::Usage(format!(
-            "--listen {:?} is not an IP:PORT address",
+            "--listen {:?} is not an IP:PORT address ({e})",
             opts.listen
         ))
     })?;
@@ -119,24 +110,14 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         idle_timeout: (opts.heartbeat_interval * 3).max(Duration::from_secs(90)),
         request_timeout: Duration::from_secs(10),
     };
-    let app = Arc::new(App {
+    let app = Arc::new(App::load(
         settings,
-        store,
+        Box::new(store),
         ca,
-        fleet: Mutex::new(fleet),
-        configs: Mutex::new(configs),
-        releases: Mutex::new(releases),
-        rollouts: Mutex::new(rollouts),
-        data_dir: dir.clone(),
-        lifecycle_lock: Mutex::new(()),
-        admin_sha256,
-        challenges: Mutex::new(Default::default()),
-        registration_failures: Mutex::new(Default::default()),
-        connections: std::sync::atomic::AtomicUsize::new(0),
+        dir.clone(),
         max_connections,
-        metrics: Metrics::default(),
-        started_ms,
-    });
+    )?);
+    let agents = app::lock(&app.fleet).agents.len();
 
     let ex = Arc::new(smol::Executor::new());
     let threads = std::thread::available_parallelism()
@@ -179,9 +160,9 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
                 ("max_connections", &app.max_connections),
             ],
         );
-        ex.spawn(lifecycle::timeout_monitor(app.clone())).detach();
-        ex.spawn(lifecycle::heartbeat_flusher(app.clone())).detach();
-        ex.spawn(crate::rollout::controller(app.clone())).detach();
+        ex.spawn(app::timeout_monitor(app.clone())).detach();
+        ex.spawn(app::heartbeat_flusher(app.clone())).detach();
+        ex.spawn(app::controller(app.clone())).detach();
         loop {
             match listener.accept().await {
                 Ok((tcp, _)) => {
@@ -265,27 +246,17 @@ async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
         .and_then(|der| Peer::from_certificate(der));
     let mut buf = Vec::with_capacity(4096);
     let mut out = Vec::with_capacity(1024);
+    let max_body = stella_proto::MAX_BODY_BYTES;
     loop {
-        let read = http::read_request(
+        let read = http::read_head(
             &mut tls,
             &mut buf,
             app.settings.idle_timeout,
             app.settings.request_timeout,
-            stella_proto::MAX_BODY_BYTES,
         )
         .await;
-        match read {
-            Ok(req) => {
-                let keep_alive = req.keep_alive;
-                let resp = api::handle(&app, peer.as_ref(), source, req).await;
-                if http::write_response(&mut tls, &resp, keep_alive, &mut out)
-                    .await
-                    .is_err()
-                    || !keep_alive
-                {
-                    break;
-                }
-            }
+        let head = match read {
+            Ok(head) => head,
             Err(ReadError::Reject(resp)) => {
                 let _ = http::write_response(&mut tls, &resp, false, &mut out).await;
                 // Read (and drop) a bounded amount of what the client is still
@@ -301,7 +272,50 @@ async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
                 }
                 break;
             }
-            Err(ReadError::Closed | ReadError::Io) => break,
+            Err(ReadError::Closed | ReadError::Io(_)) => break,
+        };
+        let keep_alive = head.request.keep_alive;
+        // The gate, on the head alone: a caller who fails is answered before
+        // a byte of its body is looked at.
+        let admitted = match api::admit(&app, peer.as_ref(), source, &head.request) {
+            Ok(admitted) => admitted,
+            Err(resp) => {
+                // A body within the limit is skipped so that the connection
+                // serves the next request; a larger one is not read at all.
+                let reusable = head.body_len <= max_body
+                    && http::skip_body(&mut tls, &mut buf, &head).await.is_ok();
+                let keep = keep_alive && reusable;
+                let written = http::write_response(&mut tls, &resp, keep, &mut out).await;
+                if !reusable {
+                    drain(&mut tls).await;
+                }
+                if written.is_err() || !keep {
+                    break;
+                }
+                continue;
+            }
+        };
+        let req = match http::read_body(&mut tls, &mut buf, head, max_body).await {
+            Ok(req) => req,
+            Err(ReadError::Reject(resp)) => {
+                let _ = http::write_response(&mut tls, &resp, false, &mut out).await;
+                drain(&mut tls).await;
+                break;
+            }
+            Err(ReadError::Timeout) => {
+                let resp = http::Response::error(408, "the request took too long to arrive");
+                let _ = http::write_response(&mut tls, &resp, false, &mut out).await;
+                break;
+            }
+            Err(ReadError::Closed | ReadError::Io(_)) => break,
+        };
+        let resp = api::handle(&app, admitted, peer.as_ref(), source, req).await;
+        if http::write_response(&mut tls, &resp, keep_alive, &mut out)
+            .await
+            .is_err()
+            || !keep_alive
+        {
+            break;
         }
     }
     use smol::io::AsyncWriteExt;

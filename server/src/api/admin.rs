@@ -1,0 +1,123 @@
+//! Admin routes under `/v1/admin/` (the gate checked the bearer token):
+//! parse, call `app`, format.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use miniserde::json;
+use stella_proto::api::{
+    AgentUpdateRequest, ConfigSetRequest, ReleaseImportRequest, RolloutStartRequest,
+    TokenCreateRequest,
+};
+
+use super::{blocking, failed, parse_json};
+use crate::app::{AgentAction, App};
+use crate::error::Error;
+use crate::http::{self, Request, Response};
+use crate::refusal::Refusal;
+use crate::rollout::StartRequest;
+
+/// Agents per page of `GET /v1/admin/agents`, by default and at most.
+const AGENT_PAGE: usize = 1000;
+const MAX_AGENT_PAGE: usize = 10_000;
+
+/// A query parameter, percent-decoded; a broken encoding is refused.
+fn query(req: &Request, name: &str) -> Result<Option<String>, Refusal> {
+    http::query_param(&req.path, name).map_err(Refusal::bad_request)
+}
+
+pub(super) async fn admin(app: &Arc<App>, req: &Request) -> Response {
+    match admin_route(app, req).await {
+        Ok(resp) => resp,
+        Err(e) => failed(e),
+    }
+}
+
+async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
+    let path = http::path_of(&req.path);
+    let parts: Vec<&str> = path["/v1/admin/".len()..].split('/').collect();
+    let json = |status: u16, body: String| Ok(Response::json(status, body));
+    match (req.method.as_str(), parts.as_slice()) {
+        ("POST", ["tokens"]) => {
+            let body: TokenCreateRequest = parse_json(req)?;
+            let created = blocking(app, move |app| {
+                app.create_token(Duration::from_millis(body.ttl_ms), body.uses, body.labels)
+            })
+            .await?;
+            json(201, json::to_string(&created))
+        }
+        ("POST", ["config"]) => {
+            let body: ConfigSetRequest = parse_json(req)?;
+            let view = blocking(app, move |app| app.set_config(&body.scope, &body.config)).await?;
+            json(200, json::to_string(&view))
+        }
+        ("GET", ["config"]) => {
+            let agent = query(req, "agent")?;
+            json(200, json::to_string(&app.show_config(agent.as_deref())?))
+        }
+        ("GET", ["drift"]) => json(200, json::to_string(&app.drift())),
+        ("POST", ["rollouts"]) => {
+            let body: RolloutStartRequest = parse_json(req)?;
+            let view = blocking(app, move |app| {
+                app.start_rollout(StartRequest {
+                    release: &body.release,
+                    stages: &body.stages,
+                    soak: Duration::from_millis(body.soak_ms),
+                    max_failures: body.max_failures,
+                    selector: body.selector.clone(),
+                })
+            })
+            .await?;
+            json(201, json::to_string(&view))
+        }
+        ("GET", ["rollouts"]) => json(200, json::to_string(&app.rollout_views())),
+        ("GET", ["rollouts", id]) => {
+            let members = query(req, "members")?.as_deref() == Some("1");
+            json(200, json::to_string(&app.rollout_view(id, members)?))
+        }
+        ("POST", ["rollouts", id, action]) => {
+            let (id, action) = ((*id).to_owned(), (*action).to_owned());
+            let view = blocking(app, move |app| app.act_on_rollout(&id, &action)).await?;
+            json(200, json::to_string(&view))
+        }
+        ("POST", ["releases"]) => {
+            let body: ReleaseImportRequest = parse_json(req)?;
+            let dir = std::path::PathBuf::from(body.dir);
+            let view = blocking(app, move |app| app.import_release(&dir)).await?;
+            json(201, json::to_string(&view))
+        }
+        ("GET", ["releases"]) => json(200, json::to_string(&app.release_views())),
+        ("POST", ["agents", id, "update"]) => {
+            let body: AgentUpdateRequest = parse_json(req)?;
+            let id = (*id).to_owned();
+            let view = blocking(app, move |app| app.offer_release(&id, &body.release)).await?;
+            json(200, json::to_string(&view))
+        }
+        ("GET", ["agents"]) => {
+            let limit = match query(req, "limit")?.map(|l| l.parse::<usize>()) {
+                None => AGENT_PAGE,
+                Some(Ok(n)) if (1..=MAX_AGENT_PAGE).contains(&n) => n,
+                Some(_) => {
+                    return Err(Refusal::bad_request(format!(
+                        "limit must be 1 to {MAX_AGENT_PAGE}"
+                    ))
+                    .into());
+                }
+            };
+            let after = query(req, "after")?.unwrap_or_default();
+            json(200, json::to_string(&app.agent_page(limit, &after)))
+        }
+        ("GET", ["agents", id]) => json(200, json::to_string(&app.agent_view(id)?)),
+        ("POST", ["agents", id, action]) => {
+            let Some(action) = AgentAction::parse(action) else {
+                return Err(Refusal::not_found(format!("unknown agent action {action:?}")).into());
+            };
+            let id = (*id).to_owned();
+            let view = blocking(app, move |app| app.act_on_agent(&id, action)).await?;
+            json(200, json::to_string(&view))
+        }
+        _ => {
+            Err(Refusal::not_found(format!("no such admin endpoint: {} {path}", req.method)).into())
+        }
+    }
+}

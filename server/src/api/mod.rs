@@ -1,0 +1,601 @@
+//! The HTTP API under `/v1/`: the route table (each route with how its
+//! caller authenticates), the one authentication gate every request passes
+//! before its body is read, and thin agent handlers that parse JSON, call
+//! `app`, and format the answer. Admin routes are in `admin`, `/metrics` in
+//! `metrics`.
+
+mod admin;
+mod metrics;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use miniserde::json;
+use stella_proto::api::{
+    ChallengeRequest, HeartbeatRequest, RecoverRequest, RegisterRequest, RenewRequest,
+};
+
+use crate::app::{App, Metrics};
+use crate::error::Error;
+use crate::http::{self, Request, Response};
+use crate::lifecycle::Act;
+use crate::refusal::{Refusal, Why};
+
+/// The agent behind a verified client certificate.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub(crate) agent_id: String,
+    /// Hex serial of the presented certificate.
+    pub(crate) serial: String,
+}
+
+impl Peer {
+    /// Reads the agent id (CN, which must equal the `stella://agent/` URI SAN)
+    /// and serial from a client certificate that rustls already verified
+    /// against our CA.
+    pub(crate) fn from_certificate(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+        let sans = cert.subject_alternative_name().ok()??;
+        let uri_matches = sans.value.general_names.iter().any(|name| {
+            matches!(name, x509_parser::extensions::GeneralName::URI(uri)
+                if uri.strip_prefix(stella_proto::AGENT_URI_PREFIX) == Some(cn))
+        });
+        if !uri_matches || !stella_proto::id::is_agent_id(cn) {
+            return None;
+        }
+        Some(Self {
+            agent_id: cn.to_owned(),
+            serial: stella_proto::hash::hex(cert.raw_serial()),
+        })
+    }
+}
+
+/// How a route's caller proves who it is, checked before the body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Auth {
+    /// Anyone (health, metrics).
+    Open,
+    /// Registration: the token is in the body (the `tokens` rules check it);
+    /// a source with many failed registrations is braked first (429).
+    Registration,
+    /// Recovery of an expired agent: no certificate, a signed challenge.
+    Anonymous,
+    /// An agent's client certificate, checked against its status and
+    /// current serial for this act.
+    Agent(Act),
+    /// The admin bearer token.
+    Admin,
+}
+
+/// What a route does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Healthz,
+    Metrics,
+    Register,
+    Heartbeat,
+    Certificate,
+    WhoAmI,
+    Challenge,
+    Recover,
+    Artifact,
+    Admin,
+}
+
+/// One route: a method and a path (`*` at the end: any path under it).
+#[derive(Debug)]
+struct Route {
+    method: Option<&'static str>,
+    path: &'static str,
+    auth: Auth,
+    endpoint: Endpoint,
+}
+
+/// Every route, with how its caller authenticates.
+const ROUTES: &[Route] = &[
+    Route {
+        method: Some("GET"),
+        path: "/healthz",
+        auth: Auth::Open,
+        endpoint: Endpoint::Healthz,
+    },
+    Route {
+        method: Some("GET"),
+        path: "/metrics",
+        auth: Auth::Open,
+        endpoint: Endpoint::Metrics,
+    },
+    Route {
+        method: Some("POST"),
+        path: "/v1/agents/register",
+        auth: Auth::Registration,
+        endpoint: Endpoint::Register,
+    },
+    Route {
+        method: Some("POST"),
+        path: "/v1/agents/heartbeat",
+        auth: Auth::Agent(Act::Heartbeat),
+        endpoint: Endpoint::Heartbeat,
+    },
+    Route {
+        method: Some("POST"),
+        path: "/v1/agents/certificate",
+        auth: Auth::Agent(Act::Renew),
+        endpoint: Endpoint::Certificate,
+    },
+    Route {
+        method: Some("GET"),
+        path: "/v1/agents/self",
+        auth: Auth::Agent(Act::WhoAmI),
+        endpoint: Endpoint::WhoAmI,
+    },
+    Route {
+        method: Some("POST"),
+        path: "/v1/agents/challenge",
+        auth: Auth::Anonymous,
+        endpoint: Endpoint::Challenge,
+    },
+    Route {
+        method: Some("POST"),
+        path: "/v1/agents/recover",
+        auth: Auth::Anonymous,
+        endpoint: Endpoint::Recover,
+    },
+    Route {
+        method: Some("GET"),
+        path: "/v1/releases/*",
+        auth: Auth::Agent(Act::Download),
+        endpoint: Endpoint::Artifact,
+    },
+    Route {
+        method: None,
+        path: "/v1/admin/*",
+        auth: Auth::Admin,
+        endpoint: Endpoint::Admin,
+    },
+];
+
+impl Route {
+    fn matches_path(&self, path: &str) -> bool {
+        match self.path.strip_suffix('*') {
+            Some(prefix) => path.starts_with(prefix),
+            None => path == self.path,
+        }
+    }
+}
+
+/// The route for a request: 404 for an unknown path, 405 for a known exact
+/// path with another method.
+fn route(method: &str, path: &str) -> Result<&'static Route, Refusal> {
+    let mut other_method = false;
+    for r in ROUTES.iter().filter(|r| r.matches_path(path)) {
+        if r.method.is_none_or(|m| m == method) {
+            return Ok(r);
+        }
+        other_method |= !r.path.ends_with('*');
+    }
+    Err(if other_method {
+        Refusal::new(
+            Why::MethodNotAllowed,
+            format!("{method} is not allowed on {path}"),
+        )
+    } else {
+        Refusal::not_found(format!("no such endpoint: {method} {path}"))
+    })
+}
+
+/// A request whose route and caller passed the gate; its body may be read.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    endpoint: Endpoint,
+}
+
+/// The authentication gate: finds the request's route and authenticates its
+/// caller from the head alone (client certificate, bearer token, source),
+/// so that a caller who fails gets 401/403 whatever the body, its type or
+/// its size. Every request passes here before its body is read.
+pub(crate) fn admit(
+    app: &App,
+    peer: Option<&Peer>,
+    source: IpAddr,
+    head: &Request,
+) -> Result<Admitted, Response> {
+    Metrics::bump(&app.metrics.requests);
+    let path = http::path_of(&head.path);
+    let route = route(&head.method, path).map_err(refused)?;
+    authenticate(app, route.auth, peer, source, head).map_err(refused)?;
+    Ok(Admitted {
+        endpoint: route.endpoint,
+    })
+}
+
+fn authenticate(
+    app: &App,
+    auth: Auth,
+    peer: Option<&Peer>,
+    source: IpAddr,
+    head: &Request,
+) -> Result<(), Refusal> {
+    match auth {
+        Auth::Open | Auth::Anonymous => Ok(()),
+        Auth::Registration => app.check_registration_rate(source),
+        Auth::Admin => app.check_admin(head.authorization.as_deref()),
+        Auth::Agent(act) => {
+            let Some(peer) = peer else {
+                return Err(Refusal::unauthorized(match act {
+                    Act::Heartbeat => "heartbeats need the agent's client certificate (mTLS)",
+                    Act::Renew => {
+                        "renewal needs the agent's current client certificate (mTLS); an expired agent recovers via /v1/agents/challenge"
+                    }
+                    Act::Download => "release downloads need the agent's client certificate (mTLS)",
+                    Act::WhoAmI => "this endpoint needs the agent's client certificate (mTLS)",
+                }));
+            };
+            app.check_agent(&peer.agent_id, &peer.serial, act)
+        }
+    }
+}
+
+/// The answer to a refusal: its status and `{"error": "..."}`.
+fn refused(r: Refusal) -> Response {
+    let mut resp = Response::error(r.status(), r.message);
+    if let Some(wait) = r.retry_after {
+        resp.extra_headers.push(("retry-after", wait.to_string()));
+    }
+    resp
+}
+
+/// The answer to a failure: a refusal as such, anything else as 500.
+fn failed(e: Error) -> Response {
+    match e {
+        Error::Refused(r) => refused(r),
+        other => {
+            crate::log::warn("request failed", &[("error", &other)]);
+            Response::error(500, other.to_string())
+        }
+    }
+}
+
+/// A JSON answer with `status`, or the failure.
+fn answer<T: miniserde::Serialize, E: Into<Error>>(result: Result<T, E>, status: u16) -> Response {
+    match result {
+        Ok(body) => Response::json(status, json::to_string(&body)),
+        Err(e) => failed(e.into()),
+    }
+}
+
+/// Runs blocking work (signing, durable writes) off the async threads.
+async fn blocking<T: Send + 'static>(
+    app: &Arc<App>,
+    work: impl FnOnce(&App) -> T + Send + 'static,
+) -> T {
+    let app = app.clone();
+    smol::unblock(move || work(&app)).await
+}
+
+/// Answers an admitted request from the connection's `peer`.
+pub(crate) async fn handle(
+    app: &Arc<App>,
+    admitted: Admitted,
+    peer: Option<&Peer>,
+    source: IpAddr,
+    req: Request,
+) -> Response {
+    match (admitted.endpoint, peer) {
+        (Endpoint::Healthz, _) => Response::new(200, "text/plain", b"ok\n".to_vec()),
+        (Endpoint::Metrics, _) => metrics::metrics(app),
+        (Endpoint::Register, _) => match parse_json::<RegisterRequest>(&req) {
+            Ok(body) => answer(
+                blocking(app, move |app| app.enroll(body, source)).await,
+                201,
+            ),
+            Err(r) => refused(r),
+        },
+        (Endpoint::Heartbeat, Some(peer)) => match parse_json::<HeartbeatRequest>(&req) {
+            Ok(body) => answer(app.heartbeat(&peer.agent_id, &peer.serial, body).await, 200),
+            Err(r) => refused(r),
+        },
+        (Endpoint::Certificate, Some(peer)) => match parse_json::<RenewRequest>(&req) {
+            Ok(body) => {
+                let peer = peer.clone();
+                answer(
+                    blocking(app, move |app| {
+                        app.renew(&peer.agent_id, &peer.serial, &body)
+                    })
+                    .await,
+                    200,
+                )
+            }
+            Err(r) => refused(r),
+        },
+        (Endpoint::WhoAmI, Some(peer)) => answer(app.self_view(&peer.agent_id), 200),
+        (Endpoint::Challenge, _) => match parse_json::<ChallengeRequest>(&req) {
+            Ok(body) => answer(app.challenge(&body), 200),
+            Err(r) => refused(r),
+        },
+        (Endpoint::Recover, _) => match parse_json::<RecoverRequest>(&req) {
+            Ok(body) => answer(blocking(app, move |app| app.recover(&body)).await, 200),
+            Err(r) => refused(r),
+        },
+        (Endpoint::Artifact, Some(_)) => artifact(app, &req),
+        (Endpoint::Admin, _) => admin::admin(app, &req).await,
+        // The gate admits agent endpoints only with a peer.
+        (
+            Endpoint::Heartbeat | Endpoint::Certificate | Endpoint::WhoAmI | Endpoint::Artifact,
+            None,
+        ) => refused(Refusal::unauthorized(
+            "this endpoint needs the agent's client certificate (mTLS)",
+        )),
+    }
+}
+
+/// Serves an agent the artifact of a release for a target, from the blob
+/// store, honouring a single `Range: bytes=` request.
+fn artifact(app: &App, req: &Request) -> Response {
+    let path = http::path_of(&req.path);
+    let parts: Vec<&str> = path["/v1/releases/".len()..].split('/').collect();
+    let [version, target] = parts.as_slice() else {
+        return refused(Refusal::not_found(format!("no such release path {path}")));
+    };
+    let Some((file, size)) = app.artifact(version, target) else {
+        return refused(Refusal::not_found(format!(
+            "release {version} has no agent for {target}"
+        )));
+    };
+    let (start, end) = match req.range.as_deref().map(|r| http::parse_range(r, size)) {
+        None => (0, size),
+        Some(Some(range)) => range,
+        Some(None) => {
+            let mut resp = refused(Refusal::new(
+                Why::RangeNotSatisfiable,
+                format!(
+                    "range {:?} is outside the {size} bytes",
+                    req.range.as_deref().unwrap_or("")
+                ),
+            ));
+            resp.extra_headers
+                .push(("content-range", format!("bytes */{size}")));
+            return resp;
+        }
+    };
+    let mut resp = Response::new(
+        if req.range.is_some() { 206 } else { 200 },
+        "application/octet-stream",
+        Vec::new(),
+    );
+    resp.file = Some(http::FileBody {
+        path: file,
+        start,
+        len: end - start,
+    });
+    resp.extra_headers.push(("accept-ranges", "bytes".into()));
+    if req.range.is_some() {
+        resp.extra_headers.push((
+            "content-range",
+            format!("bytes {start}-{}/{size}", end.saturating_sub(1)),
+        ));
+    }
+    resp
+}
+
+fn parse_json<T: miniserde::Deserialize>(req: &Request) -> Result<T, Refusal> {
+    let is_json = req.content_type.as_deref().is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !is_json {
+        return Err(Refusal::new(
+            Why::UnsupportedMediaType,
+            "the body must be JSON (Content-Type: application/json)",
+        ));
+    }
+    let text = std::str::from_utf8(&req.body)
+        .map_err(|e| Refusal::bad_request(format!("the body is not UTF-8: {e}")))?;
+    // miniserde's error carries no detail: the message names the request.
+    json::from_str(text).map_err(|_| {
+        Refusal::bad_request(format!(
+            "the body is not valid JSON for {} {}",
+            req.method,
+            http::path_of(&req.path)
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::app::{AgentAction, lock};
+
+    #[test]
+    fn every_route_is_found_with_its_auth() {
+        let cases = [
+            ("GET", "/healthz", Ok(Auth::Open)),
+            ("GET", "/metrics", Ok(Auth::Open)),
+            ("POST", "/v1/agents/register", Ok(Auth::Registration)),
+            (
+                "POST",
+                "/v1/agents/heartbeat",
+                Ok(Auth::Agent(Act::Heartbeat)),
+            ),
+            (
+                "POST",
+                "/v1/agents/certificate",
+                Ok(Auth::Agent(Act::Renew)),
+            ),
+            ("GET", "/v1/agents/self", Ok(Auth::Agent(Act::WhoAmI))),
+            ("POST", "/v1/agents/challenge", Ok(Auth::Anonymous)),
+            ("POST", "/v1/agents/recover", Ok(Auth::Anonymous)),
+            (
+                "GET",
+                "/v1/releases/1.0.0/t",
+                Ok(Auth::Agent(Act::Download)),
+            ),
+            ("DELETE", "/v1/admin/anything", Ok(Auth::Admin)),
+            ("GET", "/v1/agents/heartbeat", Err(405)),
+            ("POST", "/healthz", Err(405)),
+            ("POST", "/v1/releases/1.0.0/t", Err(404)),
+            ("GET", "/v1/nothing", Err(404)),
+            ("GET", "/", Err(404)),
+        ];
+        for (method, path, want) in cases {
+            let got = route(method, path).map(|r| r.auth).map_err(|e| e.status());
+            assert_eq!(got, want, "{method} {path}");
+        }
+    }
+
+    /// A running server's state over a fresh data dir, without sockets.
+    fn app(name: &str) -> (Arc<App>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("stella-api-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::ca::init(&dir, &["localhost".into()], crate::app::now_secs()).unwrap();
+        let ca = crate::ca::Ca::load(&dir).unwrap();
+        let admin = stella_proto::hash::hex(&stella_proto::token::hash_secret("admin-secret"));
+        let store = crate::store::RedbStore::create(&dir.join("server.redb"), &admin).unwrap();
+        let settings = crate::app::Settings {
+            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_misses: 3,
+            cert_lifetime: Duration::from_secs(86_400),
+            expired_grace: Duration::from_secs(86_400),
+            update_probation: Duration::from_secs(60),
+            flush_every: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(90),
+            request_timeout: Duration::from_secs(10),
+        };
+        let app = App::load(settings, Box::new(store), ca, dir.clone(), 100).unwrap();
+        (Arc::new(app), dir)
+    }
+
+    fn enroll(app: &App, token: &str, name: &str) -> Peer {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let body = format!(
+            r#"{{"token":"{token}","csr":{},"name":"{name}","platform":{{"os":"linux","arch":"x86_64","target":"t"}},"version":"1","capabilities":[]}}"#,
+            json::to_string(&csr)
+        );
+        let req: RegisterRequest = json::from_str(&body).unwrap();
+        let answer = app.enroll(req, IpAddr::from([127, 0, 0, 1])).unwrap();
+        let serial = lock(&app.fleet).agents[&answer.agent_id]
+            .record
+            .cert_serial
+            .clone();
+        Peer {
+            agent_id: answer.agent_id,
+            serial,
+        }
+    }
+
+    fn status(app: &App, peer: Option<&Peer>, method: &str, path: &str, auth: Option<&str>) -> u16 {
+        // Whatever the body would be: the gate sees the head only.
+        let head = Request {
+            method: method.into(),
+            path: path.into(),
+            authorization: auth.map(str::to_owned),
+            ..Request::default()
+        };
+        match admit(app, peer, IpAddr::from([127, 0, 0, 1]), &head) {
+            Ok(_) => 200,
+            Err(resp) => resp.status,
+        }
+    }
+
+    #[test]
+    fn the_gate_decides_on_the_head_alone() {
+        let (app, dir) = app("gate");
+        let token = app
+            .create_token(Duration::from_secs(60), 3, Default::default())
+            .unwrap()
+            .token;
+        let good = enroll(&app, &token, "good");
+        let revoked = enroll(&app, &token, "revoked");
+        let paused = enroll(&app, &token, "paused");
+        app.act_on_agent(
+            &revoked.agent_id,
+            AgentAction::Transition(crate::lifecycle::Transition::Revoke),
+        )
+        .unwrap();
+        app.act_on_agent(
+            &paused.agent_id,
+            AgentAction::Transition(crate::lifecycle::Transition::Deactivate),
+        )
+        .unwrap();
+        let superseded = Peer {
+            agent_id: good.agent_id.clone(),
+            serial: "0badc0de".into(),
+        };
+        let unknown = Peer {
+            agent_id: stella_proto::id::agent_id_from_bytes([9; 16]),
+            serial: good.serial.clone(),
+        };
+        let agent_routes = [
+            ("POST", "/v1/agents/heartbeat"),
+            ("POST", "/v1/agents/certificate"),
+            ("GET", "/v1/agents/self"),
+            ("GET", "/v1/releases/1.0.0/t"),
+        ];
+        for (method, path) in agent_routes {
+            assert_eq!(status(&app, Some(&good), method, path, None), 200, "{path}");
+            for (who, peer) in [
+                ("revoked", Some(&revoked)),
+                ("superseded", Some(&superseded)),
+                ("unknown", Some(&unknown)),
+                ("no certificate", None),
+            ] {
+                assert_eq!(
+                    status(&app, peer, method, path, None),
+                    401,
+                    "{who} on {path}"
+                );
+            }
+        }
+        assert_eq!(
+            status(&app, Some(&paused), "POST", "/v1/agents/heartbeat", None),
+            403
+        );
+        assert_eq!(
+            status(&app, Some(&paused), "POST", "/v1/agents/certificate", None),
+            200,
+            "a deactivated agent may renew"
+        );
+        for auth in [None, Some("Bearer wrong"), Some("admin-secret")] {
+            assert_eq!(
+                status(&app, None, "POST", "/v1/admin/tokens", auth),
+                401,
+                "{auth:?}"
+            );
+        }
+        assert_eq!(
+            status(
+                &app,
+                Some(&good),
+                "POST",
+                "/v1/admin/tokens",
+                Some("Bearer admin-secret")
+            ),
+            200
+        );
+        for (method, path) in [
+            ("POST", "/v1/agents/register"),
+            ("POST", "/v1/agents/challenge"),
+            ("POST", "/v1/agents/recover"),
+            ("GET", "/healthz"),
+        ] {
+            assert_eq!(
+                status(&app, None, method, path, None),
+                200,
+                "{path} is open"
+            );
+        }
+        drop(app);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,357 @@
+//! Agents at run time: the authentication check every agent endpoint shares,
+//! heartbeats (the hot path: in memory, soft state group-committed), status
+//! changes (durable first, then mirrored in the fleet), the admin's agent
+//! views and actions, the heartbeat-timeout monitor and the group commit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stella_proto::api::{AgentView, HeartbeatRequest, HeartbeatResponse, SelfView};
+use stella_proto::time::rfc3339;
+
+use super::{App, Metrics, lock, now_ms, now_secs};
+use crate::error::Error;
+use crate::lifecycle::{self, Act, Fleet, Transition};
+use crate::log;
+use crate::records::{AgentRecord, AgentStatus, HeartbeatState, InactiveReason};
+use crate::refusal::Refusal;
+use crate::store::AgentChange;
+
+/// What an admin asks of one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AgentAction {
+    Transition(Transition),
+    /// Renew the certificate at the next heartbeat.
+    Renew,
+}
+
+impl AgentAction {
+    /// The action named in `POST /v1/admin/agents/{id}/{action}`.
+    pub(crate) fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "deactivate" => AgentAction::Transition(Transition::Deactivate),
+            "activate" => AgentAction::Transition(Transition::Activate),
+            "revoke" => AgentAction::Transition(Transition::Revoke),
+            "renew" => AgentAction::Renew,
+            _ => return None,
+        })
+    }
+}
+
+impl App {
+    /// The one authentication check of agent endpoints: may the agent
+    /// `agent_id`, presenting certificate `serial`, `act` now?
+    pub(crate) fn check_agent(
+        &self,
+        agent_id: &str,
+        serial: &str,
+        act: Act,
+    ) -> Result<(), Refusal> {
+        let fleet = lock(&self.fleet);
+        let record = fleet.agents.get(agent_id).map(|a| &a.record);
+        lifecycle::may_act(record, agent_id, serial, act)
+    }
+
+    /// Applies `change` to the named agents in one durable transaction, then
+    /// mirrors the written records in memory, under the lifecycle lock so the
+    /// two never disagree. Returns the agents' records afterwards. Blocking.
+    pub(crate) fn change_agents(
+        &self,
+        ids: &[&str],
+        action: &str,
+        change: &mut AgentChange<'_>,
+    ) -> Result<Vec<AgentRecord>, Error> {
+        let _serial = lock(&self.lifecycle_lock);
+        let written = self.store.update_agents(ids, now_secs(), action, change)?;
+        let mut fleet = lock(&self.fleet);
+        let now = now_ms();
+        for record in written {
+            log::info(
+                "agent changed",
+                &[
+                    ("agent", &record.id),
+                    ("action", &action),
+                    ("status", &record.status),
+                    ("reason", &record.reason.map_or("-", InactiveReason::as_str)),
+                ],
+            );
+            fleet.mirror(record, now);
+        }
+        ids.iter()
+            .map(|id| match fleet.agents.get(*id) {
+                Some(live) => Ok(live.record.clone()),
+                None => Err(Refusal::not_found(format!("no agent with id {id}")).into()),
+            })
+            .collect()
+    }
+
+    /// Applies `transition` to the named agents (durable, then in memory).
+    /// Blocking.
+    pub(crate) fn transition(
+        &self,
+        ids: &[&str],
+        transition: Transition,
+    ) -> Result<Vec<AgentRecord>, Error> {
+        self.change_agents(ids, transition.action(), &mut |r| transition.apply(r))
+    }
+
+    /// Answers a heartbeat: records what changed durably (reactivation after a
+    /// timeout, retirement of a replaced certificate) off the async threads,
+    /// then the soft state in memory, and says what the agent should do. The
+    /// usual heartbeat changes nothing durable and takes the fleet lock once.
+    pub(crate) async fn heartbeat(
+        self: &Arc<Self>,
+        agent_id: &str,
+        serial: &str,
+        body: HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, Error> {
+        lifecycle::check_heartbeat(&body)?;
+        let effects = {
+            let mut fleet = lock(&self.fleet);
+            let record = fleet.agents.get(agent_id).map(|a| &a.record);
+            lifecycle::may_act(record, agent_id, serial, Act::Heartbeat)?;
+            let effects = record.map_or_else(Default::default, |r| {
+                lifecycle::heartbeat_effects(r, serial)
+            });
+            if !effects.reactivate && !effects.retire_previous {
+                let answer = self.answer_heartbeat(&mut fleet, agent_id, serial, body)?;
+                drop(fleet);
+                Metrics::bump(&self.metrics.heartbeats);
+                return Ok(answer);
+            }
+            effects
+        };
+        let app = self.clone();
+        let (id, presented) = (agent_id.to_owned(), serial.to_owned());
+        smol::unblock(move || {
+            if effects.reactivate {
+                app.transition(&[&id], Transition::HeardFrom)?;
+            }
+            if effects.retire_previous {
+                app.change_agents(&[&id], "agent.certificate_in_use", &mut |r| {
+                    Ok(lifecycle::retire_previous(r, &presented))
+                })?;
+            }
+            Ok::<(), Error>(())
+        })
+        .await?;
+        let answer = self.answer_heartbeat(&mut lock(&self.fleet), agent_id, serial, body)?;
+        Metrics::bump(&self.metrics.heartbeats);
+        Ok(answer)
+    }
+
+    /// Records a heartbeat's soft state and makes its answer, with the fleet
+    /// locked.
+    fn answer_heartbeat(
+        &self,
+        fleet: &mut Fleet,
+        agent_id: &str,
+        serial: &str,
+        body: HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, Refusal> {
+        let now = now_ms();
+        let agent = fleet.agents.get_mut(agent_id);
+        // Again: an admin may have acted since the last check.
+        lifecycle::may_act(
+            agent.as_ref().map(|a| &a.record),
+            agent_id,
+            serial,
+            Act::Heartbeat,
+        )?;
+        let Some(agent) = agent else {
+            return Err(Refusal::unauthorized(format!(
+                "agent {agent_id} is not known to this server"
+            )));
+        };
+        let push = lifecycle::record_heartbeat(agent, body, now);
+        let from_rollout = lock(&self.rollouts).offered.get(agent_id).cloned();
+        let update =
+            lifecycle::offered_version(agent, from_rollout.as_deref()).and_then(|version| {
+                lock(&self.releases).offer(
+                    version,
+                    &agent.record.platform.target,
+                    self.settings.update_probation,
+                )
+            });
+        let desired = &agent.desired;
+        let answer = HeartbeatResponse {
+            update,
+            interval_ms: agent.interval(self.settings.heartbeat_interval).as_millis() as u64,
+            server_time: rfc3339(now / 1000),
+            renew: agent.record.renew_requested,
+            config_hash: desired.hash.clone(),
+            config: push.then(|| desired.doc.clone()),
+        };
+        if !fleet.dirty.contains(agent_id) {
+            fleet.dirty.insert(agent_id.to_owned());
+        }
+        Ok(answer)
+    }
+
+    /// How the server sees the calling agent; changes nothing.
+    pub(crate) fn self_view(&self, agent_id: &str) -> Result<SelfView, Refusal> {
+        let fleet = lock(&self.fleet);
+        let Some(agent) = fleet.agents.get(agent_id) else {
+            return Err(Refusal::unauthorized(format!(
+                "agent {agent_id} is not known to this server"
+            )));
+        };
+        let r = &agent.record;
+        let now = now_ms();
+        Ok(SelfView {
+            agent_id: r.id.clone(),
+            status: r.status.as_str().to_owned(),
+            reason: r.reason.map(|x| x.as_str().to_owned()),
+            server_time: rfc3339(now / 1000),
+            server_time_ms: now,
+        })
+    }
+
+    /// The admin view of one agent.
+    pub(crate) fn agent_view(&self, id: &str) -> Result<AgentView, Refusal> {
+        let fleet = lock(&self.fleet);
+        fleet
+            .agents
+            .get(id)
+            .map(|live| lifecycle::view(live))
+            .ok_or_else(|| Refusal::not_found(format!("no agent with id {id}")))
+    }
+
+    /// Up to `limit` agents with ids after `after`, in id order, so that
+    /// listing a fleet of 100,000 never holds all of it as views at once.
+    pub(crate) fn agent_page(&self, limit: usize, after: &str) -> Vec<AgentView> {
+        let fleet = lock(&self.fleet);
+        let mut ids: Vec<&str> = fleet
+            .agents
+            .keys()
+            .map(String::as_str)
+            .filter(|id| *id > after)
+            .collect();
+        if ids.len() > limit {
+            ids.select_nth_unstable(limit);
+            ids.truncate(limit);
+        }
+        ids.sort_unstable();
+        ids.iter()
+            .filter_map(|id| fleet.agents.get(*id))
+            .map(|a| lifecycle::view(a))
+            .collect()
+    }
+
+    /// `agents deactivate|activate|revoke|renew ID`. Blocking.
+    pub(crate) fn act_on_agent(&self, id: &str, action: AgentAction) -> Result<AgentView, Error> {
+        if !stella_proto::id::is_agent_id(id) {
+            return Err(Refusal::not_found(format!("no agent with id {id}")).into());
+        }
+        match action {
+            AgentAction::Transition(t) => self.transition(&[id], t)?,
+            AgentAction::Renew => self.change_agents(&[id], "agent.renew_requested", &mut |r| {
+                if r.status == AgentStatus::Revoked {
+                    return Err(Refusal::conflict(format!(
+                        "agent {} is revoked: it gets no new certificate",
+                        r.id
+                    )));
+                }
+                let changed = !r.renew_requested;
+                r.renew_requested = true;
+                Ok(changed)
+            })?,
+        };
+        Ok(self.agent_view(id)?)
+    }
+
+    /// `agents update ID --release V`: offers one agent a release directly.
+    /// Blocking.
+    pub(crate) fn offer_release(&self, id: &str, release: &str) -> Result<AgentView, Error> {
+        let target = match lock(&self.fleet).agents.get(id) {
+            Some(live) => live.record.platform.target.clone(),
+            None => return Err(Refusal::not_found(format!("no agent with id {id}")).into()),
+        };
+        lock(&self.releases).check_offer(release, &target, id)?;
+        self.change_agents(&[id], "agent.update_offered", &mut |r| {
+            if r.status == AgentStatus::Revoked {
+                return Err(Refusal::conflict(format!("agent {} is revoked", r.id)));
+            }
+            let changed = r.update_offer.as_deref() != Some(release);
+            r.update_offer = Some(release.to_owned());
+            Ok(changed)
+        })?;
+        Ok(self.agent_view(id)?)
+    }
+}
+
+/// Marks agents `inactive` (heartbeat_timeout) after `--heartbeat-misses`
+/// intervals of silence. Runs for the life of the server.
+pub(crate) async fn timeout_monitor(app: Arc<App>) {
+    let default = app.settings.heartbeat_interval;
+    let tick = (default / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let misses = app.settings.heartbeat_misses;
+    loop {
+        smol::Timer::after(tick).await;
+        let now = now_ms();
+        let overdue: Vec<String> = {
+            let fleet = lock(&app.fleet);
+            fleet
+                .agents
+                .values()
+                .filter(|a| a.is_overdue(now, default, misses))
+                .map(|a| a.record.id.clone())
+                .collect()
+        };
+        if overdue.is_empty() {
+            continue;
+        }
+        let app2 = app.clone();
+        let result = smol::unblock(move || {
+            let ids: Vec<&str> = overdue.iter().map(String::as_str).collect();
+            app2.transition(&ids, Transition::TimedOut).map(|_| ())
+        })
+        .await;
+        if let Err(e) = result {
+            log::warn(
+                "heartbeat timeout monitor could not record",
+                &[("error", &e)],
+            );
+        }
+    }
+}
+
+/// Commits heartbeat soft state in batches, one transaction per tick.
+pub(crate) async fn heartbeat_flusher(app: Arc<App>) {
+    loop {
+        smol::Timer::after(app.settings.flush_every).await;
+        flush_heartbeats(&app).await;
+    }
+}
+
+/// Writes every dirty heartbeat state now.
+pub(crate) async fn flush_heartbeats(app: &Arc<App>) {
+    let batch: Vec<(String, HeartbeatState)> = {
+        let mut fleet = lock(&app.fleet);
+        let dirty = std::mem::take(&mut fleet.dirty);
+        dirty
+            .into_iter()
+            .filter_map(|id| {
+                let hb = fleet.agents.get(&id)?.hb.clone();
+                Some((id, hb))
+            })
+            .collect()
+    };
+    if batch.is_empty() {
+        return;
+    }
+    let app2 = app.clone();
+    let result = smol::unblock(move || {
+        let r = app2.store.save_heartbeats(&batch);
+        (r, batch)
+    })
+    .await;
+    if let (Err(e), batch) = result {
+        log::warn(
+            "could not save heartbeats; will retry",
+            &[("error", &e), ("agents", &batch.len())],
+        );
+        let mut fleet = lock(&app.fleet);
+        fleet.dirty.extend(batch.into_iter().map(|(id, _)| id));
+    }
+}

@@ -1,0 +1,206 @@
+//! The running server: its settings, the store, the CA, and the state it keeps
+//! in memory, with the operations the API calls. Each operation parses
+//! nothing and formats nothing: it applies a domain module's rules
+//! (`tokens`, `lifecycle`, `renewal`, `config`, `releases`, `rollout`) to the
+//! store and to the in-memory state, durable first.
+//!
+//! # Process-local state
+//!
+//! Everything below lives in this process only. Each item is either a cache
+//! of the store that this server keeps current because it is the only
+//! writer, or state that may be lost on restart. This list is what running
+//! several servers against one PostgreSQL store must replace (DESIGN.md
+//! section 14: shared or invalidated through an events table):
+//!
+//! - `fleet`: every agent's record (a cache of the store; the heartbeat hot
+//!   path and the "may this agent act" gate read it without a store round
+//!   trip) and its heartbeat soft state (newer than the store by at most one
+//!   group commit, `flush_every`; losing it loses the last second of
+//!   heartbeats, which the next heartbeat restores).
+//! - `configs`: every configuration scope (a cache of the store) and each
+//!   agent's effective document, computed from them.
+//! - `releases`: imported releases (a cache of the store; blobs are files in
+//!   the data dir).
+//! - `rollouts`: rollout records (a cache of the store), and who is offered
+//!   which release now and the per-stage numbers: recomputed by the rollout
+//!   controller every second from the fleet.
+//! - `challenges`: outstanding recovery challenges, single-use and valid for a
+//!   minute: losing them costs an agent one retry.
+//! - `registration_failures`: failed registrations per source address for
+//!   the 429 brake: a per-server window is a weaker brake, not a hole.
+//! - `lifecycle_lock`: orders durable agent changes with their mirror in
+//!   `fleet` (one writer per process; several servers need the store's
+//!   transactions instead).
+//! - `connections` and `metrics`: per-process by nature (Prometheus sums
+//!   them over servers).
+
+mod agents;
+mod certificates;
+mod configuration;
+mod enrollment;
+mod releases;
+mod rollouts;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub(crate) use self::agents::{AgentAction, heartbeat_flusher, timeout_monitor};
+pub(crate) use self::rollouts::controller;
+use crate::ca::Ca;
+use crate::config::Configs;
+use crate::error::Error;
+use crate::lifecycle::Fleet;
+use crate::refusal::Refusal;
+use crate::releases::Releases;
+use crate::renewal::Challenges;
+use crate::rollout::Rollouts;
+use crate::store::{Store, StoreError};
+use crate::tokens::FailureWindows;
+
+/// What `serve` was started with.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) heartbeat_misses: u32,
+    pub(crate) cert_lifetime: Duration,
+    /// How long after expiry an agent may still recover with its old key.
+    pub(crate) expired_grace: Duration,
+    /// How long a new agent version has to heartbeat and pass doctor.
+    pub(crate) update_probation: Duration,
+    /// How often soft heartbeat state is committed.
+    pub(crate) flush_every: Duration,
+    /// How long a keep-alive connection may sit idle between requests.
+    pub(crate) idle_timeout: Duration,
+    /// How long one request may take to arrive once it started.
+    pub(crate) request_timeout: Duration,
+}
+
+/// Counters exported on `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) enrollments: AtomicU64,
+    pub(crate) heartbeats: AtomicU64,
+    pub(crate) token_failures: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) tls_failures: AtomicU64,
+    pub(crate) renewals: AtomicU64,
+    pub(crate) recoveries: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn load(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything a request handler may need.
+pub(crate) struct App {
+    pub(crate) settings: Settings,
+    pub(crate) store: Box<dyn Store>,
+    pub(crate) ca: Ca,
+    pub(crate) data_dir: PathBuf,
+    admin_sha256: Vec<u8>,
+    pub(crate) started_ms: u64,
+    pub(crate) fleet: Mutex<Fleet>,
+    /// Desired configuration by scope. Lock order: lifecycle_lock, configs, fleet.
+    pub(crate) configs: Mutex<Configs>,
+    /// Imported releases. Lock order: after fleet.
+    pub(crate) releases: Mutex<Releases>,
+    /// Rollouts and current offers. Lock order: after fleet and releases.
+    pub(crate) rollouts: Mutex<Rollouts>,
+    /// Outstanding recovery challenges.
+    pub(crate) challenges: Mutex<Challenges>,
+    /// Failed registrations per source address (brute-force brake).
+    pub(crate) registration_failures: Mutex<FailureWindows>,
+    /// Held across a durable agent change and its mirror in `fleet`, so the
+    /// two never disagree in order.
+    pub(crate) lifecycle_lock: Mutex<()>,
+    /// Open connections, and how many are allowed.
+    pub(crate) connections: AtomicUsize,
+    pub(crate) max_connections: usize,
+    pub(crate) metrics: Metrics,
+}
+
+impl App {
+    /// Loads everything the server keeps in memory from `store`.
+    pub(crate) fn load(
+        settings: Settings,
+        store: Box<dyn Store>,
+        ca: Ca,
+        data_dir: PathBuf,
+        max_connections: usize,
+    ) -> Result<Self, Error> {
+        let admin_hex = store.admin_token_sha256()?;
+        let admin_sha256 = stella_proto::hash::unhex(&admin_hex).ok_or(StoreError::Corrupt {
+            what: "admin token hash",
+            key: admin_hex,
+        })?;
+        let started_ms = now_ms();
+        let mut configs = Configs::load(store.configs()?)?;
+        let releases = Releases::load(store.releases()?);
+        let rollouts = crate::rollout::load(store.rollouts()?);
+        let fleet = Fleet::load(store.as_ref(), &mut configs, started_ms)?;
+        Ok(Self {
+            settings,
+            store,
+            ca,
+            data_dir,
+            admin_sha256,
+            started_ms,
+            fleet: Mutex::new(fleet),
+            configs: Mutex::new(configs),
+            releases: Mutex::new(releases),
+            rollouts: Mutex::new(rollouts),
+            challenges: Mutex::new(Challenges::default()),
+            registration_failures: Mutex::new(FailureWindows::default()),
+            lifecycle_lock: Mutex::new(()),
+            connections: AtomicUsize::new(0),
+            max_connections,
+            metrics: Metrics::default(),
+        })
+    }
+
+    /// Checks an admin's bearer token (constant time).
+    pub(crate) fn check_admin(&self, authorization: Option<&str>) -> Result<(), Refusal> {
+        let presented = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let Some(presented) = presented else {
+            return Err(Refusal::unauthorized(
+                "admin endpoints need Authorization: Bearer <admin token>",
+            ));
+        };
+        let hash = stella_proto::token::hash_secret(presented);
+        if stella_proto::token::constant_time_eq(&hash, &self.admin_sha256) {
+            Ok(())
+        } else {
+            Err(Refusal::unauthorized("the admin token is not valid"))
+        }
+    }
+}
+
+/// Unix milliseconds now.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Unix seconds now.
+pub(crate) fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (the
+/// data is plain state that every writer leaves consistent).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,90 @@
+//! stella-server as a library: the fleet server (`init`, `serve`) and its
+//! admin commands, behind `run`. `main.rs` is a thin wrapper; the fuzz
+//! targets link the request framing (`http`) and the CSR check
+//! (`ca::check_csr`) from here.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod api;
+mod app;
+pub mod ca;
+mod cli;
+mod config;
+mod error;
+mod fsutil;
+pub mod http;
+mod lifecycle;
+mod log;
+mod records;
+mod refusal;
+mod releases;
+mod renewal;
+mod rollout;
+mod serve;
+mod store;
+mod tokens;
+
+use std::ffi::OsString;
+use std::io::Write;
+
+use cli::Command;
+pub use error::Error;
+pub use refusal::{Refusal, Why};
+pub use store::StoreError;
+
+/// Runs the command line `args` (the program name first).
+pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
+    match cli::parse(args)? {
+        Command::Help => log::print(format_args!("{}\n", cli::USAGE)),
+        Command::Version => log::print(format_args!(
+            "stella-server {}\n",
+            env!("CARGO_PKG_VERSION")
+        )),
+        Command::Init { data_dir, sans } => serve::init(&data_dir, &sans),
+        Command::Serve(opts) => serve::serve(opts),
+        Command::TokenCreate {
+            target,
+            ttl,
+            uses,
+            labels,
+        } => admin::token_create(&target, ttl, uses, labels),
+        Command::AgentsList { target, json } => admin::agents_list(&target, json),
+        Command::AgentsShow { target, id, json } => admin::agents_show(&target, &id, json),
+        Command::AgentsAct { target, id, action } => admin::agents_act(&target, &id, action),
+        Command::ConfigSet {
+            target,
+            scope,
+            file,
+        } => admin::config_set(&target, &scope, &file),
+        Command::ConfigShow { target, agent } => admin::config_show(&target, agent.as_deref()),
+        Command::Drift { target, json } => admin::drift(&target, json),
+        Command::ReleaseImport { target, dir } => admin::release_import(&target, &dir),
+        Command::ReleaseList { target, json } => admin::release_list(&target, json),
+        Command::AgentsUpdate {
+            target,
+            id,
+            release,
+        } => admin::agents_update(&target, &id, &release),
+        Command::RolloutStart {
+            target,
+            release,
+            stages,
+            soak,
+            max_failures,
+            selector,
+        } => admin::rollout_start(&target, &release, stages, soak, max_failures, selector),
+        Command::RolloutShow { target, id, json } => {
+            admin::rollout_show(&target, id.as_deref(), json)
+        }
+        Command::RolloutAct { target, id, action } => admin::rollout_act(&target, &id, &action),
+    }
+    .or_else(|e| {
+        // `stella-server agents list | head -1`: the reader has what it wanted.
+        if e.is_broken_pipe() {
+            let _ = std::io::stderr().flush();
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+}

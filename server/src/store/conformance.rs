@@ -1,0 +1,405 @@
+//! The store conformance suite: the same tests, written once against the
+//! `Store` trait, run against every backend (each backend's test module
+//! invokes `store_conformance!` with a constructor of an empty store). Also
+//! the records the tests and the crash-consistency tests build.
+
+use stella_proto::api::{Labels, Platform};
+
+use super::{EnrollmentState, NewEnrollment, Store, StoreError};
+use crate::records::{
+    AgentRecord, AgentStatus, CertRecord, HeartbeatState, ReleaseFile, ReleaseRecord,
+    RolloutRecord, TokenRecord,
+};
+use crate::refusal::Refusal;
+
+/// The admin token hash every test store is created with.
+pub(crate) const ADMIN_SHA256: &str = "ab12";
+
+/// Makes an empty store.
+pub(crate) type MakeStore<'a> = &'a dyn Fn() -> Box<dyn Store>;
+
+/// Generates one `#[test]` per conformance test for a backend.
+macro_rules! store_conformance {
+    ($make:expr) => {
+        $crate::store::conformance::store_conformance!(@tests $make;
+            admin_token_hash_is_kept,
+            tokens_are_recorded_once,
+            an_enrollment_writes_everything_or_nothing,
+            an_enrollment_retry_sees_the_earlier_one,
+            agents_change_atomically_with_audit_lines,
+            certificates_are_replaced_with_their_agent,
+            heartbeats_are_saved_in_batches,
+            configs_get_versions,
+            releases_are_recorded_once,
+            rollouts_are_replaced_whole,
+        );
+    };
+    (@tests $make:expr; $($name:ident,)*) => {$(
+        #[test]
+        fn $name() {
+            $crate::store::conformance::$name(&$make);
+        }
+    )*};
+}
+pub(crate) use store_conformance;
+
+pub(crate) fn token(id: &str, uses: u32) -> TokenRecord {
+    TokenRecord {
+        id: id.to_owned(),
+        secret_sha256: "00".repeat(32),
+        created_at: 100,
+        expires_at: 10_000,
+        uses,
+        uses_left: uses,
+        labels: Labels::from([("env".to_owned(), "prod".to_owned())]),
+    }
+}
+
+pub(crate) fn agent(id: &str, serial: &str) -> AgentRecord {
+    AgentRecord {
+        id: id.to_owned(),
+        name: format!("host-{id}"),
+        status: AgentStatus::Active,
+        reason: None,
+        labels: Labels::new(),
+        platform: Platform {
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            target: "x86_64-unknown-linux-musl".into(),
+        },
+        version: "1.0.0".into(),
+        capabilities: vec!["systemd".into()],
+        enrolled_at: 100,
+        token_id: "abcdef".into(),
+        key_sha256: "k1".into(),
+        cert_serial: serial.to_owned(),
+        cert_not_after: 1_000,
+        previous_serial: None,
+        renew_requested: false,
+        update_offer: None,
+    }
+}
+
+pub(crate) fn cert(agent_id: &str, serial: &str) -> CertRecord {
+    CertRecord {
+        agent_id: agent_id.to_owned(),
+        serial: serial.to_owned(),
+        pem: format!("PEM {serial}"),
+        issued_at: 100,
+        not_after: 1_000,
+    }
+}
+
+pub(crate) fn rollout(id: &str, status: &str) -> RolloutRecord {
+    RolloutRecord {
+        id: id.to_owned(),
+        release: "1.1.0".into(),
+        stages: vec!["count:1".into(), "100".into()],
+        soak_ms: 1_000,
+        max_failures: 0.05,
+        selector: Labels::new(),
+        status: status.to_owned(),
+        reason: None,
+        open_stage: 0,
+        healthy_since_ms: 0,
+        created_at: 100,
+        ignored_failures: Vec::new(),
+    }
+}
+
+/// Enrolls `agent_id` with one use of `token_id` (which must exist), as the
+/// `tokens` rules would: consume a use, record agent and certificate.
+pub(crate) fn enroll(
+    store: &dyn Store,
+    token_id: &str,
+    agent_id: &str,
+    serial: &str,
+) -> Result<(), StoreError> {
+    store.enroll(token_id, "key", &mut |state: &EnrollmentState| {
+        let mut token = state.token.clone().expect("the token exists");
+        token.uses_left -= 1;
+        Ok(Some(NewEnrollment {
+            token,
+            agent: agent(agent_id, serial),
+            cert: cert(agent_id, serial),
+            at: 200,
+        }))
+    })
+}
+
+fn agents(store: &dyn Store) -> Vec<(AgentRecord, HeartbeatState)> {
+    let mut out = Vec::new();
+    store
+        .load_agents(&mut |a, hb| out.push((a, hb)))
+        .expect("load agents");
+    out
+}
+
+pub(crate) fn admin_token_hash_is_kept(make: MakeStore<'_>) {
+    assert_eq!(make().admin_token_sha256().unwrap(), ADMIN_SHA256);
+}
+
+pub(crate) fn tokens_are_recorded_once(make: MakeStore<'_>) {
+    let store = make();
+    assert!(store.token("abcdef").unwrap().is_none());
+    store.insert_token(&token("abcdef", 2)).unwrap();
+    assert_eq!(store.token("abcdef").unwrap().unwrap().uses_left, 2);
+    assert!(matches!(
+        store.insert_token(&token("abcdef", 5)),
+        Err(StoreError::Exists { .. })
+    ));
+    assert_eq!(store.token("abcdef").unwrap().unwrap().uses, 2);
+    let audit = store.audit_log().unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].action.as_str(), audit[0].subject.as_str()),
+        ("token.create", "abcdef")
+    );
+}
+
+pub(crate) fn an_enrollment_writes_everything_or_nothing(make: MakeStore<'_>) {
+    let store = make();
+    // An unknown token: the rule sees none, and its refusal writes nothing.
+    let refused = store.enroll("nosuch", "key", &mut |state| {
+        assert!(state.token.is_none() && state.prior.is_none());
+        Err(Refusal::unauthorized("token nosuch is not known"))
+    });
+    assert!(matches!(refused, Err(StoreError::Aborted(r)) if r.status() == 401));
+    store.insert_token(&token("abcdef", 2)).unwrap();
+    // A rule that writes nothing leaves everything as it was.
+    store.enroll("abcdef", "key", &mut |_| Ok(None)).unwrap();
+    assert!(agents(store.as_ref()).is_empty());
+    enroll(store.as_ref(), "abcdef", "agt_a", "01").unwrap();
+    assert_eq!(store.token("abcdef").unwrap().unwrap().uses_left, 1);
+    let all = agents(store.as_ref());
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].0.id, "agt_a");
+    assert_eq!(all[0].1.last_heartbeat_ms, 0, "no heartbeat yet");
+    assert_eq!(store.agent("agt_a").unwrap().unwrap().cert_serial, "01");
+    assert_eq!(store.cert("01").unwrap().unwrap().agent_id, "agt_a");
+    assert!(store.agent("agt_b").unwrap().is_none());
+    assert!(
+        store
+            .audit_log()
+            .unwrap()
+            .iter()
+            .any(|l| l.action == "agent.enroll" && l.subject == "agt_a")
+    );
+}
+
+pub(crate) fn an_enrollment_retry_sees_the_earlier_one(make: MakeStore<'_>) {
+    let store = make();
+    store.insert_token(&token("abcdef", 1)).unwrap();
+    enroll(store.as_ref(), "abcdef", "agt_a", "01").unwrap();
+    let mut seen = None;
+    store
+        .enroll("abcdef", "key", &mut |state| {
+            seen = state.prior.clone();
+            assert_eq!(state.token.as_ref().unwrap().uses_left, 0);
+            Ok(None)
+        })
+        .unwrap();
+    let prior = seen.expect("the earlier enrollment of the same token and key");
+    assert_eq!((prior.at, prior.agent.id.as_str()), (200, "agt_a"));
+    assert_eq!(prior.cert.serial, "01");
+    // Another key of the same token has no earlier enrollment.
+    store
+        .enroll("abcdef", "other-key", &mut |state| {
+            assert!(state.prior.is_none());
+            Ok(None)
+        })
+        .unwrap();
+}
+
+pub(crate) fn agents_change_atomically_with_audit_lines(make: MakeStore<'_>) {
+    let store = make();
+    store.insert_token(&token("abcdef", 2)).unwrap();
+    enroll(store.as_ref(), "abcdef", "agt_a", "01").unwrap();
+    enroll(store.as_ref(), "abcdef", "agt_b", "02").unwrap();
+    let audit_before = store.audit_log().unwrap().len();
+    let written = store
+        .update_agents(&["agt_a", "agt_b"], 300, "agent.test", &mut |r| {
+            let change = r.id == "agt_a";
+            if change {
+                r.status = AgentStatus::Revoked;
+            }
+            Ok(change)
+        })
+        .unwrap();
+    assert_eq!(written.len(), 1, "only changed records are written");
+    assert_eq!(
+        store.agent("agt_a").unwrap().unwrap().status,
+        AgentStatus::Revoked
+    );
+    let audit = store.audit_log().unwrap();
+    assert_eq!(audit.len(), audit_before + 1);
+    let line = audit.last().unwrap();
+    assert_eq!(
+        (line.at, line.action.as_str(), line.subject.as_str()),
+        (300, "agent.test", "agt_a")
+    );
+    assert_eq!(line.detail, "active/- -> revoked/-");
+    // A refusal for the second agent leaves the first unchanged too.
+    let refused = store.update_agents(&["agt_b", "agt_a"], 301, "agent.test", &mut |r| {
+        if r.id == "agt_a" {
+            return Err(Refusal::conflict("no"));
+        }
+        r.name = "renamed".into();
+        Ok(true)
+    });
+    assert!(matches!(refused, Err(StoreError::Aborted(_))));
+    assert_eq!(store.agent("agt_b").unwrap().unwrap().name, "host-agt_b");
+    // An unknown id fails the call.
+    assert!(matches!(
+        store.update_agents(&["agt_x"], 302, "agent.test", &mut |_| Ok(true)),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(store.audit_log().unwrap().len(), audit_before + 1);
+}
+
+pub(crate) fn certificates_are_replaced_with_their_agent(make: MakeStore<'_>) {
+    let store = make();
+    store.insert_token(&token("abcdef", 1)).unwrap();
+    enroll(store.as_ref(), "abcdef", "agt_a", "01").unwrap();
+    let new = cert("agt_a", "02");
+    let record = store
+        .replace_certificate(
+            &new,
+            Box::new(|r| {
+                r.previous_serial = Some(r.cert_serial.clone());
+                r.cert_serial = "02".into();
+                Ok("serial=02".into())
+            }),
+        )
+        .unwrap();
+    assert_eq!(record.cert_serial, "02");
+    let stored = store.agent("agt_a").unwrap().unwrap();
+    assert_eq!(
+        (
+            stored.cert_serial.as_str(),
+            stored.previous_serial.as_deref()
+        ),
+        ("02", Some("01"))
+    );
+    assert_eq!(store.cert("02").unwrap().unwrap().pem, "PEM 02");
+    assert!(store.cert("01").unwrap().is_some(), "old certificates stay");
+    let line = store.audit_log().unwrap().pop().unwrap();
+    assert_eq!(
+        (line.action.as_str(), line.detail.as_str()),
+        ("agent.certificate", "serial=02")
+    );
+    // Refused: neither the certificate nor the agent changes.
+    let refused = store.replace_certificate(
+        &cert("agt_a", "03"),
+        Box::new(|_| Err(Refusal::unauthorized("superseded"))),
+    );
+    assert!(matches!(refused, Err(StoreError::Aborted(_))));
+    assert!(store.cert("03").unwrap().is_none());
+    assert_eq!(store.agent("agt_a").unwrap().unwrap().cert_serial, "02");
+    assert!(matches!(
+        store.replace_certificate(&cert("agt_x", "04"), Box::new(|_| Ok(String::new()))),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(store.cert("04").unwrap().is_none());
+}
+
+pub(crate) fn heartbeats_are_saved_in_batches(make: MakeStore<'_>) {
+    let store = make();
+    store.insert_token(&token("abcdef", 2)).unwrap();
+    enroll(store.as_ref(), "abcdef", "agt_a", "01").unwrap();
+    enroll(store.as_ref(), "abcdef", "agt_b", "02").unwrap();
+    store.save_heartbeats(&[]).unwrap();
+    let hb = |seq| HeartbeatState {
+        last_heartbeat_ms: 5_000 + seq,
+        seq,
+        version: "1.0.1".into(),
+        ..HeartbeatState::default()
+    };
+    store
+        .save_heartbeats(&[("agt_a".into(), hb(1)), ("agt_b".into(), hb(2))])
+        .unwrap();
+    store.save_heartbeats(&[("agt_a".into(), hb(3))]).unwrap();
+    let mut all = agents(store.as_ref());
+    all.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    let seqs: Vec<(String, u64, String)> = all
+        .into_iter()
+        .map(|(a, hb)| (a.id, hb.seq, hb.version))
+        .collect();
+    assert_eq!(
+        seqs,
+        [
+            ("agt_a".to_owned(), 3, "1.0.1".to_owned()),
+            ("agt_b".to_owned(), 2, "1.0.1".to_owned())
+        ]
+    );
+}
+
+pub(crate) fn configs_get_versions(make: MakeStore<'_>) {
+    let store = make();
+    assert!(store.configs().unwrap().is_empty());
+    let first = store.set_config("global", "{}", "h1", 100).unwrap();
+    let second = store.set_config("global", r#"{"a":1}"#, "h2", 101).unwrap();
+    let label = store.set_config("label:env=prod", "{}", "h3", 102).unwrap();
+    assert_eq!((first.version, second.version, label.version), (1, 2, 1));
+    let all = store.configs().unwrap();
+    assert_eq!(all.len(), 2);
+    let global = all.iter().find(|c| c.scope == "global").unwrap();
+    assert_eq!(
+        (
+            global.version,
+            global.doc.as_str(),
+            global.hash.as_str(),
+            global.updated_at
+        ),
+        (2, r#"{"a":1}"#, "h2", 101)
+    );
+    let lines = store.audit_log().unwrap();
+    assert_eq!(lines.iter().filter(|l| l.action == "config.set").count(), 3);
+}
+
+pub(crate) fn releases_are_recorded_once(make: MakeStore<'_>) {
+    let store = make();
+    let release = |envelope: &str| ReleaseRecord {
+        version: "1.1.0".into(),
+        envelope: envelope.into(),
+        files: vec![ReleaseFile {
+            name: "x86_64-unknown-linux-musl/stella-agent".into(),
+            sha256: "aa".into(),
+            size: 10,
+        }],
+        imported_at: 100,
+    };
+    assert!(store.insert_release(&release("e1")).unwrap().is_none());
+    let existing = store.insert_release(&release("e2")).unwrap();
+    assert_eq!(existing.unwrap().envelope, "e1", "the first stays");
+    let all = store.releases().unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].files[0].size, 10);
+}
+
+pub(crate) fn rollouts_are_replaced_whole(make: MakeStore<'_>) {
+    let store = make();
+    store
+        .put_rollout(&rollout("rol_a", "running"), 100, "rollout.start", "d")
+        .unwrap();
+    store
+        .put_rollout(&rollout("rol_b", "running"), 101, "rollout.start", "d")
+        .unwrap();
+    let mut paused = rollout("rol_a", "paused");
+    paused.reason = Some("why".into());
+    store
+        .put_rollout(&paused, 102, "rollout.pause", "why")
+        .unwrap();
+    let all = store.rollouts().unwrap();
+    assert_eq!(all.len(), 2);
+    let a = all.iter().find(|r| r.id == "rol_a").unwrap();
+    assert_eq!(
+        (a.status.as_str(), a.reason.as_deref()),
+        ("paused", Some("why"))
+    );
+    let line = store.audit_log().unwrap().pop().unwrap();
+    assert_eq!(
+        (line.at, line.action.as_str(), line.subject.as_str()),
+        (102, "rollout.pause", "rol_a")
+    );
+}

@@ -1,0 +1,242 @@
+//! The store: every durable fact of the server behind one narrow trait
+//! (agents, heartbeat soft state, tokens, enrollments, certificates,
+//! configuration scopes, releases, rollouts, the audit log), so that a second
+//! backend (PostgreSQL) can be added without touching the domain or API code.
+//!
+//! A backend keeps records and makes writes atomic and durable; it decides
+//! nothing. Where a write depends on what is stored (a token's uses, whether a
+//! certificate may be replaced), the domain passes its rule in as a closure
+//! that the backend runs inside the write transaction, and whatever the rule
+//! refuses comes back as [`StoreError::Aborted`] with nothing written.
+//!
+//! Enrollment, token use, lifecycle, certificate, configuration, release and
+//! rollout changes are durable when a method returns; heartbeat soft state is
+//! written in batches (`save_heartbeats`).
+
+mod redb;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::records::{
+    AgentRecord, AuditRecord, CertRecord, ConfigRecord, HeartbeatState, ReleaseRecord,
+    RolloutRecord, TokenRecord,
+};
+use crate::refusal::Refusal;
+
+pub(crate) use self::redb::RedbStore;
+
+/// What went wrong in the store. A backend's own error is boxed as the
+/// source of `Backend`, so that no backend type leaks out.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store file does not exist (`init` was not run).
+    Missing { path: PathBuf },
+    /// Another server has the store open.
+    InUse { path: PathBuf },
+    /// The store was written by a server with another schema.
+    Schema {
+        path: PathBuf,
+        found: Option<String>,
+        want: &'static str,
+    },
+    /// The backend failed (I/O, transaction, commit).
+    Backend {
+        context: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A stored record does not decode.
+    Corrupt { what: &'static str, key: String },
+    /// No record with that key.
+    NotFound { what: &'static str, key: String },
+    /// A record with that key exists already.
+    Exists { what: &'static str, key: String },
+    /// The caller's rule refused the change; nothing was written.
+    Aborted(Refusal),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Missing { path } => write!(
+                f,
+                "{} does not exist: run `stella-server init` first",
+                path.display()
+            ),
+            StoreError::InUse { path } => write!(
+                f,
+                "{} is in use by another stella-server process",
+                path.display()
+            ),
+            StoreError::Schema { path, found, want } => write!(
+                f,
+                "{} has schema {found:?}, this server reads schema {want}",
+                path.display()
+            ),
+            StoreError::Backend { context, source } => write!(f, "store: {context}: {source}"),
+            StoreError::Corrupt { what, key } => {
+                write!(f, "corrupt {what} record {key:?} in the store")
+            }
+            StoreError::NotFound { what, key } => write!(f, "no {what} with id {key}"),
+            StoreError::Exists { what, key } => write!(f, "{what} {key} exists already"),
+            StoreError::Aborted(refusal) => refusal.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Backend { source, .. } => Some(source.as_ref()),
+            StoreError::Aborted(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+impl From<Refusal> for StoreError {
+    fn from(r: Refusal) -> Self {
+        StoreError::Aborted(r)
+    }
+}
+
+/// What an enrollment rule sees, read inside the enrollment's transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct EnrollmentState {
+    /// The token presented, as stored (None: unknown id).
+    pub(crate) token: Option<TokenRecord>,
+    /// The earlier enrollment of the same token and public key, if any.
+    pub(crate) prior: Option<PriorEnrollment>,
+}
+
+/// An earlier enrollment of the same token and key.
+#[derive(Debug, Clone)]
+pub(crate) struct PriorEnrollment {
+    /// When it happened (unix seconds).
+    pub(crate) at: u64,
+    pub(crate) agent: AgentRecord,
+    /// The agent's current certificate.
+    pub(crate) cert: CertRecord,
+}
+
+/// What an accepted enrollment writes, all in one transaction: the token with
+/// one use consumed, the new agent, its certificate, and the (token, key)
+/// marker that makes a retry idempotent.
+#[derive(Debug, Clone)]
+pub(crate) struct NewEnrollment {
+    pub(crate) token: TokenRecord,
+    pub(crate) agent: AgentRecord,
+    pub(crate) cert: CertRecord,
+    pub(crate) at: u64,
+}
+
+/// Decides an enrollment from what is stored: `Ok(Some)` writes it,
+/// `Ok(None)` writes nothing (the earlier answer stands), `Err` refuses.
+pub(crate) type EnrollRule<'a> =
+    dyn FnMut(&EnrollmentState) -> Result<Option<NewEnrollment>, Refusal> + 'a;
+
+/// Changes one agent record: `Ok(true)` writes it, `Ok(false)` leaves it.
+pub(crate) type AgentChange<'a> = dyn FnMut(&mut AgentRecord) -> Result<bool, Refusal> + 'a;
+
+/// Changes an agent record for a new certificate; returns the audit detail.
+pub(crate) type CertificateChange<'a> =
+    dyn FnOnce(&mut AgentRecord) -> Result<String, Refusal> + 'a;
+
+/// Every durable operation of the server. Implementations must be safe to
+/// share between threads; every write method is one atomic, durable
+/// transaction with its audit line.
+pub(crate) trait Store: Send + Sync {
+    /// Hex SHA-256 of the admin token.
+    fn admin_token_sha256(&self) -> Result<String, StoreError>;
+
+    /// Every agent with its last saved heartbeat state, one at a time.
+    fn load_agents(
+        &self,
+        each: &mut dyn FnMut(AgentRecord, HeartbeatState),
+    ) -> Result<(), StoreError>;
+
+    /// One agent.
+    fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
+
+    /// Records a new token; refuses an id that exists.
+    fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+
+    /// One token. (Read by the conformance and crash-consistency tests;
+    /// nothing in the server needs it yet.)
+    #[allow(dead_code)]
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Runs `rule` on the token `token_id` and the earlier enrollment of
+    /// (`token_id`, `key_sha256`), and writes what it returns, in one
+    /// transaction.
+    fn enroll(
+        &self,
+        token_id: &str,
+        key_sha256: &str,
+        rule: &mut EnrollRule<'_>,
+    ) -> Result<(), StoreError>;
+
+    /// Applies `change` to each named agent in one transaction, with an audit
+    /// line `action` per changed agent; returns the records written. An
+    /// unknown id fails the whole call.
+    fn update_agents(
+        &self,
+        ids: &[&str],
+        now: u64,
+        action: &str,
+        change: &mut AgentChange<'_>,
+    ) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// A certificate by serial.
+    fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError>;
+
+    /// Records `cert` and applies `change` to its agent, in one transaction.
+    fn replace_certificate(
+        &self,
+        cert: &CertRecord,
+        change: Box<CertificateChange<'_>>,
+    ) -> Result<AgentRecord, StoreError>;
+
+    /// Every rollout.
+    fn rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
+
+    /// Writes a rollout's new state, with an audit line.
+    fn put_rollout(
+        &self,
+        rollout: &RolloutRecord,
+        now: u64,
+        action: &str,
+        detail: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Every imported release.
+    fn releases(&self) -> Result<Vec<ReleaseRecord>, StoreError>;
+
+    /// Records a release unless its version exists; returns the existing
+    /// record then (nothing written).
+    fn insert_release(&self, release: &ReleaseRecord) -> Result<Option<ReleaseRecord>, StoreError>;
+
+    /// Every configuration scope.
+    fn configs(&self) -> Result<Vec<ConfigRecord>, StoreError>;
+
+    /// Stores the next version of one scope's configuration.
+    fn set_config(
+        &self,
+        scope: &str,
+        doc: &str,
+        hash: &str,
+        now: u64,
+    ) -> Result<ConfigRecord, StoreError>;
+
+    /// Writes a batch of heartbeat states (one commit for the whole batch).
+    fn save_heartbeats(&self, batch: &[(String, HeartbeatState)]) -> Result<(), StoreError>;
+
+    /// The audit log, oldest first. (Read by the conformance tests; an
+    /// admin command to show it is yet to come.)
+    #[allow(dead_code)]
+    fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError>;
+}

@@ -1,0 +1,890 @@
+//! The redb backend of the store: one file in the data dir, one table per
+//! kind of record, each record the JSON of its `records` type. The only file
+//! that names a redb type; it keeps records and decides nothing.
+
+use std::path::Path;
+
+use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use miniserde::{Deserialize, Serialize, json};
+
+use super::{
+    AgentChange, CertificateChange, EnrollRule, EnrollmentState, PriorEnrollment, Store, StoreError,
+};
+use crate::records::{
+    AgentRecord, AuditRecord, CertRecord, ConfigRecord, EnrollmentRecord, HeartbeatState,
+    ReleaseRecord, RolloutRecord, TokenRecord,
+};
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+const HEARTBEATS: TableDefinition<&str, &[u8]> = TableDefinition::new("heartbeats");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certs");
+/// Key: `<token id>/<hex sha256 of the public key>`.
+const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Key: rollout id.
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+/// Key: release version.
+const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
+/// Key: scope (`global`, `label:K=V`, `agent:ID`).
+const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
+
+/// redb's page cache (its default is 1 GiB).
+const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+const SCHEMA_VERSION: &str = "1";
+const ADMIN_HASH_KEY: &str = "admin_token_sha256";
+
+/// The store in one redb file.
+pub(crate) struct RedbStore {
+    db: Database,
+}
+
+macro_rules! backend_error_from {
+    ($($t:ty => $what:literal),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Backend { context: $what.to_owned(), source: Box::new(e) }
+            }
+        }
+    )*};
+}
+backend_error_from!(
+    ::redb::Error => "redb",
+    ::redb::TransactionError => "redb transaction",
+    ::redb::TableError => "redb table",
+    ::redb::StorageError => "redb storage",
+    ::redb::CommitError => "redb commit"
+);
+
+fn open_error(path: &Path, e: ::redb::DatabaseError) -> StoreError {
+    match e {
+        ::redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+            path: path.to_owned(),
+        },
+        other => StoreError::Backend {
+            context: format!("cannot open {}", path.display()),
+            source: Box::new(other),
+        },
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    json::to_string(value).into_bytes()
+}
+
+fn decode<T: Deserialize>(what: &'static str, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| json::from_str(s).ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            what,
+            key: key.to_owned(),
+        })
+}
+
+fn enrollment_key(token_id: &str, key_sha256: &str) -> String {
+    format!("{token_id}/{key_sha256}")
+}
+
+impl RedbStore {
+    /// Creates a new store file with the admin token's hash.
+    pub(crate) fn create(path: &Path, admin_sha256: &str) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| open_error(path, e))?;
+        // It holds token and admin hashes: owner only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            StoreError::Backend {
+                context: format!("cannot restrict {}", path.display()),
+                source: Box::new(e),
+            }
+        })?;
+        Self::initialize(db, admin_sha256)
+    }
+
+    fn initialize(db: Database, admin_sha256: &str) -> Result<Self, StoreError> {
+        let store = Self { db };
+        let txn = store.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert("schema", SCHEMA_VERSION)?;
+            meta.insert(ADMIN_HASH_KEY, admin_sha256)?;
+            txn.open_table(AGENTS)?;
+            txn.open_table(HEARTBEATS)?;
+            txn.open_table(TOKENS)?;
+            txn.open_table(CERTS)?;
+            txn.open_table(ENROLLMENTS)?;
+            txn.open_table(AUDIT)?;
+            txn.open_table(CONFIGS)?;
+            txn.open_table(RELEASES)?;
+            txn.open_table(ROLLOUTS)?;
+        }
+        txn.commit()?;
+        Ok(store)
+    }
+
+    /// Opens an existing store file (exclusively: one server per data dir).
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing {
+                path: path.to_owned(),
+            });
+        }
+        // redb's read cache defaults to 1 GiB and keeps every page that
+        // load_agents read at start: about 0.9 KiB per agent. 32 MiB holds
+        // the hot pages; heartbeats and admin reads come from memory anyway.
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .open(path)
+            .map_err(|e| open_error(path, e))?;
+        let store = Self { db };
+        store.check_schema(path)?;
+        Ok(store)
+    }
+
+    fn check_schema(&self, path: &Path) -> Result<(), StoreError> {
+        let schema = self.meta("schema")?;
+        if schema.as_deref() != Some(SCHEMA_VERSION) {
+            return Err(StoreError::Schema {
+                path: path.to_owned(),
+                found: schema,
+                want: SCHEMA_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(META)?;
+        Ok(table.get(key)?.map(|v| v.value().to_owned()))
+    }
+
+    /// One record of a table, decoded.
+    fn get<T: Deserialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        what: &'static str,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let rows = txn.open_table(table)?;
+        rows.get(key)?
+            .map(|v| decode(what, key, v.value()))
+            .transpose()
+    }
+
+    /// Every value of a table, decoded, in key order (read-only: `create`
+    /// made every table).
+    fn all<T: Deserialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let rows = txn.open_table(table)?;
+        let mut out = Vec::new();
+        for row in rows.iter()? {
+            let (k, v) = row?;
+            out.push(decode(what, k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+impl Store for RedbStore {
+    fn admin_token_sha256(&self) -> Result<String, StoreError> {
+        self.meta(ADMIN_HASH_KEY)?.ok_or(StoreError::NotFound {
+            what: "admin token hash",
+            key: ADMIN_HASH_KEY.to_owned(),
+        })
+    }
+
+    fn load_agents(
+        &self,
+        each: &mut dyn FnMut(AgentRecord, HeartbeatState),
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_read()?;
+        let agents = txn.open_table(AGENTS)?;
+        let heartbeats = txn.open_table(HEARTBEATS)?;
+        for row in agents.iter()? {
+            let (key, value) = row?;
+            let record: AgentRecord = decode("agent", key.value(), value.value())?;
+            let hb = match heartbeats.get(key.value())? {
+                Some(v) => decode("heartbeat", key.value(), v.value())?,
+                None => <HeartbeatState as Default>::default(),
+            };
+            each(record, hb);
+        }
+        Ok(())
+    }
+
+    fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        self.get(AGENTS, "agent", id)
+    }
+
+    fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut tokens = txn.open_table(TOKENS)?;
+            if tokens.get(token.id.as_str())?.is_some() {
+                return Err(StoreError::Exists {
+                    what: "token",
+                    key: token.id.clone(),
+                });
+            }
+            tokens.insert(token.id.as_str(), encode(token).as_slice())?;
+            append_audit(
+                &txn,
+                token.created_at,
+                "token.create",
+                &token.id,
+                &format!(
+                    "uses={} expires_at={}",
+                    token.uses,
+                    stella_proto::time::rfc3339(token.expires_at)
+                ),
+            )?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.get(TOKENS, "token", id)
+    }
+
+    fn enroll(
+        &self,
+        token_id: &str,
+        key_sha256: &str,
+        rule: &mut EnrollRule<'_>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        let marker_key = enrollment_key(token_id, key_sha256);
+        {
+            let mut tokens = txn.open_table(TOKENS)?;
+            let mut agents = txn.open_table(AGENTS)?;
+            let mut certs = txn.open_table(CERTS)?;
+            let mut enrollments = txn.open_table(ENROLLMENTS)?;
+            let token: Option<TokenRecord> = tokens
+                .get(token_id)?
+                .map(|v| decode("token", token_id, v.value()))
+                .transpose()?;
+            let marker: Option<EnrollmentRecord> = enrollments
+                .get(marker_key.as_str())?
+                .map(|v| decode("enrollment", &marker_key, v.value()))
+                .transpose()?;
+            let prior = match marker {
+                Some(marker) => {
+                    let agent: AgentRecord = agents
+                        .get(marker.agent_id.as_str())?
+                        .map(|v| decode("agent", &marker.agent_id, v.value()))
+                        .transpose()?
+                        .ok_or_else(|| StoreError::Corrupt {
+                            what: "enrollment (its agent is missing)",
+                            key: marker_key.clone(),
+                        })?;
+                    let cert: CertRecord = certs
+                        .get(agent.cert_serial.as_str())?
+                        .map(|v| decode("certificate", &agent.cert_serial, v.value()))
+                        .transpose()?
+                        .ok_or_else(|| StoreError::Corrupt {
+                            what: "agent (its certificate is missing)",
+                            key: agent.id.clone(),
+                        })?;
+                    Some(PriorEnrollment {
+                        at: marker.at,
+                        agent,
+                        cert,
+                    })
+                }
+                None => None,
+            };
+            let state = EnrollmentState { token, prior };
+            let Some(new) = rule(&state)? else {
+                return Ok(());
+            };
+            tokens.insert(new.token.id.as_str(), encode(&new.token).as_slice())?;
+            agents.insert(new.agent.id.as_str(), encode(&new.agent).as_slice())?;
+            certs.insert(new.cert.serial.as_str(), encode(&new.cert).as_slice())?;
+            let marker = EnrollmentRecord {
+                agent_id: new.agent.id.clone(),
+                at: new.at,
+            };
+            enrollments.insert(marker_key.as_str(), encode(&marker).as_slice())?;
+            append_audit(
+                &txn,
+                new.at,
+                "agent.enroll",
+                &new.agent.id,
+                &format!(
+                    "token={} name={} serial={}",
+                    new.token.id, new.agent.name, new.cert.serial
+                ),
+            )?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn update_agents(
+        &self,
+        ids: &[&str],
+        now: u64,
+        action: &str,
+        change: &mut AgentChange<'_>,
+    ) -> Result<Vec<AgentRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut written = Vec::new();
+        {
+            let mut agents = txn.open_table(AGENTS)?;
+            for id in ids {
+                let Some(stored) = agents.get(*id)? else {
+                    return Err(StoreError::NotFound {
+                        what: "agent",
+                        key: (*id).to_owned(),
+                    });
+                };
+                let mut record: AgentRecord = decode("agent", id, stored.value())?;
+                drop(stored);
+                let before = record.status_text();
+                if change(&mut record)? {
+                    agents.insert(*id, encode(&record).as_slice())?;
+                    let after = record.status_text();
+                    append_audit(&txn, now, action, id, &format!("{before} -> {after}"))?;
+                    written.push(record);
+                }
+            }
+        }
+        if written.is_empty() {
+            txn.abort()?;
+        } else {
+            txn.commit()?;
+        }
+        Ok(written)
+    }
+
+    fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
+        self.get(CERTS, "certificate", serial)
+    }
+
+    fn replace_certificate(
+        &self,
+        cert: &CertRecord,
+        change: Box<CertificateChange<'_>>,
+    ) -> Result<AgentRecord, StoreError> {
+        let txn = self.db.begin_write()?;
+        let record = {
+            let mut agents = txn.open_table(AGENTS)?;
+            let agent_id = cert.agent_id.as_str();
+            let Some(stored) = agents.get(agent_id)? else {
+                return Err(StoreError::NotFound {
+                    what: "agent",
+                    key: agent_id.to_owned(),
+                });
+            };
+            let mut record: AgentRecord = decode("agent", agent_id, stored.value())?;
+            drop(stored);
+            let detail = change(&mut record)?;
+            agents.insert(agent_id, encode(&record).as_slice())?;
+            let mut certs = txn.open_table(CERTS)?;
+            certs.insert(cert.serial.as_str(), encode(cert).as_slice())?;
+            append_audit(&txn, cert.issued_at, "agent.certificate", agent_id, &detail)?;
+            record
+        };
+        txn.commit()?;
+        Ok(record)
+    }
+
+    fn rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        self.all(ROLLOUTS, "rollout")
+    }
+
+    fn put_rollout(
+        &self,
+        rollout: &RolloutRecord,
+        now: u64,
+        action: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut rollouts = txn.open_table(ROLLOUTS)?;
+            rollouts.insert(rollout.id.as_str(), encode(rollout).as_slice())?;
+            append_audit(&txn, now, action, &rollout.id, detail)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn releases(&self) -> Result<Vec<ReleaseRecord>, StoreError> {
+        self.all(RELEASES, "release")
+    }
+
+    fn insert_release(&self, release: &ReleaseRecord) -> Result<Option<ReleaseRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut releases = txn.open_table(RELEASES)?;
+            if let Some(existing) = releases.get(release.version.as_str())? {
+                return decode("release", &release.version, existing.value()).map(Some);
+            }
+            releases.insert(release.version.as_str(), encode(release).as_slice())?;
+            append_audit(
+                &txn,
+                release.imported_at,
+                "release.import",
+                &release.version,
+                &format!("files={}", release.files.len()),
+            )?;
+        }
+        txn.commit()?;
+        Ok(None)
+    }
+
+    fn configs(&self) -> Result<Vec<ConfigRecord>, StoreError> {
+        self.all(CONFIGS, "config")
+    }
+
+    fn set_config(
+        &self,
+        scope: &str,
+        doc: &str,
+        hash: &str,
+        now: u64,
+    ) -> Result<ConfigRecord, StoreError> {
+        let txn = self.db.begin_write()?;
+        let record = {
+            let mut configs = txn.open_table(CONFIGS)?;
+            let version = match configs.get(scope)? {
+                Some(v) => decode::<ConfigRecord>("config", scope, v.value())?.version + 1,
+                None => 1,
+            };
+            let record = ConfigRecord {
+                scope: scope.to_owned(),
+                version,
+                doc: doc.to_owned(),
+                hash: hash.to_owned(),
+                updated_at: now,
+            };
+            configs.insert(scope, encode(&record).as_slice())?;
+            append_audit(
+                &txn,
+                now,
+                "config.set",
+                scope,
+                &format!("version={version} hash={hash}"),
+            )?;
+            record
+        };
+        txn.commit()?;
+        Ok(record)
+    }
+
+    fn save_heartbeats(&self, batch: &[(String, HeartbeatState)]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(HEARTBEATS)?;
+            for (id, state) in batch {
+                table.insert(id.as_str(), encode(state).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let rows = txn.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for row in rows.iter()? {
+            let (k, v) = row?;
+            out.push(decode("audit", &k.value().to_string(), v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+fn append_audit(
+    txn: &::redb::WriteTransaction,
+    at: u64,
+    action: &str,
+    subject: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    let mut audit = txn.open_table(AUDIT)?;
+    let next = audit.last()?.map_or(0, |(k, _)| k.value() + 1);
+    let line = AuditRecord {
+        at,
+        action: action.to_owned(),
+        subject: subject.to_owned(),
+        detail: detail.to_owned(),
+    };
+    audit.insert(next, encode(&line).as_slice())?;
+    Ok(())
+}
+
+#[cfg(test)]
+impl RedbStore {
+    /// A store over any redb backend: a new one, or the existing one on it.
+    fn with_backend(backend: impl ::redb::StorageBackend, new: bool) -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| open_error(Path::new("(test backend)"), e))?;
+        if new {
+            return Self::initialize(db, super::conformance::ADMIN_SHA256);
+        }
+        let store = Self { db };
+        store.check_schema(Path::new("(test backend)"))?;
+        Ok(store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::records::AgentStatus;
+    use crate::refusal::Refusal;
+    use crate::store::conformance::{self, store_conformance};
+
+    fn in_memory() -> Box<dyn Store> {
+        Box::new(
+            RedbStore::with_backend(::redb::backends::InMemoryBackend::new(), true).expect("store"),
+        )
+    }
+
+    store_conformance!(in_memory);
+
+    #[test]
+    fn an_existing_data_dir_opens_with_its_records() {
+        let dir = std::env::temp_dir().join(format!("stella-redb-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("server.redb");
+        let _ = std::fs::remove_file(&path);
+        {
+            let store = RedbStore::create(&path, "ab").unwrap();
+            store
+                .insert_token(&conformance::token("abcdef", 1))
+                .unwrap();
+            conformance::enroll(&store, "abcdef", "agt_a", "01").unwrap();
+        }
+        let store = RedbStore::open(&path).unwrap();
+        assert_eq!(store.admin_token_sha256().unwrap(), "ab");
+        let agent = store.agent("agt_a").unwrap().unwrap();
+        assert_eq!(agent.status, AgentStatus::Active);
+        // The records are the same JSON as before states were typed.
+        let txn = store.db.begin_read().unwrap();
+        let raw = txn.open_table(AGENTS).unwrap();
+        let json = raw.get("agt_a").unwrap().unwrap().value().to_vec();
+        let json = String::from_utf8(json).unwrap();
+        assert!(
+            json.contains(r#""status":"active","reason":null"#),
+            "{json}"
+        );
+        assert!(matches!(
+            RedbStore::open(&path),
+            Err(StoreError::InUse { .. })
+        ));
+        drop(txn);
+        drop(store);
+        assert!(matches!(
+            RedbStore::open(&dir.join("nothing.redb")),
+            Err(StoreError::Missing { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A disk in memory: what was written, what was synced (what survives a
+    /// crash), and a fault armed at the Nth write or sync.
+    #[derive(Debug, Default)]
+    struct Disk {
+        current: Vec<u8>,
+        durable: Vec<u8>,
+        /// Writes, length changes and syncs since the fault was armed.
+        ops: u64,
+        fail_at: Option<u64>,
+        failed: bool,
+    }
+
+    impl Disk {
+        /// Counts one operation; fails it (and everything after) at the
+        /// armed one.
+        fn op(&mut self) -> std::io::Result<()> {
+            self.ops += 1;
+            if self.failed || self.fail_at == Some(self.ops) {
+                self.failed = true;
+                return Err(std::io::Error::other("injected fault"));
+            }
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, Clone, Default)]
+    struct FaultyBackend(Arc<Mutex<Disk>>);
+
+    impl FaultyBackend {
+        fn disk(&self) -> std::sync::MutexGuard<'_, Disk> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        fn arm(&self, at: u64) {
+            let mut disk = self.disk();
+            disk.ops = 0;
+            disk.fail_at = Some(at);
+        }
+
+        /// The machine stops: only what was synced is on the disk.
+        fn crash(&self) {
+            let mut disk = self.disk();
+            disk.current = disk.durable.clone();
+            disk.fail_at = None;
+            disk.failed = false;
+        }
+    }
+
+    impl ::redb::StorageBackend for FaultyBackend {
+        fn len(&self) -> std::io::Result<u64> {
+            Ok(self.disk().current.len() as u64)
+        }
+
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            let disk = self.disk();
+            let start = offset as usize;
+            let bytes = disk
+                .current
+                .get(start..start + out.len())
+                .ok_or_else(|| std::io::Error::other("read past the end"))?;
+            out.copy_from_slice(bytes);
+            Ok(())
+        }
+
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            let mut disk = self.disk();
+            disk.op()?;
+            disk.current.resize(len as usize, 0);
+            Ok(())
+        }
+
+        fn sync_data(&self) -> std::io::Result<()> {
+            let mut disk = self.disk();
+            disk.op()?;
+            disk.durable = disk.current.clone();
+            Ok(())
+        }
+
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            let mut disk = self.disk();
+            disk.op()?;
+            let start = offset as usize;
+            let end = start + data.len();
+            if disk.current.len() < end {
+                disk.current.resize(end, 0);
+            }
+            disk.current[start..end].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    /// Runs `change` on a store prepared by `prepare`, with a fault at each
+    /// write or sync in turn, crashes, reopens, and checks `invariant` on what
+    /// survived (told whether `change` had reported success). Ends when
+    /// `change` ran to the end without reaching the fault.
+    fn crash_at_every_write(
+        prepare: impl Fn(&dyn Store),
+        change: impl Fn(&dyn Store) -> Result<(), StoreError>,
+        invariant: impl Fn(&dyn Store, bool),
+    ) {
+        for at in 1..1_000 {
+            // Every earlier run reached its fault.
+            let faults = at - 1;
+            let backend = FaultyBackend::default();
+            {
+                let store = RedbStore::with_backend(backend.clone(), true).expect("new store");
+                prepare(&store);
+                backend.arm(at);
+                let result = change(&store);
+                let reached = {
+                    let disk = backend.disk();
+                    disk.fail_at.is_some_and(|n| disk.ops >= n)
+                };
+                if !reached {
+                    result.expect("the change without a fault");
+                    drop(store);
+                    backend.crash();
+                    let store = RedbStore::with_backend(backend, false).expect("reopen");
+                    invariant(&store, true);
+                    assert!(faults > 2, "only {faults} faults injected");
+                    return;
+                }
+                drop(store);
+                backend.crash();
+                let reopened =
+                    RedbStore::with_backend(backend.clone(), false).unwrap_or_else(|e| {
+                        panic!("fault at write {at}: the store does not reopen: {e}")
+                    });
+                invariant(&reopened, result.is_ok());
+            }
+        }
+        panic!("the change never finished");
+    }
+
+    #[test]
+    fn a_crash_during_enrollment_consumes_the_token_iff_the_agent_is_recorded() {
+        crash_at_every_write(
+            |store| {
+                store
+                    .insert_token(&conformance::token("abcdef", 2))
+                    .unwrap()
+            },
+            |store| conformance::enroll(store, "abcdef", "agt_a", "01"),
+            |store, succeeded| {
+                let token = store.token("abcdef").unwrap().expect("the token survives");
+                let agent = store.agent("agt_a").unwrap();
+                let cert = store.cert("01").unwrap();
+                let consumed = token.uses_left == 1;
+                assert_eq!(consumed, agent.is_some(), "token use and agent");
+                assert_eq!(agent.is_some(), cert.is_some(), "agent and certificate");
+                if succeeded {
+                    assert!(consumed, "an answered enrollment is durable");
+                }
+            },
+        );
+    }
+
+    #[test]
+    fn a_crash_during_renewal_keeps_agent_and_certificate_together() {
+        crash_at_every_write(
+            |store| {
+                store
+                    .insert_token(&conformance::token("abcdef", 1))
+                    .unwrap();
+                conformance::enroll(store, "abcdef", "agt_a", "01").unwrap();
+            },
+            |store| {
+                store
+                    .replace_certificate(
+                        &conformance::cert("agt_a", "02"),
+                        Box::new(|r| {
+                            r.previous_serial = Some(r.cert_serial.clone());
+                            r.cert_serial = "02".into();
+                            Ok("serial=02".into())
+                        }),
+                    )
+                    .map(|_| ())
+            },
+            |store, succeeded| {
+                let agent = store.agent("agt_a").unwrap().expect("the agent survives");
+                let renewed = agent.cert_serial == "02";
+                assert_eq!(renewed, store.cert("02").unwrap().is_some());
+                if renewed {
+                    assert_eq!(agent.previous_serial.as_deref(), Some("01"));
+                } else {
+                    assert_eq!(
+                        (agent.cert_serial.as_str(), agent.previous_serial.as_deref()),
+                        ("01", None),
+                        "the old pair stays usable"
+                    );
+                }
+                assert!(store.cert("01").unwrap().is_some());
+                if succeeded {
+                    assert!(renewed, "an answered renewal is durable");
+                }
+            },
+        );
+    }
+
+    #[test]
+    fn a_crash_during_config_set_leaves_one_whole_version() {
+        crash_at_every_write(
+            |store| {
+                store.set_config("global", "{}", "h1", 100).unwrap();
+            },
+            |store| {
+                store
+                    .set_config("global", r#"{"a":1}"#, "h2", 101)
+                    .map(|_| ())
+            },
+            |store, succeeded| {
+                let configs = store.configs().unwrap();
+                assert_eq!(configs.len(), 1);
+                let c = &configs[0];
+                let whole = matches!(
+                    (c.version, c.doc.as_str(), c.hash.as_str()),
+                    (1, "{}", "h1") | (2, r#"{"a":1}"#, "h2")
+                );
+                assert!(whole, "{c:?}");
+                let sets = store
+                    .audit_log()
+                    .unwrap()
+                    .iter()
+                    .filter(|l| l.action == "config.set")
+                    .count();
+                assert_eq!(sets as u64, c.version, "one audit line per version");
+                if succeeded {
+                    assert_eq!(c.version, 2, "an answered config set is durable");
+                }
+            },
+        );
+    }
+
+    #[test]
+    fn a_crash_during_a_rollout_change_leaves_the_old_or_the_new_state() {
+        crash_at_every_write(
+            |store| {
+                store
+                    .put_rollout(
+                        &conformance::rollout("rol_a", "running"),
+                        100,
+                        "rollout.start",
+                        "",
+                    )
+                    .unwrap();
+            },
+            |store| {
+                let mut paused = conformance::rollout("rol_a", "paused");
+                paused.reason = Some("paused by an administrator".into());
+                store.put_rollout(&paused, 101, "rollout.pause", "")
+            },
+            |store, succeeded| {
+                let all = store.rollouts().unwrap();
+                assert_eq!(all.len(), 1);
+                let r = &all[0];
+                let paused = match r.status.as_str() {
+                    "running" => {
+                        assert_eq!(r.reason, None);
+                        false
+                    }
+                    "paused" => {
+                        assert!(r.reason.is_some());
+                        true
+                    }
+                    other => panic!("status {other}"),
+                };
+                let logged = store
+                    .audit_log()
+                    .unwrap()
+                    .iter()
+                    .any(|l| l.action == "rollout.pause");
+                assert_eq!(paused, logged, "the change and its audit line");
+                if succeeded {
+                    assert!(paused, "an answered rollout change is durable");
+                }
+            },
+        );
+    }
+
+    #[test]
+    fn a_refused_rule_inside_a_transaction_is_reported_as_such() {
+        let store = in_memory();
+        let refused = store.enroll("x", "k", &mut |_| Err(Refusal::unauthorized("no")));
+        let Err(StoreError::Aborted(r)) = refused else {
+            panic!("{refused:?}");
+        };
+        assert_eq!(r.status(), 401);
+    }
+}
