@@ -10,7 +10,7 @@ use crate::state::StateDir;
 
 #[derive(Serialize)]
 struct UpdateView {
-    state: String,
+    state: stella_proto::states::UpdatePhase,
     version: String,
 }
 

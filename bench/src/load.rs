@@ -75,7 +75,7 @@ fn body_tail(config_hash: &str) -> String {
             failing: Vec::new(),
         },
         update: UpdateReport {
-            state: "idle".into(),
+            state: stella_proto::states::UpdatePhase::Idle,
             version: env!("CARGO_PKG_VERSION").into(),
             error: None,
         },

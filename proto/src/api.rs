@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use miniserde::json::Value;
 use miniserde::{Deserialize, Serialize};
 
+use crate::states::{AgentStatus, InactiveReason, UpdatePhase};
+
 /// Labels: `key=value` pairs attached to agents and tokens.
 pub type Labels = BTreeMap<String, String>;
 
@@ -59,15 +61,18 @@ pub struct DoctorSummary {
     pub warn: u32,
     pub fail: u32,
     pub skip: u32,
-    /// Ids of failing checks.
+    /// Ids of failing checks (`CheckId` spellings). Text, not `CheckId`: an
+    /// agent newer than its server may run a check the server does not know,
+    /// and its heartbeat must not be refused for that.
     pub failing: Vec<String>,
 }
 
 /// Where the agent stands with updates.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct UpdateReport {
-    /// `idle`, `downloading`, `self-test`, `probation`, `failed`, ...
-    pub state: String,
+    /// `idle`, `downloading`, `probation`, `failed`, ...; a phase this build
+    /// does not know is kept (`UpdatePhase::Unknown`), never refused.
+    pub state: UpdatePhase,
     /// The version concerned (the running one when idle).
     pub version: String,
     /// Why the update to `version` failed (state `failed`).
@@ -212,7 +217,7 @@ impl HeartbeatRequest {
         );
         json_strings(out, &d.failing);
         out.push_str("},\"update\":{\"state\":");
-        json_string(out, &self.update.state);
+        json_string(out, self.update.state.as_str());
         out.push_str(",\"version\":");
         json_string(out, &self.update.version);
         out.push_str(",\"error\":");
@@ -286,8 +291,8 @@ pub struct HeartbeatResponse {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct SelfView {
     pub agent_id: String,
-    pub status: String,
-    pub reason: Option<String>,
+    pub status: AgentStatus,
+    pub reason: Option<InactiveReason>,
     pub server_time: String,
     /// Unix milliseconds, for clock-skew measurements.
     pub server_time_ms: u64,
@@ -370,10 +375,9 @@ pub struct TokenCreateResponse {
 pub struct AgentView {
     pub id: String,
     pub name: String,
-    /// `active`, `inactive` or `revoked`.
-    pub status: String,
-    /// For `inactive`: `heartbeat_timeout` or `deactivated`.
-    pub reason: Option<String>,
+    pub status: AgentStatus,
+    /// Set when `inactive`.
+    pub reason: Option<InactiveReason>,
     pub version: String,
     pub target: String,
     pub labels: Labels,
@@ -456,7 +460,7 @@ mod tests {
             config_error: None,
             doctor: Default::default(),
             update: UpdateReport {
-                state: "idle".into(),
+                state: UpdatePhase::Idle,
                 version: "1.2.3".into(),
                 error: None,
             },
@@ -480,7 +484,7 @@ mod tests {
                 failing: vec!["a".into(), "b\r".into()],
             },
             update: UpdateReport {
-                state: "failed".into(),
+                state: UpdatePhase::Failed,
                 version: "2".into(),
                 error: Some("x\u{8}\u{c}".into()),
             },

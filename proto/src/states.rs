@@ -38,6 +38,12 @@ macro_rules! wire_enum {
             }
         }
 
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(self.as_str())
@@ -186,6 +192,12 @@ impl UpdatePhase {
             .find(|p| p.as_str() == text)
             .cloned()
             .unwrap_or_else(|| UpdatePhase::Unknown(text.to_owned()))
+    }
+}
+
+impl PartialEq<&str> for UpdatePhase {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 

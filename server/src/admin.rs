@@ -182,7 +182,7 @@ pub(crate) fn agents_list(target: &AdminTarget, as_json: bool) -> Result<(), Err
         .map(|a| {
             let status = match &a.reason {
                 Some(r) => format!("{} ({r})", a.status),
-                None => a.status.clone(),
+                None => a.status.to_string(),
             };
             [
                 a.id.clone(),
@@ -237,7 +237,7 @@ fn print_agent(a: &AgentView) -> Result<(), Error> {
         "status",
         &match &a.reason {
             Some(r) => format!("{} ({r})", a.status),
-            None => a.status.clone(),
+            None => a.status.to_string(),
         },
     )?;
     field("version", &a.version)?;

@@ -302,7 +302,11 @@ pub(crate) fn record_heartbeat(agent: &mut LiveAgent, body: HeartbeatRequest, no
     hb.config_drift = body.config_drift;
     hb.config_error = body.config_error;
     hb.doctor = body.doctor;
-    hb.update_state = body.update.state;
+    // Stored as text: a phase this server does not know is kept as the
+    // agent spelled it (see `UpdatePhase::Unknown`).
+    if hb.update_state != body.update.state.as_str() {
+        hb.update_state = body.update.state.as_str().to_owned();
+    }
     hb.update_version = body.update.version;
     hb.update_error = body.update.error;
     hb.capabilities = body.capabilities;
@@ -346,8 +350,8 @@ pub(crate) fn view(live: &LiveAgent) -> AgentView {
         name: r.name.clone(),
         // `AgentView` is read by the e2e tests as strings too: typed at the
         // server's records, spelled here.
-        status: r.status.as_str().to_owned(),
-        reason: r.reason.map(|x| x.as_str().to_owned()),
+        status: r.status,
+        reason: r.reason,
         version: version.to_owned(),
         target: r.platform.target.clone(),
         labels: r.labels.clone(),

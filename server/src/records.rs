@@ -4,6 +4,7 @@
 
 use miniserde::{Deserialize, Serialize};
 use stella_proto::api::{ConfigRefusal, DoctorSummary, Labels, Platform, UpdateReport};
+use stella_proto::states::UpdatePhase;
 pub(crate) use stella_proto::states::{AgentStatus, InactiveReason};
 
 /// The durable identity and lifecycle of one agent.
@@ -82,9 +83,9 @@ impl HeartbeatState {
     pub(crate) fn update_report(&self, running: &str) -> UpdateReport {
         UpdateReport {
             state: if self.update_state.is_empty() {
-                "idle".to_owned()
+                UpdatePhase::Idle
             } else {
-                self.update_state.clone()
+                UpdatePhase::parse(&self.update_state)
             },
             version: if self.update_version.is_empty() {
                 running.to_owned()

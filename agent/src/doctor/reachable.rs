@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use miniserde::json;
 use stella_proto::api::SelfView;
+use stella_proto::states::InactiveReason;
 
 use super::{Finding, Probe, now_ms};
 use crate::{identity, tls, transport};
@@ -114,7 +115,7 @@ impl super::Doctor<'_> {
             .map(|v| (sent_ms + received_ms) / 2 - v.server_time_ms as i64);
         let f = if view
             .as_ref()
-            .is_some_and(|v| v.reason.as_deref() == Some("deactivated"))
+            .is_some_and(|v| v.reason == Some(InactiveReason::Deactivated))
         {
             warn!(
                 "server.reachable/deactivated",

@@ -86,7 +86,7 @@ impl Updater {
     /// Where the agent stands, for the heartbeat.
     pub(crate) fn report(&self, saved: &StateFile) -> UpdateReport {
         let mut out = UpdateReport {
-            state: String::new(),
+            state: UpdatePhase::Idle,
             version: String::new(),
             error: None,
         };
@@ -116,10 +116,8 @@ impl Updater {
     /// Writes the report into `out`, allocating only when it changed.
     pub(crate) fn fill_report(&self, saved: &StateFile, out: &mut UpdateReport) {
         let (phase, version, error) = self.standing(saved);
-        // The wire field is text until proto's report carries the phase.
-        let state = phase.as_str();
-        if out.state != state {
-            out.state = state.to_owned();
+        if out.state != phase {
+            out.state = phase;
         }
         if out.version != version {
             out.version = version.to_owned();

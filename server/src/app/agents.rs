@@ -200,8 +200,8 @@ impl App {
         let now = now_ms();
         Ok(SelfView {
             agent_id: r.id.clone(),
-            status: r.status.as_str().to_owned(),
-            reason: r.reason.map(|x| x.as_str().to_owned()),
+            status: r.status,
+            reason: r.reason,
             server_time: rfc3339(now / 1000),
             server_time_ms: now,
         })

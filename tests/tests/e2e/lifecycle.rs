@@ -105,7 +105,7 @@ fn a_silent_agent_becomes_inactive_and_comes_back() {
     });
     proc.kill();
     let view = server.wait_for_agent(&id, "timed out", |a| a.status == "inactive");
-    assert_eq!(view.reason.as_deref(), Some("heartbeat_timeout"));
+    assert_eq!(view.reason.map(|r| r.as_str()), Some("heartbeat_timeout"));
     let seq = view.heartbeat_seq;
     let _proc = agent.run();
     server.wait_for_agent(&id, "active again", |a| {
@@ -132,7 +132,7 @@ fn deactivate_activate_and_revoke() {
     .unwrap_or_else(|| panic!("agent never saw the 403:\n{}", proc.log_text()));
     let view = server.agent(&id);
     assert_eq!(
-        (view.status.as_str(), view.reason.as_deref()),
+        (view.status.as_str(), view.reason.map(|r| r.as_str())),
         ("inactive", Some("deactivated"))
     );
     assert!(
@@ -180,7 +180,7 @@ fn lifecycle_survives_a_server_restart() {
     server.serve(&Default::default());
     let view = server.agent(&id);
     assert_eq!(
-        (view.status.as_str(), view.reason.as_deref()),
+        (view.status.as_str(), view.reason.map(|r| r.as_str())),
         ("inactive", Some("deactivated"))
     );
     // The agent was enrolled durably: it is still known after a kill -9.
