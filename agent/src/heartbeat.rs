@@ -1,4 +1,4 @@
-//! One heartbeat exchange (DESIGN.md section 4): the body this agent sends
+//! One heartbeat exchange (docs/design.md section 4): the body this agent sends
 //! as of its saved state, the POST over the kept mTLS connection with the
 //! buffers reused from beat to beat, and what the answer means (accepted,
 //! deactivated, revoked, or a failure to retry). The scheduler that repeats

@@ -1,4 +1,4 @@
-//! Air-gapped install from a signed USB bundle (DESIGN.md section 10); the
+//! Air-gapped install from a signed USB bundle (docs/design.md section 10); the
 //! bundle's `bootstrap.json` is checked here and used by zero-touch
 //! enrollment (`bootstrap::zero_touch`).
 //!

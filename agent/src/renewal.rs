@@ -1,4 +1,4 @@
-//! Certificate renewal (DESIGN.md section 3): scheduled at a random point in
+//! Certificate renewal (docs/design.md section 3): scheduled at a random point in
 //! 60–75% of the lifetime, over mTLS with the current certificate; after an
 //! offline expiry, recovery by signing a server challenge with the old key.
 //! The new key and certificate replace the old pair with renames that a

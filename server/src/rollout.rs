@@ -1,4 +1,4 @@
-//! Staged rollouts (DESIGN.md section 6): a release, ordered stages (percent
+//! Staged rollouts (docs/design.md section 6): a release, ordered stages (percent
 //! of the eligible fleet, or `count:N` for a canary), a label/target
 //! selector, a soak time and a failure threshold. Membership is deterministic
 //! and cumulative: eligible agents are ordered by a hash of (rollout id,

@@ -1,4 +1,4 @@
-//! Zero-touch enrollment (DESIGN.md section 3): `stella-agent run` on a host
+//! Zero-touch enrollment (docs/design.md section 3): `stella-agent run` on a host
 //! that is not enrolled but has a `bootstrap.json` (server URL, token, CA
 //! pin) in its state dir enrolls with it first, then deletes the file so the
 //! token does not stay on disk. The bundle installer checks the same file

@@ -1,4 +1,4 @@
-//! `stella-agent doctor`: the runner of the 11 checks of DESIGN.md section
+//! `stella-agent doctor`: the runner of the 11 checks of docs/design.md section
 //! 8 (one file each), their report, and its table and JSON output. Each
 //! check returns pass, warn, fail or skip with a stable `id/finding` code, a
 //! one-line message and its duration. Checks only read: they never write a

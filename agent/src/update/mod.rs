@@ -1,4 +1,4 @@
-//! Self-update from signed releases (DESIGN.md section 5), in four parts:
+//! Self-update from signed releases (docs/design.md section 5), in four parts:
 //! `offer` (check an offer against the pinned release key, target and
 //! version), `download` (chunks with HTTP Range into the staging dir,
 //! hashed as they arrive), `swap` (stage next to the binary, `self-test`,

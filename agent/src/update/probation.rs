@@ -1,4 +1,4 @@
-//! Probation of a new version (DESIGN.md section 5): the marker a swap
+//! Probation of a new version (docs/design.md section 5): the marker a swap
 //! left is settled at start-up (a start counter rolls back a binary that
 //! crash-loops), the first acknowledged heartbeat plus a passing doctor
 //! commit the update, and a window that runs out without one restores

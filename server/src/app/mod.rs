@@ -9,7 +9,7 @@
 //! Everything below lives in this process only. Each item is either a cache
 //! of the store that this server keeps current because it is the only
 //! writer, or state that may be lost on restart. This list is what running
-//! several servers against one PostgreSQL store must replace (DESIGN.md
+//! several servers against one PostgreSQL store must replace (docs/design.md
 //! section 14: shared or invalidated through an events table):
 //!
 //! - `fleet`: every agent's record (a cache of the store; the heartbeat hot
