@@ -556,6 +556,24 @@ impl AgentDir {
     pub fn file(&self, name: &str) -> PathBuf {
         self.state.join(name)
     }
+
+    /// Waits until the agent's own state records an acknowledged heartbeat.
+    /// The server counts a heartbeat before the agent has read the answer
+    /// and saved it, so a test that looks at the agent's files (or stops it)
+    /// waits for this, not for the server's view.
+    pub fn wait_for_saved_heartbeat(&self) {
+        let saved = poll(DEADLINE, || {
+            let out = run(&mut self.command(&["status", "--json"]));
+            let (stdout, _) = text(&out);
+            let status = json(&stdout);
+            json_str(&status, "last_heartbeat").map(drop)
+        });
+        assert!(
+            saved.is_some(),
+            "the agent in {} saved no acknowledged heartbeat",
+            self.state.display()
+        );
+    }
 }
 
 /// Parses JSON that a command printed or a state file holds, failing with

@@ -132,6 +132,7 @@ fn healthy_agent(server: &Server, name: &str) -> (AgentDir, String) {
     let id = agent.enroll(server, name);
     let mut proc = agent.run();
     server.wait_for_agent(&id, "heartbeating", |a| a.heartbeat_seq >= 1);
+    agent.wait_for_saved_heartbeat();
     proc.kill();
     (agent, id)
 }
@@ -143,6 +144,7 @@ fn doctor_runs_all_eleven_checks() {
     let id = agent.enroll(&server, "doc");
     let _proc = agent.run();
     server.wait_for_agent(&id, "heartbeating", |a| a.heartbeat_seq >= 1);
+    agent.wait_for_saved_heartbeat();
     let (code, checks, raw) = doctor(&agent);
     assert_eq!(
         checks.keys().collect::<Vec<_>>(),

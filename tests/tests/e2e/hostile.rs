@@ -1170,3 +1170,104 @@ fn a_config_document_is_refused_once_not_on_every_heartbeat() {
     }
     healthy(&server);
 }
+
+/// The bodies a caller who fails authentication may send: whatever they are,
+/// the answer is the refusal of the caller (401/403), never a complaint about
+/// the body (400, 413, 415).
+fn garbage_bodies() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("application/json", b"{}".to_vec()),
+        ("application/json", b"not json at all".to_vec()),
+        ("text/plain", heartbeat_body().as_bytes().to_vec()),
+        ("application/json", vec![0xff, 0xfe, 0x00]),
+        ("application/json", vec![b'x'; 200 * 1024]),
+    ]
+}
+
+#[test]
+fn callers_who_fail_authentication_are_refused_before_their_body_is_read() {
+    let f = Fixture::new();
+    let agent_tls = f.agent_tls();
+    let anon = f.anonymous();
+    let agent_routes = [
+        ("POST", "/v1/agents/heartbeat"),
+        ("POST", "/v1/agents/certificate"),
+        ("GET", "/v1/agents/self"),
+    ];
+    // No client certificate at all.
+    for (method, path) in agent_routes {
+        for (content_type, body) in garbage_bodies() {
+            let answer = f.send(
+                &anon,
+                &request(method, path, &[("content-type", content_type)], &body),
+            );
+            assert_eq!(
+                answer.status,
+                401,
+                "{method} {path} without a certificate, {content_type}, {} bytes: {answer:?}",
+                body.len()
+            );
+            assert!(answer.is_json_error(), "{answer:?}");
+        }
+    }
+    // A wrong admin token, whatever the body.
+    for (content_type, body) in garbage_bodies() {
+        let answer = f.send(
+            &anon,
+            &request(
+                "POST",
+                "/v1/admin/tokens",
+                &[
+                    ("content-type", content_type),
+                    ("authorization", "Bearer wrong"),
+                ],
+                &body,
+            ),
+        );
+        assert_eq!(
+            answer.status,
+            401,
+            "admin, {} bytes: {answer:?}",
+            body.len()
+        );
+        assert!(answer.is_json_error(), "{answer:?}");
+    }
+    // A deactivated agent's heartbeat: 403, whatever the body.
+    f.server.admin_ok(&["agents", "deactivate", &f.id]);
+    for (content_type, body) in garbage_bodies() {
+        let answer = f.send(
+            &agent_tls,
+            &request(
+                "POST",
+                "/v1/agents/heartbeat",
+                &[("content-type", content_type)],
+                &body,
+            ),
+        );
+        assert_eq!(
+            answer.status,
+            403,
+            "deactivated heartbeat, {content_type}, {} bytes: {answer:?}",
+            body.len()
+        );
+    }
+    // A revoked agent: 401 on every agent route, whatever the body.
+    f.server.admin_ok(&["agents", "revoke", &f.id]);
+    for (method, path) in agent_routes {
+        for (content_type, body) in garbage_bodies() {
+            let answer = f.send(
+                &agent_tls,
+                &request(method, path, &[("content-type", content_type)], &body),
+            );
+            assert_eq!(
+                answer.status,
+                401,
+                "revoked {method} {path}, {content_type}, {} bytes: {answer:?}",
+                body.len()
+            );
+            assert!(answer.is_json_error(), "{answer:?}");
+        }
+    }
+    healthy(&f.server);
+    assert_eq!(f.server.agent(&f.id).status, "revoked");
+}
