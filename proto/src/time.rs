@@ -35,7 +35,8 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
         .map_or(tail, |t| t.trim_start_matches(|c: char| c.is_ascii_digit()));
     if tail != "Z"
         || !(1..=12).contains(&mo)
-        || !(1..=31).contains(&d)
+        || d == 0
+        || d > u64::from(days_in_month(y, mo as u32))
         || h > 23
         || mi > 59
         || sec > 60
@@ -48,6 +49,16 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
         // A leap second at 9999-12-31T23:59:60Z would be in the year 10000,
         // which `rfc3339` cannot write back in four digits.
         .filter(|&t| t < YEAR_10000)
+}
+
+/// Days in a month of the proleptic Gregorian calendar (`month` 1 to 12).
+fn days_in_month(year: u64, month: u32) -> u32 {
+    match month {
+        4 | 6 | 9 | 11 => 30,
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        _ => 31,
+    }
 }
 
 /// 10000-01-01T00:00:00Z: the first instant four year digits cannot write.
@@ -101,6 +112,19 @@ mod tests {
         assert_eq!(parse_rfc3339("2026-11-23 10:00:00Z"), None);
         assert_eq!(parse_rfc3339("2026-13-23T10:00:00Z"), None);
         assert_eq!(parse_rfc3339("2026-11-23T10:00:00+01:00"), None);
+        // Days a month does not have.
+        for impossible in [
+            "2026-02-31T00:00:00Z",
+            "2026-02-29T00:00:00Z",
+            "1900-02-29T00:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "2026-11-00T00:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(impossible), None, "{impossible}");
+        }
+        assert_eq!(parse_rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400));
+        assert!(parse_rfc3339("2024-02-29T00:00:00Z").is_some());
+        assert!(parse_rfc3339("2026-12-31T00:00:00Z").is_some());
         // Fuzzing found this one: it would format as 10000-01-01T00:00:00Z.
         assert_eq!(parse_rfc3339("9999-12-31T23:59:60Z"), None);
         assert_eq!(parse_rfc3339("9999-12-31T23:59:59Z"), Some(YEAR_10000 - 1));

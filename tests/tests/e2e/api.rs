@@ -187,3 +187,49 @@ fn the_agent_list_comes_in_pages_and_the_cli_follows_them() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(server.agents().len(), 5);
 }
+
+/// Runs `cmd` with its stdout a pipe whose reading end is already closed,
+/// as `cmd | head -0` would; returns the exit code and stderr.
+fn into_a_closed_pipe(mut cmd: std::process::Command) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let out = cmd
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run the command");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_closed_stdout_ends_commands_quietly_with_exit_0() {
+    let server = Server::start();
+    let agent = AgentDir::new();
+    agent.enroll(&server, "piped");
+    for args in [
+        &["agents", "list"][..],
+        &["agents", "list", "--json"],
+        &["release", "list"],
+        &["rollout", "list"],
+    ] {
+        let mut cmd = std::process::Command::new(stella_tests::bin("stella-server"));
+        cmd.args(args).arg("--data-dir").arg(&server.data);
+        let (code, stderr) = into_a_closed_pipe(cmd);
+        assert_eq!(
+            (code, stderr.as_str()),
+            (Some(0), ""),
+            "stella-server {args:?}"
+        );
+    }
+    for args in [&["status"][..], &["status", "--json"], &["version"]] {
+        let (code, stderr) = into_a_closed_pipe(agent.command(args));
+        assert_eq!(
+            (code, stderr.as_str()),
+            (Some(0), ""),
+            "stella-agent {args:?}"
+        );
+    }
+}
