@@ -245,18 +245,43 @@ pub(crate) fn may_act(
     Ok(())
 }
 
-/// Refuses a heartbeat whose fields are over their size limits.
+/// Most capabilities or failing doctor checks a heartbeat may list.
+const MAX_HEARTBEAT_LIST: usize = 32;
+/// Longest error text an agent may report (config or update).
+const MAX_ERROR_TEXT: usize = 1024;
+
+/// Refuses a heartbeat with a field over its limit or with a control
+/// character anywhere (an operator's terminal prints these strings), naming
+/// the field: the same rules as registration. A cheap scan, once per string.
 pub(crate) fn check_heartbeat(body: &HeartbeatRequest) -> Result<(), Refusal> {
-    if body.capabilities.len() > 32
-        || body.version.len() > 64
-        || body.config_hash.len() > 80
-        || body.doctor.failing.len() > 32
-    {
-        return Err(Refusal::bad_request(
-            "heartbeat fields are over their size limits",
-        ));
+    use crate::tokens::check_text;
+    check_text("version", &body.version, 1, 64)?;
+    check_text("config_hash", &body.config_hash, 0, 80)?;
+    if let Some(e) = &body.config_error {
+        check_text("config_error.hash", &e.hash, 0, 80)?;
+        check_text("config_error.error", &e.error, 0, MAX_ERROR_TEXT)?;
+    }
+    check_list("capabilities", &body.capabilities, 32)?;
+    check_list("doctor.failing", &body.doctor.failing, 64)?;
+    let update = &body.update;
+    check_text("update.state", &update.state, 0, 32)?;
+    check_text("update.version", &update.version, 0, 64)?;
+    if let Some(error) = &update.error {
+        check_text("update.error", error, 0, MAX_ERROR_TEXT)?;
     }
     Ok(())
+}
+
+fn check_list(field: &str, items: &[String], max_len: usize) -> Result<(), Refusal> {
+    if items.len() > MAX_HEARTBEAT_LIST {
+        return Err(Refusal::bad_request(format!(
+            "invalid {field}: {} entries, at most {MAX_HEARTBEAT_LIST}",
+            items.len()
+        )));
+    }
+    items
+        .iter()
+        .try_for_each(|item| crate::tokens::check_text(field, item, 1, max_len))
 }
 
 /// Durable changes a heartbeat causes before it is answered.

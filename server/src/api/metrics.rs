@@ -44,7 +44,7 @@ pub(super) fn metrics(app: &App) -> Response {
         ),
         (
             "stella_rate_limited_total",
-            "Registrations refused with 429 after repeated token failures.",
+            "Registrations and admin calls refused with 429 after repeated failures from one address.",
             load(&m.rate_limited),
         ),
         (

@@ -221,7 +221,7 @@ fn authenticate(
     match auth {
         Auth::Open | Auth::Anonymous => Ok(()),
         Auth::Registration => app.check_registration_rate(source),
-        Auth::Admin => app.check_admin(head.authorization.as_deref()),
+        Auth::Admin => app.check_admin_from(source, head.authorization.as_deref()),
         Auth::Agent(act) => {
             let Some(peer) = peer else {
                 return Err(Refusal::unauthorized(match act {
@@ -253,6 +253,13 @@ fn failed(e: Error) -> Response {
     match e {
         Error::Refused(r) => refused(r),
         Error::Store(e @ StoreError::Unavailable { .. }) => {
+            crate::log::warn("request failed", &[("error", &e)]);
+            let mut resp = Response::error(503, e.to_string());
+            resp.extra_headers.push(("retry-after", "5".to_owned()));
+            resp
+        }
+        // A blob that could not be written for lack of space: the same.
+        Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
             crate::log::warn("request failed", &[("error", &e)]);
             let mut resp = Response::error(503, e.to_string());
             resp.extra_headers.push(("retry-after", "5".to_owned()));
