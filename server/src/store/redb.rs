@@ -247,9 +247,9 @@ impl RedbStore {
                 if write {
                     *lock(&self.unwritable) = Some(e.to_string());
                 }
-                crate::log::warn("store I/O failed; reopening the store", &[("error", e)]);
                 *write_lock(&self.db) = None;
-                // A failure here is tried again at the next call.
+                // The caller logs the failure; a failed reopen is tried
+                // again at the next call.
                 let _ = self.reopen_now();
             }
             Err(StoreError::Backend { .. } | StoreError::Corrupt { .. }) => self.count_error(),
@@ -264,7 +264,6 @@ impl RedbStore {
         let mut db = write_lock(&self.db);
         if db.is_none() {
             *db = Some((self.reopen)()?);
-            crate::log::info("store reopened", &[]);
         }
         Ok(())
     }

@@ -509,7 +509,7 @@ fn a_full_disk_does_not_poison_the_server() {
     let refused = (0..200)
         .find_map(|_| {
             let answer = admin_request(&server, "POST", "/v1/admin/tokens", TOKEN_BODY);
-            if answer.status == 200 {
+            if answer.status == 201 {
                 let token = json_str(&json(&answer.body), "token").unwrap().to_owned();
                 acknowledged.push(token);
                 return None;
@@ -671,7 +671,7 @@ fn an_enrolled_agent_cannot_drive_the_operators_terminal() {
         &["agents", "show", &id],
         &["drift"],
         &["release", "list"],
-        &["rollout", "show"],
+        &["rollout", "list"],
     ] {
         let out = server.admin_ok(args);
         assert!(
@@ -912,7 +912,7 @@ fn sigterm_finishes_requests_flushes_heartbeats_and_exits_0() {
     stream.write_all(rest).unwrap();
     stream.flush().unwrap();
     let answer = raw::read_answer(&mut stream).expect("the answer to the request in flight");
-    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.status, 201, "{answer:?}");
     let token = json_str(&json(&answer.body), "token").unwrap().to_owned();
     assert_eq!(
         server.proc.wait_exit(DEADLINE),
