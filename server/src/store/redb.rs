@@ -221,8 +221,8 @@ impl RedbStore {
 
     /// Runs `work` on the open database. An I/O failure closes the
     /// database and tries to open it again at once; while that fails,
-    /// every call tries again first. A `write` that succeeds clears the
-    /// unwritable state.
+    /// every call tries again first. A failed `write` marks the store
+    /// unwritable until a commit succeeds (see `commit`).
     fn with_db<T>(
         &self,
         write: bool,
@@ -253,10 +253,17 @@ impl RedbStore {
                 let _ = self.reopen_now();
             }
             Err(StoreError::Backend { .. } | StoreError::Corrupt { .. }) => self.count_error(),
-            Ok(_) if write => *lock(&self.unwritable) = None,
             _ => {}
         }
         result
+    }
+
+    /// Commits a write transaction; one that is durable shows that the
+    /// store can write again.
+    fn commit(&self, txn: ::redb::WriteTransaction) -> Result<(), StoreError> {
+        txn.commit()?;
+        *lock(&self.unwritable) = None;
+        Ok(())
     }
 
     /// Opens the database again unless another call did already.
@@ -334,7 +341,7 @@ impl Store for RedbStore {
             let txn = db.begin_write()?;
             txn.open_table(META)?
                 .insert(PROBE_KEY, stella_proto::time::rfc3339(now).as_str())?;
-            txn.commit()?;
+            self.commit(txn)?;
             Ok(())
         })
     }
@@ -402,7 +409,7 @@ impl Store for RedbStore {
                     ),
                 )?;
             }
-            txn.commit()?;
+            self.commit(txn)?;
             Ok(())
         })
     }
@@ -482,7 +489,7 @@ impl Store for RedbStore {
                     ),
                 )?;
             }
-            txn.commit()?;
+            self.commit(txn)?;
             Ok(())
         })
     }
@@ -520,7 +527,7 @@ impl Store for RedbStore {
             if written.is_empty() {
                 txn.abort()?;
             } else {
-                txn.commit()?;
+                self.commit(txn)?;
             }
             Ok(written)
         })
@@ -555,7 +562,7 @@ impl Store for RedbStore {
                 append_audit(&txn, cert.issued_at, "agent.certificate", agent_id, &detail)?;
                 record
             };
-            txn.commit()?;
+            self.commit(txn)?;
             Ok(record)
         })
     }
@@ -578,7 +585,7 @@ impl Store for RedbStore {
                 rollouts.insert(rollout.id.as_str(), encode(rollout).as_slice())?;
                 append_audit(&txn, now, action, &rollout.id, detail)?;
             }
-            txn.commit()?;
+            self.commit(txn)?;
             Ok(())
         })
     }
@@ -604,7 +611,7 @@ impl Store for RedbStore {
                     &format!("files={}", release.files.len()),
                 )?;
             }
-            txn.commit()?;
+            self.commit(txn)?;
             Ok(None)
         })
     }
@@ -645,7 +652,7 @@ impl Store for RedbStore {
                 )?;
                 record
             };
-            txn.commit()?;
+            self.commit(txn)?;
             Ok(record)
         })
     }
@@ -662,7 +669,7 @@ impl Store for RedbStore {
                     table.insert(id.as_str(), encode(state).as_slice())?;
                 }
             }
-            txn.commit()?;
+            self.commit(txn)?;
             Ok(())
         })
     }
