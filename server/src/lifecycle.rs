@@ -589,6 +589,43 @@ mod tests {
     }
 
     #[test]
+    fn every_string_of_a_heartbeat_is_checked_and_the_field_named() {
+        assert_eq!(check_heartbeat(&beat("abc", false)), Ok(()));
+        let cases: [(&str, fn(&mut HeartbeatRequest)); 8] = [
+            ("version", |b| b.version = "1.0\u{1b}]0;x\u{7}".into()),
+            ("version", |b| b.version = "9".repeat(65)),
+            ("config_hash", |b| b.config_hash = "h\n".into()),
+            ("capabilities", |b| {
+                b.capabilities = vec!["docker\u{9b}".into()]
+            }),
+            ("capabilities", |b| b.capabilities = vec!["x".into(); 33]),
+            ("doctor.failing", |b| {
+                b.doctor.failing = vec!["\u{0}".into()]
+            }),
+            ("update.error", |b| b.update.error = Some("e".repeat(1025))),
+            ("config_error.error", |b| {
+                b.config_error = Some(stella_proto::api::ConfigRefusal {
+                    hash: "h".into(),
+                    error: "bad\u{1b}[2J".into(),
+                })
+            }),
+        ];
+        for (field, break_it) in cases {
+            let mut body = beat("abc", false);
+            break_it(&mut body);
+            let refused = check_heartbeat(&body).expect_err(field);
+            assert_eq!(refused.status(), 400);
+            assert!(
+                refused.message.starts_with(&format!("invalid {field}")),
+                "{field}: {}",
+                refused.message
+            );
+            assert!(!refused.message.contains('\u{1b}'), "{}", refused.message);
+            assert!(refused.message.len() < 300, "{}", refused.message);
+        }
+    }
+
+    #[test]
     fn offers_skip_the_running_and_the_failed_version() {
         let mut a = live(record(Active, None));
         assert_eq!(offered_version(&a, None), None);
