@@ -591,7 +591,8 @@ mod tests {
     #[test]
     fn every_string_of_a_heartbeat_is_checked_and_the_field_named() {
         assert_eq!(check_heartbeat(&beat("abc", false)), Ok(()));
-        let cases: [(&str, fn(&mut HeartbeatRequest)); 8] = [
+        type Breaks = fn(&mut HeartbeatRequest);
+        let cases: [(&str, Breaks); 8] = [
             ("version", |b| b.version = "1.0\u{1b}]0;x\u{7}".into()),
             ("version", |b| b.version = "9".repeat(65)),
             ("config_hash", |b| b.config_hash = "h\n".into()),
