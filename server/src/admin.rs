@@ -217,6 +217,12 @@ pub(crate) fn agents_list(target: &AdminTarget, as_json: bool) -> Result<(), Err
         "LAST HEARTBEAT",
         "LABELS",
     ];
+    // Escaped before measuring, so that columns line up even around a
+    // control character.
+    let rows: Vec<[String; 7]> = rows
+        .into_iter()
+        .map(|row| row.map(|cell| crate::log::Escaped(&cell).to_string()))
+        .collect();
     let mut widths = header.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
