@@ -18,10 +18,23 @@ use crate::fsutil::read_text;
 use crate::refusal::Refusal;
 use crate::serve::{ADMIN_TOKEN_FILE, URL_FILE};
 
-/// `println!` that returns the write error (see `log::print`).
+/// `println!` for human-readable output that returns the write error (see
+/// `log::print`). Control characters are shown escaped (`\u{1b}`): agents
+/// choose many of these strings, and must not drive the operator's terminal.
 macro_rules! outln {
     ($($arg:tt)*) => {
-        crate::log::print(format_args!("{}\n", format_args!($($arg)*)))?
+        crate::log::print(format_args!(
+            "{}\n",
+            crate::log::Escaped(&format!($($arg)*))
+        ))?
+    };
+}
+
+/// `println!` for JSON text, as it is: JSON escapes control characters
+/// itself, and `--json` output stays byte for byte what the server sent.
+macro_rules! outln_json {
+    ($text:expr) => {
+        crate::log::print(format_args!("{}\n", $text))?
     };
 }
 
@@ -173,7 +186,7 @@ pub(crate) fn agents_list(target: &AdminTarget, as_json: bool) -> Result<(), Err
         }
     }
     if as_json {
-        outln!("{}", json::to_string(&agents));
+        outln_json!(json::to_string(&agents));
         return Ok(());
     }
     agents.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
@@ -204,6 +217,12 @@ pub(crate) fn agents_list(target: &AdminTarget, as_json: bool) -> Result<(), Err
         "LAST HEARTBEAT",
         "LABELS",
     ];
+    // Escaped before measuring, so that columns line up even around a
+    // control character.
+    let rows: Vec<[String; 7]> = rows
+        .into_iter()
+        .map(|row| row.map(|cell| crate::log::Escaped(&cell).to_string()))
+        .collect();
     let mut widths = header.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -280,7 +299,7 @@ pub(crate) fn agents_show(target: &AdminTarget, id: &str, as_json: bool) -> Resu
     let client = AdminClient::connect(target)?;
     let text = client.call("GET", &format!("/v1/admin/agents/{id}"), None)?;
     if as_json {
-        outln!("{text}");
+        outln_json!(text);
     } else {
         print_agent(&AdminClient::parse(&text)?)?;
     }
@@ -350,7 +369,7 @@ pub(crate) fn config_show(target: &AdminTarget, agent: Option<&str>) -> Result<(
         None => outln!("global config"),
     }
     outln!("hash {}", view.hash);
-    outln!("{}", stella_proto::config::canonical(&view.config));
+    outln_json!(stella_proto::config::canonical(&view.config));
     if !view.scopes.is_empty() {
         outln!("scopes:");
         for s in &view.scopes {
@@ -371,7 +390,7 @@ pub(crate) fn drift(target: &AdminTarget, as_json: bool) -> Result<(), Error> {
     let client = AdminClient::connect(target)?;
     let text = client.call("GET", "/v1/admin/drift", None)?;
     if as_json {
-        outln!("{text}");
+        outln_json!(text);
         return Ok(());
     }
     let rows: Vec<DriftRow> = AdminClient::parse(&text)?;
@@ -407,6 +426,15 @@ pub(crate) fn drift(target: &AdminTarget, as_json: bool) -> Result<(), Error> {
 
 /// `release import DIR`: the server reads DIR (a path on its host).
 pub(crate) fn release_import(target: &AdminTarget, dir: &std::path::Path) -> Result<(), Error> {
+    // The server refuses a symlinked directory; resolving it here would
+    // hide that.
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(Refusal::bad_request(format!(
+            "the release directory {} is a symlink: name the directory itself",
+            dir.display()
+        ))
+        .into());
+    }
     let absolute = std::fs::canonicalize(dir)
         .map_err(|e| Error::io(format!("cannot find {}", dir.display()), e))?;
     let client = AdminClient::connect(target)?;
@@ -431,7 +459,7 @@ pub(crate) fn release_list(target: &AdminTarget, as_json: bool) -> Result<(), Er
     let client = AdminClient::connect(target)?;
     let text = client.call("GET", "/v1/admin/releases", None)?;
     if as_json {
-        outln!("{text}");
+        outln_json!(text);
         return Ok(());
     }
     let releases: Vec<ReleaseView> = AdminClient::parse(&text)?;
@@ -542,7 +570,7 @@ pub(crate) fn rollout_show(
     };
     let text = client.call("GET", &path, None)?;
     if as_json {
-        outln!("{text}");
+        outln_json!(text);
         return Ok(());
     }
     if id.is_some() {

@@ -121,6 +121,9 @@ pub(crate) fn init(dir: &Path, sans: &[String], now: u64) -> Result<String, Erro
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.use_authority_key_identifier_extension = true;
+    // A leaf: basicConstraints CA:FALSE and a Subject Key Identifier, as
+    // openssl and browsers expect.
+    server.is_ca = IsCa::ExplicitNoCa;
     server.not_before = offset_time(now - BACKDATE.as_secs())?;
     server.not_after = offset_time(now + SERVER_CERT_LIFETIME.as_secs())?;
     server.serial_number = Some(random_serial()?.0);
@@ -185,6 +188,8 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
+        // A leaf: CA:FALSE, and a Subject Key Identifier with it.
+        params.is_ca = IsCa::ExplicitNoCa;
         let not_after = now + lifetime.as_secs();
         let backdate = BACKDATE.min(lifetime / 10).as_secs();
         params.not_before = offset_time(now.saturating_sub(backdate))?;

@@ -480,6 +480,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                         .split(',')
                         .map(|s| s.trim().to_owned())
                         .collect();
+                    crate::rollout::check_plan(&stages, soak).map_err(usage)?;
                     Command::RolloutStart {
                         target,
                         release: release

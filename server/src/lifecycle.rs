@@ -245,18 +245,43 @@ pub(crate) fn may_act(
     Ok(())
 }
 
-/// Refuses a heartbeat whose fields are over their size limits.
+/// Most capabilities or failing doctor checks a heartbeat may list.
+const MAX_HEARTBEAT_LIST: usize = 32;
+/// Longest error text an agent may report (config or update).
+const MAX_ERROR_TEXT: usize = 1024;
+
+/// Refuses a heartbeat with a field over its limit or with a control
+/// character anywhere (an operator's terminal prints these strings), naming
+/// the field: the same rules as registration. A cheap scan, once per string.
 pub(crate) fn check_heartbeat(body: &HeartbeatRequest) -> Result<(), Refusal> {
-    if body.capabilities.len() > 32
-        || body.version.len() > 64
-        || body.config_hash.len() > 80
-        || body.doctor.failing.len() > 32
-    {
-        return Err(Refusal::bad_request(
-            "heartbeat fields are over their size limits",
-        ));
+    use crate::tokens::check_text;
+    check_text("version", &body.version, 1, 64)?;
+    check_text("config_hash", &body.config_hash, 0, 80)?;
+    if let Some(e) = &body.config_error {
+        check_text("config_error.hash", &e.hash, 0, 80)?;
+        check_text("config_error.error", &e.error, 0, MAX_ERROR_TEXT)?;
+    }
+    check_list("capabilities", &body.capabilities, 32)?;
+    check_list("doctor.failing", &body.doctor.failing, 64)?;
+    let update = &body.update;
+    check_text("update.state", &update.state, 0, 32)?;
+    check_text("update.version", &update.version, 0, 64)?;
+    if let Some(error) = &update.error {
+        check_text("update.error", error, 0, MAX_ERROR_TEXT)?;
     }
     Ok(())
+}
+
+fn check_list(field: &str, items: &[String], max_len: usize) -> Result<(), Refusal> {
+    if items.len() > MAX_HEARTBEAT_LIST {
+        return Err(Refusal::bad_request(format!(
+            "invalid {field}: {} entries, at most {MAX_HEARTBEAT_LIST}",
+            items.len()
+        )));
+    }
+    items
+        .iter()
+        .try_for_each(|item| crate::tokens::check_text(field, item, 1, max_len))
 }
 
 /// Durable changes a heartbeat causes before it is answered.
@@ -565,6 +590,44 @@ mod tests {
             error: "bad".into(),
         });
         assert!(!record_heartbeat(&mut a, refused, 5_000));
+    }
+
+    #[test]
+    fn every_string_of_a_heartbeat_is_checked_and_the_field_named() {
+        assert_eq!(check_heartbeat(&beat("abc", false)), Ok(()));
+        type Breaks = fn(&mut HeartbeatRequest);
+        let cases: [(&str, Breaks); 8] = [
+            ("version", |b| b.version = "1.0\u{1b}]0;x\u{7}".into()),
+            ("version", |b| b.version = "9".repeat(65)),
+            ("config_hash", |b| b.config_hash = "h\n".into()),
+            ("capabilities", |b| {
+                b.capabilities = vec!["docker\u{9b}".into()]
+            }),
+            ("capabilities", |b| b.capabilities = vec!["x".into(); 33]),
+            ("doctor.failing", |b| {
+                b.doctor.failing = vec!["\u{0}".into()]
+            }),
+            ("update.error", |b| b.update.error = Some("e".repeat(1025))),
+            ("config_error.error", |b| {
+                b.config_error = Some(stella_proto::api::ConfigRefusal {
+                    hash: "h".into(),
+                    error: "bad\u{1b}[2J".into(),
+                })
+            }),
+        ];
+        for (field, break_it) in cases {
+            let mut body = beat("abc", false);
+            break_it(&mut body);
+            let refused = check_heartbeat(&body).expect_err(field);
+            assert_eq!(refused.status(), 400);
+            assert!(
+                refused.message.starts_with(&format!("invalid {field}")),
+                "{field}: {}",
+                refused.message
+            );
+            assert!(!refused.message.contains('\u{1b}'), "{}", refused.message);
+            assert!(refused.message.len() < 300, "{}", refused.message);
+        }
     }
 
     #[test]

@@ -32,3 +32,35 @@ pub(crate) fn print(args: std::fmt::Arguments<'_>) -> Result<(), Error> {
         .and_then(|()| stdout.flush())
         .map_err(|e| Error::io("cannot write to stdout", e))
 }
+
+/// Shows a string with every control character escaped as `\u{..}` (ESC
+/// as `\u{1b}`, a newline as `\u{a}`), for human-readable output.
+pub(crate) struct Escaped<'a>(pub(crate) &'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rest = self.0;
+        while let Some(at) = rest.find(char::is_control) {
+            f.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            write!(f, "\\u{{{:x}}}", c as u32)?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        f.write_str(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Escaped;
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        let hostile = "1.0\u{1b}]0;owned\u{7}\u{9b}2J\nnext\u{0}\u{7f} é";
+        assert_eq!(
+            Escaped(hostile).to_string(),
+            "1.0\\u{1b}]0;owned\\u{7}\\u{9b}2J\\u{a}next\\u{0}\\u{7f} é"
+        );
+        assert_eq!(Escaped("plain text").to_string(), "plain text");
+    }
+}

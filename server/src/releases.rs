@@ -235,12 +235,59 @@ fn store_blob(data_dir: &Path, src: &Path, want: &str) -> Result<u64, Error> {
     result
 }
 
+/// Refuses a release directory that is not an absolute path to a real
+/// directory (a symlink to one is refused: what is imported must be what the
+/// operator named).
+fn check_release_dir(dir: &Path) -> Result<(), Error> {
+    if !dir.is_absolute() {
+        return Err(invalid(format!(
+            "the release directory {} must be an absolute path",
+            dir.display()
+        )));
+    }
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(invalid(format!(
+            "the release directory {} is a symlink: name the directory itself",
+            dir.display()
+        ))),
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(invalid(format!("{} is not a directory", dir.display()))),
+        Err(e) => Err(invalid(format!("cannot read {}: {e}", dir.display()))),
+    }
+}
+
+/// Refuses a file of the release reached through a symlinked directory
+/// (`<target>/` a link elsewhere), as the file itself may not be a link.
+fn check_no_symlink_below(dir: &Path, name: &str) -> Result<(), Error> {
+    let mut path = dir.to_path_buf();
+    let parts: Vec<&str> = name.split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        path.push(part);
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(invalid(format!(
+                "{} is a symlink: a release's directories and files must be real ones",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `release import DIR`: checks and stores every file the statement names
 /// as a blob; returns the release to record. Blocking.
 pub(crate) fn stage_import(data_dir: &Path, dir: &Path, now: u64) -> Result<ReleaseRecord, Error> {
+    check_release_dir(dir)?;
     let envelope_path = dir.join(release::ENVELOPE_FILE);
-    let meta = fs::metadata(&envelope_path)
-        .map_err(|e| Error::io(format!("cannot read {}", envelope_path.display()), e))?;
+    let meta = match fs::symlink_metadata(&envelope_path) {
+        Ok(meta) if meta.is_file() => meta,
+        _ => {
+            return Err(invalid(format!(
+                "{} is not a release directory: it has no {} file",
+                dir.display(),
+                release::ENVELOPE_FILE
+            )));
+        }
+    };
     if meta.len() > dsse::MAX_ENVELOPE_BYTES as u64 {
         return Err(invalid(format!("{} is too large", envelope_path.display())));
     }
@@ -258,6 +305,7 @@ pub(crate) fn stage_import(data_dir: &Path, dir: &Path, now: u64) -> Result<Rele
             continue;
         }
         // Names were checked to be plain relative paths (no `..`, not absolute).
+        check_no_symlink_below(dir, &subject.name)?;
         let want = subject.sha256().unwrap_or_default();
         let size = store_blob(data_dir, &dir.join(&subject.name), want)?;
         files.push(ReleaseFile {

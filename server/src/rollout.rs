@@ -32,8 +32,66 @@ pub(crate) enum Share {
     Count(u64),
 }
 
+/// The longest soak a rollout may ask for: longer is a typo (or `u64::MAX`)
+/// that would hold a stage open for ever.
+pub(crate) const MAX_SOAK: Duration = Duration::from_secs(30 * 86_400);
+
+/// Checks the plan of a new rollout, for the API and the CLI alike: each
+/// stage a whole percent 1-100 (`10`, `10%`) or `count:N`, canaries first,
+/// each kind strictly increasing, the last 100, and a soak of at most
+/// [`MAX_SOAK`].
+pub(crate) fn check_plan(stages: &[String], soak: Duration) -> Result<Vec<Share>, String> {
+    if stages.is_empty() {
+        return Err("a rollout needs at least one stage".to_owned());
+    }
+    let mut shares = Vec::with_capacity(stages.len());
+    for s in stages {
+        let share = if s.starts_with("count:") {
+            Share::parse(s)?
+        } else {
+            let digits = s.strip_suffix('%').unwrap_or(s);
+            match digits.parse::<u8>() {
+                Ok(p) if (1..=100).contains(&p) && digits.bytes().all(|b| b.is_ascii_digit()) => {
+                    Share::Percent(f64::from(p))
+                }
+                _ => {
+                    return Err(format!(
+                        "stage {s:?} must be a whole percent from 1 to 100, or count:N"
+                    ));
+                }
+            }
+        };
+        let increasing = match (shares.last(), share) {
+            (None, _) => true,
+            (Some(Share::Count(a)), Share::Count(b)) => *a < b,
+            (Some(Share::Percent(a)), Share::Percent(b)) => *a < b,
+            (Some(Share::Count(_)), Share::Percent(_)) => true,
+            (Some(Share::Percent(_)), Share::Count(_)) => false,
+        };
+        if !increasing {
+            return Err(format!(
+                "stages {} must increase (count:N canaries first, then percents)",
+                stages.join(",")
+            ));
+        }
+        shares.push(share);
+    }
+    if !matches!(shares.last(), Some(Share::Percent(p)) if *p >= 100.0) {
+        return Err("the last stage must be 100 (the whole eligible fleet)".to_owned());
+    }
+    if soak > MAX_SOAK {
+        return Err(format!(
+            "--soak {} is longer than the most a stage may soak, {}",
+            stella_proto::format_duration(soak),
+            stella_proto::format_duration(MAX_SOAK)
+        ));
+    }
+    Ok(shares)
+}
+
 impl Share {
-    /// Parses `10`, `12.5`, `100` or `count:N`.
+    /// Parses a stored stage: `10`, `12.5`, `100` or `count:N` (rollouts
+    /// recorded before [`check_plan`] may hold fractions).
     pub(crate) fn parse(s: &str) -> Result<Self, String> {
         if let Some(n) = s.strip_prefix("count:") {
             return match n.parse::<u64>() {
@@ -336,25 +394,12 @@ pub(crate) fn check_start(
     id: String,
     now: u64,
 ) -> Result<RolloutRecord, Refusal> {
-    if req.stages.is_empty() {
-        return Err(Refusal::bad_request("a rollout needs at least one stage"));
-    }
-    let shares: Vec<Share> = req
-        .stages
-        .iter()
-        .map(|s| Share::parse(s))
-        .collect::<Result<_, _>>()
-        .map_err(Refusal::bad_request)?;
+    check_plan(req.stages, req.soak).map_err(Refusal::bad_request)?;
     if !(0.0..=1.0).contains(&req.max_failures) {
         return Err(Refusal::bad_request(format!(
             "--max-failures {} must be between 0 and 1",
             req.max_failures
         )));
-    }
-    if !matches!(shares.last(), Some(Share::Percent(p)) if *p >= 100.0) {
-        return Err(Refusal::bad_request(
-            "the last stage must be 100 (the whole eligible fleet)",
-        ));
     }
     crate::tokens::check_labels(&req.selector).map_err(Refusal::bad_request)?;
     if targets.is_empty() {
@@ -675,6 +720,49 @@ mod tests {
             evaluate(&rec, &quiet, &targets(), 1).change,
             Some(Change::StartSoak(1))
         );
+    }
+
+    #[test]
+    fn a_plan_has_whole_increasing_stages_and_a_sane_soak() {
+        let plan = |stages: &str, soak_s: u64| {
+            let stages: Vec<String> = stages.split(',').map(str::to_owned).collect();
+            check_plan(&stages, Duration::from_secs(soak_s))
+        };
+        assert_eq!(
+            plan("count:1,count:5,10,50%,100", 600),
+            Ok(vec![
+                Share::Count(1),
+                Share::Count(5),
+                Share::Percent(10.0),
+                Share::Percent(50.0),
+                Share::Percent(100.0)
+            ])
+        );
+        assert!(plan("100", 30 * 86_400).is_ok());
+        for bad in [
+            "1e2", "12.5", "0", "101", "+50,100", " 50,100", "0x10,100", "", "50,",
+        ] {
+            let got = plan(&format!("{bad},100").replace(",100,100", ",100"), 60);
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains("whole percent")),
+                "{bad}: {got:?}"
+            );
+        }
+        for bad in [
+            "50,10,100",
+            "50,50,100",
+            "count:5,count:1,100",
+            "10,count:1,100",
+        ] {
+            let got = plan(bad, 60);
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains("increase")),
+                "{bad}: {got:?}"
+            );
+        }
+        assert!(plan("50", 60).is_err_and(|e| e.contains("last stage")));
+        assert!(plan("100", 30 * 86_400 + 1).is_err_and(|e| e.contains("--soak")));
+        assert!(plan("100", u64::MAX).is_err());
     }
 
     #[test]

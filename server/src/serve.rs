@@ -7,9 +7,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_signal::{Signal, Signals};
 use futures_rustls::TlsAcceptor;
 use smol::future::FutureExt;
 use smol::net::{TcpListener, TcpStream};
+use smol::stream::StreamExt;
 
 use crate::api::{self, Peer};
 use crate::app::{self, App, Metrics, Settings};
@@ -27,6 +29,8 @@ pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub(crate) const URL_FILE: &str = "server.url";
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a graceful stop waits for answers beyond the request timeout.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Raises the open-file soft limit to the hard limit (one descriptor per
 /// agent connection) and returns how many connections to allow: the limit
@@ -87,7 +91,8 @@ pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-/// `stella-server serve`: runs until killed.
+/// `stella-server serve`: runs until SIGTERM or SIGINT (then stops
+/// gracefully, see [`stop`]).
 pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
     let dir = &opts.data_dir;
     let store = RedbStore::open(&dir.join(STORE_FILE))?;
@@ -163,8 +168,20 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         ex.spawn(app::timeout_monitor(app.clone())).detach();
         ex.spawn(app::heartbeat_flusher(app.clone())).detach();
         ex.spawn(app::controller(app.clone())).detach();
+        let mut signals = Signals::new([Signal::Term, Signal::Int])
+            .map_err(|e| Error::io("cannot handle SIGTERM", e))?;
         loop {
-            match listener.accept().await {
+            let next = async { Some(listener.accept().await) }
+                .or(async {
+                    let _ = signals.next().await;
+                    None
+                })
+                .await;
+            let Some(accepted) = next else {
+                drop(listener);
+                return stop(&app).await;
+            };
+            match accepted {
                 Ok((tcp, _)) => {
                     let open = app
                         .connections
@@ -188,6 +205,52 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
             }
         }
     }))
+}
+
+/// The graceful stop on SIGTERM (or SIGINT): the listener is closed already;
+/// requests being answered finish (each connection closes after its answer),
+/// the heartbeat batch is written, and `serve` returns (exit 0).
+async fn stop(app: &Arc<App>) -> Result<(), Error> {
+    use std::sync::atomic::Ordering;
+    app.stopping.store(true, Ordering::SeqCst);
+    log::info(
+        "stopping: no new connections, finishing requests",
+        &[("in_flight", &app.requests_in_flight.load(Ordering::SeqCst))],
+    );
+    // A request may take request_timeout to arrive and a little to answer.
+    let give_up = std::time::Instant::now() + app.settings.request_timeout + STOP_GRACE;
+    while app.requests_in_flight.load(Ordering::SeqCst) > 0 {
+        if std::time::Instant::now() >= give_up {
+            log::warn(
+                "stopping with requests unanswered",
+                &[("in_flight", &app.requests_in_flight.load(Ordering::SeqCst))],
+            );
+            break;
+        }
+        smol::Timer::after(Duration::from_millis(10)).await;
+    }
+    app::flush_heartbeats(app).await;
+    log::info("stopped", &[]);
+    Ok(())
+}
+
+/// Counts a request from its head until its answer is written.
+struct InFlight<'a>(&'a App);
+
+impl<'a> InFlight<'a> {
+    fn new(app: &'a App) -> Self {
+        app.requests_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(app)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .requests_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Discards incoming bytes for a short while (at most 1 MiB or 2 s).
@@ -274,7 +337,10 @@ async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
             }
             Err(ReadError::Closed | ReadError::Io(_)) => break,
         };
-        let keep_alive = head.request.keep_alive;
+        let _in_flight = InFlight::new(&app);
+        // Stopping: this answer is the connection's last.
+        let keep_alive =
+            head.request.keep_alive && !app.stopping.load(std::sync::atomic::Ordering::SeqCst);
         // The gate, on the head alone: a caller who fails is answered before
         // a byte of its body is looked at.
         let admitted = match api::admit(&app, peer.as_ref(), source, &head.request) {

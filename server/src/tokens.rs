@@ -82,9 +82,19 @@ pub(crate) fn check_labels(labels: &Labels) -> Result<(), String> {
 }
 
 fn check_short(what: &str, s: &str, max: usize) -> Result<(), Refusal> {
-    if s.is_empty() || s.len() > max || s.chars().any(char::is_control) {
+    check_text(what, s, 1, max)
+}
+
+/// The rule for every string an agent sends (registration, heartbeats):
+/// `min`-`max` bytes and no control character, since operators read these
+/// in a terminal. The message names the field and shows the value escaped
+/// (and cut short: it may be megabytes).
+pub(crate) fn check_text(what: &str, s: &str, min: usize, max: usize) -> Result<(), Refusal> {
+    if s.len() < min || s.len() > max || s.chars().any(char::is_control) {
+        let shown: String = s.chars().take(64).collect();
+        let more = if shown.len() < s.len() { "..." } else { "" };
         return Err(Refusal::bad_request(format!(
-            "invalid {what} {s:?}: 1-{max} printable characters"
+            "invalid {what} {shown:?}{more}: {min}-{max} bytes of printable characters"
         )));
     }
     Ok(())

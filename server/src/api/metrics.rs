@@ -9,6 +9,7 @@ use crate::http::Response;
 pub(super) fn metrics(app: &App) -> Response {
     let counts = lock(&app.fleet).count_by_status();
     let m = &app.metrics;
+    let store = app.store.health();
     let load = Metrics::load;
     let mut out = String::with_capacity(1024);
     out.push_str("# HELP stella_agents Agents by lifecycle status.\n# TYPE stella_agents gauge\n");
@@ -43,7 +44,7 @@ pub(super) fn metrics(app: &App) -> Response {
         ),
         (
             "stella_rate_limited_total",
-            "Registrations refused with 429 after repeated token failures.",
+            "Registrations and admin calls refused with 429 after repeated failures from one address.",
             load(&m.rate_limited),
         ),
         (
@@ -61,6 +62,11 @@ pub(super) fn metrics(app: &App) -> Response {
             "Expired certificates recovered with the old key.",
             load(&m.recoveries),
         ),
+        (
+            "stella_store_errors_total",
+            "Store operations that failed (I/O errors such as a full disk, among others).",
+            store.errors,
+        ),
     ] {
         let _ = writeln!(
             out,
@@ -71,6 +77,11 @@ pub(super) fn metrics(app: &App) -> Response {
         out,
         "# HELP stella_start_time_seconds When the server started.\n# TYPE stella_start_time_seconds gauge\nstella_start_time_seconds {}",
         app.started_ms / 1000
+    );
+    let _ = writeln!(
+        out,
+        "# HELP stella_store_writable Whether the last store write succeeded (0 while the store cannot write).\n# TYPE stella_store_writable gauge\nstella_store_writable {}",
+        u8::from(store.unwritable.is_none())
     );
     Response::new(200, "text/plain; version=0.0.4", out.into_bytes())
 }

@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::http::{self, Request, Response};
 use crate::lifecycle::Act;
 use crate::refusal::{Refusal, Why};
+use crate::store::StoreError;
 
 /// The agent behind a verified client certificate.
 #[derive(Debug, Clone)]
@@ -220,7 +221,7 @@ fn authenticate(
     match auth {
         Auth::Open | Auth::Anonymous => Ok(()),
         Auth::Registration => app.check_registration_rate(source),
-        Auth::Admin => app.check_admin(head.authorization.as_deref()),
+        Auth::Admin => app.check_admin_from(source, head.authorization.as_deref()),
         Auth::Agent(act) => {
             let Some(peer) = peer else {
                 return Err(Refusal::unauthorized(match act {
@@ -246,10 +247,24 @@ fn refused(r: Refusal) -> Response {
     resp
 }
 
-/// The answer to a failure: a refusal as such, anything else as 500.
+/// The answer to a failure: a refusal as such, a store that cannot write
+/// now as 503 (nothing was changed; try again), anything else as 500.
 fn failed(e: Error) -> Response {
     match e {
         Error::Refused(r) => refused(r),
+        Error::Store(e @ StoreError::Unavailable { .. }) => {
+            crate::log::warn("request failed", &[("error", &e)]);
+            let mut resp = Response::error(503, e.to_string());
+            resp.extra_headers.push(("retry-after", "5".to_owned()));
+            resp
+        }
+        // A blob that could not be written for lack of space: the same.
+        Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+            crate::log::warn("request failed", &[("error", &e)]);
+            let mut resp = Response::error(503, e.to_string());
+            resp.extra_headers.push(("retry-after", "5".to_owned()));
+            resp
+        }
         other => {
             crate::log::warn("request failed", &[("error", &other)]);
             Response::error(500, other.to_string())
@@ -283,7 +298,7 @@ pub(crate) async fn handle(
     req: Request,
 ) -> Response {
     match (admitted.endpoint, peer) {
-        (Endpoint::Healthz, _) => Response::new(200, "text/plain", b"ok\n".to_vec()),
+        (Endpoint::Healthz, _) => healthz(app),
         (Endpoint::Metrics, _) => metrics::metrics(app),
         (Endpoint::Register, _) => match parse_json::<RegisterRequest>(&req) {
             Ok(body) => answer(
@@ -327,6 +342,18 @@ pub(crate) async fn handle(
         ) => refused(Refusal::unauthorized(
             "this endpoint needs the agent's client certificate (mTLS)",
         )),
+    }
+}
+
+/// `ok`, or 503 with the reason while the store cannot write.
+fn healthz(app: &App) -> Response {
+    match app.store.health().unwritable {
+        None => Response::new(200, "text/plain", b"ok\n".to_vec()),
+        Some(why) => Response::new(
+            503,
+            "text/plain",
+            format!("store unwritable: {why}\n").into_bytes(),
+        ),
     }
 }
 

@@ -26,12 +26,14 @@
 //!   controller every second from the fleet.
 //! - `challenges`: outstanding recovery challenges, single-use and valid for a
 //!   minute: losing them costs an agent one retry.
-//! - `registration_failures`: failed registrations per source address for
-//!   the 429 brake: a per-server window is a weaker brake, not a hole.
+//! - `registration_failures` and `admin_failures`: failed registrations
+//!   and admin authentications per source address for the 429 brake: a
+//!   per-server window is a weaker brake, not a hole.
 //! - `lifecycle_lock`: orders durable agent changes with their mirror in
 //!   `fleet` (one writer per process; several servers need the store's
 //!   transactions instead).
-//! - `connections` and `metrics`: per-process by nature (Prometheus sums
+//! - `connections`, `requests_in_flight`, `stopping` and `metrics`:
+//!   per-process by nature (Prometheus sums
 //!   them over servers).
 
 mod agents;
@@ -41,18 +43,19 @@ mod enrollment;
 mod releases;
 mod rollouts;
 
+use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub(crate) use self::agents::{AgentAction, heartbeat_flusher, timeout_monitor};
+pub(crate) use self::agents::{AgentAction, flush_heartbeats, heartbeat_flusher, timeout_monitor};
 pub(crate) use self::rollouts::controller;
 use crate::ca::Ca;
 use crate::config::Configs;
 use crate::error::Error;
 use crate::lifecycle::Fleet;
-use crate::refusal::Refusal;
+use crate::refusal::{Refusal, Why};
 use crate::releases::Releases;
 use crate::renewal::Challenges;
 use crate::rollout::Rollouts;
@@ -120,12 +123,19 @@ pub(crate) struct App {
     pub(crate) challenges: Mutex<Challenges>,
     /// Failed registrations per source address (brute-force brake).
     pub(crate) registration_failures: Mutex<FailureWindows>,
+    /// Failed admin authentications per source address (the same brake).
+    pub(crate) admin_failures: Mutex<FailureWindows>,
     /// Held across a durable agent change and its mirror in `fleet`, so the
     /// two never disagree in order.
     pub(crate) lifecycle_lock: Mutex<()>,
     /// Open connections, and how many are allowed.
     pub(crate) connections: AtomicUsize,
     pub(crate) max_connections: usize,
+    /// Requests read but not yet answered: a graceful stop waits for them.
+    pub(crate) requests_in_flight: AtomicUsize,
+    /// Set on SIGTERM: answers close their connection, nothing new is
+    /// accepted.
+    pub(crate) stopping: AtomicBool,
     pub(crate) metrics: Metrics,
 }
 
@@ -161,10 +171,36 @@ impl App {
             rollouts: Mutex::new(rollouts),
             challenges: Mutex::new(Challenges::default()),
             registration_failures: Mutex::new(FailureWindows::default()),
+            admin_failures: Mutex::new(FailureWindows::default()),
             lifecycle_lock: Mutex::new(()),
             connections: AtomicUsize::new(0),
             max_connections,
+            requests_in_flight: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
             metrics: Metrics::default(),
+        })
+    }
+
+    /// Checks an admin's bearer token from `source`, with the same brake as
+    /// registrations: after too many failures from one address in a minute,
+    /// it gets 429 whatever it presents (the right token too, or a 200 would
+    /// tell a guesser it has won).
+    pub(crate) fn check_admin_from(
+        &self,
+        source: IpAddr,
+        authorization: Option<&str>,
+    ) -> Result<(), Refusal> {
+        if let Some(wait) = lock(&self.admin_failures).blocked_for(source, now_ms()) {
+            Metrics::bump(&self.metrics.rate_limited);
+            let mut refusal = Refusal::new(
+                Why::TooManyRequests,
+                format!("too many failed admin authentications from {source}; retry in {wait}s"),
+            );
+            refusal.retry_after = Some(wait);
+            return Err(refusal);
+        }
+        self.check_admin(authorization).inspect_err(|_| {
+            lock(&self.admin_failures).record(source, now_ms());
         })
     }
 

@@ -49,6 +49,12 @@ pub enum StoreError {
         context: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The store cannot be written now (an I/O error: a full disk, most
+    /// often); nothing was changed, and a later try may succeed.
+    Unavailable {
+        context: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A stored record does not decode.
     Corrupt { what: &'static str, key: String },
     /// No record with that key.
@@ -78,6 +84,10 @@ impl fmt::Display for StoreError {
                 path.display()
             ),
             StoreError::Backend { context, source } => write!(f, "store: {context}: {source}"),
+            StoreError::Unavailable { context, source } => write!(
+                f,
+                "the store cannot be written now ({context}: {source}); nothing was changed, try again later"
+            ),
             StoreError::Corrupt { what, key } => {
                 write!(f, "corrupt {what} record {key:?} in the store")
             }
@@ -91,7 +101,9 @@ impl fmt::Display for StoreError {
 impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            StoreError::Backend { source, .. } => Some(source.as_ref()),
+            StoreError::Backend { source, .. } | StoreError::Unavailable { source, .. } => {
+                Some(source.as_ref())
+            }
             StoreError::Aborted(r) => Some(r),
             _ => None,
         }
@@ -146,10 +158,27 @@ pub(crate) type AgentChange<'a> = dyn FnMut(&mut AgentRecord) -> Result<bool, Re
 pub(crate) type CertificateChange<'a> =
     dyn FnOnce(&mut AgentRecord) -> Result<String, Refusal> + 'a;
 
+/// Whether the store can write, as `/healthz` and `/metrics` report it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StoreHealth {
+    /// Why the last write failed, while writing does not work again.
+    pub(crate) unwritable: Option<String>,
+    /// Store operations that failed since the server started.
+    pub(crate) errors: u64,
+}
+
 /// Every durable operation of the server. Implementations must be safe to
 /// share between threads; every write method is one atomic, durable
 /// transaction with its audit line.
 pub(crate) trait Store: Send + Sync {
+    /// Whether the last write succeeded, and how many operations failed.
+    /// Cheap: no I/O.
+    fn health(&self) -> StoreHealth;
+
+    /// A small write (a timestamp), to learn whether writing works again
+    /// after a failure.
+    fn probe_write(&self, now: u64) -> Result<(), StoreError>;
+
     /// Hex SHA-256 of the admin token.
     fn admin_token_sha256(&self) -> Result<String, StoreError>;
 

@@ -3,12 +3,15 @@
 //! that names a redb type; it keeps records and decides nothing.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use miniserde::{Deserialize, Serialize, json};
 
 use super::{
-    AgentChange, CertificateChange, EnrollRule, EnrollmentState, PriorEnrollment, Store, StoreError,
+    AgentChange, CertificateChange, EnrollRule, EnrollmentState, PriorEnrollment, Store,
+    StoreError, StoreHealth,
 };
 use crate::records::{
     AgentRecord, AuditRecord, CertRecord, ConfigRecord, EnrollmentRecord, HeartbeatState,
@@ -34,17 +37,49 @@ const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
 const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 const SCHEMA_VERSION: &str = "1";
 const ADMIN_HASH_KEY: &str = "admin_token_sha256";
+/// Written by the health check while the store could not write.
+const PROBE_KEY: &str = "last_write_probe";
+
+/// Opens the database again after an I/O failure.
+type Reopen = Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
 
 /// The store in one redb file.
+///
+/// After an I/O error (a full disk, most often) redb refuses every later
+/// transaction until the database is closed and opened again. So the file is
+/// reopened here, behind the trait: at the failure, and again at the next
+/// call while that does not succeed. A write that fails this way commits
+/// nothing (redb's commit is atomic), so what callers were told was
+/// written stays written.
 pub(crate) struct RedbStore {
-    db: Database,
+    /// `None` while closed after an I/O failure and not yet reopened.
+    db: RwLock<Option<Database>>,
+    reopen: Reopen,
+    /// Why the last write failed, until a write succeeds again.
+    unwritable: Mutex<Option<String>>,
+    /// Store operations that failed, since start.
+    errors: AtomicU64,
+}
+
+/// Whether a redb error is an I/O failure: the database must be reopened,
+/// and the caller may try again later.
+fn is_io(e: &::redb::Error) -> bool {
+    matches!(
+        e,
+        ::redb::Error::Io(_) | ::redb::Error::PreviousIo | ::redb::Error::DatabaseClosed
+    )
 }
 
 macro_rules! backend_error_from {
     ($($t:ty => $what:literal),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Backend { context: $what.to_owned(), source: Box::new(e) }
+                let e: ::redb::Error = e.into();
+                if is_io(&e) {
+                    StoreError::Unavailable { context: $what.to_owned(), source: Box::new(e) }
+                } else {
+                    StoreError::Backend { context: $what.to_owned(), source: Box::new(e) }
+                }
             }
         }
     )*};
@@ -62,11 +97,37 @@ fn open_error(path: &Path, e: ::redb::DatabaseError) -> StoreError {
         ::redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
             path: path.to_owned(),
         },
+        ::redb::DatabaseError::Storage(storage) => {
+            let e: ::redb::Error = storage.into();
+            let context = format!("cannot open {}", path.display());
+            if is_io(&e) {
+                StoreError::Unavailable {
+                    context,
+                    source: Box::new(e),
+                }
+            } else {
+                StoreError::Backend {
+                    context,
+                    source: Box::new(e),
+                }
+            }
+        }
         other => StoreError::Backend {
             context: format!("cannot open {}", path.display()),
             source: Box::new(other),
         },
     }
+}
+
+/// Opens the store file with the server's settings.
+fn open_file(path: &Path) -> Result<Database, StoreError> {
+    // redb's read cache defaults to 1 GiB and keeps every page that
+    // load_agents read at start: about 0.9 KiB per agent. 32 MiB holds
+    // the hot pages; heartbeats and admin reads come from memory anyway.
+    Database::builder()
+        .set_cache_size(STORE_CACHE_BYTES)
+        .open(path)
+        .map_err(|e| open_error(path, e))
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -81,6 +142,18 @@ fn decode<T: Deserialize>(what: &'static str, key: &str, bytes: &[u8]) -> Result
             what,
             key: key.to_owned(),
         })
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn enrollment_key(token_id: &str, key_sha256: &str) -> String {
@@ -99,12 +172,21 @@ impl RedbStore {
                 source: Box::new(e),
             }
         })?;
-        Self::initialize(db, admin_sha256)
+        let path = path.to_owned();
+        Self::initialize(db, Box::new(move || open_file(&path)), admin_sha256)
     }
 
-    fn initialize(db: Database, admin_sha256: &str) -> Result<Self, StoreError> {
-        let store = Self { db };
-        let txn = store.db.begin_write()?;
+    fn new(db: Database, reopen: Reopen) -> Self {
+        Self {
+            db: RwLock::new(Some(db)),
+            reopen,
+            unwritable: Mutex::new(None),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    fn initialize(db: Database, reopen: Reopen, admin_sha256: &str) -> Result<Self, StoreError> {
+        let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             meta.insert("schema", SCHEMA_VERSION)?;
@@ -120,7 +202,7 @@ impl RedbStore {
             txn.open_table(ROLLOUTS)?;
         }
         txn.commit()?;
-        Ok(store)
+        Ok(Self::new(db, reopen))
     }
 
     /// Opens an existing store file (exclusively: one server per data dir).
@@ -130,16 +212,71 @@ impl RedbStore {
                 path: path.to_owned(),
             });
         }
-        // redb's read cache defaults to 1 GiB and keeps every page that
-        // load_agents read at start: about 0.9 KiB per agent. 32 MiB holds
-        // the hot pages; heartbeats and admin reads come from memory anyway.
-        let db = Database::builder()
-            .set_cache_size(STORE_CACHE_BYTES)
-            .open(path)
-            .map_err(|e| open_error(path, e))?;
-        let store = Self { db };
+        let db = open_file(path)?;
+        let owned = path.to_owned();
+        let store = Self::new(db, Box::new(move || open_file(&owned)));
         store.check_schema(path)?;
         Ok(store)
+    }
+
+    /// Runs `work` on the open database. An I/O failure closes the
+    /// database and tries to open it again at once; while that fails,
+    /// every call tries again first. A failed `write` marks the store
+    /// unwritable until a commit succeeds (see `commit`).
+    fn with_db<T>(
+        &self,
+        write: bool,
+        work: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if read_lock(&self.db).is_none() {
+            self.reopen_now().inspect_err(|_| self.count_error())?;
+        }
+        let db = read_lock(&self.db);
+        let Some(open) = db.as_ref() else {
+            self.count_error();
+            return Err(StoreError::Unavailable {
+                context: "the store is being reopened after an I/O error".to_owned(),
+                source: "closed".into(),
+            });
+        };
+        let result = work(open);
+        drop(db);
+        match &result {
+            Err(e @ StoreError::Unavailable { .. }) => {
+                self.count_error();
+                if write {
+                    *lock(&self.unwritable) = Some(e.to_string());
+                }
+                *write_lock(&self.db) = None;
+                // The caller logs the failure; a failed reopen is tried
+                // again at the next call.
+                let _ = self.reopen_now();
+            }
+            Err(StoreError::Backend { .. } | StoreError::Corrupt { .. }) => self.count_error(),
+            _ => {}
+        }
+        result
+    }
+
+    /// Commits a write transaction; one that is durable shows that the
+    /// store can write again.
+    fn commit(&self, txn: ::redb::WriteTransaction) -> Result<(), StoreError> {
+        txn.commit()?;
+        *lock(&self.unwritable) = None;
+        Ok(())
+    }
+
+    /// Opens the database again unless another call did already.
+    fn reopen_now(&self) -> Result<(), StoreError> {
+        let mut db = write_lock(&self.db);
+        if db.is_none() {
+            *db = Some((self.reopen)()?);
+        }
+        Ok(())
+    }
+
+    fn count_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
     fn check_schema(&self, path: &Path) -> Result<(), StoreError> {
@@ -155,9 +292,11 @@ impl RedbStore {
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(META)?;
-        Ok(table.get(key)?.map(|v| v.value().to_owned()))
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(META)?;
+            Ok(table.get(key)?.map(|v| v.value().to_owned()))
+        })
     }
 
     /// One record of a table, decoded.
@@ -167,11 +306,13 @@ impl RedbStore {
         what: &'static str,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let rows = txn.open_table(table)?;
-        rows.get(key)?
-            .map(|v| decode(what, key, v.value()))
-            .transpose()
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let rows = txn.open_table(table)?;
+            rows.get(key)?
+                .map(|v| decode(what, key, v.value()))
+                .transpose()
+        })
     }
 
     /// Every value of a table, decoded, in key order (read-only: `create`
@@ -181,18 +322,37 @@ impl RedbStore {
         table: TableDefinition<&str, &[u8]>,
         what: &'static str,
     ) -> Result<Vec<T>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let rows = txn.open_table(table)?;
-        let mut out = Vec::new();
-        for row in rows.iter()? {
-            let (k, v) = row?;
-            out.push(decode(what, k.value(), v.value())?);
-        }
-        Ok(out)
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let rows = txn.open_table(table)?;
+            let mut out = Vec::new();
+            for row in rows.iter()? {
+                let (k, v) = row?;
+                out.push(decode(what, k.value(), v.value())?);
+            }
+            Ok(out)
+        })
     }
 }
 
 impl Store for RedbStore {
+    fn probe_write(&self, now: u64) -> Result<(), StoreError> {
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            txn.open_table(META)?
+                .insert(PROBE_KEY, stella_proto::time::rfc3339(now).as_str())?;
+            self.commit(txn)?;
+            Ok(())
+        })
+    }
+
+    fn health(&self) -> StoreHealth {
+        StoreHealth {
+            unwritable: lock(&self.unwritable).clone(),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+
     fn admin_token_sha256(&self) -> Result<String, StoreError> {
         self.meta(ADMIN_HASH_KEY)?.ok_or(StoreError::NotFound {
             what: "admin token hash",
@@ -204,19 +364,21 @@ impl Store for RedbStore {
         &self,
         each: &mut dyn FnMut(AgentRecord, HeartbeatState),
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_read()?;
-        let agents = txn.open_table(AGENTS)?;
-        let heartbeats = txn.open_table(HEARTBEATS)?;
-        for row in agents.iter()? {
-            let (key, value) = row?;
-            let record: AgentRecord = decode("agent", key.value(), value.value())?;
-            let hb = match heartbeats.get(key.value())? {
-                Some(v) => decode("heartbeat", key.value(), v.value())?,
-                None => <HeartbeatState as Default>::default(),
-            };
-            each(record, hb);
-        }
-        Ok(())
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let agents = txn.open_table(AGENTS)?;
+            let heartbeats = txn.open_table(HEARTBEATS)?;
+            for row in agents.iter()? {
+                let (key, value) = row?;
+                let record: AgentRecord = decode("agent", key.value(), value.value())?;
+                let hb = match heartbeats.get(key.value())? {
+                    Some(v) => decode("heartbeat", key.value(), v.value())?,
+                    None => <HeartbeatState as Default>::default(),
+                };
+                each(record, hb);
+            }
+            Ok(())
+        })
     }
 
     fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
@@ -224,30 +386,32 @@ impl Store for RedbStore {
     }
 
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut tokens = txn.open_table(TOKENS)?;
-            if tokens.get(token.id.as_str())?.is_some() {
-                return Err(StoreError::Exists {
-                    what: "token",
-                    key: token.id.clone(),
-                });
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut tokens = txn.open_table(TOKENS)?;
+                if tokens.get(token.id.as_str())?.is_some() {
+                    return Err(StoreError::Exists {
+                        what: "token",
+                        key: token.id.clone(),
+                    });
+                }
+                tokens.insert(token.id.as_str(), encode(token).as_slice())?;
+                append_audit(
+                    &txn,
+                    token.created_at,
+                    "token.create",
+                    &token.id,
+                    &format!(
+                        "uses={} expires_at={}",
+                        token.uses,
+                        stella_proto::time::rfc3339(token.expires_at)
+                    ),
+                )?;
             }
-            tokens.insert(token.id.as_str(), encode(token).as_slice())?;
-            append_audit(
-                &txn,
-                token.created_at,
-                "token.create",
-                &token.id,
-                &format!(
-                    "uses={} expires_at={}",
-                    token.uses,
-                    stella_proto::time::rfc3339(token.expires_at)
-                ),
-            )?;
-        }
-        txn.commit()?;
-        Ok(())
+            self.commit(txn)?;
+            Ok(())
+        })
     }
 
     fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -260,72 +424,74 @@ impl Store for RedbStore {
         key_sha256: &str,
         rule: &mut EnrollRule<'_>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        let marker_key = enrollment_key(token_id, key_sha256);
-        {
-            let mut tokens = txn.open_table(TOKENS)?;
-            let mut agents = txn.open_table(AGENTS)?;
-            let mut certs = txn.open_table(CERTS)?;
-            let mut enrollments = txn.open_table(ENROLLMENTS)?;
-            let token: Option<TokenRecord> = tokens
-                .get(token_id)?
-                .map(|v| decode("token", token_id, v.value()))
-                .transpose()?;
-            let marker: Option<EnrollmentRecord> = enrollments
-                .get(marker_key.as_str())?
-                .map(|v| decode("enrollment", &marker_key, v.value()))
-                .transpose()?;
-            let prior = match marker {
-                Some(marker) => {
-                    let agent: AgentRecord = agents
-                        .get(marker.agent_id.as_str())?
-                        .map(|v| decode("agent", &marker.agent_id, v.value()))
-                        .transpose()?
-                        .ok_or_else(|| StoreError::Corrupt {
-                            what: "enrollment (its agent is missing)",
-                            key: marker_key.clone(),
-                        })?;
-                    let cert: CertRecord = certs
-                        .get(agent.cert_serial.as_str())?
-                        .map(|v| decode("certificate", &agent.cert_serial, v.value()))
-                        .transpose()?
-                        .ok_or_else(|| StoreError::Corrupt {
-                            what: "agent (its certificate is missing)",
-                            key: agent.id.clone(),
-                        })?;
-                    Some(PriorEnrollment {
-                        at: marker.at,
-                        agent,
-                        cert,
-                    })
-                }
-                None => None,
-            };
-            let state = EnrollmentState { token, prior };
-            let Some(new) = rule(&state)? else {
-                return Ok(());
-            };
-            tokens.insert(new.token.id.as_str(), encode(&new.token).as_slice())?;
-            agents.insert(new.agent.id.as_str(), encode(&new.agent).as_slice())?;
-            certs.insert(new.cert.serial.as_str(), encode(&new.cert).as_slice())?;
-            let marker = EnrollmentRecord {
-                agent_id: new.agent.id.clone(),
-                at: new.at,
-            };
-            enrollments.insert(marker_key.as_str(), encode(&marker).as_slice())?;
-            append_audit(
-                &txn,
-                new.at,
-                "agent.enroll",
-                &new.agent.id,
-                &format!(
-                    "token={} name={} serial={}",
-                    new.token.id, new.agent.name, new.cert.serial
-                ),
-            )?;
-        }
-        txn.commit()?;
-        Ok(())
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            let marker_key = enrollment_key(token_id, key_sha256);
+            {
+                let mut tokens = txn.open_table(TOKENS)?;
+                let mut agents = txn.open_table(AGENTS)?;
+                let mut certs = txn.open_table(CERTS)?;
+                let mut enrollments = txn.open_table(ENROLLMENTS)?;
+                let token: Option<TokenRecord> = tokens
+                    .get(token_id)?
+                    .map(|v| decode("token", token_id, v.value()))
+                    .transpose()?;
+                let marker: Option<EnrollmentRecord> = enrollments
+                    .get(marker_key.as_str())?
+                    .map(|v| decode("enrollment", &marker_key, v.value()))
+                    .transpose()?;
+                let prior = match marker {
+                    Some(marker) => {
+                        let agent: AgentRecord = agents
+                            .get(marker.agent_id.as_str())?
+                            .map(|v| decode("agent", &marker.agent_id, v.value()))
+                            .transpose()?
+                            .ok_or_else(|| StoreError::Corrupt {
+                                what: "enrollment (its agent is missing)",
+                                key: marker_key.clone(),
+                            })?;
+                        let cert: CertRecord = certs
+                            .get(agent.cert_serial.as_str())?
+                            .map(|v| decode("certificate", &agent.cert_serial, v.value()))
+                            .transpose()?
+                            .ok_or_else(|| StoreError::Corrupt {
+                                what: "agent (its certificate is missing)",
+                                key: agent.id.clone(),
+                            })?;
+                        Some(PriorEnrollment {
+                            at: marker.at,
+                            agent,
+                            cert,
+                        })
+                    }
+                    None => None,
+                };
+                let state = EnrollmentState { token, prior };
+                let Some(new) = rule(&state)? else {
+                    return Ok(());
+                };
+                tokens.insert(new.token.id.as_str(), encode(&new.token).as_slice())?;
+                agents.insert(new.agent.id.as_str(), encode(&new.agent).as_slice())?;
+                certs.insert(new.cert.serial.as_str(), encode(&new.cert).as_slice())?;
+                let marker = EnrollmentRecord {
+                    agent_id: new.agent.id.clone(),
+                    at: new.at,
+                };
+                enrollments.insert(marker_key.as_str(), encode(&marker).as_slice())?;
+                append_audit(
+                    &txn,
+                    new.at,
+                    "agent.enroll",
+                    &new.agent.id,
+                    &format!(
+                        "token={} name={} serial={}",
+                        new.token.id, new.agent.name, new.cert.serial
+                    ),
+                )?;
+            }
+            self.commit(txn)?;
+            Ok(())
+        })
     }
 
     fn update_agents(
@@ -335,34 +501,36 @@ impl Store for RedbStore {
         action: &str,
         change: &mut AgentChange<'_>,
     ) -> Result<Vec<AgentRecord>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let mut written = Vec::new();
-        {
-            let mut agents = txn.open_table(AGENTS)?;
-            for id in ids {
-                let Some(stored) = agents.get(*id)? else {
-                    return Err(StoreError::NotFound {
-                        what: "agent",
-                        key: (*id).to_owned(),
-                    });
-                };
-                let mut record: AgentRecord = decode("agent", id, stored.value())?;
-                drop(stored);
-                let before = record.status_text();
-                if change(&mut record)? {
-                    agents.insert(*id, encode(&record).as_slice())?;
-                    let after = record.status_text();
-                    append_audit(&txn, now, action, id, &format!("{before} -> {after}"))?;
-                    written.push(record);
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            let mut written = Vec::new();
+            {
+                let mut agents = txn.open_table(AGENTS)?;
+                for id in ids {
+                    let Some(stored) = agents.get(*id)? else {
+                        return Err(StoreError::NotFound {
+                            what: "agent",
+                            key: (*id).to_owned(),
+                        });
+                    };
+                    let mut record: AgentRecord = decode("agent", id, stored.value())?;
+                    drop(stored);
+                    let before = record.status_text();
+                    if change(&mut record)? {
+                        agents.insert(*id, encode(&record).as_slice())?;
+                        let after = record.status_text();
+                        append_audit(&txn, now, action, id, &format!("{before} -> {after}"))?;
+                        written.push(record);
+                    }
                 }
             }
-        }
-        if written.is_empty() {
-            txn.abort()?;
-        } else {
-            txn.commit()?;
-        }
-        Ok(written)
+            if written.is_empty() {
+                txn.abort()?;
+            } else {
+                self.commit(txn)?;
+            }
+            Ok(written)
+        })
     }
 
     fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
@@ -374,27 +542,29 @@ impl Store for RedbStore {
         cert: &CertRecord,
         change: Box<CertificateChange<'_>>,
     ) -> Result<AgentRecord, StoreError> {
-        let txn = self.db.begin_write()?;
-        let record = {
-            let mut agents = txn.open_table(AGENTS)?;
-            let agent_id = cert.agent_id.as_str();
-            let Some(stored) = agents.get(agent_id)? else {
-                return Err(StoreError::NotFound {
-                    what: "agent",
-                    key: agent_id.to_owned(),
-                });
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            let record = {
+                let mut agents = txn.open_table(AGENTS)?;
+                let agent_id = cert.agent_id.as_str();
+                let Some(stored) = agents.get(agent_id)? else {
+                    return Err(StoreError::NotFound {
+                        what: "agent",
+                        key: agent_id.to_owned(),
+                    });
+                };
+                let mut record: AgentRecord = decode("agent", agent_id, stored.value())?;
+                drop(stored);
+                let detail = change(&mut record)?;
+                agents.insert(agent_id, encode(&record).as_slice())?;
+                let mut certs = txn.open_table(CERTS)?;
+                certs.insert(cert.serial.as_str(), encode(cert).as_slice())?;
+                append_audit(&txn, cert.issued_at, "agent.certificate", agent_id, &detail)?;
+                record
             };
-            let mut record: AgentRecord = decode("agent", agent_id, stored.value())?;
-            drop(stored);
-            let detail = change(&mut record)?;
-            agents.insert(agent_id, encode(&record).as_slice())?;
-            let mut certs = txn.open_table(CERTS)?;
-            certs.insert(cert.serial.as_str(), encode(cert).as_slice())?;
-            append_audit(&txn, cert.issued_at, "agent.certificate", agent_id, &detail)?;
-            record
-        };
-        txn.commit()?;
-        Ok(record)
+            self.commit(txn)?;
+            Ok(record)
+        })
     }
 
     fn rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
@@ -408,14 +578,16 @@ impl Store for RedbStore {
         action: &str,
         detail: &str,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut rollouts = txn.open_table(ROLLOUTS)?;
-            rollouts.insert(rollout.id.as_str(), encode(rollout).as_slice())?;
-            append_audit(&txn, now, action, &rollout.id, detail)?;
-        }
-        txn.commit()?;
-        Ok(())
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut rollouts = txn.open_table(ROLLOUTS)?;
+                rollouts.insert(rollout.id.as_str(), encode(rollout).as_slice())?;
+                append_audit(&txn, now, action, &rollout.id, detail)?;
+            }
+            self.commit(txn)?;
+            Ok(())
+        })
     }
 
     fn releases(&self) -> Result<Vec<ReleaseRecord>, StoreError> {
@@ -423,23 +595,25 @@ impl Store for RedbStore {
     }
 
     fn insert_release(&self, release: &ReleaseRecord) -> Result<Option<ReleaseRecord>, StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut releases = txn.open_table(RELEASES)?;
-            if let Some(existing) = releases.get(release.version.as_str())? {
-                return decode("release", &release.version, existing.value()).map(Some);
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut releases = txn.open_table(RELEASES)?;
+                if let Some(existing) = releases.get(release.version.as_str())? {
+                    return decode("release", &release.version, existing.value()).map(Some);
+                }
+                releases.insert(release.version.as_str(), encode(release).as_slice())?;
+                append_audit(
+                    &txn,
+                    release.imported_at,
+                    "release.import",
+                    &release.version,
+                    &format!("files={}", release.files.len()),
+                )?;
             }
-            releases.insert(release.version.as_str(), encode(release).as_slice())?;
-            append_audit(
-                &txn,
-                release.imported_at,
-                "release.import",
-                &release.version,
-                &format!("files={}", release.files.len()),
-            )?;
-        }
-        txn.commit()?;
-        Ok(None)
+            self.commit(txn)?;
+            Ok(None)
+        })
     }
 
     fn configs(&self) -> Result<Vec<ConfigRecord>, StoreError> {
@@ -453,58 +627,64 @@ impl Store for RedbStore {
         hash: &str,
         now: u64,
     ) -> Result<ConfigRecord, StoreError> {
-        let txn = self.db.begin_write()?;
-        let record = {
-            let mut configs = txn.open_table(CONFIGS)?;
-            let version = match configs.get(scope)? {
-                Some(v) => decode::<ConfigRecord>("config", scope, v.value())?.version + 1,
-                None => 1,
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            let record = {
+                let mut configs = txn.open_table(CONFIGS)?;
+                let version = match configs.get(scope)? {
+                    Some(v) => decode::<ConfigRecord>("config", scope, v.value())?.version + 1,
+                    None => 1,
+                };
+                let record = ConfigRecord {
+                    scope: scope.to_owned(),
+                    version,
+                    doc: doc.to_owned(),
+                    hash: hash.to_owned(),
+                    updated_at: now,
+                };
+                configs.insert(scope, encode(&record).as_slice())?;
+                append_audit(
+                    &txn,
+                    now,
+                    "config.set",
+                    scope,
+                    &format!("version={version} hash={hash}"),
+                )?;
+                record
             };
-            let record = ConfigRecord {
-                scope: scope.to_owned(),
-                version,
-                doc: doc.to_owned(),
-                hash: hash.to_owned(),
-                updated_at: now,
-            };
-            configs.insert(scope, encode(&record).as_slice())?;
-            append_audit(
-                &txn,
-                now,
-                "config.set",
-                scope,
-                &format!("version={version} hash={hash}"),
-            )?;
-            record
-        };
-        txn.commit()?;
-        Ok(record)
+            self.commit(txn)?;
+            Ok(record)
+        })
     }
 
     fn save_heartbeats(&self, batch: &[(String, HeartbeatState)]) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let txn = self.db.begin_write()?;
-        {
-            let mut table = txn.open_table(HEARTBEATS)?;
-            for (id, state) in batch {
-                table.insert(id.as_str(), encode(state).as_slice())?;
+        self.with_db(true, |db| {
+            if batch.is_empty() {
+                return Ok(());
             }
-        }
-        txn.commit()?;
-        Ok(())
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(HEARTBEATS)?;
+                for (id, state) in batch {
+                    table.insert(id.as_str(), encode(state).as_slice())?;
+                }
+            }
+            self.commit(txn)?;
+            Ok(())
+        })
     }
 
     fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let rows = txn.open_table(AUDIT)?;
-        let mut out = Vec::new();
-        for row in rows.iter()? {
-            let (k, v) = row?;
-            out.push(decode("audit", &k.value().to_string(), v.value())?);
-        }
-        Ok(out)
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let rows = txn.open_table(AUDIT)?;
+            let mut out = Vec::new();
+            for row in rows.iter()? {
+                let (k, v) = row?;
+                out.push(decode("audit", &k.value().to_string(), v.value())?);
+            }
+            Ok(out)
+        })
     }
 }
 
@@ -534,10 +714,36 @@ impl RedbStore {
         let db = Database::builder()
             .create_with_backend(backend)
             .map_err(|e| open_error(Path::new("(test backend)"), e))?;
+        let reopen: Reopen = Box::new(|| {
+            Err(StoreError::Unavailable {
+                context: "(test backend)".to_owned(),
+                source: "this backend cannot be reopened".into(),
+            })
+        });
+        Self::over(db, reopen, new)
+    }
+
+    /// A store over a backend that can be opened again (a shared disk).
+    fn with_reopenable_backend<B>(backend: B, new: bool) -> Result<Self, StoreError>
+    where
+        B: ::redb::StorageBackend + Clone + Sync,
+    {
+        let db = Database::builder()
+            .create_with_backend(backend.clone())
+            .map_err(|e| open_error(Path::new("(test backend)"), e))?;
+        let reopen: Reopen = Box::new(move || {
+            Database::builder()
+                .create_with_backend(backend.clone())
+                .map_err(|e| open_error(Path::new("(test backend)"), e))
+        });
+        Self::over(db, reopen, new)
+    }
+
+    fn over(db: Database, reopen: Reopen, new: bool) -> Result<Self, StoreError> {
         if new {
-            return Self::initialize(db, super::conformance::ADMIN_SHA256);
+            return Self::initialize(db, reopen, super::conformance::ADMIN_SHA256);
         }
-        let store = Self { db };
+        let store = Self::new(db, reopen);
         store.check_schema(Path::new("(test backend)"))?;
         Ok(store)
     }
@@ -578,7 +784,8 @@ mod tests {
         let agent = store.agent("agt_a").unwrap().unwrap();
         assert_eq!(agent.status, AgentStatus::Active);
         // The records are the same JSON as before states were typed.
-        let txn = store.db.begin_read().unwrap();
+        let open = read_lock(&store.db);
+        let txn = open.as_ref().unwrap().begin_read().unwrap();
         let raw = txn.open_table(AGENTS).unwrap();
         let json = raw.get("agt_a").unwrap().unwrap().value().to_vec();
         let json = String::from_utf8(json).unwrap();
@@ -591,6 +798,7 @@ mod tests {
             Err(StoreError::InUse { .. })
         ));
         drop(txn);
+        drop(open);
         drop(store);
         assert!(matches!(
             RedbStore::open(&dir.join("nothing.redb")),
@@ -636,6 +844,13 @@ mod tests {
             let mut disk = self.disk();
             disk.ops = 0;
             disk.fail_at = Some(at);
+        }
+
+        /// The disk has room again.
+        fn heal(&self) {
+            let mut disk = self.disk();
+            disk.fail_at = None;
+            disk.failed = false;
         }
 
         /// The machine stops: only what was synced is on the disk.
@@ -886,5 +1101,42 @@ mod tests {
             panic!("{refused:?}");
         };
         assert_eq!(r.status(), 401);
+    }
+
+    #[test]
+    fn an_io_failure_reopens_the_store_and_loses_no_acknowledged_write() {
+        let disk = FaultyBackend::default();
+        let store = RedbStore::with_reopenable_backend(disk.clone(), true).unwrap();
+        store
+            .insert_token(&conformance::token("before", 1))
+            .unwrap();
+        // The disk is full from the next write on.
+        disk.arm(1);
+        for id in ["full1", "full2"] {
+            let failed = store.insert_token(&conformance::token(id, 1));
+            assert!(
+                matches!(failed, Err(StoreError::Unavailable { .. })),
+                "{failed:?}"
+            );
+        }
+        let health = store.health();
+        assert!(health.unwritable.is_some());
+        assert!(health.errors >= 2, "{health:?}");
+        assert!(store.probe_write(1).is_err());
+        // Room again: the store recovers without a restart.
+        disk.heal();
+        store.probe_write(2).unwrap();
+        assert!(store.health().unwritable.is_none());
+        store.insert_token(&conformance::token("after", 1)).unwrap();
+        assert!(store.token("before").unwrap().is_some(), "acknowledged");
+        assert!(store.token("full1").unwrap().is_none(), "refused");
+        assert!(store.token("after").unwrap().is_some());
+        // And what it says after a crash is the same.
+        disk.crash();
+        drop(store);
+        let store = RedbStore::with_backend(disk, false).unwrap();
+        assert!(store.token("before").unwrap().is_some());
+        assert!(store.token("after").unwrap().is_some());
+        assert!(store.token("full2").unwrap().is_none());
     }
 }

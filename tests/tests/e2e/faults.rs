@@ -1,5 +1,6 @@
-//! Faults on the agent's host (issue "faults and hostile agents"): a full
-//! disk under the state dir never stops the agent, a resumed download
+//! Faults on the agent's and the server's hosts (issue "faults and hostile
+//! agents"): a full disk under the server's data dir does not poison its
+//! store, a full disk under the state dir never stops the agent, a resumed download
 //! cannot corrupt the staged file, and a release whose binary reports
 //! another version than the one its statement signs is refused before the
 //! swap. Full disks are small tmpfs mounts (the tests run as root); a test
@@ -13,8 +14,8 @@ use std::time::Duration;
 
 use stella_tests::release::{Keys, NEXT, sha256, signed_release};
 use stella_tests::{
-    AgentDir, AgentView, DEADLINE, Proc, Server, ServerOptions, Supervisor, TempDir, bin, poll,
-    run, skip_or_fail, text,
+    AgentDir, AgentView, DEADLINE, Proc, Server, ServerOptions, Supervisor, TempDir, bin, json,
+    json_str, poll, raw, run, skip_or_fail, text,
 };
 
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
@@ -442,4 +443,524 @@ fn a_binary_that_is_not_the_signed_version_is_refused_before_the_swap() {
     let later = server.wait_for_agent(&id, "heartbeating on", |a| a.heartbeat_seq > seq + 3);
     assert_eq!(later.version, CURRENT);
     assert_eq!(later.update.state, "failed");
+}
+
+/// A server whose data dir is a tmpfs of `size`: initialized on the usual
+/// disk, stopped, moved onto the tmpfs, and started again.
+fn server_on_tmpfs(test: &str, size: &str) -> Option<(Server, Tmpfs)> {
+    let mut server = Server::start();
+    server.kill();
+    let saved = server.dir.join("data-saved");
+    let copy = |from: &Path, to: &Path| {
+        fs::create_dir_all(to).unwrap();
+        let out = run(Command::new("cp").arg("-a").arg(from.join(".")).arg(to));
+        assert!(out.status.success(), "cp: {:?}", text(&out));
+    };
+    copy(&server.data, &saved);
+    let disk = Tmpfs::mount(test, &server.data, size)?;
+    copy(&saved, &server.data);
+    server.serve(&ServerOptions::default());
+    Some((server, disk))
+}
+
+const TOKEN_BODY: &str = r#"{"ttl_ms":600000,"uses":1,"labels":{}}"#;
+
+/// An admin request over raw HTTPS: its answer.
+fn admin_request(server: &Server, method: &str, path: &str, body: &str) -> raw::Answer {
+    let auth = format!("Bearer {}", server.admin_token);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let config = raw::tls_config(server, None);
+    raw::exchange(
+        server,
+        &config,
+        None,
+        &raw::request(method, path, &headers, body.as_bytes()),
+    )
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+fn metric(server: &Server, name: &str) -> u64 {
+    let (status, body) = server.client().get("/metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+}
+
+#[test]
+fn a_full_disk_does_not_poison_the_server() {
+    let test = "faults::a_full_disk_does_not_poison_the_server";
+    let Some((mut server, disk)) = server_on_tmpfs(test, "16m") else {
+        return;
+    };
+    let agent = AgentDir::new();
+    let id = agent.enroll(&server, "on-a-full-server");
+    let _proc = agent.run();
+    server.wait_for_agent(&id, "heartbeating", |a| a.heartbeat_seq >= 2);
+    assert_eq!(metric(&server, "stella_store_errors_total"), 0);
+
+    disk.fill();
+    // redb may still have room in its file for a write or two: tokens are
+    // created until one fails; each that was acknowledged must survive.
+    let mut acknowledged = Vec::new();
+    let refused = (0..200)
+        .find_map(|_| {
+            let answer = admin_request(&server, "POST", "/v1/admin/tokens", TOKEN_BODY);
+            if answer.status == 201 {
+                let token = json_str(&json(&answer.body), "token").unwrap().to_owned();
+                acknowledged.push(token);
+                return None;
+            }
+            Some(answer)
+        })
+        .expect("a full disk never refused a write");
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.is_json_error(), "{refused:?}");
+    assert!(
+        refused.body.contains("cannot be written now"),
+        "{refused:?}"
+    );
+
+    // Said where an operator looks.
+    let (status, health) = server.client().get("/healthz");
+    assert_eq!(status, 503, "{health}");
+    assert!(health.contains("store"), "{health}");
+    assert!(metric(&server, "stella_store_errors_total") > 0);
+    assert_eq!(metric(&server, "stella_store_writable"), 0);
+
+    // A revoke that cannot be written is refused, and nothing changed.
+    let out = server.admin(&["agents", "revoke", &id]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("503") && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    assert_eq!(server.agent(&id).status, "active");
+    let seq = server.agent(&id).heartbeat_seq;
+    server.wait_for_agent(&id, "heartbeating on a full disk", |a| {
+        a.heartbeat_seq > seq + 2
+    });
+
+    // Room again: the server recovers by itself, without a restart.
+    disk.free();
+    poll(DEADLINE, || {
+        (server.client().get("/healthz").0 == 200).then_some(())
+    })
+    .unwrap_or_else(|| panic!("/healthz never recovered:\n{}", server.proc.log_text()));
+    assert_eq!(metric(&server, "stella_store_writable"), 1);
+    let revoked = server.admin_ok(&["agents", "revoke", &id]);
+    assert!(revoked.contains("revoked"), "{revoked}");
+    let token = server.token(&[]);
+
+    // Everything acknowledged is durable: after a restart the revoke holds
+    // and every acknowledged token still enrolls.
+    server.kill();
+    server.serve(&ServerOptions::default());
+    assert_eq!(server.agent(&id).status, "revoked");
+    for (n, token) in acknowledged.iter().chain([&token]).enumerate() {
+        let other = AgentDir::new();
+        let out = other.bootstrap(&server, token, &["--name", &format!("later-{n}")]);
+        assert!(out.status.success(), "token {token}: {:?}", text(&out));
+    }
+}
+
+/// A heartbeat with one field replaced by `value` (JSON).
+fn heartbeat_with(field: &str, value: &str) -> String {
+    let mut fields = vec![
+        ("version", r#""1.0.0""#.to_owned()),
+        ("config_error", "null".to_owned()),
+        (
+            "doctor",
+            r#"{"pass":0,"warn":0,"fail":0,"skip":0,"failing":[]}"#.to_owned(),
+        ),
+        (
+            "update",
+            r#"{"state":"idle","version":"1.0.0","error":null}"#.to_owned(),
+        ),
+        ("capabilities", "[]".to_owned()),
+    ];
+    for (name, v) in &mut fields {
+        if *name == field {
+            *v = value.to_owned();
+        }
+    }
+    let rest: Vec<String> = fields
+        .iter()
+        .map(|(name, v)| format!("\"{name}\":{v}"))
+        .collect();
+    format!(
+        r#"{{"seq":1,"uptime_s":1,"config_hash":"","config_drift":false,{}}}"#,
+        rest.join(",")
+    )
+}
+
+#[test]
+fn an_enrolled_agent_cannot_drive_the_operators_terminal() {
+    let server = Server::start_with(ServerOptions {
+        heartbeat_interval: "1h",
+        ..ServerOptions::default()
+    });
+    let agent = AgentDir::new();
+    let id = agent.enroll(&server, "liar");
+    let tls = raw::tls_config(
+        &server,
+        Some((&agent.file("agent.pem"), &agent.file("agent.key"))),
+    );
+    let send = |body: &str| {
+        raw::exchange(
+            &server,
+            &tls,
+            None,
+            &raw::json_post("/v1/agents/heartbeat", &[], body),
+        )
+        .expect("an answer")
+    };
+    let ok = send(&heartbeat_with("version", r#""1.0.1""#));
+    assert_eq!(ok.status, 200, "{ok:?}");
+
+    let long = "9".repeat(5000);
+    let osc = r#""1.0\u001b]0;pwned\u0007""#;
+    let cases: [(&str, String, &str); 9] = [
+        ("version", osc.to_owned(), "version"),
+        ("version", format!("\"{long}\""), "version"),
+        ("version", r#""1.0\u0000""#.to_owned(), "version"),
+        ("capabilities", format!("[{osc}]"), "capabilities"),
+        ("capabilities", format!("[\"{long}\"]"), "capabilities"),
+        (
+            "config_error",
+            r#"{"hash":"h","error":"bad\u001b[2J"}"#.to_owned(),
+            "config_error.error",
+        ),
+        (
+            "update",
+            r#"{"state":"failed","version":"2.0.0","error":"no\u009b2J"}"#.to_owned(),
+            "update.error",
+        ),
+        (
+            "update",
+            format!(r#"{{"state":"idle","version":{osc},"error":null}}"#),
+            "update.version",
+        ),
+        (
+            "doctor",
+            r#"{"pass":0,"warn":0,"fail":1,"skip":0,"failing":["disk\u0007"]}"#.to_owned(),
+            "doctor.failing",
+        ),
+    ];
+    for (field, value, named) in &cases {
+        let answer = send(&heartbeat_with(field, value));
+        assert_eq!(answer.status, 400, "{field}={value}: {answer:?}");
+        assert!(answer.is_json_error(), "{answer:?}");
+        assert!(
+            answer.body.contains(&format!("invalid {named} ")),
+            "{field}: the error names {named}: {answer:?}"
+        );
+        assert!(answer.body.len() < 600, "{answer:?}");
+    }
+    // Nothing of it was taken: what operators see is the last good heartbeat.
+    let view = server.agent(&id);
+    assert_eq!(view.version, "1.0.1");
+    assert!(view.capabilities.is_empty());
+    for args in [
+        &["agents", "list"][..],
+        &["agents", "show", &id],
+        &["drift"],
+        &["release", "list"],
+        &["rollout", "list"],
+    ] {
+        let out = server.admin_ok(args);
+        assert!(
+            !out.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?}: {out:?}"
+        );
+    }
+}
+
+#[test]
+fn rollout_plans_and_release_directories_are_checked() {
+    let server = Server::start();
+    let keys = Keys::new();
+    let release = signed_release(&keys, NEXT, &bin("stella-agent"), &[]);
+    let target = stella_tests::release::native_target();
+
+    // The target directory of a release is a link to another one.
+    let linked = TempDir::new("linked-release");
+    fs::copy(
+        release.join("release.dsse.json"),
+        linked.join("release.dsse.json"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(release.join(target), linked.join(target)).unwrap();
+    // And the release directory itself is a link.
+    let whole = TempDir::new("whole-link");
+    let link = whole.join("release");
+    std::os::unix::fs::symlink(release.path(), &link).unwrap();
+    for dir in [linked.path(), link.as_path()] {
+        let out = server.admin(&["release", "import", dir.to_str().unwrap()]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{dir:?}: {stdout}{stderr}");
+        assert!(stderr.contains("symlink"), "{dir:?}: {stderr}");
+    }
+    for dir in ["/", "relative/dir", "/nonexistent/release"] {
+        let body = format!(r#"{{"dir":"{dir}"}}"#);
+        let answer = admin_request(&server, "POST", "/v1/admin/releases", &body);
+        assert_eq!(answer.status, 400, "{dir}: {answer:?}");
+        assert!(answer.is_json_error(), "{answer:?}");
+    }
+    let answer = admin_request(
+        &server,
+        "POST",
+        "/v1/admin/releases",
+        &format!(r#"{{"dir":"{}"}}"#, linked.path().display()),
+    );
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(
+        server
+            .admin_ok(&["release", "list"])
+            .contains("no releases")
+    );
+    server.admin_ok(&["release", "import", release.path().to_str().unwrap()]);
+
+    // Plans refused by the CLI (usage: exit 2, one line) and by the API.
+    let bad = [
+        ("1e2", "10m"),
+        ("12.5,100", "10m"),
+        ("0x10,100", "10m"),
+        ("50,10,100", "10m"),
+        ("50,50,100", "10m"),
+        ("50,count:1,100", "10m"),
+        ("100", "31d"),
+    ];
+    for (stages, soak) in bad {
+        let out = server.admin(&[
+            "rollout",
+            "start",
+            "--release",
+            NEXT,
+            "--stages",
+            stages,
+            "--soak",
+            soak,
+        ]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{stages} {soak}: {stdout}{stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+    let api_bad = [
+        (r#"["1e2"]"#, 600_000u64),
+        (r#"["12.5","100"]"#, 600_000),
+        (r#"["50","10","100"]"#, 600_000),
+        (r#"["100"]"#, u64::MAX),
+        (r#"["100"]"#, 31 * 86_400_000),
+    ];
+    for (stages, soak_ms) in api_bad {
+        let body = format!(
+            r#"{{"release":"{NEXT}","stages":{stages},"soak_ms":{soak_ms},"max_failures":0.05,"selector":{{}}}}"#
+        );
+        let answer = admin_request(&server, "POST", "/v1/admin/rollouts", &body);
+        assert_eq!(answer.status, 400, "{stages} {soak_ms}: {answer:?}");
+        assert!(answer.is_json_error(), "{answer:?}");
+    }
+    assert!(
+        server
+            .admin_ok(&["rollout", "list"])
+            .contains("no rollouts")
+    );
+    let id = server.admin_ok(&[
+        "rollout",
+        "start",
+        "--release",
+        NEXT,
+        "--stages",
+        "count:1,10,50%,100",
+        "--soak",
+        "30d",
+    ]);
+    assert!(!id.trim().is_empty());
+}
+
+#[test]
+fn leaf_certificates_say_they_are_leaves() {
+    let server = Server::start();
+    let agent = AgentDir::new();
+    agent.enroll(&server, "leaf");
+    for pem in [server.data.join("server.pem"), agent.file("agent.pem")] {
+        let out = stella_tests::tool(
+            "openssl",
+            &["x509", "-noout", "-text", "-in", pem.to_str().unwrap()],
+        );
+        let (shown, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        let after = |heading: &str| {
+            let at = shown
+                .find(heading)
+                .unwrap_or_else(|| panic!("{pem:?} has no {heading}:\n{shown}"));
+            shown[at + heading.len()..]
+                .lines()
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        };
+        assert_eq!(
+            after("X509v3 Basic Constraints: critical"),
+            "CA:FALSE",
+            "{pem:?}"
+        );
+        assert!(
+            !after("X509v3 Subject Key Identifier:").is_empty(),
+            "{pem:?}"
+        );
+        assert!(
+            !after("X509v3 Authority Key Identifier:").is_empty(),
+            "{pem:?}"
+        );
+        // And they verify against the CA, as before.
+        let out = stella_tests::tool(
+            "openssl",
+            &[
+                "verify",
+                "-CAfile",
+                server.ca_pem().to_str().unwrap(),
+                pem.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{pem:?}: {:?}", text(&out));
+    }
+}
+
+#[test]
+fn the_heartbeat_timeout_clock_starts_when_the_server_does() {
+    let opts = ServerOptions {
+        heartbeat_interval: "1s",
+        heartbeat_misses: 2,
+        ..ServerOptions::default()
+    };
+    let mut server = Server::start_with(opts.clone());
+    let agent = AgentDir::new();
+    let id = agent.enroll(&server, "patient");
+    let mut proc = agent.run();
+    server.wait_for_agent(&id, "heartbeating", |a| a.heartbeat_seq >= 2);
+    // The agent falls silent with the server: its last heartbeat is older
+    // than the timeout by far when the server comes back.
+    proc.kill();
+    server.kill();
+    std::thread::sleep(Duration::from_secs(5));
+    let started = std::time::Instant::now();
+    server.serve(&opts);
+    let view = server.agent(&id);
+    assert_eq!(
+        (view.status.as_str(), view.reason.as_deref()),
+        ("active", None),
+        "marked inactive at start-up for heartbeats it could not send ({:?} after the start)",
+        started.elapsed()
+    );
+    // Then the usual timeout, counted from the start: two intervals.
+    let inactive = server.wait_for_agent(&id, "timed out", |a| a.status == "inactive");
+    assert_eq!(inactive.reason.as_deref(), Some("heartbeat_timeout"));
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "timed out {:?} after the start",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn sigterm_finishes_requests_flushes_heartbeats_and_exits_0() {
+    let opts = ServerOptions::default();
+    let mut server = Server::start_with(opts.clone());
+    let agent = AgentDir::new();
+    let id = agent.enroll(&server, "steady");
+    let mut proc = agent.run();
+    server.wait_for_agent(&id, "heartbeating", |a| a.heartbeat_seq >= 3);
+    proc.kill();
+    // What the server holds in memory now; at most a second of it is in the
+    // store yet.
+    let last = server.agent(&id).heartbeat_seq;
+
+    // A request in flight: its head and half its body sent.
+    let config = raw::tls_config(&server, None);
+    let mut stream = raw::tls(&server, &config, None).expect("connect");
+    let auth = format!("Bearer {}", server.admin_token);
+    let bytes = raw::json_post("/v1/admin/tokens", &[("authorization", &auth)], TOKEN_BODY);
+    let (first, rest) = bytes.split_at(bytes.len() - 10);
+    stream.write_all(first).unwrap();
+    stream.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let term = run(Command::new("kill").args(["-TERM", &server.proc.pid().to_string()]));
+    assert!(term.status.success(), "{:?}", text(&term));
+    // No new connections...
+    let refused = poll(DEADLINE, || {
+        std::net::TcpStream::connect(raw::addr(&server)).err()
+    });
+    assert!(
+        refused.is_some(),
+        "still accepting after SIGTERM:\n{}",
+        server.proc.log_text()
+    );
+    // ...but the request in flight is answered.
+    stream.write_all(rest).unwrap();
+    stream.flush().unwrap();
+    let answer = raw::read_answer(&mut stream).expect("the answer to the request in flight");
+    assert_eq!(answer.status, 201, "{answer:?}");
+    let token = json_str(&json(&answer.body), "token").unwrap().to_owned();
+    assert_eq!(
+        server.proc.wait_exit(DEADLINE),
+        Some(0),
+        "{}",
+        server.proc.log_text()
+    );
+    let log = server.proc.log_text();
+    assert!(log.contains("msg=stopped"), "{log}");
+
+    // The heartbeat batch was written, and the token answered is real.
+    server.serve(&opts);
+    assert_eq!(server.agent(&id).heartbeat_seq, last);
+    let out = AgentDir::new().bootstrap(&server, &token, &["--name", "after-stop"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+}
+
+#[test]
+fn wrong_admin_tokens_are_rate_limited_per_source() {
+    let server = Server::start();
+    let config = raw::tls_config(&server, None);
+    let call = |source: [u8; 4], token: &str| {
+        let auth = format!("Bearer {token}");
+        raw::exchange(
+            &server,
+            &config,
+            Some(source.into()),
+            &raw::request("GET", "/v1/admin/agents", &[("authorization", &auth)], b""),
+        )
+        .expect("an answer")
+    };
+    let guesser = [127, 0, 0, 7];
+    let statuses: Vec<u16> = (0..10)
+        .map(|i| call(guesser, &format!("guess{i}")).status)
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    let braked = call(guesser, "guess10");
+    assert_eq!(braked.status, 429, "{braked:?}");
+    assert!(braked.is_json_error(), "{braked:?}");
+    let wait: u64 = braked
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("429 without Retry-After: {braked:?}"));
+    assert!((1..=60).contains(&wait), "{wait}");
+    // The right token from that source is braked too: a 200 would tell a
+    // guesser it has won.
+    assert_eq!(call(guesser, &server.admin_token).status, 429);
+    // Another source is not.
+    assert_eq!(call([127, 0, 0, 8], &server.admin_token).status, 200);
+    assert!(metric(&server, "stella_rate_limited_total") >= 2);
 }
