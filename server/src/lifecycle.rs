@@ -264,7 +264,7 @@ pub(crate) fn check_heartbeat(body: &HeartbeatRequest) -> Result<(), Refusal> {
     check_list("capabilities", &body.capabilities, 32)?;
     check_list("doctor.failing", &body.doctor.failing, 64)?;
     let update = &body.update;
-    check_text("update.state", &update.state, 0, 32)?;
+    check_text("update.state", update.state.as_str(), 0, 32)?;
     check_text("update.version", &update.version, 0, 64)?;
     if let Some(error) = &update.error {
         check_text("update.error", error, 0, MAX_ERROR_TEXT)?;
