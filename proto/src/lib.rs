@@ -14,6 +14,7 @@ pub mod logfmt;
 pub mod pem;
 pub mod release;
 pub mod states;
+pub mod text;
 pub mod time;
 pub mod token;
 

@@ -248,7 +248,7 @@ pub(crate) fn may_act(
 /// Most capabilities or failing doctor checks a heartbeat may list.
 const MAX_HEARTBEAT_LIST: usize = 32;
 /// Longest error text an agent may report (config or update).
-const MAX_ERROR_TEXT: usize = 1024;
+const MAX_ERROR_TEXT: usize = stella_proto::text::MAX_REPORT_TEXT;
 
 /// Refuses a heartbeat with a field over its limit or with a control
 /// character anywhere (an operator's terminal prints these strings), naming
