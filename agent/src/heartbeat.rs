@@ -43,16 +43,16 @@ pub(crate) fn wall_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The heartbeat URL, parsed once.
-pub(crate) fn heartbeat_uri(server: &str) -> Result<ureq::http::Uri, Error> {
-    format!("{server}/v1/agents/heartbeat")
-        .parse()
-        .map_err(|e| {
-            Error::malformed(
-                format!("server URL {server:?} in agent.json is not a URL"),
-                e,
-            )
-        })
+/// The heartbeat URL, checked once.
+pub(crate) fn heartbeat_url(server: &str) -> Result<String, Error> {
+    let url = format!("{server}/v1/agents/heartbeat");
+    transport::host_port(&url).map_err(|e| {
+        Error::malformed(
+            format!("server URL {server:?} in agent.json is not a URL"),
+            e,
+        )
+    })?;
+    Ok(url)
 }
 
 /// Buffers reused by every heartbeat.
@@ -64,23 +64,23 @@ pub(crate) struct Buffers {
 
 /// Sends `beat` and reads what the server makes of it.
 pub(crate) fn exchange(
-    client: &ureq::Agent,
-    uri: &ureq::http::Uri,
+    client: &mut transport::Client,
+    url: &str,
     beat: &HeartbeatRequest,
     buf: &mut Buffers,
 ) -> Result<HeartbeatResponse, Refusal> {
     beat.write_json(&mut buf.body);
     // A keep-alive connection the server closed fails once; a fresh one is
     // tried at once before this counts as a failure.
-    let status = match transport::post_json_into(client, uri, &buf.body, &mut buf.answer) {
+    let status = match transport::post_json_into(client, url, &buf.body, &mut buf.answer) {
         Ok(status) => status,
         Err(first) => {
             log::debug(
                 "heartbeat failed, retrying on a new connection",
                 &[("error", &first)],
             );
-            transport::post_json_into(client, uri, &buf.body, &mut buf.answer)
-                .map_err(|e| Refusal::Failed(Error::network(format!("POST {uri}"), e)))?
+            transport::post_json_into(client, url, &buf.body, &mut buf.answer)
+                .map_err(|e| Refusal::Failed(Error::network(format!("POST {url}"), e)))?
         }
     };
     let text = &buf.answer;
@@ -133,7 +133,7 @@ pub(crate) fn send_one(state: &StateDir) -> Result<u64, Error> {
     let ident = Identity::load(state)?;
     let mut saved = state.state_file();
     let config = ConfigState::load(&saved);
-    let client = transport::http_client(
+    let mut client = transport::http_client(
         &ident.ca_der,
         Some((&ident.cert_der, &ident.key_pem)),
         Duration::from_secs(30),
@@ -141,8 +141,8 @@ pub(crate) fn send_one(state: &StateDir) -> Result<u64, Error> {
     let mut beat = new_beat(&saved, &config, &Updater::default());
     beat.seq += 1;
     beat.config_drift = config.drift;
-    let uri = heartbeat_uri(&ident.server)?;
-    match exchange(&client, &uri, &beat, &mut Buffers::default()) {
+    let url = heartbeat_url(&ident.server)?;
+    match exchange(&mut client, &url, &beat, &mut Buffers::default()) {
         Ok(answer) => {
             let interval = clamp_interval(answer.interval_ms);
             record_ack(&mut saved, beat.seq, interval, answer.server_time);

@@ -167,22 +167,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
 
 /// Host and port of an `https://` URL.
 pub(crate) fn host_port(url: &str) -> Result<(String, u16), Error> {
-    let uri: ureq::http::Uri = url
-        .parse()
-        .map_err(|e| Error::Usage(format!("server URL {url:?} is not a URL: {e}")))?;
-    if uri.scheme_str() != Some("https") {
-        return Err(Error::Usage(format!(
-            "server URL {url:?} must start with https://"
-        )));
-    }
-    let host = uri
-        .host()
-        .ok_or_else(|| Error::Usage(format!("server URL {url:?} has no host")))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    Ok((host, uri.port_u16().unwrap_or(443)))
+    crate::transport::host_port(url).map_err(|e| Error::Usage(format!("server URL {e}")))
 }
 
 /// Connects to the server, and returns the DER of the CA in its chain whose
