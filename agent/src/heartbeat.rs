@@ -46,7 +46,7 @@ pub(crate) fn wall_now() -> u64 {
 /// The heartbeat URL, checked once.
 pub(crate) fn heartbeat_url(server: &str) -> Result<String, Error> {
     let url = format!("{server}/v1/agents/heartbeat");
-    transport::host_port(&url).map_err(|e| {
+    crate::tls::host_port(&url).map_err(|e| {
         Error::malformed(
             format!("server URL {server:?} in agent.json is not a URL"),
             e,
@@ -60,15 +60,17 @@ pub(crate) fn heartbeat_url(server: &str) -> Result<String, Error> {
 pub(crate) struct Buffers {
     body: String,
     answer: String,
+    /// The decoded answer; a plain acknowledgement reuses its strings.
+    ack: HeartbeatResponse,
 }
 
 /// Sends `beat` and reads what the server makes of it.
-pub(crate) fn exchange(
+pub(crate) fn exchange<'b>(
     client: &mut transport::Client,
     url: &str,
     beat: &HeartbeatRequest,
-    buf: &mut Buffers,
-) -> Result<HeartbeatResponse, Refusal> {
+    buf: &'b mut Buffers,
+) -> Result<&'b HeartbeatResponse, Refusal> {
     beat.write_json(&mut buf.body);
     // A keep-alive connection the server closed fails once; a fresh one is
     // tried at once before this counts as a failure.
@@ -86,11 +88,17 @@ pub(crate) fn exchange(
     let text = &buf.answer;
     match status {
         // miniserde's error is a unit struct: there is no detail to keep.
-        200 => json::from_str(text).map_err(|miniserde::Error| {
-            Refusal::Failed(Error::Invalid(
+        200 if buf.ack.read_plain_ack(text) => Ok(&buf.ack),
+        200 => match json::from_str(text) {
+            Ok(ack) => {
+                buf.ack = ack;
+                Ok(&buf.ack)
+            }
+            // miniserde's error is a unit struct: there is no detail to keep.
+            Err(miniserde::Error) => Err(Refusal::Failed(Error::Invalid(
                 "the heartbeat answer is not valid JSON".into(),
-            ))
-        }),
+            ))),
+        },
         401 => Err(Refusal::Rejected(transport::error_message(text))),
         403 => Err(Refusal::Deactivated(transport::error_message(text))),
         other => Err(Refusal::Failed(Error::Invalid(format!(
@@ -120,11 +128,14 @@ pub(crate) fn new_beat(
 }
 
 /// Records an acknowledged heartbeat in the saved state.
-pub(crate) fn record_ack(saved: &mut StateFile, seq: u64, interval: Duration, server_time: String) {
+pub(crate) fn record_ack(saved: &mut StateFile, seq: u64, interval: Duration, server_time: &str) {
     saved.last_heartbeat = Some(rfc3339(wall_now()));
     saved.heartbeat_seq = seq;
     saved.heartbeat_interval_ms = interval.as_millis() as u64;
-    saved.server_time = Some(server_time);
+    // The previous allocation is reused.
+    let kept = saved.server_time.get_or_insert_default();
+    kept.clear();
+    kept.push_str(server_time);
 }
 
 /// Sends one heartbeat now, outside the run loop (remediation); returns its
@@ -145,7 +156,7 @@ pub(crate) fn send_one(state: &StateDir) -> Result<u64, Error> {
     match exchange(&mut client, &url, &beat, &mut Buffers::default()) {
         Ok(answer) => {
             let interval = clamp_interval(answer.interval_ms);
-            record_ack(&mut saved, beat.seq, interval, answer.server_time);
+            record_ack(&mut saved, beat.seq, interval, &answer.server_time);
             state.save_state(&saved)?;
             Ok(beat.seq)
         }

@@ -272,7 +272,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                             updater.offer(state, &mut saved, offer, &config.settings);
                         }
                         let news = answer.config.is_some() || answer.update.is_some() || applied;
-                        record_ack(&mut saved, beat.seq, agent.interval, answer.server_time);
+                        record_ack(&mut saved, beat.seq, agent.interval, &answer.server_time);
                         // On probation this acknowledgement may commit the
                         // update (it writes state.json itself) or roll back.
                         Updater::probation_ack(state, &mut saved)?;

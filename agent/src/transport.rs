@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Server
 use stella_proto::api::ErrorBody;
 
 use crate::error::Error;
-use crate::tls::ring_provider;
+use crate::tls::{Target, ring_provider};
 
 /// Longest answer read from the server into memory.
 const MAX_ANSWER_BYTES: u64 = 64 * 1024;
@@ -44,68 +44,6 @@ struct Conn {
     port: u16,
     stream: StreamOwned<ClientConnection, TcpStream>,
     idle_since: Instant,
-}
-
-/// An `https://` URL cut into the parts a request needs.
-struct Target<'a> {
-    /// `host[:port]` as written: the Host header.
-    authority: &'a str,
-    /// Without IPv6 brackets.
-    host: &'a str,
-    port: u16,
-    /// Path and query; `/` when the URL has none.
-    path: &'a str,
-}
-
-impl<'a> Target<'a> {
-    fn parse(url: &'a str) -> io::Result<Self> {
-        let bad = |why: &str| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{url:?} is not an https:// URL: {why}"),
-            )
-        };
-        let rest = url
-            .strip_prefix("https://")
-            .ok_or_else(|| bad("it must start with https://"))?;
-        let (authority, path) = match rest.find(['/', '?']) {
-            Some(i) if rest.as_bytes()[i] == b'/' => rest.split_at(i),
-            Some(_) => return Err(bad("a query needs a path")),
-            None => (rest, "/"),
-        };
-        if authority.contains('@') {
-            return Err(bad("user info is not supported"));
-        }
-        let (host, port) = match authority.strip_prefix('[') {
-            Some(v6) => {
-                let (host, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
-                (host, after.strip_prefix(':'))
-            }
-            None => match authority.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            },
-        };
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        let port = match port {
-            Some(p) => p.parse().map_err(|_| bad("the port is not a number"))?,
-            None => 443,
-        };
-        Ok(Target {
-            authority,
-            host,
-            port,
-            path,
-        })
-    }
-}
-
-/// Host and port of an `https://` URL.
-pub(crate) fn host_port(url: &str) -> io::Result<(String, u16)> {
-    let t = Target::parse(url)?;
-    Ok((t.host.to_owned(), t.port))
 }
 
 /// An HTTPS client that trusts only our CA, optionally presenting the
@@ -470,27 +408,6 @@ pub(crate) fn error_message(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_are_cut_into_host_port_and_path() {
-        let t = Target::parse("https://example.test:8443/v1/x?a=b").unwrap();
-        assert_eq!(
-            (t.authority, t.host, t.port, t.path),
-            ("example.test:8443", "example.test", 8443, "/v1/x?a=b")
-        );
-        let t = Target::parse("https://[::1]:9/").unwrap();
-        assert_eq!((t.authority, t.host, t.port), ("[::1]:9", "::1", 9));
-        let t = Target::parse("https://example.test").unwrap();
-        assert_eq!((t.port, t.path), (443, "/"));
-        for bad in [
-            "http://example.test/",
-            "https://:1/",
-            "https://h:x/",
-            "https://u@h/",
-        ] {
-            assert!(Target::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn the_request_head_has_what_the_server_needs() {

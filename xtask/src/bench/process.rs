@@ -1,5 +1,6 @@
 //! The processes a bench run starts (killed by PID and reaped on drop), the
-//! commands it runs, and what `/proc` says of them and of the machine's load.
+//! commands it runs, and what `/proc` (or wait4 for a finished one) says of
+//! them and of the machine's load.
 
 use std::fs;
 use std::path::Path;
@@ -118,4 +119,30 @@ pub(super) fn load_average() -> f64 {
         .ok()
         .and_then(|t| t.split_whitespace().next()?.parse().ok())
         .unwrap_or(f64::NAN)
+}
+
+/// Runs `cmd` to its end and returns its peak RSS in KiB: the kernel's
+/// `ru_maxrss` from wait4(2), since /proc loses VmHWM once the process exits.
+#[allow(unsafe_code)]
+pub(super) fn peak_rss_kb(cmd: &mut Command) -> Result<u64, String> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet waited for (std's `Child` is
+    // dropped without waiting); both pointers are to live locals.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if waited != pid {
+        return Err(format!(
+            "wait4 on {cmd:?} failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(usage.ru_maxrss as u64)
 }
