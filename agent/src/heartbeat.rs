@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use miniserde::json;
 use stella_proto::api::{HeartbeatRequest, HeartbeatResponse};
-use stella_proto::time::rfc3339;
 
 use crate::config::ConfigState;
 use crate::error::Error;
@@ -129,7 +128,7 @@ pub(crate) fn new_beat(
 
 /// Records an acknowledged heartbeat in the saved state.
 pub(crate) fn record_ack(saved: &mut StateFile, seq: u64, interval: Duration, server_time: &str) {
-    saved.last_heartbeat = Some(rfc3339(wall_now()));
+    stella_proto::time::write_rfc3339(saved.last_heartbeat.get_or_insert_default(), wall_now());
     saved.heartbeat_seq = seq;
     saved.heartbeat_interval_ms = interval.as_millis() as u64;
     // The previous allocation is reused.

@@ -22,7 +22,7 @@ use crate::heartbeat::{
 };
 use crate::identity::Identity;
 use crate::renewal::{self, RenewError};
-use crate::state::StateDir;
+use crate::state::{SaveBuffers, StateDir};
 use crate::update::{Step, Updater};
 use crate::{fault, host, log, remediate, transport};
 
@@ -180,6 +180,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
     }
     let url = heartbeat_url(&agent.ident.server)?;
     let mut buffers = Buffers::default();
+    let mut save_buffers = SaveBuffers::default();
     // When state.json was last written (an old instant: write at the first ack).
     let mut persisted = Instant::now()
         .checked_sub(Duration::from_secs(86_400))
@@ -285,7 +286,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         // intervals (doctor allows three): half the writes and
                         // fsyncs on flash. Anything else is written at once.
                         if news || persisted.elapsed() >= agent.interval.mul_f64(1.7) {
-                            match state.save_state(&saved) {
+                            match state.save_state_with(&saved, &mut save_buffers) {
                                 Ok(()) => persisted = Instant::now(),
                                 Err(e) => log::warn("could not save state", &[("error", &e)]),
                             }

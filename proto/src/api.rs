@@ -227,7 +227,7 @@ impl HeartbeatRequest {
 }
 
 /// Appends `s` as a JSON string, escaped as miniserde escapes it.
-fn json_string(out: &mut String, s: &str) {
+pub fn json_string(out: &mut String, s: &str) {
     use std::fmt::Write as _;
     out.push('"');
     for c in s.chars() {
