@@ -1,8 +1,7 @@
 //! cargo xtask: project automation with std `Command`s (`test`, `demo`, `dist`,
 //! `keygen`, `sign`, `bundle`, `bench`, `fuzz`), arguments read with lexopt.
 //! Reached through the alias in `.cargo/config.toml`.
-// deny, not forbid: bench/process.rs calls wait4(2) for a peak RSS.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod args;
 mod bench;

@@ -366,21 +366,31 @@ impl Agents {
             ),
         ));
         let mut peaks = Vec::new();
+        let mut why_not = None;
         for _ in 0..3 {
-            peaks.push(peak_rss_kb(
-                Command::new(&binary)
-                    .args(["doctor", "--json", "--state-dir"])
-                    .arg(&state),
-            )? as f64);
+            let args = [
+                "doctor".as_ref(),
+                "--json".as_ref(),
+                "--state-dir".as_ref(),
+                state.as_os_str(),
+            ];
+            match peak_rss_kb(&binary, &args) {
+                Ok(kb) => peaks.push(kb as f64),
+                Err(e) => why_not = Some(e),
+            }
             self.poll()?;
         }
-        rows.push(row(
-            format!("doctor peak RSS (`stella-agent doctor --json`), {kind}"),
-            format!("{} (VmHWM)", mib(median(&mut peaks) as u64)),
-            "none",
-            "-",
-            "ru_maxrss of the exited process (wait4), median of 3 runs against the agent server on loopback",
-        ));
+        let what = format!("doctor peak RSS (`stella-agent doctor --json`), {kind}");
+        match why_not {
+            None => rows.push(row(
+                what,
+                format!("{} (maximum resident set)", mib(median(&mut peaks) as u64)),
+                "none",
+                "-",
+                "GNU time's %M (the kernel's ru_maxrss of the finished process), median of 3 runs against the agent server on loopback",
+            )),
+            Some(e) => rows.push(row(what, format!("not measured: {e}"), "none", "-", "")),
+        }
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! The processes a bench run starts (killed by PID and reaped on drop), the
-//! commands it runs, and what `/proc` (or wait4 for a finished one) says of
-//! them and of the machine's load.
+//! commands it runs, and what `/proc` (or GNU time, for a finished one) says
+//! of them and of the machine's load.
 
 use std::fs;
 use std::path::Path;
@@ -121,28 +121,27 @@ pub(super) fn load_average() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Runs `cmd` to its end and returns its peak RSS in KiB: the kernel's
-/// `ru_maxrss` from wait4(2), since /proc loses VmHWM once the process exits.
-#[allow(unsafe_code)]
-pub(super) fn peak_rss_kb(cmd: &mut Command) -> Result<u64, String> {
-    let child = cmd
+/// Runs `program args` to its end under GNU time and returns its peak RSS
+/// in KiB, or why not. Not wait4's ru_maxrss of our own child: at exec the
+/// kernel folds the spawning process's peak (this xtask's, through
+/// posix_spawn's shared memory) into it, and /proc loses VmHWM at exit.
+pub(super) fn peak_rss_kb(program: &Path, args: &[&std::ffi::OsStr]) -> Result<u64, String> {
+    let time = Path::new("/usr/bin/time");
+    if !time.exists() {
+        return Err("/usr/bin/time (GNU time) is not installed".into());
+    }
+    let out = Command::new(time)
+        .args(["-f", "%M"])
+        .arg(program)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our own child, not yet waited for (std's `Child` is
-    // dropped without waiting); both pointers are to live locals.
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    if waited != pid {
-        return Err(format!(
-            "wait4 on {cmd:?} failed: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(usage.ru_maxrss as u64)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", time.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    stderr
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| format!("GNU time printed no peak RSS: {stderr}"))
 }
