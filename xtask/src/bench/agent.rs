@@ -362,7 +362,7 @@ impl Agents {
             "none",
             "-",
             format!(
-                "{START_RUNS} restarts of one enrolled agent against the agent server on loopback: from spawn to `state.json` showing the next heartbeat sequence (polled every 1 ms; includes process start, the first doctor run, the mTLS handshake)"
+                "{START_RUNS} restarts of one enrolled agent against the agent server on loopback: from spawn to `state.json` showing the next heartbeat sequence (polled every 1 ms; includes process start, loading the identity and the mTLS handshake)"
             ),
         ));
         let mut peaks = Vec::new();
