@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use miniserde::json;
 use stella_proto::api::{HeartbeatRequest, HeartbeatResponse};
-use stella_proto::time::rfc3339;
 
 use crate::config::ConfigState;
 use crate::error::Error;
@@ -43,16 +42,16 @@ pub(crate) fn wall_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The heartbeat URL, parsed once.
-pub(crate) fn heartbeat_uri(server: &str) -> Result<ureq::http::Uri, Error> {
-    format!("{server}/v1/agents/heartbeat")
-        .parse()
-        .map_err(|e| {
-            Error::malformed(
-                format!("server URL {server:?} in agent.json is not a URL"),
-                e,
-            )
-        })
+/// The heartbeat URL, checked once.
+pub(crate) fn heartbeat_url(server: &str) -> Result<String, Error> {
+    let url = format!("{server}/v1/agents/heartbeat");
+    crate::tls::host_port(&url).map_err(|e| {
+        Error::malformed(
+            format!("server URL {server:?} in agent.json is not a URL"),
+            e,
+        )
+    })?;
+    Ok(url)
 }
 
 /// Buffers reused by every heartbeat.
@@ -60,37 +59,45 @@ pub(crate) fn heartbeat_uri(server: &str) -> Result<ureq::http::Uri, Error> {
 pub(crate) struct Buffers {
     body: String,
     answer: String,
+    /// The decoded answer; a plain acknowledgement reuses its strings.
+    ack: HeartbeatResponse,
 }
 
 /// Sends `beat` and reads what the server makes of it.
-pub(crate) fn exchange(
-    client: &ureq::Agent,
-    uri: &ureq::http::Uri,
+pub(crate) fn exchange<'b>(
+    client: &mut transport::Client,
+    url: &str,
     beat: &HeartbeatRequest,
-    buf: &mut Buffers,
-) -> Result<HeartbeatResponse, Refusal> {
+    buf: &'b mut Buffers,
+) -> Result<&'b HeartbeatResponse, Refusal> {
     beat.write_json(&mut buf.body);
     // A keep-alive connection the server closed fails once; a fresh one is
     // tried at once before this counts as a failure.
-    let status = match transport::post_json_into(client, uri, &buf.body, &mut buf.answer) {
+    let status = match transport::post_json_into(client, url, &buf.body, &mut buf.answer) {
         Ok(status) => status,
         Err(first) => {
             log::debug(
                 "heartbeat failed, retrying on a new connection",
                 &[("error", &first)],
             );
-            transport::post_json_into(client, uri, &buf.body, &mut buf.answer)
-                .map_err(|e| Refusal::Failed(Error::network(format!("POST {uri}"), e)))?
+            transport::post_json_into(client, url, &buf.body, &mut buf.answer)
+                .map_err(|e| Refusal::Failed(Error::network(format!("POST {url}"), e)))?
         }
     };
     let text = &buf.answer;
     match status {
         // miniserde's error is a unit struct: there is no detail to keep.
-        200 => json::from_str(text).map_err(|miniserde::Error| {
-            Refusal::Failed(Error::Invalid(
+        200 if buf.ack.read_plain_ack(text) => Ok(&buf.ack),
+        200 => match json::from_str(text) {
+            Ok(ack) => {
+                buf.ack = ack;
+                Ok(&buf.ack)
+            }
+            // miniserde's error is a unit struct: there is no detail to keep.
+            Err(miniserde::Error) => Err(Refusal::Failed(Error::Invalid(
                 "the heartbeat answer is not valid JSON".into(),
-            ))
-        }),
+            ))),
+        },
         401 => Err(Refusal::Rejected(transport::error_message(text))),
         403 => Err(Refusal::Deactivated(transport::error_message(text))),
         other => Err(Refusal::Failed(Error::Invalid(format!(
@@ -120,11 +127,14 @@ pub(crate) fn new_beat(
 }
 
 /// Records an acknowledged heartbeat in the saved state.
-pub(crate) fn record_ack(saved: &mut StateFile, seq: u64, interval: Duration, server_time: String) {
-    saved.last_heartbeat = Some(rfc3339(wall_now()));
+pub(crate) fn record_ack(saved: &mut StateFile, seq: u64, interval: Duration, server_time: &str) {
+    stella_proto::time::write_rfc3339(saved.last_heartbeat.get_or_insert_default(), wall_now());
     saved.heartbeat_seq = seq;
     saved.heartbeat_interval_ms = interval.as_millis() as u64;
-    saved.server_time = Some(server_time);
+    // The previous allocation is reused.
+    let kept = saved.server_time.get_or_insert_default();
+    kept.clear();
+    kept.push_str(server_time);
 }
 
 /// Sends one heartbeat now, outside the run loop (remediation); returns its
@@ -133,7 +143,7 @@ pub(crate) fn send_one(state: &StateDir) -> Result<u64, Error> {
     let ident = Identity::load(state)?;
     let mut saved = state.state_file();
     let config = ConfigState::load(&saved);
-    let client = transport::http_client(
+    let mut client = transport::http_client(
         &ident.ca_der,
         Some((&ident.cert_der, &ident.key_pem)),
         Duration::from_secs(30),
@@ -141,11 +151,11 @@ pub(crate) fn send_one(state: &StateDir) -> Result<u64, Error> {
     let mut beat = new_beat(&saved, &config, &Updater::default());
     beat.seq += 1;
     beat.config_drift = config.drift;
-    let uri = heartbeat_uri(&ident.server)?;
-    match exchange(&client, &uri, &beat, &mut Buffers::default()) {
+    let url = heartbeat_url(&ident.server)?;
+    match exchange(&mut client, &url, &beat, &mut Buffers::default()) {
         Ok(answer) => {
             let interval = clamp_interval(answer.interval_ms);
-            record_ack(&mut saved, beat.seq, interval, answer.server_time);
+            record_ack(&mut saved, beat.seq, interval, &answer.server_time);
             state.save_state(&saved)?;
             Ok(beat.seq)
         }

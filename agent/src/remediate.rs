@@ -196,12 +196,12 @@ pub(crate) fn apply(action: Action, state: &StateDir) -> Result<String, Error> {
             let renewed = if now >= ident.cert.not_after {
                 renewal::recover(state, &ident)
             } else {
-                let client = transport::http_client(
+                let mut client = transport::http_client(
                     &ident.ca_der,
                     Some((&ident.cert_der, &ident.key_pem)),
                     Duration::from_secs(30),
                 )?;
-                renewal::renew(state, &ident, &client)
+                renewal::renew(state, &ident, &mut client)
             };
             match renewed {
                 Ok(new) => Ok(format!(

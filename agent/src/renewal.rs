@@ -175,7 +175,7 @@ fn certificate_answer(status: u16, text: &str) -> Result<CertificateResponse, Re
 pub(crate) fn renew(
     state: &StateDir,
     ident: &Identity,
-    client: &ureq::Agent,
+    client: &mut transport::Client,
 ) -> Result<Identity, RenewError> {
     let key = next_key(state)?;
     fault::point("renew-after-next-key");
@@ -194,13 +194,13 @@ pub(crate) fn renew(
 /// current (expired) key, and sends a CSR for the next key, all without a
 /// client certificate.
 pub(crate) fn recover(state: &StateDir, ident: &Identity) -> Result<Identity, RenewError> {
-    let client = transport::http_client(&ident.ca_der, None, Duration::from_secs(30))?;
+    let mut client = transport::http_client(&ident.ca_der, None, Duration::from_secs(30))?;
     let url = |p: &str| format!("{}{p}", ident.server);
     let ask = json::to_string(&ChallengeRequest {
         agent_id: ident.id.clone(),
     });
     let challenge_url = url("/v1/agents/challenge");
-    let (status, text) = transport::post_json(&client, &challenge_url, &ask)
+    let (status, text) = transport::post_json(&mut client, &challenge_url, &ask)
         .map_err(|e| Error::network(format!("cannot reach {challenge_url}"), e))?;
     if status != 200 {
         return Err(certificate_answer(status, &text)
@@ -230,7 +230,7 @@ pub(crate) fn recover(state: &StateDir, ident: &Identity) -> Result<Identity, Re
         csr: csr_pem(&key, &ident.id)?,
     });
     let recover_url = url("/v1/agents/recover");
-    let (status, text) = transport::post_json(&client, &recover_url, &body)
+    let (status, text) = transport::post_json(&mut client, &recover_url, &body)
         .map_err(|e| Error::network(format!("cannot reach {recover_url}"), e))?;
     let answer = certificate_answer(status, &text)?;
     Ok(install(state, ident, &key, &answer)?)

@@ -17,12 +17,12 @@ use crate::config::ConfigState;
 use crate::doctor::Doctor;
 use crate::error::Error;
 use crate::heartbeat::{
-    self, Buffers, DEFAULT_INTERVAL, Refusal, clamp_interval, heartbeat_uri, new_beat, record_ack,
+    self, Buffers, DEFAULT_INTERVAL, Refusal, clamp_interval, heartbeat_url, new_beat, record_ack,
     wall_now,
 };
 use crate::identity::Identity;
 use crate::renewal::{self, RenewError};
-use crate::state::StateDir;
+use crate::state::{SaveBuffers, StateDir};
 use crate::update::{Step, Updater};
 use crate::{fault, host, log, remediate, transport};
 
@@ -61,7 +61,7 @@ fn renewal_backoff(lifetime_secs: u64, failures: u32) -> Duration {
 struct Agent<'a> {
     state: &'a StateDir,
     ident: Identity,
-    client: ureq::Agent,
+    client: transport::Client,
     rng: SystemRandom,
     interval: Duration,
     /// Unix seconds when the certificate should be renewed.
@@ -75,7 +75,7 @@ impl Agent<'_> {
         (interval * 3).max(Duration::from_secs(60))
     }
 
-    fn connect(ident: &Identity, interval: Duration) -> Result<ureq::Agent, Error> {
+    fn connect(ident: &Identity, interval: Duration) -> Result<transport::Client, Error> {
         transport::http_client(
             &ident.ca_der,
             Some((&ident.cert_der, &ident.key_pem)),
@@ -105,7 +105,7 @@ impl Agent<'_> {
             );
             renewal::recover(self.state, &self.ident)
         } else {
-            renewal::renew(self.state, &self.ident, &self.client)
+            renewal::renew(self.state, &self.ident, &mut self.client)
         };
         match result {
             Ok(renewed) => {
@@ -178,8 +178,9 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
     if !log_level_from_env {
         log::set_level(config.settings.log_level);
     }
-    let uri = heartbeat_uri(&agent.ident.server)?;
+    let url = heartbeat_url(&agent.ident.server)?;
     let mut buffers = Buffers::default();
+    let mut save_buffers = SaveBuffers::default();
     // When state.json was last written (an old instant: write at the first ack).
     let mut persisted = Instant::now()
         .checked_sub(Duration::from_secs(86_400))
@@ -233,7 +234,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         "fault injected: no heartbeat in probation".into(),
                     )))
                 } else {
-                    heartbeat::exchange(&agent.client, &uri, &beat, &mut buffers)
+                    heartbeat::exchange(&mut agent.client, &url, &beat, &mut buffers)
                 };
                 match sent {
                     Ok(answer) => {
@@ -272,7 +273,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                             updater.offer(state, &mut saved, offer, &config.settings);
                         }
                         let news = answer.config.is_some() || answer.update.is_some() || applied;
-                        record_ack(&mut saved, beat.seq, agent.interval, answer.server_time);
+                        record_ack(&mut saved, beat.seq, agent.interval, &answer.server_time);
                         // On probation this acknowledgement may commit the
                         // update (it writes state.json itself) or roll back.
                         Updater::probation_ack(state, &mut saved)?;
@@ -285,7 +286,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         // intervals (doctor allows three): half the writes and
                         // fsyncs on flash. Anything else is written at once.
                         if news || persisted.elapsed() >= agent.interval.mul_f64(1.7) {
-                            match state.save_state(&saved) {
+                            match state.save_state_with(&saved, &mut save_buffers) {
                                 Ok(()) => persisted = Instant::now(),
                                 Err(e) => log::warn("could not save state", &[("error", &e)]),
                             }
@@ -356,7 +357,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
         }
         Updater::check_probation_deadline(state, &mut saved)?;
         let downloading =
-            updater.step(state, &mut saved, &agent.client, &agent.ident.server)? == Step::Busy;
+            updater.step(state, &mut saved, &mut agent.client, &agent.ident.server)? == Step::Busy;
         // Sleep until the earliest of the next heartbeat, renewal and doctor
         // run (not at all while a download has more to fetch).
         let until_beat = next_beat.saturating_duration_since(Instant::now());

@@ -157,12 +157,53 @@ pub(crate) struct UpdateFailure {
 }
 
 impl StateFile {
+    /// Writes the same JSON as `miniserde::json::to_string(self)` into
+    /// `out` (cleared first) when no update is in progress or failed, and
+    /// returns true; returns false otherwise. The run loop's steady
+    /// `state.json` writes thus reuse one buffer.
+    pub(crate) fn write_plain_json(&self, out: &mut String) -> bool {
+        use std::fmt::Write as _;
+        use stella_proto::api::json_string;
+        if self.update.is_some() || self.update_failure.is_some() {
+            return false;
+        }
+        let optional = |out: &mut String, key: &str, value: &Option<String>| {
+            out.push_str(key);
+            match value {
+                Some(v) => json_string(out, v),
+                None => out.push_str("null"),
+            }
+        };
+        out.clear();
+        optional(out, "{\"last_heartbeat\":", &self.last_heartbeat);
+        // Writing into a String cannot fail.
+        let _ = write!(
+            out,
+            ",\"heartbeat_seq\":{},\"heartbeat_interval_ms\":{}",
+            self.heartbeat_seq, self.heartbeat_interval_ms
+        );
+        optional(out, ",\"server_time\":", &self.server_time);
+        optional(out, ",\"config\":", &self.config);
+        optional(out, ",\"config_hash\":", &self.config_hash);
+        optional(out, ",\"binary_sha256\":", &self.binary_sha256);
+        out.push_str(",\"update\":null,\"update_failure\":null}");
+        true
+    }
+
     /// Whether a new version is on probation.
     pub(crate) fn in_probation(&self) -> bool {
         self.update
             .as_ref()
             .is_some_and(|m| m.phase == MarkerPhase::Probation)
     }
+}
+
+/// What `save_state_with` reuses from one write to the next.
+#[derive(Debug, Default)]
+pub(crate) struct SaveBuffers {
+    json: String,
+    path: PathBuf,
+    tmp: PathBuf,
 }
 
 /// The state dir and the files in it.
@@ -212,23 +253,37 @@ impl StateDir {
     /// Writes a file atomically: temp file with `mode`, fsync, rename, fsync
     /// of the directory. A crash leaves the old content or the new, never a mix.
     pub(crate) fn write_atomic(&self, name: &str, bytes: &[u8], mode: u32) -> Result<(), Error> {
-        let path = self.path(name);
-        let tmp = self.path(&format!(".{name}.tmp"));
+        self.write_atomic_at(
+            &self.path(name),
+            &self.path(&format!(".{name}.tmp")),
+            bytes,
+            mode,
+        )
+    }
+
+    /// `write_atomic` with the paths already made.
+    fn write_atomic_at(
+        &self,
+        path: &Path,
+        tmp: &Path,
+        bytes: &[u8],
+        mode: u32,
+    ) -> Result<(), Error> {
         let result = (|| -> std::io::Result<()> {
             let mut file = OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .mode(mode)
-                .open(&tmp)?;
+                .open(tmp)?;
             file.set_permissions(fs::Permissions::from_mode(mode))?;
             file.write_all(bytes)?;
             file.sync_all()?;
-            fs::rename(&tmp, &path)?;
+            fs::rename(tmp, path)?;
             File::open(&self.root)?.sync_all()
         })();
         if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(tmp);
         }
         result.map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
     }
@@ -280,6 +335,23 @@ impl StateDir {
     /// Writes `state.json`.
     pub(crate) fn save_state(&self, state: &StateFile) -> Result<(), Error> {
         self.write_atomic(STATE_JSON, json::to_string(state).as_bytes(), 0o600)
+    }
+
+    /// `save_state` reusing `buf`'s text and paths: the run loop writes
+    /// `state.json` every other heartbeat.
+    pub(crate) fn save_state_with(
+        &self,
+        state: &StateFile,
+        buf: &mut SaveBuffers,
+    ) -> Result<(), Error> {
+        if !state.write_plain_json(&mut buf.json) {
+            buf.json = json::to_string(state);
+        }
+        if buf.path.as_os_str().is_empty() {
+            buf.path = self.path(STATE_JSON);
+            buf.tmp = self.path(&format!(".{STATE_JSON}.tmp"));
+        }
+        self.write_atomic_at(&buf.path, &buf.tmp, buf.json.as_bytes(), 0o600)
     }
 
     /// Writes a JSON file.
@@ -366,6 +438,28 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plain_state_json_is_what_miniserde_writes() {
+        let mut state = <StateFile as Default>::default();
+        let mut out = String::from("stale");
+        assert!(state.write_plain_json(&mut out));
+        assert_eq!(out, json::to_string(&state));
+        state.last_heartbeat = Some("2026-11-30T04:00:00Z".into());
+        state.heartbeat_seq = 42;
+        state.heartbeat_interval_ms = 30_000;
+        state.server_time = Some("t\u{1}\n".into());
+        state.config = Some(r#"{"a":"b\\c"}"#.into());
+        state.config_hash = Some("ab".into());
+        state.binary_sha256 = Some("cd".into());
+        assert!(state.write_plain_json(&mut out));
+        assert_eq!(out, json::to_string(&state));
+        state.update_failure = Some(UpdateFailure {
+            version: "1".into(),
+            error: "e".into(),
+        });
+        assert!(!state.write_plain_json(&mut out));
+    }
 
     #[test]
     fn marker_phases_keep_their_on_disk_spellings() {

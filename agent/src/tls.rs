@@ -3,6 +3,7 @@
 //! discovery — trusting a server only if it presents a CA with the pinned
 //! key hash, and only that CA signed its certificate.
 
+use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -165,24 +166,66 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
+/// An `https://` URL cut into the parts a request needs.
+pub(crate) struct Target<'a> {
+    /// `host[:port]` as written: the Host header.
+    pub(crate) authority: &'a str,
+    /// Without IPv6 brackets.
+    pub(crate) host: &'a str,
+    pub(crate) port: u16,
+    /// Path and query; `/` when the URL has none.
+    pub(crate) path: &'a str,
+}
+
+impl<'a> Target<'a> {
+    pub(crate) fn parse(url: &'a str) -> io::Result<Self> {
+        let bad = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{url:?} is not an https:// URL: {why}"),
+            )
+        };
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| bad("it must start with https://"))?;
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => rest.split_at(i),
+            Some(_) => return Err(bad("a query needs a path")),
+            None => (rest, "/"),
+        };
+        if authority.contains('@') {
+            return Err(bad("user info is not supported"));
+        }
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (host, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            },
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| bad("the port is not a number"))?,
+            None => 443,
+        };
+        Ok(Target {
+            authority,
+            host,
+            port,
+            path,
+        })
+    }
+}
+
 /// Host and port of an `https://` URL.
 pub(crate) fn host_port(url: &str) -> Result<(String, u16), Error> {
-    let uri: ureq::http::Uri = url
-        .parse()
-        .map_err(|e| Error::Usage(format!("server URL {url:?} is not a URL: {e}")))?;
-    if uri.scheme_str() != Some("https") {
-        return Err(Error::Usage(format!(
-            "server URL {url:?} must start with https://"
-        )));
-    }
-    let host = uri
-        .host()
-        .ok_or_else(|| Error::Usage(format!("server URL {url:?} has no host")))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    Ok((host, uri.port_u16().unwrap_or(443)))
+    let t = Target::parse(url).map_err(|e| Error::Usage(format!("server URL {e}")))?;
+    Ok((t.host.to_owned(), t.port))
 }
 
 /// Connects to the server, and returns the DER of the CA in its chain whose
@@ -251,4 +294,30 @@ pub(crate) fn discover_pinned_ca(url: &str, pin: [u8; 32]) -> Result<Vec<u8>, Er
         context: format!("the server at {url} did not complete the CA check"),
         source: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_cut_into_host_port_and_path() {
+        let t = Target::parse("https://example.test:8443/v1/x?a=b").unwrap();
+        assert_eq!(
+            (t.authority, t.host, t.port, t.path),
+            ("example.test:8443", "example.test", 8443, "/v1/x?a=b")
+        );
+        let t = Target::parse("https://[::1]:9/").unwrap();
+        assert_eq!((t.authority, t.host, t.port), ("[::1]:9", "::1", 9));
+        let t = Target::parse("https://example.test").unwrap();
+        assert_eq!((t.port, t.path), (443, "/"));
+        for bad in [
+            "http://example.test/",
+            "https://:1/",
+            "https://h:x/",
+            "https://u@h/",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

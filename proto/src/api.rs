@@ -232,7 +232,7 @@ impl HeartbeatRequest {
 }
 
 /// Appends `s` as a JSON string, escaped as miniserde escapes it.
-fn json_string(out: &mut String, s: &str) {
+pub fn json_string(out: &mut String, s: &str) {
     use std::fmt::Write as _;
     out.push('"');
     for c in s.chars() {
@@ -272,7 +272,7 @@ pub struct ConfigRefusal {
 }
 
 /// Answer to a heartbeat, with directives.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct HeartbeatResponse {
     pub interval_ms: u64,
     pub server_time: String,
@@ -284,6 +284,143 @@ pub struct HeartbeatResponse {
     pub config: Option<Value>,
     /// A release to install, if one is offered to this agent.
     pub update: Option<UpdateOffer>,
+}
+
+impl HeartbeatResponse {
+    /// Reads a plain acknowledgement (no `config`, no `update`, strings
+    /// without escapes) into `self`, reusing its strings' allocations, and
+    /// returns true; returns false, leaving `self` unspecified, for any other
+    /// answer, which the caller decodes with miniserde. The agent's steady
+    /// heartbeat thus decodes without allocating.
+    pub fn read_plain_ack(&mut self, text: &str) -> bool {
+        let mut p = PlainJson {
+            rest: text.trim_start(),
+        };
+        let mut seen = 0u8;
+        if !p.eat('{') {
+            return false;
+        }
+        loop {
+            let Some(key) = p.string() else {
+                return false;
+            };
+            if !p.eat(':') {
+                return false;
+            }
+            let (bit, ok) = match key {
+                "interval_ms" => (1, p.number().map(|n| self.interval_ms = n).is_some()),
+                "server_time" => (
+                    2,
+                    p.string()
+                        .map(|v| replace(&mut self.server_time, v))
+                        .is_some(),
+                ),
+                "renew" => (4, p.boolean().map(|b| self.renew = b).is_some()),
+                "config_hash" => (
+                    8,
+                    p.string()
+                        .map(|v| replace(&mut self.config_hash, v))
+                        .is_some(),
+                ),
+                "config" => (16, p.null()),
+                "update" => (32, p.null()),
+                _ => (0, false),
+            };
+            if !ok || seen & bit != 0 {
+                return false;
+            }
+            seen |= bit;
+            if p.eat(',') {
+                continue;
+            }
+            if !p.eat('}') || !p.rest.trim().is_empty() {
+                return false;
+            }
+            break;
+        }
+        // Every field, once.
+        if seen != 63 {
+            return false;
+        }
+        self.config = None;
+        self.update = None;
+        true
+    }
+}
+
+fn replace(out: &mut String, value: &str) {
+    out.clear();
+    out.push_str(value);
+}
+
+/// A cursor over JSON text that reads only escape-free strings, unsigned
+/// integers, booleans and null.
+struct PlainJson<'a> {
+    rest: &'a str,
+}
+
+impl<'a> PlainJson<'a> {
+    fn eat(&mut self, c: char) -> bool {
+        match self.rest.trim_start().strip_prefix(c) {
+            Some(rest) => {
+                self.rest = rest;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn string(&mut self) -> Option<&'a str> {
+        let body = self.rest.trim_start().strip_prefix('"')?;
+        let end = body.find(['"', '\\'])?;
+        if body.as_bytes()[end] != b'"' || body[..end].chars().any(|c| c < ' ') {
+            return None;
+        }
+        self.rest = &body[end + 1..];
+        Some(&body[..end])
+    }
+
+    fn number(&mut self) -> Option<u64> {
+        let text = self.rest.trim_start();
+        let end = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        // JSON has no leading zeros; miniserde reads a fraction or exponent
+        // as a float, which u64 refuses: leave those to it.
+        if end == 0
+            || (end > 1 && text.starts_with('0'))
+            || text[end..].starts_with(['.', 'e', 'E'])
+        {
+            return None;
+        }
+        let n = text[..end].parse().ok()?;
+        self.rest = &text[end..];
+        Some(n)
+    }
+
+    fn word(&mut self, word: &str) -> bool {
+        match self.rest.trim_start().strip_prefix(word) {
+            Some(rest) => {
+                self.rest = rest;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn boolean(&mut self) -> Option<bool> {
+        if self.word("true") {
+            Some(true)
+        } else if self.word("false") {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    fn null(&mut self) -> bool {
+        self.word("null")
+    }
 }
 
 /// `GET /v1/agents/self` (mTLS): how the server sees the calling agent, with
@@ -438,6 +575,61 @@ pub struct DriftRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plain_ack_reader_agrees_with_miniserde() {
+        let plain = HeartbeatResponse {
+            interval_ms: 30_000,
+            server_time: "2026-11-30T04:00:00Z".into(),
+            renew: true,
+            config_hash: "ab12".into(),
+            config: None,
+            update: None,
+        };
+        let text = miniserde::json::to_string(&plain);
+        let spaced = r#" { "renew" : false , "config_hash":"", "interval_ms": 7,
+            "server_time":"t", "update":null, "config":null } "#;
+        for text in [text.as_str(), spaced] {
+            let want: HeartbeatResponse = miniserde::json::from_str(text).unwrap();
+            let mut got = HeartbeatResponse {
+                server_time: "stale".into(),
+                ..Default::default()
+            };
+            assert!(got.read_plain_ack(text), "{text}");
+            assert_eq!(
+                (
+                    got.interval_ms,
+                    &got.server_time,
+                    got.renew,
+                    &got.config_hash
+                ),
+                (
+                    want.interval_ms,
+                    &want.server_time,
+                    want.renew,
+                    &want.config_hash
+                ),
+                "{text}"
+            );
+            assert!(got.config.is_none() && got.update.is_none());
+        }
+        // Everything else is left to miniserde.
+        for other in [
+            r#"{"interval_ms":1,"server_time":"a\"b","renew":false,"config_hash":"","config":null,"update":null}"#,
+            r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":{"x":1},"update":null}"#,
+            r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null}"#,
+            r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"new":1}"#,
+            r#"{"interval_ms":1,"interval_ms":1,"renew":false,"config_hash":"","config":null,"update":null}"#,
+            r#"{"interval_ms":1.5,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null}"#,
+            r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null}x"#,
+            "",
+        ] {
+            assert!(
+                !<HeartbeatResponse as Default>::default().read_plain_ack(other),
+                "{other}"
+            );
+        }
+    }
 
     #[test]
     fn unknown_fields_are_ignored_and_optional_fields_may_be_missing() {

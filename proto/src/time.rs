@@ -3,15 +3,27 @@
 
 /// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn rfc3339(unix_secs: u64) -> String {
+    let mut out = String::with_capacity(20);
+    write_rfc3339(&mut out, unix_secs);
+    out
+}
+
+/// Writes Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` into `out` (cleared first),
+/// reusing its allocation.
+pub fn write_rfc3339(out: &mut String, unix_secs: u64) {
+    use std::fmt::Write as _;
     let days = (unix_secs / 86_400) as i64;
     let rem = unix_secs % 86_400;
     let (y, m, d) = civil_from_days(days);
-    format!(
+    out.clear();
+    // Writing into a String cannot fail.
+    let _ = write!(
+        out,
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
         (rem / 60) % 60,
         rem % 60
-    )
+    );
 }
 
 /// Parses `YYYY-MM-DDTHH:MM:SSZ` (optionally with fractional seconds) to Unix seconds.

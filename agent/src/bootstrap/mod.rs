@@ -100,9 +100,9 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
         capabilities: host::capabilities(),
         labels: Some(opts.labels.clone()),
     };
-    let client = transport::http_client(&ca_der, None, Duration::from_secs(30))?;
+    let mut client = transport::http_client(&ca_der, None, Duration::from_secs(30))?;
     let url = format!("{server}/v1/agents/register");
-    let (status, body) = transport::post_json(&client, &url, &json::to_string(&request))
+    let (status, body) = transport::post_json(&mut client, &url, &json::to_string(&request))
         .map_err(|e| Error::network(format!("cannot reach {server}"), e))?;
     if !(200..300).contains(&status) {
         return Err(Error::Refused {

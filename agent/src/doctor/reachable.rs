@@ -70,7 +70,7 @@ impl super::Doctor<'_> {
                 ));
             }
         };
-        let client = match transport::http_client(
+        let mut client = match transport::http_client(
             &ident.ca_der,
             Some((&ident.cert_der, &ident.key_pem)),
             Duration::from_secs(5),
@@ -80,7 +80,7 @@ impl super::Doctor<'_> {
         };
         let sent_ms = now_ms();
         let t2 = Instant::now();
-        let answer = transport::get(&client, &format!("{}/v1/agents/self", agent.server));
+        let answer = transport::get(&mut client, &format!("{}/v1/agents/self", agent.server));
         let latency = t2.elapsed();
         let received_ms = now_ms();
         let (status, text) = match answer {

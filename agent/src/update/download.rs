@@ -159,7 +159,7 @@ impl Download {
     pub(super) fn fetch_chunk(
         &mut self,
         state: &StateDir,
-        client: &ureq::Agent,
+        client: &mut crate::transport::Client,
         server: &str,
     ) -> Result<(), ChunkError> {
         state
@@ -167,26 +167,20 @@ impl Download {
             .map_err(|e| ChunkError::Retry(format!("cannot create the staging dir: {e}")))?;
         let end = self.received + CHUNK - 1;
         let url = format!("{server}{}", self.offer.path);
-        let mut resp = client
-            .get(&url)
-            .header("range", &format!("bytes={}-{end}", self.received))
-            .call()
+        let extra = crate::transport::Extra {
+            range: Some((self.received, end)),
+            ..Default::default()
+        };
+        let resp = client
+            .send("GET", &url, &extra)
             .map_err(|e| ChunkError::Retry(e.to_string()))?;
-        let status = resp.status().as_u16();
+        let status = resp.head.status;
         let total = match status {
             206 => resp
-                .headers()
-                .get("content-range")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit('/').next())
-                .and_then(|t| t.parse::<u64>().ok())
+                .head
+                .content_range_total
                 .ok_or_else(|| ChunkError::Retry("206 without a Content-Range total".into()))?,
-            200 if self.received == 0 => resp
-                .headers()
-                .get("content-length")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|t| t.parse::<u64>().ok())
-                .unwrap_or(MAX_DOWNLOAD + 1),
+            200 if self.received == 0 => resp.head.content_length.unwrap_or(MAX_DOWNLOAD + 1),
             416 => {
                 // We hold more than the server has: start over.
                 self.restart();
@@ -215,7 +209,7 @@ impl Download {
             .map_err(|e| ChunkError::Retry(format!("cannot write {}: {e}", self.part.display())))?;
         // Hashed into a copy that is kept only when the whole chunk landed.
         let mut hasher = self.hasher.clone();
-        let mut reader = resp.body_mut().with_config().limit(CHUNK + 1).reader();
+        let mut reader = resp.take(CHUNK + 1);
         let mut buf = [0u8; 16 * 1024];
         let mut got = 0u64;
         let streamed = loop {

@@ -133,7 +133,7 @@ impl Updater {
         &mut self,
         state: &StateDir,
         saved: &mut StateFile,
-        client: &ureq::Agent,
+        client: &mut crate::transport::Client,
         server: &str,
     ) -> Result<Step, Error> {
         let Some(d) = self.download.as_mut() else {

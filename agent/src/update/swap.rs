@@ -283,13 +283,13 @@ pub(crate) fn run_self_test(state: &StateDir) -> Result<(), Error> {
         return Err(Error::Invalid("fault injected: self-test fails".into()));
     }
     let ident = crate::identity::Identity::load(state)?;
-    let client = crate::transport::http_client(
+    let mut client = crate::transport::http_client(
         &ident.ca_der,
         Some((&ident.cert_der, &ident.key_pem)),
         Duration::from_secs(10),
     )?;
     let (status, text) =
-        crate::transport::get(&client, &format!("{}/v1/agents/self", ident.server))
+        crate::transport::get(&mut client, &format!("{}/v1/agents/self", ident.server))
             .map_err(|e| Error::network(format!("self-test cannot reach {}", ident.server), e))?;
     if status != 200 {
         return Err(Error::Refused {

@@ -155,6 +155,7 @@ pub(crate) fn bench(opts: &Options) -> Result<(), String> {
     // allows; they keep running (and are sampled) through the next phases.
     let mut agents = Agents::start(&bins, &run_dir, &scale)?;
     agents.doctor(&bins, &scale, &mut rows)?;
+    agents.start_and_doctor_rss(&bins, &mut rows)?;
 
     // 5-7. The fleet server under a simulated fleet.
     let mut fleet = server::load(

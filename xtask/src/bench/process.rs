@@ -1,5 +1,6 @@
 //! The processes a bench run starts (killed by PID and reaped on drop), the
-//! commands it runs, and what `/proc` says of them and of the machine's load.
+//! commands it runs, and what `/proc` (or GNU time, for a finished one) says
+//! of them and of the machine's load.
 
 use std::fs;
 use std::path::Path;
@@ -118,4 +119,29 @@ pub(super) fn load_average() -> f64 {
         .ok()
         .and_then(|t| t.split_whitespace().next()?.parse().ok())
         .unwrap_or(f64::NAN)
+}
+
+/// Runs `program args` to its end under GNU time and returns its peak RSS
+/// in KiB, or why not. Not wait4's ru_maxrss of our own child: at exec the
+/// kernel folds the spawning process's peak (this xtask's, through
+/// posix_spawn's shared memory) into it, and /proc loses VmHWM at exit.
+pub(super) fn peak_rss_kb(program: &Path, args: &[&std::ffi::OsStr]) -> Result<u64, String> {
+    let time = Path::new("/usr/bin/time");
+    if !time.exists() {
+        return Err("/usr/bin/time (GNU time) is not installed".into());
+    }
+    let out = Command::new(time)
+        .args(["-f", "%M"])
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", time.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    stderr
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| format!("GNU time printed no peak RSS: {stderr}"))
 }
