@@ -14,6 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use miniserde::json::Value;
 use stella_proto::api::ConfigRefusal;
 use stella_proto::config::{self, Settings};
+use stella_proto::text::report_text;
 
 use crate::error::Error;
 use crate::log;
@@ -101,7 +102,7 @@ impl ConfigState {
                 self.pending = None;
                 self.refusal = Some(ConfigRefusal {
                     hash,
-                    error: e.to_string(),
+                    error: report_text(&e.to_string()),
                 });
                 return Ok(false);
             }
@@ -156,7 +157,7 @@ impl ConfigState {
                 );
                 self.refusal = Some(ConfigRefusal {
                     hash: p.hash.clone(),
-                    error,
+                    error: report_text(&error),
                 });
             }
             self.pending = Some(p);

@@ -11,14 +11,20 @@ pub const MAX_REPORT_TEXT: usize = 1024;
 /// at a character boundary to at most `MAX_REPORT_TEXT` bytes.
 pub fn report_text(text: &str) -> String {
     let mut out = String::with_capacity(text.len().min(MAX_REPORT_TEXT));
-    for c in text.chars() {
-        let c = if c.is_control() { ' ' } else { c };
-        if out.len() + c.len_utf8() > MAX_REPORT_TEXT {
-            break;
-        }
-        out.push(c);
-    }
+    out.extend(report_chars(text));
     out
+}
+
+/// The characters of `report_text(text)`, without building it (so that a
+/// caller can compare a report with its source and not allocate).
+pub fn report_chars(text: &str) -> impl Iterator<Item = char> + '_ {
+    let mut len = 0;
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take_while(move |c| {
+            len += c.len_utf8();
+            len <= MAX_REPORT_TEXT
+        })
 }
 
 /// Whether `text` is already what `report_text` would make of it.
@@ -42,5 +48,6 @@ mod tests {
         assert!(is_report_text(&cut));
         assert!(!is_report_text("a\nb"));
         assert_eq!(report_text("plain"), "plain");
+        assert!(report_chars("a\nb").eq("a b".chars()));
     }
 }

@@ -63,7 +63,7 @@ fn beat(seq: u64) -> HeartbeatRequest {
             failing: Vec::new(),
         },
         update: UpdateReport {
-            state: "idle".into(),
+            state: stella_proto::states::UpdatePhase::Idle,
             version: String::new(),
             error: None,
         },

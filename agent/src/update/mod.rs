@@ -14,6 +14,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use stella_proto::api::UpdateReport;
 use stella_proto::states::UpdatePhase;
+use stella_proto::text::{report_chars, report_text};
 
 use crate::error::Error;
 use crate::state::{MarkerPhase, StateDir, StateFile, UpdateFailure};
@@ -122,8 +123,15 @@ impl Updater {
         if out.version != version {
             out.version = version.to_owned();
         }
-        if out.error.as_deref() != error {
-            out.error = error.map(str::to_owned);
+        // The server refuses control characters and over-long texts (a
+        // self-test's stderr has both): report the printable, bounded form.
+        let same = match (out.error.as_deref(), error) {
+            (None, None) => true,
+            (Some(have), Some(raw)) => report_chars(raw).eq(have.chars()),
+            _ => false,
+        };
+        if !same {
+            out.error = error.map(report_text);
         }
     }
 
@@ -300,5 +308,26 @@ mod tests {
             });
             assert_eq!(updater.report(&saved).state, text);
         }
+    }
+
+    #[test]
+    fn a_failure_is_reported_printable_and_bounded_and_only_rebuilt_when_it_changes() {
+        let updater = Updater::default();
+        let mut saved = StateFile::default();
+        let raw = format!("self-test failed:\n\u{1b}[31m{}", "x".repeat(5000));
+        saved.update_failure = Some(UpdateFailure {
+            version: "9.9.9".into(),
+            error: raw,
+        });
+        let mut report = updater.report(&saved);
+        let error = report.error.clone().unwrap();
+        assert!(stella_proto::text::is_report_text(&error), "{error:?}");
+        assert!(error.starts_with("self-test failed:  [31mxxx"));
+        let before = report.error.as_ref().unwrap().as_ptr();
+        updater.fill_report(&saved, &mut report);
+        assert_eq!(report.error.as_ref().unwrap().as_ptr(), before);
+        saved.update_failure.as_mut().unwrap().error = "other".into();
+        updater.fill_report(&saved, &mut report);
+        assert_eq!(report.error.as_deref(), Some("other"));
     }
 }
