@@ -354,7 +354,10 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                 upload.remediation = None;
                 upload.checks.iter_mut().for_each(|c| c.message.clear());
             }
-            log::info("doctor report asked for by the server", &[("dry_run", &dry_run)]);
+            log::info(
+                "doctor report asked for by the server",
+                &[("dry_run", &dry_run)],
+            );
             beat.doctor_report = Some(upload);
             next_beat = Instant::now();
         }

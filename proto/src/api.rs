@@ -299,6 +299,12 @@ pub struct DoctorAsk {
     pub selector: Option<Labels>,
 }
 
+/// Answer to a doctor request: the agents asked.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DoctorAsked {
+    pub asked: Vec<String>,
+}
+
 /// One check of a doctor report, as `stella-agent doctor --json` prints it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct DoctorCheckView {

@@ -8,7 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use stella_proto::api::{AgentView, HeartbeatRequest};
+use stella_proto::api::{AgentView, DoctorReport, HeartbeatRequest, MAX_DOCTOR_REPORT};
+use stella_proto::states::CheckStatus;
 use stella_proto::time::rfc3339;
 
 use crate::config::{Configs, Desired};
@@ -268,6 +269,57 @@ pub(crate) fn check_heartbeat(body: &HeartbeatRequest) -> Result<(), Refusal> {
     check_text("update.version", &update.version, 0, 64)?;
     if let Some(error) = &update.error {
         check_text("update.error", error, 0, MAX_ERROR_TEXT)?;
+    }
+    if let Some(report) = &body.doctor_report {
+        check_doctor_report(report)?;
+    }
+    Ok(())
+}
+
+/// Refuses an uploaded doctor report over `MAX_DOCTOR_REPORT` (as JSON), with
+/// an unknown status, or with a control character in any string.
+fn check_doctor_report(report: &DoctorReport) -> Result<(), Refusal> {
+    use crate::tokens::check_text;
+    let size = miniserde::json::to_string(report).len();
+    if size > MAX_DOCTOR_REPORT {
+        return Err(Refusal::bad_request(format!(
+            "invalid doctor_report: {size} bytes, at most {MAX_DOCTOR_REPORT}"
+        )));
+    }
+    if report.checks.len() > MAX_HEARTBEAT_LIST {
+        return Err(Refusal::bad_request(format!(
+            "invalid doctor_report.checks: {} entries, at most {MAX_HEARTBEAT_LIST}",
+            report.checks.len()
+        )));
+    }
+    for c in &report.checks {
+        check_text("doctor_report.checks.id", &c.id, 1, 64)?;
+        if CheckStatus::parse(&c.status).is_none() {
+            return Err(Refusal::bad_request(format!(
+                "invalid doctor_report.checks.status: {:?} is not pass, warn, fail or skip",
+                c.status
+            )));
+        }
+        check_text("doctor_report.checks.code", &c.code, 0, 128)?;
+        check_text(
+            "doctor_report.checks.message",
+            &c.message,
+            0,
+            MAX_ERROR_TEXT,
+        )?;
+    }
+    if let Some(plan) = &report.remediation {
+        for a in &plan.actions {
+            check_text("doctor_report.remediation.pattern", &a.pattern, 0, 128)?;
+            check_text("doctor_report.remediation.check", &a.check, 0, 128)?;
+            check_text("doctor_report.remediation.action", &a.action, 0, 64)?;
+            check_text(
+                "doctor_report.remediation.result",
+                &a.result,
+                0,
+                MAX_ERROR_TEXT,
+            )?;
+        }
     }
     Ok(())
 }

@@ -77,6 +77,7 @@ pub(crate) fn agent(id: &str, serial: &str) -> AgentRecord {
         previous_serial: None,
         renew_requested: false,
         update_offer: None,
+        doctor_request: None,
     }
 }
 
