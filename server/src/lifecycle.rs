@@ -480,6 +480,7 @@ mod tests {
             previous_serial: Some("old".into()),
             renew_requested: false,
             update_offer: None,
+            doctor_request: None,
         }
     }
 
@@ -648,7 +649,23 @@ mod tests {
     fn every_string_of_a_heartbeat_is_checked_and_the_field_named() {
         assert_eq!(check_heartbeat(&beat("abc", false)), Ok(()));
         type Breaks = fn(&mut HeartbeatRequest);
-        let cases: [(&str, Breaks); 8] = [
+        let cases: [(&str, Breaks); 11] = [
+            ("doctor_report.checks.message", |b| {
+                b.doctor_report = Some(report("bad\u{1b}[2J"))
+            }),
+            ("doctor_report.checks.status", |b| {
+                let mut r = report("m");
+                r.checks[0].status = "fine".into();
+                b.doctor_report = Some(r)
+            }),
+            ("doctor_report: ", |b| {
+                let mut r = report("m");
+                r.checks = vec![r.checks[0].clone(); 32];
+                r.checks
+                    .iter_mut()
+                    .for_each(|c| c.message = "m".repeat(1024));
+                b.doctor_report = Some(r)
+            }),
             ("version", |b| b.version = "1.0\u{1b}]0;x\u{7}".into()),
             ("version", |b| b.version = "9".repeat(65)),
             ("config_hash", |b| b.config_hash = "h\n".into()),
@@ -680,6 +697,27 @@ mod tests {
             assert!(!refused.message.contains('\u{1b}'), "{}", refused.message);
             assert!(refused.message.len() < 300, "{}", refused.message);
         }
+    }
+
+    fn report(message: &str) -> DoctorReport {
+        DoctorReport {
+            checks: vec![stella_proto::api::DoctorCheckView {
+                id: "identity.key".into(),
+                status: "warn".into(),
+                code: "identity.key/mode".into(),
+                message: message.into(),
+                duration_us: 1,
+            }],
+            summary: Default::default(),
+            remediation: None,
+        }
+    }
+
+    #[test]
+    fn a_doctor_report_within_its_limit_is_accepted() {
+        let mut body = beat("abc", false);
+        body.doctor_report = Some(report("key mode 0644"));
+        assert_eq!(check_heartbeat(&body), Ok(()));
     }
 
     #[test]
