@@ -371,7 +371,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                     doctor,
                 },
                 "doctor" => {
-                    if id.is_some() == !selector.is_empty() {
+                    if id.is_some() != selector.is_empty() {
                         return Err(usage(
                             "`agents doctor` needs an agent id or --selector K=V, not both",
                         ));
