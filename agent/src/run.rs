@@ -321,6 +321,11 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         wait
                     }
                     Err(Refusal::Failed(error)) => {
+                        // A report that did not get through is not retried:
+                        // the request stays pending on the server, whose next
+                        // answer asks again (a report it refuses cannot block
+                        // the heartbeats).
+                        beat.doctor_report = None;
                         agent.beat_failures += 1;
                         let wait = jittered(
                             backoff(agent.interval, agent.beat_failures),

@@ -108,15 +108,20 @@ impl App {
         lifecycle::check_heartbeat(&body)?;
         // A requested doctor report is stored (and the request cleared)
         // before the answer, which then no longer asks for it.
+        // A report nobody asked for is dropped: an agent cannot make the
+        // server write at will.
         if let Some(report) = body.doctor_report.take() {
-            {
+            let asked = {
                 let fleet = lock(&self.fleet);
                 let record = fleet.agents.get(agent_id).map(|a| &a.record);
                 lifecycle::may_act(record, agent_id, serial, Act::Heartbeat)?;
+                record.is_some_and(|r| r.doctor_request.is_some())
+            };
+            if asked {
+                let app = self.clone();
+                let id = agent_id.to_owned();
+                smol::unblock(move || app.store_doctor_report(&id, report)).await?;
             }
-            let app = self.clone();
-            let id = agent_id.to_owned();
-            smol::unblock(move || app.store_doctor_report(&id, report)).await?;
         }
         let effects = {
             let mut fleet = lock(&self.fleet);

@@ -232,4 +232,12 @@ fn doctor_on_demand_reports_plans_and_writes_nothing() {
         format!("{before:?}")
     );
     assert!(server.agent(&prod_id).heartbeat_seq < 999_999);
+    // A report nobody asked for is accepted with its heartbeat but not kept.
+    let small = body.replace(&format!("[{checks_json}]"), "[]");
+    let (status, answer) = mtls.post("/v1/agents/heartbeat", "application/json", small.as_bytes());
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        format!("{:?}", doctor_view(&server, &prod_id)),
+        format!("{before:?}")
+    );
 }
