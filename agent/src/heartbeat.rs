@@ -123,6 +123,7 @@ pub(crate) fn new_beat(
         doctor: Default::default(),
         update: updater.report(saved),
         capabilities: host::capabilities(),
+        doctor_report: None,
     }
 }
 

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use miniserde::{Serialize, json};
-use stella_proto::api::DoctorSummary;
+use stella_proto::api::{DoctorSummary, RemediationActionView, RemediationView};
 
 use stella_proto::states::CheckStatus;
 
@@ -356,6 +356,31 @@ fn print_plain(
         outln!("after:  {}", line(after));
     }
     Ok(())
+}
+
+/// The remediation plan for `report`, described and never applied (the
+/// server's `agents doctor --remediate-dry-run`).
+pub(crate) fn dry_run_view(state: &StateDir, report: &Report) -> RemediationView {
+    let summary = crate::doctor::counts(&report.summary());
+    let actions = plan(report)
+        .into_iter()
+        .map(|(check, pattern)| RemediationActionView {
+            pattern: pattern.glob.to_owned(),
+            check: check.code.to_owned(),
+            action: action_name(pattern.action).to_owned(),
+            applied: false,
+            result: match pattern.action {
+                Action::Advise(text) => format!("advice: {text}"),
+                action => format!("would {}", describe(action, state)),
+            },
+        })
+        .collect();
+    RemediationView {
+        dry_run: true,
+        actions,
+        before: summary.clone(),
+        after: summary,
+    }
 }
 
 /// In the running agent with `remediation: auto`: applies the safe actions the

@@ -10,6 +10,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
+use stella_proto::api::MAX_DOCTOR_REPORT;
 use stella_proto::config::Remediation;
 use stella_proto::time::rfc3339;
 
@@ -198,6 +199,8 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
     );
     let mut next_beat = Instant::now();
     let mut next_doctor = Instant::now();
+    // The server asked for a doctor report (with a remediation dry run?).
+    let mut doctor_asked: Option<bool> = None;
     loop {
         if wall_now() >= agent.renew_at {
             agent.renew()?;
@@ -245,6 +248,11 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                             );
                         }
                         agent.beat_failures = 0;
+                        // Delivered: the report goes once.
+                        beat.doctor_report = None;
+                        if let Some(directive) = &answer.doctor {
+                            doctor_asked = Some(directive.remediate_dry_run);
+                        }
                         let asked = clamp_interval(answer.interval_ms);
                         if asked != agent.interval {
                             log::info(
@@ -313,6 +321,11 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         wait
                     }
                     Err(Refusal::Failed(error)) => {
+                        // A report that did not get through is not retried:
+                        // the request stays pending on the server, whose next
+                        // answer asks again (a report it refuses cannot block
+                        // the heartbeats).
+                        beat.doctor_report = None;
                         agent.beat_failures += 1;
                         let wait = jittered(
                             backoff(agent.interval, agent.beat_failures),
@@ -332,6 +345,26 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                 }
             };
             next_beat = Instant::now() + wait;
+        }
+        if let Some(dry_run) = doctor_asked.take() {
+            // On request, never writing: the plan is described only, whatever
+            // `remediation` says (the periodic run below applies `auto`).
+            let report = Doctor::new(state).run_all();
+            beat.doctor = report.summary();
+            let mut upload = crate::doctor::to_upload(&report);
+            if dry_run {
+                upload.remediation = Some(remediate::dry_run_view(state, &report));
+            }
+            if miniserde::json::to_string(&upload).len() > MAX_DOCTOR_REPORT {
+                upload.remediation = None;
+                upload.checks.iter_mut().for_each(|c| c.message.clear());
+            }
+            log::info(
+                "doctor report asked for by the server",
+                &[("dry_run", &dry_run)],
+            );
+            beat.doctor_report = Some(upload);
+            next_beat = Instant::now();
         }
         if Instant::now() >= next_doctor {
             let report = Doctor::new(state).run_all();

@@ -80,6 +80,7 @@ fn body_tail(config_hash: &str) -> String {
             error: None,
         },
         capabilities: vec!["systemd".into()],
+        doctor_report: None,
     };
     let text = json::to_string(&beat);
     text.strip_prefix("{\"seq\":0")

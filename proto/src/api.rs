@@ -182,6 +182,9 @@ pub struct HeartbeatRequest {
     pub doctor: DoctorSummary,
     pub update: UpdateReport,
     pub capabilities: Vec<String>,
+    /// The full doctor report the server asked for (`agents doctor`), sent
+    /// once with the heartbeat after the request; `null` otherwise.
+    pub doctor_report: Option<DoctorReport>,
 }
 
 impl HeartbeatRequest {
@@ -227,6 +230,12 @@ impl HeartbeatRequest {
         }
         out.push_str("},\"capabilities\":");
         json_strings(out, &self.capabilities);
+        out.push_str(",\"doctor_report\":");
+        match &self.doctor_report {
+            None => out.push_str("null"),
+            // Rare (on request): miniserde's own allocation is fine here.
+            Some(report) => out.push_str(&miniserde::json::to_string(report)),
+        }
         out.push('}');
     }
 }
@@ -271,6 +280,112 @@ pub struct ConfigRefusal {
     pub error: String,
 }
 
+/// Largest doctor report (its JSON) a heartbeat may carry.
+pub const MAX_DOCTOR_REPORT: usize = 32 * 1024;
+
+/// "Run doctor and upload the report", in a heartbeat answer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DoctorDirective {
+    /// Also plan a remediation, without applying anything.
+    pub remediate_dry_run: bool,
+}
+
+/// `POST /v1/admin/agents/{id}/doctor` and `POST /v1/admin/doctor` (the
+/// latter with a selector).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct DoctorAsk {
+    pub remediate_dry_run: bool,
+    /// Agents whose labels include all of these (selector form only).
+    pub selector: Option<Labels>,
+}
+
+/// Answer to a doctor request: the agents asked.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DoctorAsked {
+    pub asked: Vec<String>,
+}
+
+/// One check of a doctor report, as `stella-agent doctor --json` prints it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DoctorCheckView {
+    /// `CheckId` spelling (text: a newer agent may know more checks).
+    pub id: String,
+    /// `pass`, `warn`, `fail` or `skip`.
+    pub status: String,
+    pub code: String,
+    pub message: String,
+    pub duration_us: u64,
+}
+
+/// Counts of a doctor run, as reports print them.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct DoctorCounts {
+    pub pass: u32,
+    pub warn: u32,
+    pub fail: u32,
+    pub skip: u32,
+}
+
+/// One planned (or applied) remediation action.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RemediationActionView {
+    pub pattern: String,
+    pub check: String,
+    pub action: String,
+    pub applied: bool,
+    pub result: String,
+}
+
+/// What `stella-agent remediate --json` prints.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RemediationView {
+    pub dry_run: bool,
+    pub actions: Vec<RemediationActionView>,
+    pub before: DoctorCounts,
+    pub after: DoctorCounts,
+}
+
+/// The full report an agent uploads on request.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DoctorReport {
+    pub checks: Vec<DoctorCheckView>,
+    pub summary: DoctorCounts,
+    /// The remediation dry run, when asked for.
+    pub remediation: Option<RemediationView>,
+}
+
+/// `agents show ID --doctor --json`: the last uploaded report.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DoctorReportView {
+    pub agent_id: String,
+    /// When the server received it (RFC 3339); `null` before any report.
+    pub received_at: Option<String>,
+    pub report: Option<DoctorReport>,
+    /// A request not yet answered by the agent.
+    pub pending: bool,
+}
+
+/// One check across agents, in `doctor-report`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DoctorCheckSummary {
+    pub id: String,
+    pub fail: Vec<String>,
+    pub warn: Vec<String>,
+}
+
+/// `doctor-report --selector ... --json`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct FleetDoctorReport {
+    /// Agents selected.
+    pub agents: u64,
+    /// Of those, agents with an uploaded report.
+    pub reported: u64,
+    /// Selected agents with a request still pending.
+    pub pending: Vec<String>,
+    /// Checks that fail or warn somewhere, in check-id order.
+    pub checks: Vec<DoctorCheckSummary>,
+}
+
 /// Answer to a heartbeat, with directives.
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct HeartbeatResponse {
@@ -284,10 +399,12 @@ pub struct HeartbeatResponse {
     pub config: Option<Value>,
     /// A release to install, if one is offered to this agent.
     pub update: Option<UpdateOffer>,
+    /// Run doctor now and upload the report with the next heartbeat.
+    pub doctor: Option<DoctorDirective>,
 }
 
 impl HeartbeatResponse {
-    /// Reads a plain acknowledgement (no `config`, no `update`, strings
+    /// Reads a plain acknowledgement (no `config`, `update`, `doctor`, strings
     /// without escapes) into `self`, reusing its strings' allocations, and
     /// returns true; returns false, leaving `self` unspecified, for any other
     /// answer, which the caller decodes with miniserde. The agent's steady
@@ -324,6 +441,8 @@ impl HeartbeatResponse {
                 ),
                 "config" => (16, p.null()),
                 "update" => (32, p.null()),
+                // Present (non-null) only on request: miniserde reads that.
+                "doctor" => (64, p.null()),
                 _ => (0, false),
             };
             if !ok || seen & bit != 0 {
@@ -338,12 +457,13 @@ impl HeartbeatResponse {
             }
             break;
         }
-        // Every field, once.
-        if seen != 63 {
+        // Every field, once (`doctor` may be absent: an older server).
+        if seen & 63 != 63 {
             return false;
         }
         self.config = None;
         self.update = None;
+        self.doctor = None;
         true
     }
 }
@@ -585,6 +705,7 @@ mod tests {
             config_hash: "ab12".into(),
             config: None,
             update: None,
+            doctor: None,
         };
         let text = miniserde::json::to_string(&plain);
         let spaced = r#" { "renew" : false , "config_hash":"", "interval_ms": 7,
@@ -611,13 +732,27 @@ mod tests {
                 ),
                 "{text}"
             );
-            assert!(got.config.is_none() && got.update.is_none());
+            assert!(got.config.is_none() && got.update.is_none() && got.doctor.is_none());
         }
+        // An older server's answer, without `doctor`, is still plain.
+        let older = r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null}"#;
+        assert!(<HeartbeatResponse as Default>::default().read_plain_ack(older));
+        // A doctor directive is left to miniserde, which reads it.
+        let asked = r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"doctor":{"remediate_dry_run":true}}"#;
+        assert!(!<HeartbeatResponse as Default>::default().read_plain_ack(asked));
+        let full: HeartbeatResponse = miniserde::json::from_str(asked).unwrap();
+        assert_eq!(
+            full.doctor,
+            Some(DoctorDirective {
+                remediate_dry_run: true
+            })
+        );
         // Everything else is left to miniserde.
         for other in [
             r#"{"interval_ms":1,"server_time":"a\"b","renew":false,"config_hash":"","config":null,"update":null}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":{"x":1},"update":null}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null}"#,
+            r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"doctor":{}}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"new":1}"#,
             r#"{"interval_ms":1,"interval_ms":1,"renew":false,"config_hash":"","config":null,"update":null}"#,
             r#"{"interval_ms":1.5,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null}"#,
@@ -657,6 +792,7 @@ mod tests {
                 error: None,
             },
             capabilities: vec!["systemd".into()],
+            doctor_report: None,
         };
         let text = miniserde::json::to_string(&hb);
         let mut fast = String::new();
@@ -680,6 +816,17 @@ mod tests {
                 version: "2".into(),
                 error: Some("x\u{8}\u{c}".into()),
             },
+            doctor_report: Some(DoctorReport {
+                checks: vec![DoctorCheckView {
+                    id: "identity.key".into(),
+                    status: "warn".into(),
+                    code: "identity.key/mode".into(),
+                    message: "mode \"0644\"\n".into(),
+                    duration_us: 5,
+                }],
+                summary: <DoctorCounts as Default>::default(),
+                remediation: None,
+            }),
             ..hb.clone()
         };
         odd.write_json(&mut fast);

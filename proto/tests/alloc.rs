@@ -68,6 +68,7 @@ fn beat(seq: u64) -> HeartbeatRequest {
             error: None,
         },
         capabilities: vec!["systemd".into(), "docker".into()],
+        doctor_report: None,
     }
 }
 

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use miniserde::json;
 use stella_proto::api::{
-    AgentUpdateRequest, AgentView, ConfigScopeView, ConfigSetRequest, ConfigShowResponse, DriftRow,
-    ErrorBody, Labels, ReleaseImportRequest, ReleaseView, RolloutStartRequest, RolloutView,
-    TokenCreateRequest, TokenCreateResponse,
+    AgentUpdateRequest, AgentView, ConfigScopeView, ConfigSetRequest, ConfigShowResponse,
+    DoctorAsk, DoctorAsked, DoctorReportView, DriftRow, ErrorBody, FleetDoctorReport, Labels,
+    ReleaseImportRequest, ReleaseView, RolloutStartRequest, RolloutView, TokenCreateRequest,
+    TokenCreateResponse,
 };
 
 use crate::cli::{AdminTarget, AgentAction};
@@ -302,6 +303,118 @@ pub(crate) fn agents_show(target: &AdminTarget, id: &str, as_json: bool) -> Resu
         outln_json!(text);
     } else {
         print_agent(&AdminClient::parse(&text)?)?;
+    }
+    Ok(())
+}
+
+/// `agents doctor ID|--selector`: asks for a report at the next heartbeat.
+pub(crate) fn agents_doctor(
+    target: &AdminTarget,
+    id: Option<&str>,
+    selector: Labels,
+    remediate_dry_run: bool,
+) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let (path, selector) = match id {
+        Some(id) => (format!("/v1/admin/agents/{id}/doctor"), None),
+        None => ("/v1/admin/doctor".to_owned(), Some(selector)),
+    };
+    let body = DoctorAsk {
+        remediate_dry_run,
+        selector,
+    };
+    let answer: DoctorAsked =
+        AdminClient::parse(&client.call("POST", &path, Some(json::to_string(&body)))?)?;
+    if answer.asked.is_empty() {
+        outln!("no agent matches the selector");
+    }
+    for id in &answer.asked {
+        outln!("{id}: doctor report requested; it reports after its next heartbeat");
+    }
+    Ok(())
+}
+
+/// `agents show ID --doctor`: the last report asked for, with its time.
+pub(crate) fn doctor_show(target: &AdminTarget, id: &str, as_json: bool) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let text = client.call("GET", &format!("/v1/admin/agents/{id}/doctor"), None)?;
+    if as_json {
+        outln_json!(text);
+        return Ok(());
+    }
+    let view: DoctorReportView = AdminClient::parse(&text)?;
+    let (Some(at), Some(report)) = (&view.received_at, &view.report) else {
+        match view.pending {
+            true => outln!("{id}: no doctor report yet; one is requested"),
+            false => outln!("{id}: no doctor report; ask with `agents doctor {id}`"),
+        }
+        return Ok(());
+    };
+    outln!("doctor report of {id}, received {at}");
+    for c in &report.checks {
+        outln!("{:<5} {:<24} {:<32} {}", c.status, c.id, c.code, c.message);
+    }
+    let s = &report.summary;
+    outln!(
+        "{} pass, {} warn, {} fail, {} skip",
+        s.pass,
+        s.warn,
+        s.fail,
+        s.skip
+    );
+    if let Some(plan) = &report.remediation {
+        outln!("remediation dry run (nothing was changed):");
+        if plan.actions.is_empty() {
+            outln!("  nothing to remediate");
+        }
+        for a in &plan.actions {
+            outln!("  {:<32} {:<30} {}", a.check, a.pattern, a.result);
+        }
+    }
+    if view.pending {
+        outln!("(a newer report is requested)");
+    }
+    Ok(())
+}
+
+/// `doctor-report --selector`: failing and warning checks across agents.
+pub(crate) fn doctor_report(
+    target: &AdminTarget,
+    selector: Labels,
+    as_json: bool,
+) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let body = DoctorAsk {
+        remediate_dry_run: false,
+        selector: Some(selector),
+    };
+    let text = client.call(
+        "POST",
+        "/v1/admin/doctor-report",
+        Some(json::to_string(&body)),
+    )?;
+    if as_json {
+        outln_json!(text);
+        return Ok(());
+    }
+    let report: FleetDoctorReport = AdminClient::parse(&text)?;
+    outln!(
+        "{} agents selected, {} with a report, {} pending",
+        report.agents,
+        report.reported,
+        report.pending.len()
+    );
+    if report.checks.is_empty() {
+        outln!("no failing or warning checks");
+    }
+    for c in &report.checks {
+        outln!("{:<24} {} fail, {} warn", c.id, c.fail.len(), c.warn.len());
+        if !c.fail.is_empty() {
+            outln!("  fail: {}", c.fail.join(" "));
+        }
+        if !c.warn.is_empty() {
+            outln!("  warn: {}", c.warn.join(" "));
+        }
     }
     Ok(())
 }

@@ -20,8 +20,10 @@ usage:
                       [--heartbeat-misses N] [--cert-lifetime D] [--expired-grace D]
                       [--update-probation D]
   stella-server token create [--ttl D] [--uses N] [--label K=V]...
-  stella-server agents list [--json] | agents show ID [--json]
+  stella-server agents list [--json] | agents show ID [--doctor] [--json]
   stella-server agents deactivate|activate|revoke|renew ID
+  stella-server agents doctor ID|--selector K=V... [--remediate-dry-run]
+  stella-server doctor-report --selector K=V... [--json]
   stella-server release import DIR | release list [--json]
   stella-server agents update ID --release V
   stella-server rollout start --release V --stages count:1,10,50,100 [--soak D]
@@ -102,6 +104,20 @@ pub(crate) enum Command {
     AgentsShow {
         target: AdminTarget,
         id: String,
+        json: bool,
+        /// The last doctor report instead of the agent.
+        doctor: bool,
+    },
+    /// Ask one agent (or every agent matching a selector) for a doctor report.
+    AgentsDoctor {
+        target: AdminTarget,
+        id: Option<String>,
+        selector: Labels,
+        remediate_dry_run: bool,
+    },
+    DoctorReport {
+        target: AdminTarget,
+        selector: Labels,
         json: bool,
     },
     AgentsAct {
@@ -312,6 +328,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 }
             };
             let (mut json, mut id, mut release) = (false, None::<String>, None::<String>);
+            let (mut doctor, mut dry_run, mut selector) = (false, false, Labels::new());
             while let Some(arg) = p.next().map_err(lex)? {
                 match arg {
                     Long(flag @ ("data-dir" | "server" | "ca")) => {
@@ -319,6 +336,11 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                         admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
                     }
                     Long("json") => json = true,
+                    Long("doctor") if sub == "show" => doctor = true,
+                    Long("remediate-dry-run") if sub == "doctor" => dry_run = true,
+                    Long("selector") if sub == "doctor" => {
+                        label(p.value().map_err(lex)?, &mut selector)?
+                    }
                     Long("release") if sub == "update" => {
                         release = Some(string(p.value().map_err(lex)?, "--release")?)
                     }
@@ -346,7 +368,21 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                     id: need_id(id)?,
                     target,
                     json,
+                    doctor,
                 },
+                "doctor" => {
+                    if id.is_some() != selector.is_empty() {
+                        return Err(usage(
+                            "`agents doctor` needs an agent id or --selector K=V, not both",
+                        ));
+                    }
+                    Command::AgentsDoctor {
+                        target,
+                        id,
+                        selector,
+                        remediate_dry_run: dry_run,
+                    }
+                }
                 "deactivate" | "activate" | "revoke" | "renew" => Command::AgentsAct {
                     id: need_id(id)?,
                     target,
@@ -509,6 +545,28 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 other => return Err(usage(format!("unknown rollout subcommand {other:?}"))),
             }
         }
+        "doctor-report" => {
+            let (mut json, mut selector) = (false, Labels::new());
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("json") => json = true,
+                    Long("selector") => label(p.value().map_err(lex)?, &mut selector)?,
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            if selector.is_empty() {
+                return Err(usage("`doctor-report` needs --selector K=V"));
+            }
+            Command::DoctorReport {
+                target,
+                selector,
+                json,
+            }
+        }
         "drift" => {
             let mut json = false;
             while let Some(arg) = p.next().map_err(lex)? {
@@ -571,6 +629,10 @@ mod tests {
             ("serve --heartbeat-interval 5", "invalid duration"),
             ("token create --label nope", "KEY=VALUE"),
             ("agents show", "needs an agent id"),
+            ("agents doctor", "needs an agent id or --selector"),
+            ("agents doctor agt_x --selector env=prod", "not both"),
+            ("agents doctor --selector env", "KEY=VALUE"),
+            ("doctor-report --json", "needs --selector"),
             ("frobnicate", "unknown command"),
             ("serve --bogus", "bogus"),
         ] {

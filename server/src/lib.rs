@@ -49,7 +49,26 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
             labels,
         } => admin::token_create(&target, ttl, uses, labels),
         Command::AgentsList { target, json } => admin::agents_list(&target, json),
-        Command::AgentsShow { target, id, json } => admin::agents_show(&target, &id, json),
+        Command::AgentsShow {
+            target,
+            id,
+            json,
+            doctor: false,
+        } => admin::agents_show(&target, &id, json),
+        Command::AgentsShow {
+            target, id, json, ..
+        } => admin::doctor_show(&target, &id, json),
+        Command::AgentsDoctor {
+            target,
+            id,
+            selector,
+            remediate_dry_run,
+        } => admin::agents_doctor(&target, id.as_deref(), selector, remediate_dry_run),
+        Command::DoctorReport {
+            target,
+            selector,
+            json,
+        } => admin::doctor_report(&target, selector, json),
         Command::AgentsAct { target, id, action } => admin::agents_act(&target, &id, action),
         Command::ConfigSet {
             target,

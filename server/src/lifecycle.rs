@@ -8,7 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use stella_proto::api::{AgentView, HeartbeatRequest};
+use stella_proto::api::{AgentView, DoctorReport, HeartbeatRequest, MAX_DOCTOR_REPORT};
+use stella_proto::states::CheckStatus;
 use stella_proto::time::rfc3339;
 
 use crate::config::{Configs, Desired};
@@ -269,6 +270,57 @@ pub(crate) fn check_heartbeat(body: &HeartbeatRequest) -> Result<(), Refusal> {
     if let Some(error) = &update.error {
         check_text("update.error", error, 0, MAX_ERROR_TEXT)?;
     }
+    if let Some(report) = &body.doctor_report {
+        check_doctor_report(report)?;
+    }
+    Ok(())
+}
+
+/// Refuses an uploaded doctor report over `MAX_DOCTOR_REPORT` (as JSON), with
+/// an unknown status, or with a control character in any string.
+fn check_doctor_report(report: &DoctorReport) -> Result<(), Refusal> {
+    use crate::tokens::check_text;
+    let size = miniserde::json::to_string(report).len();
+    if size > MAX_DOCTOR_REPORT {
+        return Err(Refusal::bad_request(format!(
+            "invalid doctor_report: {size} bytes, at most {MAX_DOCTOR_REPORT}"
+        )));
+    }
+    if report.checks.len() > MAX_HEARTBEAT_LIST {
+        return Err(Refusal::bad_request(format!(
+            "invalid doctor_report.checks: {} entries, at most {MAX_HEARTBEAT_LIST}",
+            report.checks.len()
+        )));
+    }
+    for c in &report.checks {
+        check_text("doctor_report.checks.id", &c.id, 1, 64)?;
+        if CheckStatus::parse(&c.status).is_none() {
+            return Err(Refusal::bad_request(format!(
+                "invalid doctor_report.checks.status: {:?} is not pass, warn, fail or skip",
+                c.status
+            )));
+        }
+        check_text("doctor_report.checks.code", &c.code, 0, 128)?;
+        check_text(
+            "doctor_report.checks.message",
+            &c.message,
+            0,
+            MAX_ERROR_TEXT,
+        )?;
+    }
+    if let Some(plan) = &report.remediation {
+        for a in &plan.actions {
+            check_text("doctor_report.remediation.pattern", &a.pattern, 0, 128)?;
+            check_text("doctor_report.remediation.check", &a.check, 0, 128)?;
+            check_text("doctor_report.remediation.action", &a.action, 0, 64)?;
+            check_text(
+                "doctor_report.remediation.result",
+                &a.result,
+                0,
+                MAX_ERROR_TEXT,
+            )?;
+        }
+    }
     Ok(())
 }
 
@@ -428,6 +480,7 @@ mod tests {
             previous_serial: Some("old".into()),
             renew_requested: false,
             update_offer: None,
+            doctor_request: None,
         }
     }
 
@@ -596,7 +649,23 @@ mod tests {
     fn every_string_of_a_heartbeat_is_checked_and_the_field_named() {
         assert_eq!(check_heartbeat(&beat("abc", false)), Ok(()));
         type Breaks = fn(&mut HeartbeatRequest);
-        let cases: [(&str, Breaks); 8] = [
+        let cases: [(&str, Breaks); 11] = [
+            ("doctor_report.checks.message", |b| {
+                b.doctor_report = Some(report("bad\u{1b}[2J"))
+            }),
+            ("doctor_report.checks.status", |b| {
+                let mut r = report("m");
+                r.checks[0].status = "fine".into();
+                b.doctor_report = Some(r)
+            }),
+            ("doctor_report: ", |b| {
+                let mut r = report("m");
+                r.checks = vec![r.checks[0].clone(); 32];
+                r.checks
+                    .iter_mut()
+                    .for_each(|c| c.message = "m".repeat(1024));
+                b.doctor_report = Some(r)
+            }),
             ("version", |b| b.version = "1.0\u{1b}]0;x\u{7}".into()),
             ("version", |b| b.version = "9".repeat(65)),
             ("config_hash", |b| b.config_hash = "h\n".into()),
@@ -628,6 +697,27 @@ mod tests {
             assert!(!refused.message.contains('\u{1b}'), "{}", refused.message);
             assert!(refused.message.len() < 300, "{}", refused.message);
         }
+    }
+
+    fn report(message: &str) -> DoctorReport {
+        DoctorReport {
+            checks: vec![stella_proto::api::DoctorCheckView {
+                id: "identity.key".into(),
+                status: "warn".into(),
+                code: "identity.key/mode".into(),
+                message: message.into(),
+                duration_us: 1,
+            }],
+            summary: Default::default(),
+            remediation: None,
+        }
+    }
+
+    #[test]
+    fn a_doctor_report_within_its_limit_is_accepted() {
+        let mut body = beat("abc", false);
+        body.doctor_report = Some(report("key mode 0644"));
+        assert_eq!(check_heartbeat(&body), Ok(()));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! every store backend keeps them (the redb tables hold exactly this JSON).
 
 use miniserde::{Deserialize, Serialize};
-use stella_proto::api::{ConfigRefusal, DoctorSummary, Labels, Platform, UpdateReport};
+use stella_proto::api::{
+    ConfigRefusal, DoctorDirective, DoctorReport, DoctorSummary, Labels, Platform, UpdateReport,
+};
 use stella_proto::states::UpdatePhase;
 pub(crate) use stella_proto::states::{AgentStatus, InactiveReason};
 
@@ -33,6 +35,9 @@ pub(crate) struct AgentRecord {
     pub(crate) renew_requested: bool,
     /// A release offered to this agent directly (`agents update`).
     pub(crate) update_offer: Option<String>,
+    /// An administrator asked for a doctor report (`agents doctor`); the
+    /// heartbeat answers say so until the report arrives.
+    pub(crate) doctor_request: Option<DoctorDirective>,
 }
 
 impl AgentRecord {
@@ -54,6 +59,15 @@ impl AgentRecord {
             self.reason.map_or("-", InactiveReason::as_str)
         )
     }
+}
+
+/// The last doctor report an agent uploaded on request (its own table: a
+/// report is kilobytes, and the fleet in memory holds none of them).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DoctorReportRecord {
+    /// Unix seconds when it arrived.
+    pub(crate) received_at: u64,
+    pub(crate) report: DoctorReport,
 }
 
 /// Soft state from heartbeats, group-committed.

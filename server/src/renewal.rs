@@ -152,6 +152,7 @@ mod tests {
             previous_serial: Some("s1".into()),
             renew_requested: true,
             update_offer: None,
+            doctor_request: None,
         }
     }
 

@@ -194,6 +194,7 @@ pub(crate) fn new_agent(
         previous_serial: None,
         renew_requested: false,
         update_offer: None,
+        doctor_request: None,
     }
 }
 
@@ -326,6 +327,7 @@ mod tests {
             previous_serial: None,
             renew_requested: false,
             update_offer: None,
+            doctor_request: None,
         }
     }
 

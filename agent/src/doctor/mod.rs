@@ -291,6 +291,36 @@ pub(crate) fn to_json(report: &Report) -> String {
     })
 }
 
+/// The counts of a summary, as reports print them.
+pub(crate) fn counts(s: &DoctorSummary) -> stella_proto::api::DoctorCounts {
+    stella_proto::api::DoctorCounts {
+        pass: s.pass,
+        warn: s.warn,
+        fail: s.fail,
+        skip: s.skip,
+    }
+}
+
+/// The report the server asked for (`agents doctor`): the same checks as
+/// `doctor --json`, owned, for the next heartbeat.
+pub(crate) fn to_upload(report: &Report) -> stella_proto::api::DoctorReport {
+    stella_proto::api::DoctorReport {
+        checks: report
+            .checks
+            .iter()
+            .map(|c| stella_proto::api::DoctorCheckView {
+                id: c.id.as_str().to_owned(),
+                status: c.status.as_str().to_owned(),
+                code: c.code.to_owned(),
+                message: c.message.as_str().to_owned(),
+                duration_us: c.duration_us,
+            })
+            .collect(),
+        summary: counts(&report.summary()),
+        remediation: None,
+    }
+}
+
 /// Prints the table; `verbose` adds each finding's code and duration.
 pub(crate) fn print_table(report: &Report, verbose: bool) -> Result<(), Error> {
     let mut out = std::io::stdout().lock();

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use miniserde::json;
 use stella_proto::api::{
-    AgentUpdateRequest, ConfigSetRequest, ReleaseImportRequest, RolloutStartRequest,
-    TokenCreateRequest,
+    AgentUpdateRequest, ConfigSetRequest, DoctorAsk, DoctorAsked, ReleaseImportRequest,
+    RolloutStartRequest, TokenCreateRequest,
 };
 
 use super::{blocking, failed, parse_json};
@@ -108,6 +108,35 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
             json(200, json::to_string(&app.agent_page(limit, &after)))
         }
         ("GET", ["agents", id]) => json(200, json::to_string(&app.agent_view(id)?)),
+        ("POST", ["agents", id, "doctor"]) => {
+            let body: DoctorAsk = parse_json(req)?;
+            let id = (*id).to_owned();
+            let asked = blocking(app, move |app| {
+                app.ask_doctor(Some(&id), None, body.remediate_dry_run)
+            })
+            .await?;
+            json(200, json::to_string(&DoctorAsked { asked }))
+        }
+        ("GET", ["agents", id, "doctor"]) => {
+            let id = (*id).to_owned();
+            let view = blocking(app, move |app| app.doctor_report_view(&id)).await?;
+            json(200, json::to_string(&view))
+        }
+        ("POST", ["doctor"]) => {
+            let body: DoctorAsk = parse_json(req)?;
+            let selector = body.selector.unwrap_or_default();
+            let asked = blocking(app, move |app| {
+                app.ask_doctor(None, Some(&selector), body.remediate_dry_run)
+            })
+            .await?;
+            json(200, json::to_string(&DoctorAsked { asked }))
+        }
+        ("POST", ["doctor-report"]) => {
+            let body: DoctorAsk = parse_json(req)?;
+            let selector = body.selector.unwrap_or_default();
+            let report = blocking(app, move |app| app.fleet_doctor_report(&selector)).await?;
+            json(200, json::to_string(&report))
+        }
         ("POST", ["agents", id, action]) => {
             let Some(action) = AgentAction::parse(action) else {
                 return Err(Refusal::not_found(format!("unknown agent action {action:?}")).into());

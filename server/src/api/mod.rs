@@ -149,6 +149,20 @@ const ROUTES: &[Route] = &[
         auth: Auth::Agent(Act::Download),
         endpoint: Endpoint::Artifact,
     },
+    // Doctor on demand (admin routes, listed for the reader; the wildcard
+    // below would route them the same).
+    Route {
+        method: Some("POST"),
+        path: "/v1/admin/doctor",
+        auth: Auth::Admin,
+        endpoint: Endpoint::Admin,
+    },
+    Route {
+        method: Some("POST"),
+        path: "/v1/admin/doctor-report",
+        auth: Auth::Admin,
+        endpoint: Endpoint::Admin,
+    },
     Route {
         method: None,
         path: "/v1/admin/*",

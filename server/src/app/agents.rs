@@ -103,9 +103,26 @@ impl App {
         self: &Arc<Self>,
         agent_id: &str,
         serial: &str,
-        body: HeartbeatRequest,
+        mut body: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, Error> {
         lifecycle::check_heartbeat(&body)?;
+        // A requested doctor report is stored (and the request cleared)
+        // before the answer, which then no longer asks for it.
+        // A report nobody asked for is dropped: an agent cannot make the
+        // server write at will.
+        if let Some(report) = body.doctor_report.take() {
+            let asked = {
+                let fleet = lock(&self.fleet);
+                let record = fleet.agents.get(agent_id).map(|a| &a.record);
+                lifecycle::may_act(record, agent_id, serial, Act::Heartbeat)?;
+                record.is_some_and(|r| r.doctor_request.is_some())
+            };
+            if asked {
+                let app = self.clone();
+                let id = agent_id.to_owned();
+                smol::unblock(move || app.store_doctor_report(&id, report)).await?;
+            }
+        }
         let effects = {
             let mut fleet = lock(&self.fleet);
             let record = fleet.agents.get(agent_id).map(|a| &a.record);
@@ -181,6 +198,7 @@ impl App {
             renew: agent.record.renew_requested,
             config_hash: desired.hash.clone(),
             config: push.then(|| desired.doc.clone()),
+            doctor: agent.record.doctor_request.clone(),
         };
         if !fleet.dirty.contains(agent_id) {
             fleet.dirty.insert(agent_id.to_owned());

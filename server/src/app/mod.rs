@@ -39,6 +39,7 @@
 mod agents;
 mod certificates;
 mod configuration;
+mod doctor;
 mod enrollment;
 mod releases;
 mod rollouts;

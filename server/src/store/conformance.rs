@@ -3,12 +3,12 @@
 //! invokes `store_conformance!` with a constructor of an empty store). Also
 //! the records the tests and the crash-consistency tests build.
 
-use stella_proto::api::{Labels, Platform};
+use stella_proto::api::{DoctorDirective, DoctorReport, Labels, Platform};
 
 use super::{EnrollmentState, NewEnrollment, Store, StoreError};
 use crate::records::{
-    AgentRecord, AgentStatus, CertRecord, HeartbeatState, ReleaseFile, ReleaseRecord,
-    RolloutRecord, TokenRecord,
+    AgentRecord, AgentStatus, CertRecord, DoctorReportRecord, HeartbeatState, ReleaseFile,
+    ReleaseRecord, RolloutRecord, TokenRecord,
 };
 use crate::refusal::Refusal;
 
@@ -32,6 +32,7 @@ macro_rules! store_conformance {
             configs_get_versions,
             releases_are_recorded_once,
             rollouts_are_replaced_whole,
+            doctor_reports_clear_the_request,
         );
     };
     (@tests $make:expr; $($name:ident,)*) => {$(
@@ -77,6 +78,7 @@ pub(crate) fn agent(id: &str, serial: &str) -> AgentRecord {
         previous_serial: None,
         renew_requested: false,
         update_offer: None,
+        doctor_request: None,
     }
 }
 
@@ -332,6 +334,42 @@ pub(crate) fn heartbeats_are_saved_in_batches(make: MakeStore<'_>) {
             ("agt_b".to_owned(), 2, "1.0.1".to_owned())
         ]
     );
+}
+
+pub(crate) fn doctor_reports_clear_the_request(make: MakeStore<'_>) {
+    let store = make();
+    store.insert_token(&token("abcdef", 1)).unwrap();
+    enroll(store.as_ref(), "abcdef", "agt_a", "01").unwrap();
+    assert!(store.doctor_report("agt_a").unwrap().is_none());
+    store
+        .update_agents(&["agt_a"], 10, "agent.doctor_requested", &mut |r| {
+            r.doctor_request = Some(DoctorDirective {
+                remediate_dry_run: true,
+            });
+            Ok(true)
+        })
+        .unwrap();
+    let report = DoctorReportRecord {
+        received_at: 20,
+        report: DoctorReport {
+            checks: Vec::new(),
+            summary: Default::default(),
+            remediation: None,
+        },
+    };
+    let written = store.put_doctor_report("agt_a", &report).unwrap();
+    assert_eq!(written.doctor_request, None);
+    assert_eq!(store.agent("agt_a").unwrap().unwrap().doctor_request, None);
+    assert_eq!(store.doctor_report("agt_a").unwrap(), Some(report.clone()));
+    assert_eq!(
+        store.audit_log().unwrap().last().unwrap().action,
+        "agent.doctor_report"
+    );
+    assert!(matches!(
+        store.put_doctor_report("agt_x", &report),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(store.doctor_report("agt_x").unwrap().is_none());
 }
 
 pub(crate) fn configs_get_versions(make: MakeStore<'_>) {

@@ -22,8 +22,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::records::{
-    AgentRecord, AuditRecord, CertRecord, ConfigRecord, HeartbeatState, ReleaseRecord,
-    RolloutRecord, TokenRecord,
+    AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord, HeartbeatState,
+    ReleaseRecord, RolloutRecord, TokenRecord,
 };
 use crate::refusal::Refusal;
 
@@ -260,6 +260,17 @@ pub(crate) trait Store: Send + Sync {
         hash: &str,
         now: u64,
     ) -> Result<ConfigRecord, StoreError>;
+
+    /// Stores agent `id`'s doctor report (replacing the last) and clears its
+    /// doctor request, in one transaction; returns the agent written.
+    fn put_doctor_report(
+        &self,
+        id: &str,
+        report: &DoctorReportRecord,
+    ) -> Result<AgentRecord, StoreError>;
+
+    /// Agent `id`'s last doctor report.
+    fn doctor_report(&self, id: &str) -> Result<Option<DoctorReportRecord>, StoreError>;
 
     /// Writes a batch of heartbeat states (one commit for the whole batch).
     fn save_heartbeats(&self, batch: &[(String, HeartbeatState)]) -> Result<(), StoreError>;

@@ -14,8 +14,8 @@ use super::{
     StoreError, StoreHealth,
 };
 use crate::records::{
-    AgentRecord, AuditRecord, CertRecord, ConfigRecord, EnrollmentRecord, HeartbeatState,
-    ReleaseRecord, RolloutRecord, TokenRecord,
+    AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord, EnrollmentRecord,
+    HeartbeatState, ReleaseRecord, RolloutRecord, TokenRecord,
 };
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
@@ -32,6 +32,9 @@ const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 const RELEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("releases");
 /// Key: scope (`global`, `label:K=V`, `agent:ID`).
 const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
+/// Agent id → its last requested doctor report (created on first use: a
+/// store made before doctor on demand has no such table).
+const DOCTOR_REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("doctor_reports");
 
 /// redb's page cache (its default is 1 GiB).
 const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
@@ -530,6 +533,50 @@ impl Store for RedbStore {
                 self.commit(txn)?;
             }
             Ok(written)
+        })
+    }
+
+    fn put_doctor_report(
+        &self,
+        id: &str,
+        report: &DoctorReportRecord,
+    ) -> Result<AgentRecord, StoreError> {
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            let record = {
+                let mut agents = txn.open_table(AGENTS)?;
+                let Some(stored) = agents.get(id)? else {
+                    return Err(StoreError::NotFound {
+                        what: "agent",
+                        key: id.to_owned(),
+                    });
+                };
+                let mut record: AgentRecord = decode("agent", id, stored.value())?;
+                drop(stored);
+                if record.doctor_request.take().is_some() {
+                    agents.insert(id, encode(&record).as_slice())?;
+                }
+                txn.open_table(DOCTOR_REPORTS)?
+                    .insert(id, encode(report).as_slice())?;
+                record
+            };
+            append_audit(&txn, report.received_at, "agent.doctor_report", id, "")?;
+            self.commit(txn)?;
+            Ok(record)
+        })
+    }
+
+    fn doctor_report(&self, id: &str) -> Result<Option<DoctorReportRecord>, StoreError> {
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let rows = match txn.open_table(DOCTOR_REPORTS) {
+                Ok(rows) => rows,
+                Err(::redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            rows.get(id)?
+                .map(|v| decode("doctor report", id, v.value()))
+                .transpose()
         })
     }
 

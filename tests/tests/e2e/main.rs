@@ -12,6 +12,7 @@ mod enrollment;
 mod faults;
 mod hostile;
 mod lifecycle;
+mod ondemand;
 mod renewal;
 mod rollout;
 mod signing;
