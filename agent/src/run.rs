@@ -84,6 +84,13 @@ impl Agent<'_> {
         )
     }
 
+    /// Counts a heartbeat that did not get through and returns when to try
+    /// again: capped exponential backoff with jitter.
+    fn failed_beat(&mut self) -> Duration {
+        self.beat_failures += 1;
+        jittered(backoff(self.interval, self.beat_failures), 0.1, &self.rng)
+    }
+
     fn refused(&self, message: &str) -> Error {
         log::error(
             "the server no longer accepts this agent; enroll this host again",
@@ -305,12 +312,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                     }
                     Err(Refusal::Rejected(message)) => return Err(agent.refused(&message)),
                     Err(Refusal::Deactivated(message)) => {
-                        agent.beat_failures += 1;
-                        let wait = jittered(
-                            backoff(agent.interval, agent.beat_failures),
-                            0.1,
-                            &agent.rng,
-                        );
+                        let wait = agent.failed_beat();
                         log::warn(
                             "agent is deactivated; will keep asking",
                             &[
@@ -326,12 +328,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         // answer asks again (a report it refuses cannot block
                         // the heartbeats).
                         beat.doctor_report = None;
-                        agent.beat_failures += 1;
-                        let wait = jittered(
-                            backoff(agent.interval, agent.beat_failures),
-                            0.1,
-                            &agent.rng,
-                        );
+                        let wait = agent.failed_beat();
                         log::warn(
                             "heartbeat failed",
                             &[

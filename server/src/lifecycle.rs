@@ -463,25 +463,7 @@ mod tests {
     use InactiveReason::{Deactivated, HeartbeatTimeout};
 
     fn record(status: AgentStatus, reason: Option<InactiveReason>) -> AgentRecord {
-        AgentRecord {
-            id: "agt_a".into(),
-            name: "n".into(),
-            status,
-            reason,
-            labels: Default::default(),
-            platform: Default::default(),
-            version: "1.0.0".into(),
-            capabilities: Vec::new(),
-            enrolled_at: 0,
-            token_id: "t".into(),
-            key_sha256: "k".into(),
-            cert_serial: "new".into(),
-            cert_not_after: 0,
-            previous_serial: Some("old".into()),
-            renew_requested: false,
-            update_offer: None,
-            doctor_request: None,
-        }
+        AgentRecord::sample(status, reason)
     }
 
     fn live(r: AgentRecord) -> LiveAgent {

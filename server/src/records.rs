@@ -41,6 +41,31 @@ pub(crate) struct AgentRecord {
 }
 
 impl AgentRecord {
+    /// A plain record for unit tests: agent `agt_a`, current serial `new`,
+    /// the previous one `old` still accepted. Tests override what they need.
+    #[cfg(test)]
+    pub(crate) fn sample(status: AgentStatus, reason: Option<InactiveReason>) -> Self {
+        AgentRecord {
+            id: "agt_a".into(),
+            name: "n".into(),
+            status,
+            reason,
+            labels: Default::default(),
+            platform: Default::default(),
+            version: "1.0.0".into(),
+            capabilities: Vec::new(),
+            enrolled_at: 0,
+            token_id: "t".into(),
+            key_sha256: "k".into(),
+            cert_serial: "new".into(),
+            cert_not_after: 0,
+            previous_serial: Some("old".into()),
+            renew_requested: false,
+            update_offer: None,
+            doctor_request: None,
+        }
+    }
+
     /// Whether a certificate with this serial may act as this agent.
     pub(crate) fn accepts_serial(&self, serial: &str) -> bool {
         self.cert_serial == serial || self.previous_serial.as_deref() == Some(serial)

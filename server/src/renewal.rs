@@ -136,23 +136,13 @@ mod tests {
 
     fn record(status: AgentStatus, reason: Option<InactiveReason>) -> AgentRecord {
         AgentRecord {
-            id: "agt_a".into(),
-            name: "n".into(),
-            status,
-            reason,
-            labels: Default::default(),
-            platform: Default::default(),
             version: "1".into(),
-            capabilities: Vec::new(),
-            enrolled_at: 0,
-            token_id: "t".into(),
             key_sha256: "k0".into(),
             cert_serial: "s2".into(),
             cert_not_after: 100,
             previous_serial: Some("s1".into()),
             renew_requested: true,
-            update_offer: None,
-            doctor_request: None,
+            ..AgentRecord::sample(status, reason)
         }
     }
 

@@ -309,25 +309,17 @@ mod tests {
     fn agent(id: &str) -> AgentRecord {
         AgentRecord {
             id: id.into(),
-            name: "n".into(),
-            status: AgentStatus::Active,
-            reason: None,
             labels: Labels::from([
                 ("env".to_owned(), "dev".to_owned()),
                 ("own".to_owned(), "x".to_owned()),
             ]),
-            platform: Default::default(),
             version: "1".into(),
-            capabilities: Vec::new(),
             enrolled_at: 100,
             token_id: token().id().to_owned(),
-            key_sha256: "k".into(),
             cert_serial: "01".into(),
             cert_not_after: 200,
             previous_serial: None,
-            renew_requested: false,
-            update_offer: None,
-            doctor_request: None,
+            ..AgentRecord::sample(AgentStatus::Active, None)
         }
     }
 
