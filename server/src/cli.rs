@@ -28,6 +28,7 @@ usage:
   stella-server agents update ID --release V
   stella-server rollout start --release V --stages count:1,10,50,100 [--soak D]
                               [--max-failures R] [--selector K=V]...
+                              [--agent-timeout D] [--window HH:MM-HH:MM] [--days mon-fri]
   stella-server rollout show ID [--json] | rollout list [--json]
   stella-server rollout pause|resume|abort ID
   stella-server config set --scope global|label:K=V|agent:ID FILE.json
