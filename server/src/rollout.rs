@@ -454,6 +454,12 @@ impl<'a> Judge<'a> {
             && self.now_ms.saturating_sub(a.last_heartbeat_ms) >= self.timeout_ms
     }
 
+    /// It failed, and an admin has not resumed past that failure (such a
+    /// member is not offered the release again).
+    fn failure_counts(&self, a: &AgentFacts) -> bool {
+        self.failed(a) && !self.ignored.contains(a.id.as_str())
+    }
+
     /// A failure that counts toward `--max-failures` (not one an admin
     /// already looked at and resumed past).
     fn counted(&self, a: &AgentFacts) -> bool {
@@ -565,7 +571,7 @@ pub(crate) fn evaluate(
             eval.offered.extend(
                 members
                     .iter()
-                    .filter(|a| !judge.updated(a) && !(judge.failed(a) && judge.counted(a)))
+                    .filter(|a| !judge.updated(a) && !judge.failure_counts(a))
                     .map(|a| a.id.clone()),
             );
         }
