@@ -13,6 +13,7 @@
 //! maintenance window (`--window`, `--days`). The engine here is pure;
 //! `app` drives it against the live fleet and the store.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
@@ -473,43 +474,47 @@ impl<'a> Judge<'a> {
 
     /// The phase `rollout show` counts the member under; `open`: its stage
     /// has opened.
-    fn phase_of(&self, a: &AgentFacts, open: bool) -> String {
+    fn phase_of<'f>(&self, a: &'f AgentFacts, open: bool) -> Cow<'f, str> {
+        // Known phases are counted by their spelling, without allocating
+        // (the controller counts every member every second).
+        let known = |phase: &'f UpdatePhase| match phase {
+            UpdatePhase::Unknown(_) => Cow::Owned(phase.to_string()),
+            other => Cow::Borrowed(other.as_str()),
+        };
         let about_release = a.phase_version == self.rec.release;
         if self.updated(a) {
             return match &a.phase {
-                UpdatePhase::Swapped | UpdatePhase::Probation if about_release => {
-                    a.phase.as_str().to_owned()
-                }
-                _ => UpdatePhase::Committed.as_str().to_owned(),
+                UpdatePhase::Swapped | UpdatePhase::Probation if about_release => known(&a.phase),
+                _ => Cow::Borrowed(UpdatePhase::Committed.as_str()),
             };
         }
         if self.failed(a) {
-            return a.phase.as_str().to_owned();
+            return known(&a.phase);
         }
         if self.timed_out(a) {
-            return UpdatePhase::TimedOut.as_str().to_owned();
+            return Cow::Borrowed("timed_out");
         }
         if self.skipped(a) {
-            return "skipped".to_owned();
+            return Cow::Borrowed("skipped");
         }
         if !open {
-            return "pending".to_owned();
+            return Cow::Borrowed("pending");
         }
         let offered = a
             .offered
             .as_ref()
             .is_some_and(|(v, _)| *v == self.rec.release);
         match &a.phase {
-            UpdatePhase::Idle | UpdatePhase::Failed | UpdatePhase::RolledBack => if offered {
-                UpdatePhase::Offered.as_str()
-            } else {
-                "waiting"
+            UpdatePhase::Idle | UpdatePhase::Failed | UpdatePhase::RolledBack if offered => {
+                Cow::Borrowed("offered")
             }
-            .to_owned(),
-            // Unknown phases are counted as the agent spelled them.
-            other if about_release => other.to_string(),
-            _ if offered => UpdatePhase::Offered.as_str().to_owned(),
-            _ => "waiting".to_owned(),
+            UpdatePhase::Idle | UpdatePhase::Failed | UpdatePhase::RolledBack => {
+                Cow::Borrowed("waiting")
+            }
+            // A phase this server does not know is counted as `unknown(…)`.
+            other if about_release => known(other),
+            _ if offered => Cow::Borrowed("offered"),
+            _ => Cow::Borrowed("waiting"),
         }
     }
 }
@@ -551,9 +556,15 @@ pub(crate) fn evaluate(
             std::cmp::Ordering::Equal => "open",
             std::cmp::Ordering::Greater => "pending",
         };
-        let mut phases = BTreeMap::new();
+        let mut phases: BTreeMap<String, usize> = BTreeMap::new();
         for a in &members {
-            *phases.entry(judge.phase_of(a, k <= open)).or_insert(0) += 1;
+            let phase = judge.phase_of(a, k <= open);
+            match phases.get_mut(phase.as_ref()) {
+                Some(n) => *n += 1,
+                None => {
+                    phases.insert(phase.into_owned(), 1);
+                }
+            }
         }
         eval.stages.push(StageStats {
             agents: members.len(),
@@ -1248,6 +1259,32 @@ mod tests {
         let eval = evaluate(&resumed, &agents, &targets(), t0 + HOUR + 1);
         assert_eq!(eval.stages[0].failed, 0);
         assert_eq!(eval.change, Some(Change::StartSoak(t0 + HOUR + 1)));
+    }
+
+    #[test]
+    fn members_are_counted_by_phase_and_unknown_phases_shown_as_such() {
+        let mut agents = fleet(5);
+        let rec = rollout(&["count:2", "100"], &[]);
+        let eval = evaluate(&rec, &agents, &targets(), 0);
+        let canaries = &eval.stages[0].members;
+        for a in agents.iter_mut().filter(|a| canaries.contains(&a.id)) {
+            a.offered = Some(("1.1.0".into(), 0));
+            a.phase_version = "1.1.0".into();
+        }
+        let first = agents.iter_mut().find(|a| a.id == canaries[0]).unwrap();
+        first.phase = UpdatePhase::parse("hibernating");
+        let eval = evaluate(&rec, &agents, &targets(), 1);
+        assert_eq!(
+            eval.stages[0].phases,
+            BTreeMap::from([
+                ("offered".to_owned(), 1),
+                ("unknown(hibernating)".to_owned(), 1)
+            ])
+        );
+        assert_eq!(
+            eval.stages[1].phases,
+            BTreeMap::from([("pending".to_owned(), 3)])
+        );
     }
 
     #[test]
