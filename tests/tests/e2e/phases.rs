@@ -201,6 +201,50 @@ fn a_member_stuck_downloading_is_timed_out_and_the_rollout_pauses_or_proceeds() 
     }
 }
 
+/// A member that is off for the whole deadline is `skipped` and does not
+/// hold its stage; it still gets the offer when it returns while the
+/// rollout runs.
+#[test]
+fn a_member_offline_for_the_whole_deadline_is_skipped_and_updated_when_it_returns() {
+    let keys = Keys::new();
+    let server = Server::start();
+    let (online, online_id) = enroll(&server, &keys, "prod", "on");
+    let (offline, offline_id) = enroll(&server, &keys, "prod", "off");
+    let _on = supervise(&online, None);
+    server.wait_for_agent(&online_id, "heartbeating", |a| a.heartbeat_seq >= 1);
+    server.wait_for_agent(&offline_id, "timed out", |a| a.status == "inactive");
+    let dir = signed_release(&keys, NEXT, &bin("stella-agent-next"), &[]);
+    import(&server, &dir);
+    // A long soak keeps the rollout running after its stage settled.
+    let id = rollout_start(
+        &server,
+        &[
+            "--release",
+            NEXT,
+            "--stages",
+            "100",
+            "--soak",
+            "1h",
+            "--agent-timeout",
+            "5s",
+        ],
+    );
+    let soaking = wait_rollout(&server, &id, DEADLINE * 3, "soaking without it", |v| {
+        v.stages[0].state == "soaking"
+            && phases(v).get("skipped") == Some(&1)
+            && phases(v).get("committed") == Some(&1)
+    });
+    assert_eq!(soaking.stages[0].failed, 0, "{soaking:?}");
+    // Back while the rollout runs: offered, updated.
+    let _off = supervise(&offline, None);
+    server.wait_for_agent(&offline_id, "updated after its return", |a| {
+        a.status == "active" && a.version == NEXT
+    });
+    wait_rollout(&server, &id, DEADLINE, "counting it committed", |v| {
+        phases(v).get("committed") == Some(&2)
+    });
+}
+
 /// The answer to the heartbeat that reports `committed` is lost (the
 /// `lost-commit-ack` fault): the agent stays on the new version, reports it
 /// again, and server and rollout converge.
