@@ -69,6 +69,7 @@ fn beat(seq: u64) -> HeartbeatRequest {
         },
         capabilities: vec!["systemd".into(), "docker".into()],
         doctor_report: None,
+        task_results: None,
     }
 }
 

@@ -199,6 +199,8 @@ impl App {
             config_hash: desired.hash.clone(),
             config: push.then(|| desired.doc.clone()),
             doctor: agent.record.doctor_request.clone(),
+            tasks: None,
+            cancel_tasks: None,
         };
         if !fleet.dirty.contains(agent_id) {
             fleet.dirty.insert(agent_id.to_owned());
