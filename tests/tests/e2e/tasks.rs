@@ -218,7 +218,7 @@ fn refused_tasks_run_nothing_and_say_why() {
     .unwrap();
     let audience = format!(r#"{{"agents":["{id}"]}}"#);
     // Without podman or docker on PATH: no container capability.
-    let _proc = start(&web, &[("PATH", "/nonexistent")]);
+    let proc = start(&web, &[("PATH", "/nonexistent")]);
 
     // Unsigned, and expired: refused at create, nothing stored.
     let (other, other_pem) = SigningKey::generate().unwrap();
@@ -345,7 +345,7 @@ fn refused_tasks_run_nothing_and_say_why() {
     assert_eq!(status, "refused", "{reason}");
     assert!(reason.contains("replayed task id"), "{reason}");
     assert!(!replayed.exists(), "the replay ran");
-    let log = fs::read_to_string(web.dir.join("agent-0.log")).unwrap_or_default();
+    let log = proc.log_text();
     assert!(log.contains("task refused"), "{log}");
 }
 
@@ -514,11 +514,11 @@ impl Drop for Podman {
     }
 }
 
-/// `artifact import FILE`: the artifact's sha256.
+/// `task artifact FILE`: the artifact's sha256.
 fn import_artifact(server: &Server, file: &Path) -> String {
-    let out = server.admin_ok(&["artifact", "import", file.to_str().unwrap()]);
+    let out = server.admin_ok(&["task", "artifact", file.to_str().unwrap()]);
     let sha = stella_tests::release::sha256(file);
-    assert!(out.contains(&sha), "artifact import printed {out:?}");
+    assert!(out.contains(&sha), "task artifact printed {out:?}");
     sha
 }
 
