@@ -107,14 +107,18 @@ pub(crate) fn target_dir() -> PathBuf {
 }
 
 /// Programs the end-to-end tests call: certificate and API checks, the
-/// bundle's shell lint, the cross build and the aarch64 agent under qemu.
-const TEST_TOOLS: [&str; 6] = [
+/// bundle's shell lint, the cross build and the aarch64 agent under qemu,
+/// and the container tasks' podman, runc and busybox.
+const TEST_TOOLS: [&str; 9] = [
     "openssl",
     "curl",
     "shellcheck",
     "readelf",
     "aarch64-linux-gnu-gcc",
     "qemu-aarch64-static",
+    "podman",
+    "runc",
+    "busybox",
 ];
 
 /// The version of the second agent build the update tests install.
