@@ -273,6 +273,9 @@ pub(crate) fn check_heartbeat(body: &HeartbeatRequest) -> Result<(), Refusal> {
     if let Some(report) = &body.doctor_report {
         check_doctor_report(report)?;
     }
+    if let Some(results) = &body.task_results {
+        crate::tasks::check_reports(results)?;
+    }
     Ok(())
 }
 
