@@ -529,11 +529,22 @@ fn container_task(
     archive: Option<&str>,
     health: &str,
 ) -> String {
+    container_task_within(id, agent, image, archive, health, "3m")
+}
+
+fn container_task_within(
+    id: &str,
+    agent: &str,
+    image: &str,
+    archive: Option<&str>,
+    health: &str,
+    timeout: &str,
+) -> String {
     let archive = archive
         .map(|a| format!(r#","image_archive":"{a}""#))
         .unwrap_or_default();
     format!(
-        r#"{{"id":"{id}","type":"container","not_after":"{}","timeout":"3m","audience":{{"agents":["{agent}"]}},"name":"web","image":"{image}"{archive},"env":{{"GREETING":"hi"}},"health":{health}}}"#,
+        r#"{{"id":"{id}","type":"container","not_after":"{}","timeout":"{timeout}","audience":{{"agents":["{agent}"]}},"name":"web","image":"{image}"{archive},"env":{{"GREETING":"hi"}},"health":{health}}}"#,
         in_secs(3600)
     )
 }
@@ -606,4 +617,77 @@ fn a_container_task_deploys_by_digest_replaces_and_survives_a_failed_health_chec
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(staged.is_empty(), "{staged:?}");
+}
+
+/// Waits until `agent` reports task `id` running.
+fn wait_running(server: &Server, id: &str, agent: &str) {
+    let running = poll(DEADLINE, || {
+        let view = show(server, id);
+        let Some(Value::Array(results)) = json_at(&view, "results") else {
+            return None;
+        };
+        results
+            .iter()
+            .any(|r| {
+                json_str(r, "agent") == Some(agent) && json_str(r, "status") == Some("running")
+            })
+            .then_some(())
+    });
+    assert!(running.is_some(), "{id} never ran: {:?}", show(server, id));
+}
+
+#[test]
+fn a_container_task_times_out_is_cancelled_or_is_interrupted_never_run_twice() {
+    let test = "a_container_task_times_out_is_cancelled_or_is_interrupted_never_run_twice";
+    let Some(podman) = Podman::new(test) else {
+        return;
+    };
+    let fleet = Fleet::new();
+    let (agent, id) = fleet.enroll("edge", &[]);
+    let env = podman.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut proc = start(&agent, &env);
+    let (archive, image) = podman.image("v1");
+    let sha = import_artifact(&fleet.server, &archive);
+    // Never healthy: the health check is retried until the task ends.
+    let never = r#"{"cmd":["/bin/sh","-c","echo not-yet; exit 1"],"timeout":"10m"}"#;
+
+    let task = fleet.sign(
+        &container_task_within("slow-1", &id, &image, Some(&sha), never, "3s"),
+        "slow-1",
+    );
+    let task = create(&fleet.server, &task);
+    let (status, reason) = status_and_reason(&final_result(&fleet.server, &task, &id));
+    assert_eq!(status, "timed_out", "{reason}");
+    assert!(podman.running().is_empty(), "{:?}", podman.running());
+
+    let task = fleet.sign(
+        &container_task("slow-2", &id, &image, None, never),
+        "slow-2",
+    );
+    let task = create(&fleet.server, &task);
+    wait_running(&fleet.server, &task, &id);
+    fleet.server.admin_ok(&["task", "cancel", &task]);
+    let (status, reason) = status_and_reason(&final_result(&fleet.server, &task, &id));
+    assert_eq!(status, "cancelled", "{reason}");
+    let gone = poll(DEADLINE, || podman.running().is_empty().then_some(()));
+    assert!(gone.is_some(), "{:?}", podman.running());
+
+    let task = fleet.sign(
+        &container_task("slow-3", &id, &image, None, never),
+        "slow-3",
+    );
+    let task = create(&fleet.server, &task);
+    wait_running(&fleet.server, &task, &id);
+    proc.kill();
+    let proc = start(&agent, &env);
+    let (status, reason) = status_and_reason(&final_result(&fleet.server, &task, &id));
+    assert_eq!(status, "interrupted", "{reason}");
+    agent.wait_for_saved_heartbeat();
+    let log = proc.log_text();
+    assert!(
+        log.contains("task interrupted by an agent restart"),
+        "{log}"
+    );
+    assert!(!log.contains("task accepted"), "run again: {log}");
 }
