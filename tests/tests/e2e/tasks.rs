@@ -197,6 +197,68 @@ fn a_file_task_reaches_two_agents_by_selector_and_both_write_the_file() {
     // The journal remembers the task by its signed id.
     let journal = fs::read_to_string(web1.file("tasks.json")).unwrap();
     assert!(journal.contains("\"motd-1\""), "{journal}");
+
+    // The same content again, in a new task: nothing to write.
+    let again = fleet.sign(
+        &file_task(
+            "motd-2",
+            &format!(r#"{{"agents":["{id1}"]}}"#),
+            &target,
+            "aGVsbG8K",
+        ),
+        "motd-2",
+    );
+    let again = create(&fleet.server, &again);
+    let (status, reason) = status_and_reason(&final_result(&fleet.server, &again, &id1));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("succeeded", "unchanged")
+    );
+}
+
+#[test]
+fn the_deploy_key_defaults_to_the_release_key() {
+    let fleet = Fleet::new();
+    let agent = AgentDir::new();
+    let token = fleet.server.token(&[]);
+    let key = fleet.keys.public();
+    let out = agent.bootstrap(
+        &fleet.server,
+        &token,
+        &["--name", "plain", "--release-key", key.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(
+        fs::read_to_string(agent.file("deploy-key.pub")).unwrap(),
+        fs::read_to_string(&key).unwrap()
+    );
+    let status = json(&text(&run(&mut agent.command(&["status", "--json"]))).0);
+    let fingerprint = json_str(&status, "deploy_key")
+        .unwrap_or_default()
+        .to_owned();
+    assert!(fingerprint.starts_with("sha256:"), "{status:?}");
+    // And an agent without either key refuses every task.
+    let bare = AgentDir::new();
+    let token = fleet.server.token(&[]);
+    let out = bare.bootstrap(&fleet.server, &token, &["--name", "bare"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let id = text(&out).0.trim().to_owned();
+    let _proc = start(&bare, &[]);
+    let target = fleet.dir.join("bare");
+    let task = fleet.sign(
+        &file_task(
+            "bare-1",
+            &format!(r#"{{"agents":["{id}"]}}"#),
+            &target,
+            "aGkK",
+        ),
+        "bare",
+    );
+    let task = create(&fleet.server, &task);
+    let (status, reason) = status_and_reason(&final_result(&fleet.server, &task, &id));
+    assert_eq!(status, "refused", "{reason}");
+    assert!(reason.contains("no deploy key is pinned"), "{reason}");
+    assert!(!target.exists());
 }
 
 #[test]
