@@ -117,7 +117,7 @@ impl Tasks {
                     entry.finished = Some(rfc3339(wall_now()));
                     log::warn(
                         "task interrupted by an agent restart",
-                        &[("task", &entry.id)],
+                        &[("task", &entry.server_id), ("id", &entry.id)],
                     );
                     if let Err(e) = journal.record(state, entry.clone(), wall_now()) {
                         log::error("cannot write the task journal", &[("error", &e)]);
@@ -450,5 +450,115 @@ fn to_wire(entry: &Entry) -> TaskResultReport {
         output: entry.output.clone(),
         started: entry.started.clone(),
         finished: entry.finished.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use stella_proto::api::Labels;
+    use stella_proto::dsse::{self, SigningKey};
+    use stella_proto::task::{self, PAYLOAD_TYPE};
+
+    use super::*;
+
+    const AGENT: &str = "agt_aaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    fn delivery(key: &SigningKey, id: &str, content: &str) -> TaskDelivery {
+        let json = format!(
+            r#"{{"id":"{id}","type":"file","not_after":"2100-01-01T00:00:00Z","audience":{{"agents":["{AGENT}"]}},"path":"/nonexistent-dir/x","content_base64":"{content}","mode":"0644"}}"#
+        );
+        TaskDelivery {
+            id: task::server_task_id(json.as_bytes()),
+            envelope: dsse::sign(key, PAYLOAD_TYPE, json.as_bytes()).to_json(),
+        }
+    }
+
+    fn statuses(tasks: &mut Tasks) -> Vec<(String, String)> {
+        let mut out = None;
+        tasks.fill(&mut out);
+        out.unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.id, r.status.as_str().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn deliveries_are_queued_refused_cancelled_and_reported_until_acknowledged() {
+        let dir = std::env::temp_dir().join(format!("stella-tasks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = StateDir::new(dir.clone());
+        state.create().unwrap();
+        let (key, _) = SigningKey::generate().unwrap();
+        state
+            .write_atomic(
+                crate::state::DEPLOY_KEY,
+                key.public_key().to_pem().as_bytes(),
+                0o644,
+            )
+            .unwrap();
+        let mut tasks = Tasks::start(&state, AGENT, Some(Labels::new()));
+        let mut out = None;
+        tasks.fill(&mut out);
+        assert!(out.is_none(), "no results, no allocation");
+
+        let a = delivery(&key, "a", "aGkK");
+        let replay = delivery(&key, "a", "aGkhCg==");
+        tasks.receive(&state, &[a.clone(), replay.clone(), a.clone()], &[]);
+        assert_eq!(tasks.queue.len(), 1);
+        assert!(tasks.take_report_now());
+        assert_eq!(
+            statuses(&mut tasks),
+            [(replay.id.clone(), "refused".into())]
+        );
+        tasks.acknowledged();
+        assert!(statuses(&mut tasks).is_empty());
+
+        // Cancelled before it ran: journaled, reported.
+        tasks.receive(&state, &[], std::slice::from_ref(&a.id));
+        assert!(tasks.queue.is_empty());
+        assert_eq!(statuses(&mut tasks), [(a.id.clone(), "cancelled".into())]);
+        // A heartbeat that failed keeps the result; an acknowledged one drops it.
+        assert_eq!(statuses(&mut tasks).len(), 1);
+        tasks.acknowledged();
+        // Delivered again (the answer to the report was lost): the same
+        // result again, nothing run.
+        tasks.receive(&state, std::slice::from_ref(&a), &[]);
+        assert!(tasks.queue.is_empty());
+        assert_eq!(statuses(&mut tasks), [(a.id.clone(), "cancelled".into())]);
+        tasks.acknowledged();
+
+        // A task the journal shows running when the agent starts.
+        let b = delivery(&key, "b", "aGkK");
+        let mut journal = Journal::load(&state).unwrap();
+        let entry = Entry {
+            id: "b".into(),
+            server_id: b.id.clone(),
+            not_after: 4_102_444_800,
+            status: "running".into(),
+            reason: None,
+            exit_code: None,
+            output: None,
+            started: None,
+            finished: None,
+        };
+        journal.record(&state, entry, 0).unwrap();
+        let mut restarted = Tasks::start(&state, AGENT, Some(Labels::new()));
+        assert_eq!(
+            statuses(&mut restarted),
+            [(b.id.clone(), "interrupted".into())]
+        );
+        restarted.acknowledged();
+        restarted.receive(&state, std::slice::from_ref(&b), &[]);
+        assert!(restarted.queue.is_empty(), "never run again");
+        assert_eq!(statuses(&mut restarted), [(b.id, "interrupted".into())]);
+
+        // An unreadable journal refuses everything.
+        std::fs::write(state.path(crate::state::TASKS_JSON), "{").unwrap();
+        let mut broken = Tasks::start(&state, AGENT, Some(Labels::new()));
+        let c = delivery(&key, "c", "aGkK");
+        broken.receive(&state, std::slice::from_ref(&c), &[]);
+        assert!(broken.queue.is_empty());
+        assert_eq!(statuses(&mut broken), [(c.id, "refused".into())]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
