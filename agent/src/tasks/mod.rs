@@ -508,7 +508,7 @@ mod tests {
         assert!(tasks.take_report_now());
         assert_eq!(
             statuses(&mut tasks),
-            [(replay.id.clone(), "refused".into())]
+            [(replay.id, "refused".into())]
         );
         tasks.acknowledged();
         assert!(statuses(&mut tasks).is_empty());
