@@ -17,4 +17,5 @@ mod renewal;
 mod rollout;
 mod signing;
 mod tasks;
+mod tasks_server;
 mod update;
