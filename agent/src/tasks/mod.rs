@@ -506,10 +506,7 @@ mod tests {
         tasks.receive(&state, &[a.clone(), replay.clone(), a.clone()], &[]);
         assert_eq!(tasks.queue.len(), 1);
         assert!(tasks.take_report_now());
-        assert_eq!(
-            statuses(&mut tasks),
-            [(replay.id, "refused".into())]
-        );
+        assert_eq!(statuses(&mut tasks), [(replay.id, "refused".into())]);
         tasks.acknowledged();
         assert!(statuses(&mut tasks).is_empty());
 
