@@ -395,7 +395,7 @@ impl Tasks {
                     };
                 entry.status = status.as_str().to_owned();
                 entry.reason = reason;
-                entry.output = Some(output);
+                entry.output = (!output.is_empty()).then_some(output);
                 entry.finished = Some(rfc3339(wall_now()));
                 self.finish(state, entry);
             }
