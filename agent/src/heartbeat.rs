@@ -125,6 +125,7 @@ pub(crate) fn new_beat(
         capabilities: host::capabilities(),
         doctor_report: None,
         update_failure: None,
+        task_results: None,
     }
 }
 

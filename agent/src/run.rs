@@ -1,8 +1,9 @@
 //! `stella-agent run`: the scheduler. One thread, one small deadline loop
 //! over single exchanges — a heartbeat (`heartbeat`) over one mTLS
 //! keep-alive connection with jitter and capped exponential backoff, a
-//! certificate renewal (`renewal`), a doctor run with remediation, and one
-//! chunk of an update download (`update`) — sleeping until the earliest is
+//! certificate renewal (`renewal`), a doctor run with remediation, one
+//! chunk of an update download (`update`), and a poll of the running
+//! deployment task (`tasks`) — sleeping until the earliest is
 //! due. Lifecycle answers are obeyed (403 deactivated: back off and keep
 //! asking; 401 revoked: stop with exit code 3).
 
@@ -25,11 +26,14 @@ use crate::heartbeat::{
 use crate::identity::Identity;
 use crate::renewal::{self, RenewError};
 use crate::state::{SaveBuffers, StateDir};
+use crate::tasks::Tasks;
 use crate::update::{self, Step, Updater};
 use crate::{fault, host, log, remediate, transport};
 
 /// Re-detect capabilities every this many heartbeats.
 const CAPABILITY_REFRESH: u64 = 20;
+/// How often a running task's child process is polled.
+const TASK_POLL: Duration = Duration::from_millis(100);
 
 /// A number in [0, 1) from the system's random source.
 fn random_unit(rng: &SystemRandom) -> f64 {
@@ -188,6 +192,8 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
         log::set_level(config.settings.log_level);
     }
     let url = heartbeat_url(&agent.ident.server)?;
+    let labels = state.agent_file().ok().and_then(|a| a.labels);
+    let mut tasks = Tasks::start(state, &agent.ident.id, labels);
     let mut buffers = Buffers::default();
     let mut save_buffers = SaveBuffers::default();
     // When state.json was last written (an old instant: write at the first ack).
@@ -255,7 +261,9 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                 let silent = saved.in_probation() && fault::active("probation-no-heartbeat");
                 if beat.seq.is_multiple_of(CAPABILITY_REFRESH) {
                     beat.capabilities = host::capabilities();
+                    tasks.set_capabilities(&beat.capabilities);
                 }
+                tasks.fill(&mut beat.task_results);
                 let mut sent = if silent {
                     Err(Refusal::Failed(Error::Invalid(
                         "fault injected: no heartbeat in probation".into(),
@@ -283,7 +291,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                             );
                         }
                         agent.beat_failures = 0;
-                        // Delivered: the report goes once.
+                        // Delivered: the report goes once, results too.
                         beat.doctor_report = None;
                         // Stored by the server: the failure's log goes once,
                         // and `committed` was seen.
@@ -312,6 +320,12 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         {
                             delivered = true;
                         }
+                        tasks.acknowledged();
+                        tasks.receive(
+                            state,
+                            answer.tasks.as_deref().unwrap_or_default(),
+                            answer.cancel_tasks.as_deref().unwrap_or_default(),
+                        );
                         if let Some(directive) = &answer.doctor {
                             doctor_asked = Some(directive.remediate_dry_run);
                         }
@@ -460,6 +474,11 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
             next_beat = Instant::now();
         }
         let downloading = step != Step::Idle;
+        let task_running = tasks.step(state, &mut agent.client, &agent.ident.server);
+        if tasks.take_report_now() {
+            // A result goes out at once rather than an interval later.
+            next_beat = next_beat.min(Instant::now());
+        }
         // Sleep until the earliest of the next heartbeat, renewal and doctor
         // run (not at all while a download has more to fetch).
         let until_beat = next_beat.saturating_duration_since(Instant::now());
@@ -467,6 +486,11 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
         let until_doctor = next_doctor.saturating_duration_since(Instant::now());
         let nap = if downloading {
             Duration::ZERO
+        } else if task_running {
+            until_beat
+                .min(until_renewal)
+                .min(until_doctor)
+                .min(TASK_POLL)
         } else {
             until_beat.min(until_renewal).min(until_doctor)
         };

@@ -32,6 +32,10 @@ pub(crate) const STATE_JSON: &str = "state.json";
 pub(crate) const CONFIG_JSON: &str = "config.json";
 /// The pinned release key.
 pub(crate) const RELEASE_KEY: &str = "release-key.pub";
+/// The pinned key that signs tasks (default: a copy of the release key).
+pub(crate) const DEPLOY_KEY: &str = "deploy-key.pub";
+/// The journal of tasks this agent has seen (`tasks::journal`).
+pub(crate) const TASKS_JSON: &str = "tasks.json";
 /// Zero-touch enrollment file, in the bundle and (until enrollment
 /// succeeds) in the state dir.
 pub(crate) const BOOTSTRAP_JSON: &str = "bootstrap.json";
@@ -57,6 +61,10 @@ pub(crate) struct AgentFile {
     pub(crate) server: String,
     pub(crate) ca_hash: String,
     pub(crate) name: Option<String>,
+    /// The effective labels the server answered at enrollment: what a
+    /// task's selector is matched against (absent for agents enrolled
+    /// before tasks existed).
+    pub(crate) labels: Option<stella_proto::api::Labels>,
 }
 
 /// `state.json`: soft state the `status` and `doctor` commands read.

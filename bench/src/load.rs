@@ -84,6 +84,7 @@ fn body_tail(config_hash: &str) -> String {
         capabilities: vec!["systemd".into()],
         doctor_report: None,
         update_failure: None,
+        task_results: None,
     };
     let text = json::to_string(&beat);
     text.strip_prefix("{\"seq\":0")

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use miniserde::json::Value;
 use miniserde::{Deserialize, Serialize};
 
-use crate::states::{AgentStatus, InactiveReason, UpdatePhase};
+use crate::states::{AgentStatus, InactiveReason, TaskState, TaskStatus, UpdatePhase};
 
 /// Labels: `key=value` pairs attached to agents and tokens.
 pub type Labels = BTreeMap<String, String>;
@@ -241,6 +241,85 @@ pub struct HeartbeatRequest {
     /// The last failed update with its log, until a heartbeat carrying it
     /// is acknowledged; `null` otherwise.
     pub update_failure: Option<UpdateFailureReport>,
+    /// Task results not yet acknowledged (at most
+    /// `task::MAX_RESULTS_PER_HEARTBEAT`); `null` when there are none.
+    pub task_results: Option<Vec<TaskResultReport>>,
+}
+
+/// Where the agent stands with one task, in a heartbeat. The server keeps
+/// the latest report per (task, agent).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TaskResultReport {
+    /// The server's task id (`TaskDelivery::id`).
+    pub id: String,
+    pub status: TaskStatus,
+    /// Why it was refused or failed.
+    pub reason: Option<String>,
+    pub exit_code: Option<i32>,
+    /// The last lines of output (`task::output_tail`).
+    pub output: Option<String>,
+    /// RFC 3339.
+    pub started: Option<String>,
+    pub finished: Option<String>,
+}
+
+/// A task for the agent, in a heartbeat answer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TaskDelivery {
+    /// The server's task id, which results name.
+    pub id: String,
+    /// The DSSE envelope JSON exactly as created (the agent verifies it).
+    pub envelope: String,
+}
+
+/// `POST /v1/admin/tasks` answer (201).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TaskCreated {
+    /// The server's task id.
+    pub id: String,
+    /// The signed id.
+    pub task_id: String,
+}
+
+/// One agent's result, in `task show --json`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TaskResultView {
+    pub agent: String,
+    pub status: TaskStatus,
+    pub exit_code: Option<i32>,
+    pub output: Option<String>,
+    pub started: Option<String>,
+    pub finished: Option<String>,
+    pub reason: Option<String>,
+    /// When the server last received a report (RFC 3339).
+    pub reported_at: String,
+}
+
+/// A task as `task show --json` (and `task list --json` rows, whose results
+/// carry no output) print it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TaskView {
+    /// The server's task id.
+    pub id: String,
+    /// The signed id.
+    pub task_id: String,
+    #[serde(rename = "type")]
+    pub task_type: String,
+    pub status: TaskState,
+    pub not_after: String,
+    pub created_at: String,
+    /// When it was cancelled, if it was.
+    pub cancelled_at: Option<String>,
+    /// `agents:ID,...` or `selector:K=V,...`.
+    pub audience: String,
+    pub results: Vec<TaskResultView>,
+}
+
+/// `POST /v1/admin/artifacts` answer (201).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ArtifactCreated {
+    pub sha256: String,
+    pub size: u64,
 }
 
 impl HeartbeatRequest {
@@ -299,6 +378,12 @@ impl HeartbeatRequest {
             None => out.push_str("null"),
             // Once per failed update: miniserde's allocation is fine here.
             Some(failure) => out.push_str(&miniserde::json::to_string(failure)),
+        }
+        out.push_str(",\"task_results\":");
+        match &self.task_results {
+            None => out.push_str("null"),
+            // Only after a task ran: miniserde's allocation is fine here too.
+            Some(results) => out.push_str(&miniserde::json::to_string(results)),
         }
         out.push('}');
     }
@@ -476,10 +561,16 @@ pub struct HeartbeatResponse {
     pub update: Option<UpdateOffer>,
     /// Run doctor now and upload the report with the next heartbeat.
     pub doctor: Option<DoctorDirective>,
+    /// Tasks for this agent it has not reported on yet; `null` when none.
+    pub tasks: Option<Vec<TaskDelivery>>,
+    /// Server task ids this agent reported `running` that were cancelled;
+    /// `null` when none.
+    pub cancel_tasks: Option<Vec<String>>,
 }
 
 impl HeartbeatResponse {
-    /// Reads a plain acknowledgement (no `config`, `update`, `doctor`, strings
+    /// Reads a plain acknowledgement (no `config`, `update`, `doctor`, `tasks`,
+    /// `cancel_tasks`, strings
     /// without escapes) into `self`, reusing its strings' allocations, and
     /// returns true; returns false, leaving `self` unspecified, for any other
     /// answer, which the caller decodes with miniserde. The agent's steady
@@ -488,7 +579,7 @@ impl HeartbeatResponse {
         let mut p = PlainJson {
             rest: text.trim_start(),
         };
-        let mut seen = 0u8;
+        let mut seen = 0u16;
         if !p.eat('{') {
             return false;
         }
@@ -518,6 +609,8 @@ impl HeartbeatResponse {
                 "update" => (32, p.null()),
                 // Present (non-null) only on request: miniserde reads that.
                 "doctor" => (64, p.null()),
+                "tasks" => (128, p.null()),
+                "cancel_tasks" => (256, p.null()),
                 _ => (0, false),
             };
             if !ok || seen & bit != 0 {
@@ -532,13 +625,16 @@ impl HeartbeatResponse {
             }
             break;
         }
-        // Every field, once (`doctor` may be absent: an older server).
+        // Every field, once (`doctor`, `tasks` and `cancel_tasks` may be
+        // absent: an older server).
         if seen & 63 != 63 {
             return false;
         }
         self.config = None;
         self.update = None;
         self.doctor = None;
+        self.tasks = None;
+        self.cancel_tasks = None;
         true
     }
 }
@@ -783,6 +879,8 @@ mod tests {
             config: None,
             update: None,
             doctor: None,
+            tasks: None,
+            cancel_tasks: None,
         };
         let text = miniserde::json::to_string(&plain);
         let spaced = r#" { "renew" : false , "config_hash":"", "interval_ms": 7,
@@ -810,6 +908,7 @@ mod tests {
                 "{text}"
             );
             assert!(got.config.is_none() && got.update.is_none() && got.doctor.is_none());
+            assert!(got.tasks.is_none() && got.cancel_tasks.is_none());
         }
         // An older server's answer, without `doctor`, is still plain.
         let older = r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null}"#;
@@ -824,12 +923,28 @@ mod tests {
                 remediate_dry_run: true
             })
         );
+        // Tasks and cancels are left to miniserde, which reads them.
+        let tasks = r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"doctor":null,"tasks":[{"id":"0123456789abcdef","envelope":"{\"payloadType\":\"x\"}"}],"cancel_tasks":["fedcba9876543210"]}"#;
+        assert!(!<HeartbeatResponse as Default>::default().read_plain_ack(tasks));
+        let full: HeartbeatResponse = miniserde::json::from_str(tasks).unwrap();
+        assert_eq!(
+            full.tasks,
+            Some(vec![TaskDelivery {
+                id: "0123456789abcdef".into(),
+                envelope: r#"{"payloadType":"x"}"#.into()
+            }])
+        );
+        assert_eq!(full.cancel_tasks, Some(vec!["fedcba9876543210".into()]));
+        let cancels_only = r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"doctor":null,"tasks":null,"cancel_tasks":["x"]}"#;
+        assert!(!<HeartbeatResponse as Default>::default().read_plain_ack(cancels_only));
         // Everything else is left to miniserde.
         for other in [
             r#"{"interval_ms":1,"server_time":"a\"b","renew":false,"config_hash":"","config":null,"update":null}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":{"x":1},"update":null}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"doctor":{}}"#,
+            r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"tasks":[]}"#,
+            r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"tasks":null,"tasks":null}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"new":1}"#,
             r#"{"interval_ms":1,"interval_ms":1,"renew":false,"config_hash":"","config":null,"update":null}"#,
             r#"{"interval_ms":1.5,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null}"#,
@@ -873,6 +988,7 @@ mod tests {
             capabilities: vec!["systemd".into()],
             doctor_report: None,
             update_failure: None,
+            task_results: None,
         };
         let text = miniserde::json::to_string(&hb);
         let mut fast = String::new();
@@ -915,10 +1031,37 @@ mod tests {
                 summary: <DoctorCounts as Default>::default(),
                 remediation: None,
             }),
+            task_results: Some(vec![
+                TaskResultReport {
+                    id: "0123456789abcdef".into(),
+                    status: TaskStatus::Failed,
+                    reason: Some("health \"check\" failed".into()),
+                    exit_code: Some(-1),
+                    output: Some("line 1\nline\t2".into()),
+                    started: Some("2026-11-30T04:00:00Z".into()),
+                    finished: Some("2026-11-30T04:00:05Z".into()),
+                },
+                TaskResultReport {
+                    id: "fedcba9876543210".into(),
+                    status: TaskStatus::Unknown("paused".into()),
+                    reason: None,
+                    exit_code: None,
+                    output: None,
+                    started: None,
+                    finished: None,
+                },
+            ]),
             ..hb.clone()
         };
         odd.write_json(&mut fast);
         assert_eq!(fast, miniserde::json::to_string(&odd));
+        let back: HeartbeatRequest = miniserde::json::from_str(&fast).unwrap();
+        assert_eq!(back.task_results, odd.task_results);
+        // An older agent's heartbeat, without task results, still parses.
+        let older = text.replace(",\"task_results\":null", "");
+        assert!(!older.contains("task_results"));
+        let back: HeartbeatRequest = miniserde::json::from_str(&older).unwrap();
+        assert!(back.task_results.is_none());
         let back: HeartbeatRequest = miniserde::json::from_str(&text).unwrap();
         assert_eq!(back.seq, 7);
         assert_eq!(back.update, hb.update);

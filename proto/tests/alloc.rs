@@ -72,6 +72,7 @@ fn beat(seq: u64) -> HeartbeatRequest {
         capabilities: vec!["systemd".into(), "docker".into()],
         doctor_report: None,
         update_failure: None,
+        task_results: None,
     }
 }
 

@@ -34,6 +34,8 @@ usage:
   stella-server config set --scope global|label:K=V|agent:ID FILE.json
   stella-server config show [--agent ID]
   stella-server drift [--json]
+  stella-server task create TASK.dsse.json | task list [--agent ID] [--json]
+  stella-server task show ID [--json] | task cancel ID | task artifact FILE
   stella-server version
 
 Admin commands reach the running server found from --data-dir (server.url,
@@ -172,6 +174,30 @@ pub(crate) enum Command {
         target: AdminTarget,
         id: String,
         action: String,
+    },
+    /// Queue a signed task (its DSSE envelope file).
+    TaskCreate {
+        target: AdminTarget,
+        file: PathBuf,
+    },
+    TaskList {
+        target: AdminTarget,
+        agent: Option<String>,
+        json: bool,
+    },
+    TaskShow {
+        target: AdminTarget,
+        id: String,
+        json: bool,
+    },
+    TaskCancel {
+        target: AdminTarget,
+        id: String,
+    },
+    /// Upload an image archive for container tasks.
+    TaskArtifact {
+        target: AdminTarget,
+        file: PathBuf,
     },
 }
 
@@ -591,6 +617,53 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 json,
             }
         }
+        "task" => {
+            let sub = match p.next().map_err(lex)? {
+                Some(Value(v)) => string(v, "task subcommand")?,
+                _ => return Err(usage("expected `task create|list|show|cancel|artifact`")),
+            };
+            let (mut json, mut agent, mut arg) = (false, None::<String>, None::<OsString>);
+            while let Some(next) = p.next().map_err(lex)? {
+                match next {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("json") if sub == "list" || sub == "show" => json = true,
+                    Long("agent") if sub == "list" => {
+                        agent = Some(string(p.value().map_err(lex)?, "--agent")?)
+                    }
+                    Value(v) if sub != "list" && arg.is_none() => arg = Some(v),
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            let need = |what: &str| arg.ok_or_else(|| usage(format!("`task {sub}` needs {what}")));
+            match sub.as_str() {
+                "create" => Command::TaskCreate {
+                    file: need("a signed task file (TASK.dsse.json)")?.into(),
+                    target,
+                },
+                "list" => Command::TaskList {
+                    target,
+                    agent,
+                    json,
+                },
+                "show" => Command::TaskShow {
+                    id: string(need("a task id")?, "task id")?,
+                    target,
+                    json,
+                },
+                "cancel" => Command::TaskCancel {
+                    id: string(need("a task id")?, "task id")?,
+                    target,
+                },
+                "artifact" => Command::TaskArtifact {
+                    file: need("an image archive file")?.into(),
+                    target,
+                },
+                other => return Err(usage(format!("unknown task subcommand {other:?}"))),
+            }
+        }
         "drift" => {
             let mut json = false;
             while let Some(arg) = p.next().map_err(lex)? {
@@ -645,6 +718,20 @@ mod tests {
             parse(args("agents revoke agt_x --data-dir /d")).unwrap(),
             Command::AgentsAct { .. }
         ));
+        let Command::TaskList { agent, json, .. } =
+            parse(args("task list --agent agt_x --json")).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((agent.as_deref(), json), (Some("agt_x"), true));
+        assert!(matches!(
+            parse(args("task create t.dsse.json")).unwrap(),
+            Command::TaskCreate { .. }
+        ));
+        assert!(matches!(
+            parse(args("task artifact image.tar")).unwrap(),
+            Command::TaskArtifact { .. }
+        ));
     }
 
     #[test]
@@ -657,6 +744,11 @@ mod tests {
             ("agents doctor agt_x --selector env=prod", "not both"),
             ("agents doctor --selector env", "KEY=VALUE"),
             ("doctor-report --json", "needs --selector"),
+            ("task create", "needs a signed task file"),
+            ("task show", "needs a task id"),
+            ("task list abc", "abc"),
+            ("task cancel --json x", "json"),
+            ("task run x", "unknown task subcommand"),
             ("frobnicate", "unknown command"),
             ("serve --bogus", "bogus"),
         ] {

@@ -280,6 +280,9 @@ pub(crate) fn check_heartbeat(body: &HeartbeatRequest) -> Result<(), Refusal> {
     if let Some(failure) = &body.update_failure {
         check_update_failure(failure)?;
     }
+    if let Some(results) = &body.task_results {
+        crate::tasks::check_reports(results)?;
+    }
     Ok(())
 }
 

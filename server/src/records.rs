@@ -1,5 +1,6 @@
 //! What the server persists: one JSON document per agent, token, certificate,
-//! enrollment, configuration scope, release, rollout and audit event, as
+//! enrollment, configuration scope, release, rollout, task, task result and
+//! audit event, as
 //! every store backend keeps them (the redb tables hold exactly this JSON).
 
 use miniserde::{Deserialize, Serialize};
@@ -7,8 +8,8 @@ use stella_proto::api::{
     ConfigRefusal, DoctorDirective, DoctorReport, DoctorSummary, Labels, Platform,
     UpdateFailureReport, UpdateReport,
 };
-use stella_proto::states::UpdatePhase;
 pub(crate) use stella_proto::states::{AgentStatus, InactiveReason};
+use stella_proto::states::{TaskStatus, UpdatePhase};
 
 /// The durable identity and lifecycle of one agent.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -264,4 +265,40 @@ pub(crate) struct RolloutRecord {
     /// When (ms) an admin last resumed it: members' deadlines run from
     /// no earlier than this.
     pub(crate) resumed_ms: Option<u64>,
+}
+
+/// A deployment task as created: the envelope exactly as received (the
+/// server never alters it), and what the server read from it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TaskRecord {
+    /// The server's id: `task::server_task_id` of the payload.
+    pub(crate) id: String,
+    /// The signed id.
+    pub(crate) task_id: String,
+    pub(crate) task_type: String,
+    pub(crate) envelope: String,
+    /// Unix seconds.
+    pub(crate) not_after: u64,
+    /// The audience: agent ids, or a selector (exactly one is set).
+    pub(crate) agents: Option<Vec<String>>,
+    pub(crate) selector: Option<Labels>,
+    pub(crate) created_at: u64,
+    pub(crate) cancelled_at: Option<u64>,
+}
+
+/// The latest report of one agent on one task.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TaskResultRecord {
+    /// The server's task id.
+    pub(crate) task: String,
+    pub(crate) agent: String,
+    pub(crate) status: TaskStatus,
+    pub(crate) reason: Option<String>,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) output: Option<String>,
+    /// RFC 3339, as the agent reported them.
+    pub(crate) started: Option<String>,
+    pub(crate) finished: Option<String>,
+    /// Unix seconds of the last report.
+    pub(crate) reported_at: u64,
 }

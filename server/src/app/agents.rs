@@ -141,6 +141,18 @@ impl App {
                 smol::unblock(move || app.store_doctor_report(&id, report)).await?;
             }
         }
+        // Results are durable before the answer: an agent forgets a result
+        // once a heartbeat carrying it is answered.
+        if let Some(results) = body.task_results.take().filter(|r| !r.is_empty()) {
+            {
+                let fleet = lock(&self.fleet);
+                let record = fleet.agents.get(agent_id).map(|a| &a.record);
+                lifecycle::may_act(record, agent_id, serial, Act::Heartbeat)?;
+            }
+            let app = self.clone();
+            let id = agent_id.to_owned();
+            smol::unblock(move || app.store_task_results(&id, results)).await?;
+        }
         let effects = {
             let mut fleet = lock(&self.fleet);
             let record = fleet.agents.get(agent_id).map(|a| &a.record);
@@ -212,6 +224,7 @@ impl App {
             lifecycle::note_offer(&mut agent.hb, &offer.version, now);
         }
         let desired = &agent.desired;
+        let (tasks, cancel_tasks) = self.tasks_for(agent_id, &agent.record.labels);
         let answer = HeartbeatResponse {
             update,
             interval_ms: agent.interval(self.settings.heartbeat_interval).as_millis() as u64,
@@ -220,6 +233,8 @@ impl App {
             config_hash: desired.hash.clone(),
             config: push.then(|| desired.doc.clone()),
             doctor: agent.record.doctor_request.clone(),
+            tasks,
+            cancel_tasks,
         };
         if !fleet.dirty.contains(agent_id) {
             fleet.dirty.insert(agent_id.to_owned());

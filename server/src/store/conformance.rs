@@ -4,12 +4,12 @@
 //! the records the tests and the crash-consistency tests build.
 
 use stella_proto::api::{DoctorDirective, DoctorReport, Labels, Platform, UpdateFailureReport};
-use stella_proto::states::UpdatePhase;
+use stella_proto::states::{TaskStatus, UpdatePhase};
 
 use super::{EnrollmentState, NewEnrollment, Store, StoreError};
 use crate::records::{
     AgentRecord, AgentStatus, CertRecord, DoctorReportRecord, HeartbeatState, ReleaseFile,
-    ReleaseRecord, RolloutRecord, TokenRecord, UpdateFailureRecord,
+    ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord, UpdateFailureRecord,
 };
 use crate::refusal::Refusal;
 
@@ -35,6 +35,7 @@ macro_rules! store_conformance {
             rollouts_are_replaced_whole,
             doctor_reports_clear_the_request,
             update_failures_are_kept_per_agent,
+            tasks_are_recorded_once_and_results_upserted,
         );
     };
     (@tests $make:expr; $($name:ident,)*) => {$(
@@ -498,5 +499,111 @@ pub(crate) fn rollouts_are_replaced_whole(make: MakeStore<'_>) {
     assert_eq!(
         (line.at, line.action.as_str(), line.subject.as_str()),
         (102, "rollout.pause", "rol_a")
+    );
+}
+
+pub(crate) fn task(id: &str) -> TaskRecord {
+    TaskRecord {
+        id: id.to_owned(),
+        task_id: format!("signed-{id}"),
+        task_type: "file".into(),
+        envelope: "{}".into(),
+        not_after: 10_000,
+        agents: None,
+        selector: Some(Labels::from([("role".to_owned(), "web".to_owned())])),
+        created_at: 100,
+        cancelled_at: None,
+    }
+}
+
+pub(crate) fn task_result(task: &str, agent: &str, status: TaskStatus) -> TaskResultRecord {
+    TaskResultRecord {
+        task: task.to_owned(),
+        agent: agent.to_owned(),
+        status,
+        reason: None,
+        exit_code: None,
+        output: Some("ok\n".into()),
+        started: Some("2026-11-30T04:00:00Z".into()),
+        finished: None,
+        reported_at: 200,
+    }
+}
+
+pub(crate) fn tasks_are_recorded_once_and_results_upserted(make: MakeStore<'_>) {
+    let store = make();
+    assert!(store.tasks().unwrap().is_empty());
+    assert!(store.task_results(None).unwrap().is_empty());
+    let (a, b) = (task("00000000000000aa"), task("00000000000000ab"));
+    store.insert_task(&b).unwrap();
+    store.insert_task(&a).unwrap();
+    assert!(matches!(
+        store.insert_task(&a),
+        Err(StoreError::Exists { what: "task", .. })
+    ));
+    assert_eq!(store.tasks().unwrap(), vec![a.clone(), b.clone()]);
+    let cancelled = TaskRecord {
+        cancelled_at: Some(300),
+        ..a.clone()
+    };
+    store.put_task(&cancelled, 300, "task.cancel").unwrap();
+    assert_eq!(store.tasks().unwrap()[0], cancelled);
+    assert!(matches!(
+        store.put_task(&task("00000000000000ff"), 300, "task.cancel"),
+        Err(StoreError::NotFound { what: "task", .. })
+    ));
+
+    let running = task_result(&a.id, "agt_a", TaskStatus::Running);
+    let other = task_result(&b.id, "agt_a", TaskStatus::Refused);
+    store
+        .put_task_results(&[running.clone(), other.clone()])
+        .unwrap();
+    let done = TaskResultRecord {
+        status: TaskStatus::Succeeded,
+        exit_code: Some(0),
+        finished: Some("2026-11-30T04:00:09Z".into()),
+        ..running
+    };
+    let second = task_result(&a.id, "agt_b", TaskStatus::Unknown("paused".into()));
+    store
+        .put_task_results(&[done.clone(), second.clone()])
+        .unwrap();
+    // The same report again changes nothing.
+    store.put_task_results(std::slice::from_ref(&done)).unwrap();
+    store.put_task_results(&[]).unwrap();
+    assert_eq!(
+        store.task_results(Some(&a.id)).unwrap(),
+        vec![done.clone(), second.clone()]
+    );
+    assert_eq!(
+        store.task_results(Some(&b.id)).unwrap(),
+        vec![other.clone()]
+    );
+    assert!(
+        store
+            .task_results(Some("00000000000000ff"))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.task_results(None).unwrap(), vec![done, second, other]);
+    let actions: Vec<String> = store
+        .audit_log()
+        .unwrap()
+        .into_iter()
+        .map(|l| l.action)
+        .filter(|a| a.starts_with("task."))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "task.create",
+            "task.create",
+            "task.cancel",
+            "task.result",
+            "task.result",
+            "task.result",
+            "task.result",
+            "task.result"
+        ]
     );
 }

@@ -17,4 +17,6 @@ mod phases;
 mod renewal;
 mod rollout;
 mod signing;
+mod tasks;
+mod tasks_server;
 mod update;
