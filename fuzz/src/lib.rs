@@ -317,7 +317,7 @@ pub fn fixed_release_key() -> &'static SigningKey {
 }
 
 /// A DSSE envelope as the agent gets it in an update offer and a bundle,
-/// verified with a pinned key, and its statement.
+/// verified with a pinned key, and its statement; and as a task envelope.
 pub fn dsse(data: &[u8]) {
     let key = fixed_release_key().public_key();
     if let Ok(envelope) = Envelope::from_json(data) {
@@ -332,6 +332,16 @@ pub fn dsse(data: &[u8]) {
         }
     }
     let _ = dsse::verify(data, release::PAYLOAD_TYPE, &key);
+    // The same bytes as a task envelope, checked as the server does at
+    // `task create` (and the agent before it verifies).
+    if let Ok(checked) = stella_proto::task::check_envelope(data) {
+        assert_eq!(
+            stella_proto::task::Task::from_json(&checked.payload).as_ref(),
+            Ok(&checked.task),
+            "a checked task parses again to itself"
+        );
+        assert!(stella_proto::task::is_server_task_id(&checked.server_id()));
+    }
 }
 
 /// An in-toto release statement, and the version and path grammars it uses.
