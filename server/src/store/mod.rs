@@ -12,7 +12,12 @@
 //! Enrollment, token use, lifecycle, certificate, configuration, release and
 //! rollout changes are durable when a method returns; heartbeat soft state is
 //! written in batches (`save_heartbeats`).
+//!
+//! Two backends: redb, one file in the data dir (the default, one server),
+//! and PostgreSQL (`--store postgres://…`), a database several servers can
+//! share.
 
+mod postgres;
 mod redb;
 
 #[cfg(test)]
@@ -27,6 +32,7 @@ use crate::records::{
 };
 use crate::refusal::Refusal;
 
+pub(crate) use self::postgres::{PgStore, is_postgres_url, redact};
 pub(crate) use self::redb::RedbStore;
 
 /// What went wrong in the store. A backend's own error is boxed as the
@@ -55,6 +61,15 @@ pub enum StoreError {
         context: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The database holds no store (`init` was not run against it).
+    NotInitialized { store: String },
+    /// The database's schema is newer than this server knows (a newer
+    /// server migrated it).
+    SchemaTooNew {
+        store: String,
+        found: i64,
+        known: i64,
+    },
     /// A stored record does not decode.
     Corrupt { what: &'static str, key: String },
     /// No record with that key.
@@ -82,6 +97,18 @@ impl fmt::Display for StoreError {
                 f,
                 "{} has schema {found:?}, this server reads schema {want}",
                 path.display()
+            ),
+            StoreError::NotInitialized { store } => write!(
+                f,
+                "{store} holds no Stella store: run `stella-server init --store URL` first"
+            ),
+            StoreError::SchemaTooNew {
+                store,
+                found,
+                known,
+            } => write!(
+                f,
+                "{store} has schema version {found}, newer than this server knows ({known}): run a newer stella-server"
             ),
             StoreError::Backend { context, source } => write!(f, "store: {context}: {source}"),
             StoreError::Unavailable { context, source } => write!(

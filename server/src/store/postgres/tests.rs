@@ -1,0 +1,255 @@
+//! The PostgreSQL backend against a real PostgreSQL (started by the tests
+//! crate's harness): the store conformance suite, migrations under the lock,
+//! one token use across two "servers", an outage and the recovery, start-up
+//! failures, and TLS verified against a CA file. Under CI=true a missing
+//! PostgreSQL fails these tests.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use stella_tests::postgres::Postgres;
+
+use super::*;
+use crate::refusal::Refusal;
+use crate::store::NewEnrollment;
+use crate::store::conformance::{self, MakeStore, store_conformance};
+
+/// A new empty database on `pg`, with a unique name.
+fn database(pg: &Postgres, label: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    pg.database(&format!(
+        "{label}_{}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+#[test]
+fn the_store_conformance_suite_passes_on_postgresql() {
+    let Some(pg) = Postgres::start("the_store_conformance_suite_passes_on_postgresql") else {
+        return;
+    };
+    let make = || -> Box<dyn Store> {
+        Box::new(PgStore::create(&database(&pg, "conformance"), conformance::ADMIN_SHA256).unwrap())
+    };
+    let cases = store_conformance!(@cases);
+    for (name, case) in cases {
+        eprintln!("conformance on PostgreSQL: {name}");
+        let make: MakeStore<'_> = &make;
+        case(make);
+    }
+}
+
+#[test]
+fn migrations_schema_outages_and_start_up_failures() {
+    let Some(mut pg) = Postgres::start("migrations_schema_outages_and_start_up_failures") else {
+        return;
+    };
+
+    // Servers starting together migrate once, under the lock.
+    let url = database(&pg, "race");
+    let opened: Vec<Result<PgStore, StoreError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| PgStore::open_uninitialized(&url)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for store in &opened {
+        assert!(store.is_ok(), "{:?}", store.as_ref().err());
+    }
+    let db = url.rsplit('/').next().unwrap();
+    assert_eq!(
+        pg.sql(db, "SELECT string_agg(version::text, ',') FROM stella_schema"),
+        schema::latest().to_string()
+    );
+    // `serve` refuses a database `init` did not prepare; `init` twice is
+    // refused.
+    assert!(matches!(
+        PgStore::open(&url),
+        Err(StoreError::NotInitialized { .. })
+    ));
+    PgStore::create(&url, "ab").unwrap();
+    assert!(matches!(
+        PgStore::create(&url, "cd"),
+        Err(StoreError::Exists { .. })
+    ));
+    assert_eq!(PgStore::open(&url).unwrap().admin_token_sha256().unwrap(), "ab");
+
+    // A schema newer than this server knows is refused, clearly.
+    pg.sql(db, "INSERT INTO stella_schema (version) VALUES (999)");
+    let newer = PgStore::open(&url).err().expect("a newer schema is refused");
+    assert!(matches!(newer, StoreError::SchemaTooNew { found: 999, .. }));
+    assert!(newer.to_string().contains("newer than this server knows"), "{newer}");
+    pg.sql(db, "DELETE FROM stella_schema WHERE version = 999");
+
+    // One token, one use, across two servers (two pools) enrolling at once.
+    let a = PgStore::open(&url).unwrap();
+    let b = PgStore::open(&url).unwrap();
+    a.insert_token(&conformance::token("shared", 1)).unwrap();
+    let outcomes: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let store = if i % 2 == 0 { &a } else { &b };
+                s.spawn(move || {
+                    store.enroll("shared", &format!("key{i}"), &mut |state| {
+                        let mut token = state.token.clone().expect("the token");
+                        if token.uses_left == 0 {
+                            return Err(Refusal::unauthorized("token used up"));
+                        }
+                        token.uses_left -= 1;
+                        let id = format!("agt_{i}");
+                        let serial = format!("{i:02}");
+                        Ok(Some(NewEnrollment {
+                            token,
+                            agent: conformance::agent(&id, &serial),
+                            cert: conformance::cert(&id, &serial),
+                            at: 200,
+                        }))
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let enrolled = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert_eq!(enrolled, 1, "{outcomes:?}");
+    let mut agents = 0;
+    a.load_agents(&mut |_, _| agents += 1).unwrap();
+    assert_eq!(agents, 1);
+    assert_eq!(b.token("shared").unwrap().unwrap().uses_left, 0);
+
+    // PostgreSQL stops: calls fail as unavailable (quickly, no hang), the
+    // store says so, and it recovers by itself when PostgreSQL is back.
+    pg.stop();
+    let started = Instant::now();
+    let failed = a.insert_token(&conformance::token("during", 1));
+    assert!(
+        matches!(failed, Err(StoreError::Unavailable { .. })),
+        "{failed:?}"
+    );
+    assert!(
+        started.elapsed() <= pool::QUERY_TIMEOUT * 2,
+        "the failure took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(a.agent("agt_0"), Err(StoreError::Unavailable { .. })));
+    assert!(a.health().unwritable.is_some());
+    assert!(a.health().errors >= 2);
+    assert!(a.probe_write(1).is_err());
+    pg.start_again();
+    a.probe_write(2).unwrap();
+    assert!(a.health().unwritable.is_none());
+    a.insert_token(&conformance::token("after", 1)).unwrap();
+    assert!(a.token("during").unwrap().is_none(), "refused, not written");
+    assert!(b.token("after").unwrap().is_some());
+
+    // Start-up failures: one line naming the database, not its password.
+    let refused = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        format!("postgres://stella:secret@127.0.0.1:{port}/x")
+    };
+    let bad_password = url.replace(stella_tests::postgres::PASSWORD, "wrong");
+    for (url, expect) in [
+        (refused.as_str(), "cannot connect"),
+        (bad_password.as_str(), "password authentication failed"),
+        ("postgres://stella@127.0.0.1:notaport/x", "bad PostgreSQL URL"),
+        (
+            "postgres://stella@127.0.0.1/x?sslmode=require",
+            "needs sslrootcert",
+        ),
+    ] {
+        let e = PgStore::open(url).err().expect("refused");
+        let line = e.to_string();
+        assert!(line.contains(expect), "{url}: {line}");
+        assert!(!line.contains('\n'), "{line}");
+        assert!(!line.contains("secret") && !line.contains("wrong"), "{line}");
+    }
+}
+
+#[test]
+fn tls_is_verified_against_the_ca_file() {
+    let dir = stella_tests::TempDir::new("pg-tls");
+    crate::ca::init(
+        dir.path(),
+        &["localhost".to_owned(), "127.0.0.1".to_owned()],
+        crate::app::now_secs(),
+    )
+    .unwrap();
+    // PostgreSQL reads its key as its own user, from a place it can reach.
+    let cert = std::env::temp_dir().join(format!("stella-pg-tls-{}.pem", std::process::id()));
+    let key = std::env::temp_dir().join(format!("stella-pg-tls-{}.key", std::process::id()));
+    std::fs::copy(dir.join(crate::ca::SERVER_CERT), &cert).unwrap();
+    std::fs::copy(dir.join(crate::ca::SERVER_KEY), &key).unwrap();
+    stella_tests::postgres::hand_over(&key);
+    let settings = [
+        "ssl=on".to_owned(),
+        format!("ssl_cert_file={}", cert.display()),
+        format!("ssl_key_file={}", key.display()),
+    ];
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let started = Postgres::start_with("tls_is_verified_against_the_ca_file", &settings);
+    let Some(pg) = started else {
+        return;
+    };
+    let url = database(&pg, "tls");
+    let ca = dir.join(crate::ca::CA_CERT);
+    let tls_url = format!("{url}?sslmode=require&sslrootcert={}", ca.display());
+    PgStore::create(&tls_url, "ab").unwrap();
+    let store = PgStore::open(&tls_url).unwrap();
+    store.insert_token(&conformance::token("tls", 1)).unwrap();
+    let db = url.rsplit('/').next().unwrap();
+    let tls_connections: u32 = pg
+        .sql(
+            db,
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND application_name = '' AND datname = current_database()",
+        )
+        .parse()
+        .unwrap();
+    assert!(tls_connections >= 1, "the store's connection uses TLS");
+    // Another CA: the certificate is not trusted.
+    let other = stella_tests::TempDir::new("pg-tls-other");
+    crate::ca::init(other.path(), &["localhost".to_owned()], crate::app::now_secs()).unwrap();
+    let wrong = format!(
+        "{url}?sslmode=require&sslrootcert={}",
+        other.join(crate::ca::CA_CERT).display()
+    );
+    let e = PgStore::open(&wrong).err().expect("an untrusted certificate");
+    assert!(e.to_string().contains("cannot connect"), "{e}");
+    drop(pg);
+    let _ = std::fs::remove_file(&cert);
+    let _ = std::fs::remove_file(&key);
+}
+
+/// Heartbeat soft state written in batches: how many per second one
+/// server writes (not a budget check; run with `--ignored --nocapture`).
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn heartbeat_batches_per_second() {
+    let Some(pg) = Postgres::start("heartbeat_batches_per_second") else {
+        return;
+    };
+    let store = PgStore::create(&database(&pg, "bench"), "ab").unwrap();
+    let batch: Vec<(String, HeartbeatState)> = (0..20_000)
+        .map(|i| {
+            (
+                format!("agt_{i:06}"),
+                HeartbeatState {
+                    last_heartbeat_ms: 1_700_000_000_000 + i,
+                    seq: i,
+                    version: "1.0.0".into(),
+                    ..<HeartbeatState as Default>::default()
+                },
+            )
+        })
+        .collect();
+    store.save_heartbeats(&batch).unwrap();
+    let rounds = 10;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        store.save_heartbeats(&batch).unwrap();
+    }
+    let per_second = (batch.len() * rounds) as f64 / started.elapsed().as_secs_f64();
+    eprintln!("PostgreSQL: {per_second:.0} heartbeat states/s in batches of {}", batch.len());
+}
