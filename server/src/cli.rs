@@ -19,6 +19,7 @@ usage:
   stella-server serve --data-dir DIR [--store URL] [--listen ADDR] [--heartbeat-interval D]
                       [--heartbeat-misses N] [--cert-lifetime D] [--expired-grace D]
                       [--update-probation D]
+  stella-server migrate --from DATA_DIR --to postgres://…
   stella-server token create [--ttl D] [--uses N] [--label K=V]...
   stella-server agents list [--json] | agents show ID [--doctor] [--json]
   stella-server agents deactivate|activate|revoke|renew ID
@@ -97,6 +98,11 @@ pub(crate) enum Command {
         store: Option<String>,
     },
     Serve(ServeOptions),
+    /// Copy a data dir's redb store into an empty PostgreSQL database.
+    Migrate {
+        from: PathBuf,
+        to: String,
+    },
     TokenCreate {
         target: AdminTarget,
         ttl: Duration,
@@ -272,6 +278,20 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 sans,
                 store,
             }
+        }
+        "migrate" => {
+            let (mut from, mut to) = (None, None);
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long("from") => from = Some(PathBuf::from(p.value().map_err(lex)?)),
+                    Long("to") => to = Some(store_url(p.value().map_err(lex)?)?),
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            let (Some(from), Some(to)) = (from, to) else {
+                return Err(usage("migrate needs --from DATA_DIR and --to postgres://…"));
+            };
+            Command::Migrate { from, to }
         }
         "serve" => {
             let mut o = ServeOptions {

@@ -46,6 +46,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
             store,
         } => serve::init(&data_dir, &sans, store.as_deref()),
         Command::Serve(opts) => serve::serve(opts),
+        Command::Migrate { from, to } => serve::migrate(&from, &to),
         Command::TokenCreate {
             target,
             ttl,

@@ -119,6 +119,31 @@ pub(crate) fn init(dir: &Path, sans: &[String], store: Option<&str>) -> Result<(
     Ok(())
 }
 
+/// `stella-server migrate`: copies the redb store of the data dir `from`
+/// (no server may be running on it) into the empty PostgreSQL database `to`,
+/// in one transaction. Agents keep their ids and certificates: the data dir
+/// keeps the CA, and `serve --data-dir FROM --store TO` runs on the copy.
+pub(crate) fn migrate(from: &Path, to: &str) -> Result<(), Error> {
+    let source = RedbStore::open(&from.join(STORE_FILE))?;
+    let target = PgStore::open_uninitialized(to)?;
+    let export = source.export()?;
+    let counts = target.import(&export)?;
+    let summary: Vec<String> = counts
+        .iter()
+        .map(|(table, n)| format!("{table}={n}"))
+        .collect();
+    crate::log::print(format_args!(
+        "copied {} to {}: {}
+start the server with: stella-server serve --data-dir {} --store URL
+",
+        from.join(STORE_FILE).display(),
+        crate::store::redact(to),
+        summary.join(" "),
+        from.display()
+    ))?;
+    Ok(())
+}
+
 /// `stella-server serve`: runs until SIGTERM or SIGINT (then stops
 /// gracefully, see [`stop`]).
 pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {

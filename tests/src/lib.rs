@@ -258,9 +258,12 @@ impl Server {
         let dir = TempDir::new("server");
         let data = dir.join("data");
         let mut init = Command::new(bin("stella-server"));
-        init.args(["init", "--data-dir"])
-            .arg(&data)
-            .args(["--san", "localhost", "--san", "127.0.0.1"]);
+        init.args(["init", "--data-dir"]).arg(&data).args([
+            "--san",
+            "localhost",
+            "--san",
+            "127.0.0.1",
+        ]);
         if let Some(url) = store {
             init.args(["--store", url]);
         }

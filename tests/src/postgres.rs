@@ -127,7 +127,14 @@ impl Postgres {
             .command("initdb")
             .arg("-D")
             .arg(pg.data())
-            .args(["-U", USER, "--auth=scram-sha-256", "--no-sync", "-E", "UTF8"])
+            .args([
+                "-U",
+                USER,
+                "--auth=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .stdin(Stdio::null())
             .output()
@@ -201,6 +208,11 @@ impl Postgres {
         for s in &self.settings {
             cmd.args(["-c", s]);
         }
+        // Counted before the start: a quick start must not be missed.
+        let before = self
+            .log_text()
+            .matches("ready to accept connections")
+            .count();
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone the log handle"))
@@ -208,7 +220,6 @@ impl Postgres {
             .spawn()
             .expect("start postgres");
         self.child = Some(child);
-        let before = self.log_text().matches("ready to accept connections").count();
         let ready = poll(Duration::from_secs(30), || {
             let log = self.log_text();
             (log.matches("ready to accept connections").count() > before
@@ -243,17 +254,24 @@ impl Postgres {
 
     /// The URL of database `db` as the test superuser.
     pub fn url(&self, db: &str) -> String {
-        format!(
-            "postgres://{USER}:{PASSWORD}@127.0.0.1:{}/{db}",
-            self.port
-        )
+        format!("postgres://{USER}:{PASSWORD}@127.0.0.1:{}/{db}", self.port)
     }
 
     /// Runs one SQL command with `psql` against database `db`.
     pub fn sql(&self, db: &str, command: &str) -> String {
         let out = Command::new(self.bin.join("psql"))
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER])
-            .args(["-d", db, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", command])
+            .args([
+                "-d",
+                db,
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                command,
+            ])
             .env("PGPASSWORD", PASSWORD)
             .stdin(Stdio::null())
             .output()

@@ -143,6 +143,28 @@ impl From<Refusal> for StoreError {
     }
 }
 
+/// A whole store as `migrate` copies it: every table's rows as stored (key,
+/// record JSON), by the redb table names.
+#[derive(Debug, Default)]
+pub(crate) struct Export {
+    /// Admin token hash and the like (not the schema version).
+    pub(crate) meta: Vec<(String, String)>,
+    /// `(table, rows)`, for the tables keyed by a string.
+    pub(crate) tables: Vec<(&'static str, Vec<(String, String)>)>,
+    /// The audit log, in order.
+    pub(crate) audit: Vec<String>,
+}
+
+impl Export {
+    /// The rows of `table`.
+    pub(crate) fn rows(&self, table: &str) -> &[(String, String)] {
+        self.tables
+            .iter()
+            .find(|(name, _)| *name == table)
+            .map_or(&[], |(_, rows)| rows.as_slice())
+    }
+}
+
 /// What an enrollment rule sees, read inside the enrollment's transaction.
 #[derive(Debug, Clone)]
 pub(crate) struct EnrollmentState {

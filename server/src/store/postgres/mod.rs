@@ -26,7 +26,7 @@ use tokio_postgres::{Client, Transaction};
 use self::pool::{Pool, Target, pg};
 pub(crate) use self::pool::{is_postgres_url, redact};
 use super::{
-    AgentChange, CertificateChange, EnrollRule, EnrollmentState, PriorEnrollment, Store,
+    AgentChange, CertificateChange, EnrollRule, EnrollmentState, Export, PriorEnrollment, Store,
     StoreError, StoreHealth,
 };
 use crate::records::{
@@ -70,8 +70,7 @@ mod sql {
 
     pub(super) const ENROLLMENT_GET: &str =
         "SELECT agent_id, at FROM enrollments WHERE token_id = $1 AND key_sha256 = $2";
-    pub(super) const ENROLLMENT_PUT: &str =
-        "INSERT INTO enrollments (token_id, key_sha256, agent_id, at) VALUES ($1, $2, $3, $4) \
+    pub(super) const ENROLLMENT_PUT: &str = "INSERT INTO enrollments (token_id, key_sha256, agent_id, at) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (token_id, key_sha256) DO UPDATE \
          SET agent_id = EXCLUDED.agent_id, at = EXCLUDED.at";
 
@@ -93,23 +92,70 @@ mod sql {
         "SELECT scope, version, doc, hash, updated_at FROM configs ORDER BY scope";
     /// The next version is computed by the database, so two servers setting
     /// one scope at once get two versions.
-    pub(super) const CONFIG_SET: &str =
-        "INSERT INTO configs (scope, version, doc, hash, updated_at) VALUES ($1, 1, $2, $3, $4) \
+    pub(super) const CONFIG_SET: &str = "INSERT INTO configs (scope, version, doc, hash, updated_at) VALUES ($1, 1, $2, $3, $4) \
          ON CONFLICT (scope) DO UPDATE SET version = configs.version + 1, \
          doc = EXCLUDED.doc, hash = EXCLUDED.hash, updated_at = EXCLUDED.updated_at \
          RETURNING version";
 
     pub(super) const DOCTOR_REPORT_GET: &str =
         "SELECT record FROM doctor_reports WHERE agent_id = $1";
-    pub(super) const DOCTOR_REPORT_PUT: &str =
-        "INSERT INTO doctor_reports (agent_id, record) VALUES ($1, $2) \
+    pub(super) const DOCTOR_REPORT_PUT: &str = "INSERT INTO doctor_reports (agent_id, record) VALUES ($1, $2) \
          ON CONFLICT (agent_id) DO UPDATE SET record = EXCLUDED.record";
 
     pub(super) const AUDIT_APPEND: &str =
         "INSERT INTO audit (at, action, subject, detail) VALUES ($1, $2, $3, $4)";
     pub(super) const AUDIT_ALL: &str =
         "SELECT seq, at, action, subject, detail FROM audit ORDER BY seq";
+
+    /// `migrate`: whether the database holds anything of a store.
+    pub(super) const ANY_STORE: &str = "SELECT EXISTS (SELECT 1 FROM meta) \
+         OR EXISTS (SELECT 1 FROM agents) OR EXISTS (SELECT 1 FROM tokens) \
+         OR EXISTS (SELECT 1 FROM audit)";
+    /// `migrate`: the tables of (key, record JSON) rows, by the exported
+    /// table name, each filled with one statement per chunk.
+    pub(super) const IMPORT_RECORDS: [(&str, &str); 6] = [
+        (
+            "agents",
+            "INSERT INTO agents (id, record) SELECT * FROM unnest($1::text[], $2::text[])",
+        ),
+        (
+            "heartbeats",
+            "INSERT INTO heartbeats (agent_id, state) SELECT * FROM unnest($1::text[], $2::text[])",
+        ),
+        (
+            "tokens",
+            "INSERT INTO tokens (id, record) SELECT * FROM unnest($1::text[], $2::text[])",
+        ),
+        (
+            "rollouts",
+            "INSERT INTO rollouts (id, record) SELECT * FROM unnest($1::text[], $2::text[])",
+        ),
+        (
+            "releases",
+            "INSERT INTO releases (version, record) SELECT * FROM unnest($1::text[], $2::text[])",
+        ),
+        (
+            "doctor_reports",
+            "INSERT INTO doctor_reports (agent_id, record) \
+             SELECT * FROM unnest($1::text[], $2::text[])",
+        ),
+    ];
+    pub(super) const IMPORT_CERTS: &str = "INSERT INTO certs (serial, agent_id, record) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[])";
+    pub(super) const IMPORT_ENROLLMENTS: &str = "INSERT INTO enrollments (token_id, key_sha256, agent_id, at) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])";
+    pub(super) const IMPORT_CONFIGS: &str = "INSERT INTO configs (scope, version, doc, hash, updated_at) \
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])";
+    /// In the exported order, which the sequence then keeps.
+    pub(super) const IMPORT_AUDIT: &str = "INSERT INTO audit (at, action, subject, detail) \
+         SELECT a, b, c, d FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) \
+         WITH ORDINALITY AS t (a, b, c, d, n) ORDER BY n";
 }
+
+/// Rows per statement when `migrate` copies a table.
+const IMPORT_CHUNK: usize = 5_000;
+/// `migrate` copies a whole store in one transaction.
+const IMPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3_600);
 
 fn encode<T: Serialize>(value: &T) -> String {
     json::to_string(value)
@@ -227,10 +273,132 @@ impl PgStore {
         Ok(store)
     }
 
+    /// `migrate`: copies a whole store into this database, which must hold
+    /// none, in one transaction (all or nothing). Returns how many rows each
+    /// table received.
+    pub(crate) fn import(&self, export: &Export) -> Result<Vec<(&'static str, usize)>, StoreError> {
+        let shown = self.pool.target().shown().to_owned();
+        self.pool.run_within(IMPORT_TIMEOUT, async |client| {
+            let txn = client.transaction().await.map_err(pg("begin the copy"))?;
+            txn.batch_execute("SET LOCAL statement_timeout = 0")
+                .await
+                .map_err(pg("begin the copy"))?;
+            let used: bool = txn
+                .query_one(sql::ANY_STORE, &[])
+                .await
+                .map_err(pg("look at the target"))?
+                .get(0);
+            if used {
+                return Err(StoreError::Exists {
+                    what: "store in",
+                    key: shown.clone(),
+                });
+            }
+            let mut counts = Vec::new();
+            for (key, value) in &export.meta {
+                txn.execute(sql::META_PUT, &[key, value])
+                    .await
+                    .map_err(pg("copy meta"))?;
+            }
+            for (table, statement) in sql::IMPORT_RECORDS {
+                let rows = export.rows(table);
+                for chunk in rows.chunks(IMPORT_CHUNK) {
+                    let keys: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
+                    let records: Vec<&str> = chunk.iter().map(|(_, v)| v.as_str()).collect();
+                    txn.execute(statement, &[&keys, &records])
+                        .await
+                        .map_err(|e| pool::pg_error(&format!("copy {table}"), e))?;
+                }
+                counts.push((table, rows.len()));
+            }
+            let certs = export.rows("certs");
+            for chunk in certs.chunks(IMPORT_CHUNK) {
+                let mut columns: (Vec<&str>, Vec<String>, Vec<&str>) = Default::default();
+                for (serial, json) in chunk {
+                    let cert: CertRecord = decode("certificate", serial, json)?;
+                    columns.0.push(serial);
+                    columns.1.push(cert.agent_id);
+                    columns.2.push(json);
+                }
+                txn.execute(sql::IMPORT_CERTS, &[&columns.0, &columns.1, &columns.2])
+                    .await
+                    .map_err(pg("copy certs"))?;
+            }
+            counts.push(("certs", certs.len()));
+            let enrollments = export.rows("enrollments");
+            for chunk in enrollments.chunks(IMPORT_CHUNK) {
+                let mut columns: (Vec<&str>, Vec<&str>, Vec<String>, Vec<i64>) = Default::default();
+                for (key, json) in chunk {
+                    let marker: crate::records::EnrollmentRecord = decode("enrollment", key, json)?;
+                    let Some((token_id, key_sha256)) = key.split_once('/') else {
+                        return Err(StoreError::Corrupt {
+                            what: "enrollment key",
+                            key: key.clone(),
+                        });
+                    };
+                    columns.0.push(token_id);
+                    columns.1.push(key_sha256);
+                    columns.2.push(marker.agent_id);
+                    columns.3.push(int(marker.at));
+                }
+                txn.execute(
+                    sql::IMPORT_ENROLLMENTS,
+                    &[&columns.0, &columns.1, &columns.2, &columns.3],
+                )
+                .await
+                .map_err(pg("copy enrollments"))?;
+            }
+            counts.push(("enrollments", enrollments.len()));
+            let configs = export.rows("configs");
+            for chunk in configs.chunks(IMPORT_CHUNK) {
+                let mut columns: (Vec<String>, Vec<i64>, Vec<String>, Vec<String>, Vec<i64>) =
+                    Default::default();
+                for (scope, json) in chunk {
+                    let c: ConfigRecord = decode("config", scope, json)?;
+                    columns.0.push(c.scope);
+                    columns.1.push(int(c.version));
+                    columns.2.push(c.doc);
+                    columns.3.push(c.hash);
+                    columns.4.push(int(c.updated_at));
+                }
+                txn.execute(
+                    sql::IMPORT_CONFIGS,
+                    &[&columns.0, &columns.1, &columns.2, &columns.3, &columns.4],
+                )
+                .await
+                .map_err(pg("copy configs"))?;
+            }
+            counts.push(("configs", configs.len()));
+            for (n, chunk) in export.audit.chunks(IMPORT_CHUNK).enumerate() {
+                let mut columns: (Vec<i64>, Vec<String>, Vec<String>, Vec<String>) =
+                    Default::default();
+                for (i, json) in chunk.iter().enumerate() {
+                    let line: AuditRecord =
+                        decode("audit", &(n * IMPORT_CHUNK + i).to_string(), json)?;
+                    columns.0.push(int(line.at));
+                    columns.1.push(line.action);
+                    columns.2.push(line.subject);
+                    columns.3.push(line.detail);
+                }
+                txn.execute(
+                    sql::IMPORT_AUDIT,
+                    &[&columns.0, &columns.1, &columns.2, &columns.3],
+                )
+                .await
+                .map_err(pg("copy the audit log"))?;
+            }
+            counts.push(("audit", export.audit.len()));
+            txn.commit().await.map_err(pg("commit the copy"))?;
+            Ok(counts)
+        })
+    }
+
     fn count_error(&self, e: &StoreError) {
         if matches!(
             e,
-            StoreError::Unavailable { .. } | StoreError::Backend { .. } | StoreError::Corrupt { .. }
+            StoreError::Unavailable { .. }
+                | StoreError::Backend { .. }
+                | StoreError::Corrupt { .. }
         ) {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -296,7 +464,11 @@ impl PgStore {
     }
 
     /// Every record of a `SELECT key, record` statement, decoded.
-    fn all<T: Deserialize>(&self, statement: &str, what: &'static str) -> Result<Vec<T>, StoreError> {
+    fn all<T: Deserialize>(
+        &self,
+        statement: &str,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
         self.read(async |client| {
             let rows = client
                 .query(statement, &[])
@@ -373,8 +545,21 @@ impl Store for PgStore {
         &self,
         each: &mut dyn FnMut(AgentRecord, HeartbeatState),
     ) -> Result<(), StoreError> {
-        self.read(async |client| {
-            let rows = client
+        let result = self.pool.run_within(pool::LOAD_TIMEOUT, async |client| {
+            // One snapshot, and the longer limit for a large fleet.
+            let txn = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(pg("begin reading agents"))?;
+            let limit = format!(
+                "SET LOCAL statement_timeout = {}",
+                pool::LOAD_TIMEOUT.as_millis()
+            );
+            txn.batch_execute(&limit).await.map_err(pg("read agents"))?;
+            let rows = txn
                 .query_raw(sql::AGENTS_WITH_HEARTBEATS, std::iter::empty::<&str>())
                 .await
                 .map_err(pg("read agents"))?;
@@ -389,8 +574,10 @@ impl Store for PgStore {
                 };
                 each(record, hb);
             }
+            txn.commit().await.map_err(pg("read agents"))?;
             Ok(())
-        })
+        });
+        result.inspect_err(|e| self.count_error(e))
     }
 
     fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
@@ -455,10 +642,12 @@ impl Store for PgStore {
                         .query_opt(sql::AGENT_GET, &[&agent_id])
                         .await
                         .map_err(pg("read an agent"))?;
-                    let agent: AgentRecord = record_of(agent_row, "agent", &agent_id)?
-                        .ok_or_else(|| StoreError::Corrupt {
-                            what: "enrollment (its agent is missing)",
-                            key: key.clone(),
+                    let agent: AgentRecord =
+                        record_of(agent_row, "agent", &agent_id)?.ok_or_else(|| {
+                            StoreError::Corrupt {
+                                what: "enrollment (its agent is missing)",
+                                key: key.clone(),
+                            }
                         })?;
                     let cert_row = txn
                         .query_opt(sql::CERT_GET, &[&agent.cert_serial])
@@ -525,11 +714,8 @@ impl Store for PgStore {
                 .query(sql::AGENTS_LOCK, &[&ids])
                 .await
                 .map_err(pg("lock agents"))?;
-            let mut locked = std::collections::HashMap::with_capacity(rows.len());
-            for row in &rows {
-                let id: &str = row.get(0);
-                locked.insert(id, row.get::<_, &str>(1));
-            }
+            let mut locked: std::collections::HashMap<&str, String> =
+                rows.iter().map(|row| (row.get(0), row.get(1))).collect();
             let mut written = Vec::new();
             // In the caller's order, as the redb store does.
             for id in ids {
@@ -542,9 +728,12 @@ impl Store for PgStore {
                 let mut record: AgentRecord = decode("agent", id, stored)?;
                 let before = record.status_text();
                 if change(&mut record)? {
-                    txn.execute(sql::AGENT_UPDATE, &[id, &encode(&record)])
+                    let encoded = encode(&record);
+                    txn.execute(sql::AGENT_UPDATE, &[id, &encoded])
                         .await
                         .map_err(pg("update an agent"))?;
+                    // An id named twice sees its first change.
+                    locked.insert(id, encoded);
                     let after = record.status_text();
                     append_audit(txn, now, action, id, &format!("{before} -> {after}")).await?;
                     written.push(record);

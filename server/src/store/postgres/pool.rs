@@ -31,6 +31,8 @@ use crate::store::StoreError;
 /// server's request timeout, so a client gets the 503 and not a closed
 /// connection.
 pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reading every agent at start may take longer with a large fleet.
+pub(crate) const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// At most this many connections per server: blocking store calls beyond it
 /// wait (up to the timeout) for one to be returned.
 pub(crate) const MAX_CONNECTIONS: usize = 8;
@@ -64,13 +66,25 @@ pub(crate) fn redact(url: &str) -> String {
     };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}@{host}{tail}")
+            format!("{user}@{host}")
         }
-        None => url.to_owned(),
-    }
+        None => authority.to_owned(),
+    };
+    // A password may come as an option too.
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|pair| !pair.starts_with("password="))
+                .collect();
+            format!("{path}?{}", kept.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// Whether `s` names a PostgreSQL store (else it is not one we know).
@@ -105,7 +119,12 @@ impl Target {
         let host = match config.get_hosts() {
             [Host::Tcp(host)] => host.clone(),
             [] => return Err(bad_url(&shown, "it names no host")),
-            [_] => return Err(bad_url(&shown, "Unix sockets are not supported; name a TCP host")),
+            [_] => {
+                return Err(bad_url(
+                    &shown,
+                    "Unix sockets are not supported; name a TCP host",
+                ));
+            }
             _ => return Err(bad_url(&shown, "name one host")),
         };
         let port = match config.get_ports() {
@@ -114,7 +133,10 @@ impl Target {
             _ => return Err(bad_url(&shown, "name one port")),
         };
         if config.get_user().is_none() {
-            return Err(bad_url(&shown, "it names no user (postgres://USER@HOST/DB)"));
+            return Err(bad_url(
+                &shown,
+                "it names no user (postgres://USER@HOST/DB)",
+            ));
         }
         let tls = match mode {
             "disable" => {
@@ -136,7 +158,9 @@ impl Target {
             other => {
                 return Err(bad_url(
                     &shown,
-                    format!("sslmode={other} is not supported (use disable, require or verify-full)"),
+                    format!(
+                        "sslmode={other} is not supported (use disable, require or verify-full)"
+                    ),
                 ));
             }
         };
@@ -163,39 +187,39 @@ impl Target {
             .map_err(|e| unavailable(format!("cannot connect to {}", self.shown), e))?;
         let _ = tcp.set_nodelay(true);
         let stream = tcp.compat();
-        let client = match &self.tls {
-            None => {
-                let (client, connection) = self
-                    .config
-                    .connect_raw(stream, NoTls)
-                    .await
-                    .map_err(|e| pg_error(&format!("cannot connect to {}", self.shown), e))?;
-                smol::spawn(async move {
-                    let _ = connection.await;
-                })
-                .detach();
-                client
-            }
-            Some((connector, name)) => {
-                let tls = RustlsConnect {
-                    connector: connector.clone(),
-                    name: name.clone(),
-                };
-                let (client, connection) = self
-                    .config
-                    .connect_raw(stream, tls)
-                    .await
-                    .map_err(|e| pg_error(&format!("cannot connect to {}", self.shown), e))?;
-                smol::spawn(async move {
-                    let _ = connection.await;
-                })
-                .detach();
-                client
-            }
-        };
+        let client =
+            match &self.tls {
+                None => {
+                    let (client, connection) =
+                        self.config.connect_raw(stream, NoTls).await.map_err(|e| {
+                            pg_error(&format!("cannot connect to {}", self.shown), e)
+                        })?;
+                    smol::spawn(async move {
+                        let _ = connection.await;
+                    })
+                    .detach();
+                    client
+                }
+                Some((connector, name)) => {
+                    let tls = RustlsConnect {
+                        connector: connector.clone(),
+                        name: name.clone(),
+                    };
+                    let (client, connection) =
+                        self.config.connect_raw(stream, tls).await.map_err(|e| {
+                            pg_error(&format!("cannot connect to {}", self.shown), e)
+                        })?;
+                    smol::spawn(async move {
+                        let _ = connection.await;
+                    })
+                    .detach();
+                    client
+                }
+            };
         // A statement the client gave up on must not go on holding locks.
+        let limit = format!("SET statement_timeout = {}", QUERY_TIMEOUT.as_millis());
         client
-            .batch_execute("SET statement_timeout = '5s'")
+            .batch_execute(&limit)
             .await
             .map_err(|e| pg_error("cannot set the statement timeout", e))?;
         Ok(client)
@@ -254,7 +278,10 @@ impl TlsConnect<PlainStream> for RustlsConnect {
 
     fn connect(self, stream: PlainStream) -> Self::Future {
         Box::pin(async move {
-            let tls = self.connector.connect(self.name, stream.into_inner()).await?;
+            let tls = self
+                .connector
+                .connect(self.name, stream.into_inner())
+                .await?;
             Ok(TlsStream(tls.compat()))
         })
     }
@@ -463,13 +490,22 @@ impl Pool {
         &self,
         work: impl AsyncFnOnce(&mut Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let deadline = Instant::now() + QUERY_TIMEOUT;
+        self.run_within(QUERY_TIMEOUT, work)
+    }
+
+    /// `run` with another time limit.
+    pub(crate) fn run_within<T>(
+        &self,
+        timeout: Duration,
+        work: impl AsyncFnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let deadline = Instant::now() + timeout;
         let mut lease = self.checkout(deadline)?;
         let timed_out = async {
             smol::Timer::at(deadline).await;
             Err(unavailable(
                 format!("PostgreSQL at {}", self.target.shown),
-                format!("no answer within {QUERY_TIMEOUT:?}"),
+                format!("no answer within {timeout:?}"),
             ))
         };
         let result = smol::block_on(

@@ -91,10 +91,7 @@ pub(super) async fn migrate(client: &mut Client, shown: &str) -> Result<Migrated
     .await
     .map_err(pg("create the schema table"))?;
     let found: i32 = txn
-        .query_one(
-            "SELECT coalesce(max(version), 0) FROM stella_schema",
-            &[],
-        )
+        .query_one("SELECT coalesce(max(version), 0) FROM stella_schema", &[])
         .await
         .map_err(pg("read the schema version"))?
         .get(0);

@@ -17,10 +17,7 @@ use crate::store::conformance::{self, MakeStore, store_conformance};
 /// A new empty database on `pg`, with a unique name.
 fn database(pg: &Postgres, label: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    pg.database(&format!(
-        "{label}_{}",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ))
+    pg.database(&format!("{label}_{}", NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
 #[test]
@@ -58,7 +55,10 @@ fn migrations_schema_outages_and_start_up_failures() {
     }
     let db = url.rsplit('/').next().unwrap();
     assert_eq!(
-        pg.sql(db, "SELECT string_agg(version::text, ',') FROM stella_schema"),
+        pg.sql(
+            db,
+            "SELECT string_agg(version::text, ',') FROM stella_schema"
+        ),
         schema::latest().to_string()
     );
     // `serve` refuses a database `init` did not prepare; `init` twice is
@@ -72,13 +72,21 @@ fn migrations_schema_outages_and_start_up_failures() {
         PgStore::create(&url, "cd"),
         Err(StoreError::Exists { .. })
     ));
-    assert_eq!(PgStore::open(&url).unwrap().admin_token_sha256().unwrap(), "ab");
+    assert_eq!(
+        PgStore::open(&url).unwrap().admin_token_sha256().unwrap(),
+        "ab"
+    );
 
     // A schema newer than this server knows is refused, clearly.
     pg.sql(db, "INSERT INTO stella_schema (version) VALUES (999)");
-    let newer = PgStore::open(&url).err().expect("a newer schema is refused");
+    let newer = PgStore::open(&url)
+        .err()
+        .expect("a newer schema is refused");
     assert!(matches!(newer, StoreError::SchemaTooNew { found: 999, .. }));
-    assert!(newer.to_string().contains("newer than this server knows"), "{newer}");
+    assert!(
+        newer.to_string().contains("newer than this server knows"),
+        "{newer}"
+    );
     pg.sql(db, "DELETE FROM stella_schema WHERE version = 999");
 
     // One token, one use, across two servers (two pools) enrolling at once.
@@ -131,7 +139,10 @@ fn migrations_schema_outages_and_start_up_failures() {
         "the failure took {:?}",
         started.elapsed()
     );
-    assert!(matches!(a.agent("agt_0"), Err(StoreError::Unavailable { .. })));
+    assert!(matches!(
+        a.agent("agt_0"),
+        Err(StoreError::Unavailable { .. })
+    ));
     assert!(a.health().unwritable.is_some());
     assert!(a.health().errors >= 2);
     assert!(a.probe_write(1).is_err());
@@ -153,7 +164,10 @@ fn migrations_schema_outages_and_start_up_failures() {
     for (url, expect) in [
         (refused.as_str(), "cannot connect"),
         (bad_password.as_str(), "password authentication failed"),
-        ("postgres://stella@127.0.0.1:notaport/x", "bad PostgreSQL URL"),
+        (
+            "postgres://stella@127.0.0.1:notaport/x",
+            "bad PostgreSQL URL",
+        ),
         (
             "postgres://stella@127.0.0.1/x?sslmode=require",
             "needs sslrootcert",
@@ -163,7 +177,10 @@ fn migrations_schema_outages_and_start_up_failures() {
         let line = e.to_string();
         assert!(line.contains(expect), "{url}: {line}");
         assert!(!line.contains('\n'), "{line}");
-        assert!(!line.contains("secret") && !line.contains("wrong"), "{line}");
+        assert!(
+            !line.contains("secret") && !line.contains("wrong"),
+            "{line}"
+        );
     }
 }
 
@@ -210,12 +227,19 @@ fn tls_is_verified_against_the_ca_file() {
     assert!(tls_connections >= 1, "the store's connection uses TLS");
     // Another CA: the certificate is not trusted.
     let other = stella_tests::TempDir::new("pg-tls-other");
-    crate::ca::init(other.path(), &["localhost".to_owned()], crate::app::now_secs()).unwrap();
+    crate::ca::init(
+        other.path(),
+        &["localhost".to_owned()],
+        crate::app::now_secs(),
+    )
+    .unwrap();
     let wrong = format!(
         "{url}?sslmode=require&sslrootcert={}",
         other.join(crate::ca::CA_CERT).display()
     );
-    let e = PgStore::open(&wrong).err().expect("an untrusted certificate");
+    let e = PgStore::open(&wrong)
+        .err()
+        .expect("an untrusted certificate");
     assert!(e.to_string().contains("cannot connect"), "{e}");
     drop(pg);
     let _ = std::fs::remove_file(&cert);
@@ -227,7 +251,9 @@ fn tls_is_verified_against_the_ca_file() {
 #[test]
 #[ignore = "a measurement, run by hand"]
 fn heartbeat_batches_per_second() {
-    let Some(pg) = Postgres::start("heartbeat_batches_per_second") else {
+    // Durable as in production (the harness turns fsync off otherwise).
+    let durable = ["fsync=on", "full_page_writes=on"];
+    let Some(pg) = Postgres::start_with("heartbeat_batches_per_second", &durable) else {
         return;
     };
     let store = PgStore::create(&database(&pg, "bench"), "ab").unwrap();
@@ -251,5 +277,101 @@ fn heartbeat_batches_per_second() {
         store.save_heartbeats(&batch).unwrap();
     }
     let per_second = (batch.len() * rounds) as f64 / started.elapsed().as_secs_f64();
-    eprintln!("PostgreSQL: {per_second:.0} heartbeat states/s in batches of {}", batch.len());
+    eprintln!(
+        "PostgreSQL: {per_second:.0} heartbeat states/s in batches of {}",
+        batch.len()
+    );
+}
+
+#[test]
+fn migrate_copies_a_redb_store_whole_and_refuses_a_used_target() {
+    let Some(pg) = Postgres::start("migrate_copies_a_redb_store_whole_and_refuses_a_used_target")
+    else {
+        return;
+    };
+    let dir = stella_tests::TempDir::new("pg-migrate");
+    let redb = crate::store::RedbStore::create(&dir.join("server.redb"), "ab12").unwrap();
+    redb.insert_token(&conformance::token("abcdef", 3)).unwrap();
+    conformance::enroll(&redb, "abcdef", "agt_a", "01").unwrap();
+    conformance::enroll(&redb, "abcdef", "agt_b", "02").unwrap();
+    redb.save_heartbeats(&[(
+        "agt_a".into(),
+        HeartbeatState {
+            seq: 7,
+            ..<HeartbeatState as Default>::default()
+        },
+    )])
+    .unwrap();
+    redb.set_config("global", "{}", "h1", 100).unwrap();
+    redb.set_config("global", r#"{"a":1}"#, "h2", 101).unwrap();
+    redb.put_rollout(
+        &conformance::rollout("rol_a", "running"),
+        102,
+        "rollout.start",
+        "",
+    )
+    .unwrap();
+    let export = redb.export().unwrap();
+    let audit_before = redb.audit_log().unwrap();
+
+    let url = database(&pg, "migrate");
+    let store = PgStore::open_uninitialized(&url).unwrap();
+    let counts = store.import(&export).unwrap();
+    assert!(counts.contains(&("agents", 2)), "{counts:?}");
+    let store = PgStore::open(&url).unwrap();
+    assert_eq!(store.admin_token_sha256().unwrap(), "ab12");
+    let mut seqs = Vec::new();
+    store
+        .load_agents(&mut |a, hb| seqs.push((a.id, hb.seq)))
+        .unwrap();
+    assert_eq!(seqs, [("agt_a".to_owned(), 7), ("agt_b".to_owned(), 0)]);
+    assert_eq!(store.token("abcdef").unwrap().unwrap().uses_left, 1);
+    assert_eq!(store.cert("02").unwrap().unwrap().agent_id, "agt_b");
+    let config = store.configs().unwrap().pop().unwrap();
+    assert_eq!((config.version, config.hash.as_str()), (2, "h2"));
+    assert_eq!(store.rollouts().unwrap()[0].id, "rol_a");
+    let audit: Vec<(String, String)> = store
+        .audit_log()
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.action, l.subject))
+        .collect();
+    let expected: Vec<(String, String)> = audit_before
+        .into_iter()
+        .map(|l| (l.action, l.subject))
+        .collect();
+    assert_eq!(audit, expected, "the audit log, in order");
+    // The enrollment markers came along: a retry sees the earlier answer.
+    let mut prior = None;
+    store
+        .enroll("abcdef", "key", &mut |state| {
+            prior = state.prior.as_ref().map(|p| p.agent.id.clone());
+            Ok(None)
+        })
+        .unwrap();
+    assert!(prior.is_some());
+    // The next config version continues from the copied one.
+    assert_eq!(
+        store.set_config("global", "{}", "h3", 103).unwrap().version,
+        3
+    );
+    // A target that holds a store is refused, and left as it was.
+    assert!(matches!(
+        store.import(&export),
+        Err(StoreError::Exists { .. })
+    ));
+    assert_eq!(store.configs().unwrap()[0].version, 3);
+}
+
+#[test]
+fn urls_are_shown_without_their_password() {
+    assert_eq!(
+        redact("postgres://stella:secret@db:5432/fleet?sslmode=require"),
+        "postgres://stella@db:5432/fleet?sslmode=require"
+    );
+    assert_eq!(
+        redact("postgresql://stella@db/fleet?password=secret&sslmode=disable"),
+        "postgresql://stella@db/fleet?sslmode=disable"
+    );
+    assert_eq!(redact("postgres://db/fleet"), "postgres://db/fleet");
 }
