@@ -351,19 +351,19 @@ impl PgStore {
             counts.push(("enrollments", enrollments.len()));
             let configs = export.rows("configs");
             for chunk in configs.chunks(IMPORT_CHUNK) {
-                let mut columns: (Vec<String>, Vec<i64>, Vec<String>, Vec<String>, Vec<i64>) =
-                    Default::default();
+                let (mut scopes, mut versions, mut docs, mut hashes, mut times) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for (scope, json) in chunk {
                     let c: ConfigRecord = decode("config", scope, json)?;
-                    columns.0.push(c.scope);
-                    columns.1.push(int(c.version));
-                    columns.2.push(c.doc);
-                    columns.3.push(c.hash);
-                    columns.4.push(int(c.updated_at));
+                    scopes.push(c.scope);
+                    versions.push(int(c.version));
+                    docs.push(c.doc);
+                    hashes.push(c.hash);
+                    times.push(int(c.updated_at));
                 }
                 txn.execute(
                     sql::IMPORT_CONFIGS,
-                    &[&columns.0, &columns.1, &columns.2, &columns.3, &columns.4],
+                    &[&scopes, &versions, &docs, &hashes, &times],
                 )
                 .await
                 .map_err(pg("copy configs"))?;

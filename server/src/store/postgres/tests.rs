@@ -184,20 +184,43 @@ fn migrations_schema_outages_and_start_up_failures() {
     }
 }
 
+/// A CA (its PEM written as `ca.pem` in `dir`) and, unless `leaf` is
+/// false, a certificate and key it signed for localhost and 127.0.0.1.
+fn test_pki(dir: &std::path::Path, leaf: bool) -> Option<(String, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    if !leaf {
+        return None;
+    }
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    params.is_ca = IsCa::ExplicitNoCa;
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    Some((cert.pem(), key.serialize_pem()))
+}
+
 #[test]
 fn tls_is_verified_against_the_ca_file() {
     let dir = stella_tests::TempDir::new("pg-tls");
-    crate::ca::init(
-        dir.path(),
-        &["localhost".to_owned(), "127.0.0.1".to_owned()],
-        crate::app::now_secs(),
-    )
-    .unwrap();
-    // PostgreSQL reads its key as its own user, from a place it can reach.
+    let (cert_pem, key_pem) = test_pki(dir.path(), true).unwrap();
+    // PostgreSQL reads its key as its own user, from a place it can reach,
+    // private.
     let cert = std::env::temp_dir().join(format!("stella-pg-tls-{}.pem", std::process::id()));
     let key = std::env::temp_dir().join(format!("stella-pg-tls-{}.key", std::process::id()));
-    std::fs::copy(dir.join(crate::ca::SERVER_CERT), &cert).unwrap();
-    std::fs::copy(dir.join(crate::ca::SERVER_KEY), &key).unwrap();
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     stella_tests::postgres::hand_over(&key);
     let settings = [
         "ssl=on".to_owned(),
@@ -210,7 +233,7 @@ fn tls_is_verified_against_the_ca_file() {
         return;
     };
     let url = database(&pg, "tls");
-    let ca = dir.join(crate::ca::CA_CERT);
+    let ca = dir.join("ca.pem");
     let tls_url = format!("{url}?sslmode=require&sslrootcert={}", ca.display());
     PgStore::create(&tls_url, "ab").unwrap();
     let store = PgStore::open(&tls_url).unwrap();
@@ -227,15 +250,10 @@ fn tls_is_verified_against_the_ca_file() {
     assert!(tls_connections >= 1, "the store's connection uses TLS");
     // Another CA: the certificate is not trusted.
     let other = stella_tests::TempDir::new("pg-tls-other");
-    crate::ca::init(
-        other.path(),
-        &["localhost".to_owned()],
-        crate::app::now_secs(),
-    )
-    .unwrap();
+    test_pki(other.path(), false);
     let wrong = format!(
         "{url}?sslmode=require&sslrootcert={}",
-        other.join(crate::ca::CA_CERT).display()
+        other.join("ca.pem").display()
     );
     let e = PgStore::open(&wrong)
         .err()
