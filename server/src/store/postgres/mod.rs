@@ -208,7 +208,11 @@ impl PgStore {
             .map_err(|e| match e {
                 StoreError::Unavailable { context, source }
                 | StoreError::Backend { context, source } => StoreError::Backend {
-                    context: format!("cannot open the PostgreSQL store {shown} ({context})"),
+                    context: if context.contains(&shown) {
+                        context
+                    } else {
+                        format!("cannot open the PostgreSQL store {shown} ({context})")
+                    },
                     source,
                 },
                 other => other,
