@@ -15,10 +15,11 @@ pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/stella-server";
 
 pub(crate) const USAGE: &str = "\
 usage:
-  stella-server init  --data-dir DIR [--san NAME]...
-  stella-server serve --data-dir DIR [--listen ADDR] [--heartbeat-interval D]
+  stella-server init  --data-dir DIR [--san NAME]... [--store URL]
+  stella-server serve --data-dir DIR [--store URL] [--listen ADDR] [--heartbeat-interval D]
                       [--heartbeat-misses N] [--cert-lifetime D] [--expired-grace D]
                       [--update-probation D]
+  stella-server migrate --from DATA_DIR --to postgres://…
   stella-server token create [--ttl D] [--uses N] [--label K=V]...
   stella-server agents list [--json] | agents show ID [--doctor] [--json]
   stella-server agents deactivate|activate|revoke|renew ID
@@ -41,7 +42,9 @@ usage:
 Admin commands reach the running server found from --data-dir (server.url,
 admin.token, ca.pem), or --server URL with --ca FILE and STELLA_ADMIN_TOKEN.
 Durations: 90s, 5m, 24h, 30d. --data-dir defaults to $STELLA_DATA_DIR or
-/var/lib/stella-server.";
+/var/lib/stella-server. --store (or $STELLA_STORE) puts the store in PostgreSQL:
+postgres://USER:PASSWORD@HOST:PORT/DB[?sslmode=require&sslrootcert=CA.pem];
+without it the store is a redb file in the data dir.";
 
 /// Where admin commands send their requests.
 #[derive(Debug, Clone, Default)]
@@ -55,6 +58,8 @@ pub(crate) struct AdminTarget {
 #[derive(Debug, Clone)]
 pub(crate) struct ServeOptions {
     pub(crate) data_dir: PathBuf,
+    /// A PostgreSQL URL; `None`: redb in the data dir.
+    pub(crate) store: Option<String>,
     pub(crate) listen: String,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) heartbeat_misses: u32,
@@ -92,8 +97,15 @@ pub(crate) enum Command {
     Init {
         data_dir: PathBuf,
         sans: Vec<String>,
+        /// A PostgreSQL URL; `None`: redb in the data dir.
+        store: Option<String>,
     },
     Serve(ServeOptions),
+    /// Copy a data dir's redb store into an empty PostgreSQL database.
+    Migrate {
+        from: PathBuf,
+        to: String,
+    },
     TokenCreate {
         target: AdminTarget,
         ttl: Duration,
@@ -229,6 +241,25 @@ pub(crate) fn label(v: OsString, labels: &mut Labels) -> Result<(), Error> {
     crate::tokens::check_labels(labels).map_err(usage)
 }
 
+/// `--store URL` (or `$STELLA_STORE`): a PostgreSQL URL.
+fn store_url(value: OsString) -> Result<String, Error> {
+    let url = string(value, "--store")?;
+    if !crate::store::is_postgres_url(&url) {
+        return Err(usage(format!(
+            "--store {:?} is not a postgres:// URL (without --store the store is redb in the data dir)",
+            crate::store::redact(&url)
+        )));
+    }
+    Ok(url)
+}
+
+fn default_store() -> Result<Option<String>, Error> {
+    match std::env::var_os("STELLA_STORE") {
+        Some(v) if !v.is_empty() => store_url(v).map(Some),
+        _ => Ok(None),
+    }
+}
+
 fn default_data_dir() -> PathBuf {
     std::env::var_os("STELLA_DATA_DIR")
         .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from)
@@ -263,21 +294,39 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
         "version" => Command::Version,
         "init" => {
             let mut sans = Vec::new();
+            let mut store = default_store()?;
             while let Some(arg) = p.next().map_err(lex)? {
                 match arg {
                     Long("data-dir") => target.data_dir = p.value().map_err(lex)?.into(),
                     Long("san") => sans.push(string(p.value().map_err(lex)?, "--san")?),
+                    Long("store") => store = Some(store_url(p.value().map_err(lex)?)?),
                     other => return Err(usage(other.unexpected().to_string())),
                 }
             }
             Command::Init {
                 data_dir: target.data_dir,
                 sans,
+                store,
             }
+        }
+        "migrate" => {
+            let (mut from, mut to) = (None, None);
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long("from") => from = Some(PathBuf::from(p.value().map_err(lex)?)),
+                    Long("to") => to = Some(store_url(p.value().map_err(lex)?)?),
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            let (Some(from), Some(to)) = (from, to) else {
+                return Err(usage("migrate needs --from DATA_DIR and --to postgres://…"));
+            };
+            Command::Migrate { from, to }
         }
         "serve" => {
             let mut o = ServeOptions {
                 data_dir: target.data_dir,
+                store: default_store()?,
                 listen: "0.0.0.0:8443".into(),
                 heartbeat_interval: Duration::from_secs(30),
                 heartbeat_misses: 3,
@@ -288,6 +337,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
             while let Some(arg) = p.next().map_err(lex)? {
                 match arg {
                     Long("data-dir") => o.data_dir = p.value().map_err(lex)?.into(),
+                    Long("store") => o.store = Some(store_url(p.value().map_err(lex)?)?),
                     Long("listen") => o.listen = string(p.value().map_err(lex)?, "--listen")?,
                     Long("heartbeat-interval") => {
                         o.heartbeat_interval =

@@ -41,8 +41,13 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
             "stella-server {}\n",
             env!("CARGO_PKG_VERSION")
         )),
-        Command::Init { data_dir, sans } => serve::init(&data_dir, &sans),
+        Command::Init {
+            data_dir,
+            sans,
+            store,
+        } => serve::init(&data_dir, &sans, store.as_deref()),
         Command::Serve(opts) => serve::serve(opts),
+        Command::Migrate { from, to } => serve::migrate(&from, &to),
         Command::TokenCreate {
             target,
             ttl,

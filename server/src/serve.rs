@@ -22,7 +22,7 @@ use crate::fsutil::{create_private_dir, random_bytes, write_atomic};
 use crate::http::{self, ReadError};
 use crate::log;
 use crate::refusal::Refusal;
-use crate::store::RedbStore;
+use crate::store::{PgStore, RedbStore, Store};
 
 pub(crate) const STORE_FILE: &str = "server.redb";
 pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -55,8 +55,9 @@ fn raise_open_file_limit() -> usize {
     (soft.min(1 << 20) as usize).saturating_sub(64).max(16)
 }
 
-/// `stella-server init`: CA, server certificate, admin token, empty store.
-pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
+/// `stella-server init`: CA, server certificate, admin token, empty store
+/// (redb in the data dir, or the PostgreSQL database at `store`).
+pub(crate) fn init(dir: &Path, sans: &[String], store: Option<&str>) -> Result<(), Error> {
     if dir.join(STORE_FILE).exists() {
         return Err(Refusal::conflict(format!(
             "{} is already initialized (it has {STORE_FILE})",
@@ -64,6 +65,30 @@ pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
         ))
         .into());
     }
+    // PostgreSQL is checked first: a wrong URL or a database that holds a
+    // store already changes nothing in the data dir.
+    let postgres = match store {
+        Some(url) => {
+            let pg = PgStore::open_uninitialized(url)?;
+            if pg.is_initialized()? {
+                return Err(Refusal::conflict(format!(
+                    "{} already holds a Stella store",
+                    crate::store::redact(url)
+                ))
+                .into());
+            }
+            if dir.join(ca::CA_CERT).exists() {
+                return Err(Refusal::conflict(format!(
+                    "{} is already initialized (it has {})",
+                    dir.display(),
+                    ca::CA_CERT
+                ))
+                .into());
+            }
+            Some(pg)
+        }
+        None => None,
+    };
     create_private_dir(dir)?;
     // Local admin commands and agents on this host reach us by these names.
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
@@ -80,7 +105,10 @@ pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
     )?;
     let admin_hash = stella_proto::hash::hex(&stella_proto::token::hash_secret(&admin_token));
     // The store comes last: its presence marks a finished init.
-    RedbStore::create(&dir.join(STORE_FILE), &admin_hash)?;
+    match postgres {
+        Some(pg) => pg.initialize(&admin_hash)?,
+        None => drop(RedbStore::create(&dir.join(STORE_FILE), &admin_hash)?),
+    }
 
     crate::log::print(format_args!(
         "initialized {}\nserver names: {}\nCA hash: {pin}\nadmin token: {admin_token}\n  (shown once; stored hashed, and in {} with mode 0600)\n",
@@ -91,11 +119,39 @@ pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
+/// `stella-server migrate`: copies the redb store of the data dir `from`
+/// (no server may be running on it) into the empty PostgreSQL database `to`,
+/// in one transaction. Agents keep their ids and certificates: the data dir
+/// keeps the CA, and `serve --data-dir FROM --store TO` runs on the copy.
+pub(crate) fn migrate(from: &Path, to: &str) -> Result<(), Error> {
+    let source = RedbStore::open(&from.join(STORE_FILE))?;
+    let target = PgStore::open_uninitialized(to)?;
+    let export = source.export()?;
+    let counts = target.import(&export)?;
+    let summary: Vec<String> = counts
+        .iter()
+        .map(|(table, n)| format!("{table}={n}"))
+        .collect();
+    crate::log::print(format_args!(
+        "copied {} to {}: {}
+start the server with: stella-server serve --data-dir {} --store URL
+",
+        from.join(STORE_FILE).display(),
+        crate::store::redact(to),
+        summary.join(" "),
+        from.display()
+    ))?;
+    Ok(())
+}
+
 /// `stella-server serve`: runs until SIGTERM or SIGINT (then stops
 /// gracefully, see [`stop`]).
 pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
     let dir = &opts.data_dir;
-    let store = RedbStore::open(&dir.join(STORE_FILE))?;
+    let store: Box<dyn Store> = match &opts.store {
+        Some(url) => Box::new(PgStore::open(url)?),
+        None => Box::new(RedbStore::open(&dir.join(STORE_FILE))?),
+    };
     let ca = Ca::load(dir)?;
     let tls = ca::server_tls_config(dir, &ca)?;
     let addr: SocketAddr = opts.listen.parse().map_err(|e| {
@@ -117,7 +173,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
     };
     let app = Arc::new(App::load(
         settings,
-        Box::new(store),
+        store,
         ca,
         dir.clone(),
         max_connections,

@@ -4,6 +4,7 @@
 //! child process is killed by PID when its handle drops.
 #![forbid(unsafe_code)]
 
+pub mod postgres;
 pub mod raw;
 pub mod release;
 
@@ -238,6 +239,8 @@ pub struct Server {
     pub pin: String,
     pub admin_token: String,
     pub proc: Proc,
+    /// The PostgreSQL URL it runs on (`--store`); `None`: redb.
+    pub store: Option<String>,
 }
 
 impl Server {
@@ -246,12 +249,25 @@ impl Server {
     }
 
     pub fn start_with(opts: ServerOptions) -> Self {
+        Self::start_on(None, opts)
+    }
+
+    /// Starts a server whose store is `store` (a PostgreSQL URL), or redb in
+    /// its data dir.
+    pub fn start_on(store: Option<&str>, opts: ServerOptions) -> Self {
         let dir = TempDir::new("server");
         let data = dir.join("data");
-        let out = run(Command::new(bin("stella-server"))
-            .args(["init", "--data-dir"])
-            .arg(&data)
-            .args(["--san", "localhost", "--san", "127.0.0.1"]));
+        let mut init = Command::new(bin("stella-server"));
+        init.args(["init", "--data-dir"]).arg(&data).args([
+            "--san",
+            "localhost",
+            "--san",
+            "127.0.0.1",
+        ]);
+        if let Some(url) = store {
+            init.args(["--store", url]);
+        }
+        let out = run(&mut init);
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "init failed: {stdout}{stderr}");
         let pin = stdout
@@ -264,7 +280,7 @@ impl Server {
             .expect("admin.token")
             .trim()
             .to_owned();
-        let (proc, url) = spawn_serve(&dir, &data, &opts, "127.0.0.1:0");
+        let (proc, url) = spawn_serve(&dir, &data, store, &opts, "127.0.0.1:0");
         Self {
             dir,
             data,
@@ -272,12 +288,19 @@ impl Server {
             pin,
             admin_token,
             proc,
+            store: store.map(str::to_owned),
         }
     }
 
     /// Starts `serve` again (after `kill`) on a new free port.
     pub fn serve(&mut self, opts: &ServerOptions) {
-        let (proc, url) = spawn_serve(&self.dir, &self.data, opts, "127.0.0.1:0");
+        let (proc, url) = spawn_serve(
+            &self.dir,
+            &self.data,
+            self.store.as_deref(),
+            opts,
+            "127.0.0.1:0",
+        );
         self.proc = proc;
         self.url = url;
     }
@@ -286,7 +309,7 @@ impl Server {
     /// agents find it where they left it.
     pub fn serve_same_port(&mut self, opts: &ServerOptions) {
         let listen = self.url.trim_start_matches("https://").to_owned();
-        let (proc, url) = spawn_serve(&self.dir, &self.data, opts, &listen);
+        let (proc, url) = spawn_serve(&self.dir, &self.data, self.store.as_deref(), opts, &listen);
         self.proc = proc;
         self.url = url;
     }
@@ -367,9 +390,18 @@ impl Server {
 }
 
 /// Starts `serve` on a free loopback port and waits for `/healthz`.
-fn spawn_serve(dir: &TempDir, data: &Path, opts: &ServerOptions, listen: &str) -> (Proc, String) {
+fn spawn_serve(
+    dir: &TempDir,
+    data: &Path,
+    store: Option<&str>,
+    opts: &ServerOptions,
+    listen: &str,
+) -> (Proc, String) {
     let _ = fs::remove_file(data.join("server.url"));
     let mut cmd = Command::new(bin("stella-server"));
+    if let Some(url) = store {
+        cmd.env("STELLA_STORE", url);
+    }
     cmd.args(["serve", "--data-dir"])
         .arg(data)
         .args(["--listen", listen])
@@ -456,6 +488,17 @@ impl Client {
                 .get(format!("{}{path}", self.base))
                 .header("authorization", &format!("Bearer {token}"))
                 .call(),
+        )
+    }
+
+    /// POST a JSON body with a bearer token.
+    pub fn post_auth(&self, path: &str, token: &str, body: &str) -> (u16, String) {
+        Self::finish(
+            self.agent
+                .post(format!("{}{path}", self.base))
+                .header("authorization", &format!("Bearer {token}"))
+                .content_type("application/json")
+                .send(body.as_bytes()),
         )
     }
 

@@ -19,10 +19,16 @@ pub(crate) const ADMIN_SHA256: &str = "ab12";
 /// Makes an empty store.
 pub(crate) type MakeStore<'a> = &'a dyn Fn() -> Box<dyn Store>;
 
-/// Generates one `#[test]` per conformance test for a backend.
+/// Generates one `#[test]` per conformance test for a backend; or, as
+/// `store_conformance!(@cases)`, the list of `(name, test)` for a backend
+/// that runs them all in one `#[test]` (PostgreSQL: one server for all).
+/// A new case goes in the one list below.
 macro_rules! store_conformance {
-    ($make:expr) => {
-        $crate::store::conformance::store_conformance!(@tests $make;
+    (@cases) => {
+        $crate::store::conformance::store_conformance! { @list cases }
+    };
+    (@list $mode:ident $($make:expr)?) => {
+        $crate::store::conformance::store_conformance! { @$mode $($make)?;
             admin_token_hash_is_kept,
             tokens_are_recorded_once,
             an_enrollment_writes_everything_or_nothing,
@@ -36,7 +42,7 @@ macro_rules! store_conformance {
             doctor_reports_clear_the_request,
             update_failures_are_kept_per_agent,
             tasks_are_recorded_once_and_results_upserted,
-        );
+        }
     };
     (@tests $make:expr; $($name:ident,)*) => {$(
         #[test]
@@ -44,6 +50,15 @@ macro_rules! store_conformance {
             $crate::store::conformance::$name(&$make);
         }
     )*};
+    (@cases; $($name:ident,)*) => {
+        [$((
+            stringify!($name),
+            $crate::store::conformance::$name as fn($crate::store::conformance::MakeStore<'_>),
+        ),)*]
+    };
+    ($make:expr) => {
+        $crate::store::conformance::store_conformance! { @list tests $make }
+    };
 }
 pub(crate) use store_conformance;
 

@@ -13,7 +13,12 @@
 //! Enrollment, token use, lifecycle, certificate, configuration, release,
 //! rollout, task and task result changes are durable when a method returns; heartbeat soft state is
 //! written in batches (`save_heartbeats`).
+//!
+//! Two backends: redb, one file in the data dir (the default, one server),
+//! and PostgreSQL (`--store postgres://…`), a database several servers can
+//! share.
 
+mod postgres;
 mod redb;
 
 #[cfg(test)]
@@ -28,6 +33,7 @@ use crate::records::{
 };
 use crate::refusal::Refusal;
 
+pub(crate) use self::postgres::{PgStore, is_postgres_url, redact};
 pub(crate) use self::redb::RedbStore;
 
 /// What went wrong in the store. A backend's own error is boxed as the
@@ -56,6 +62,15 @@ pub enum StoreError {
         context: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The database holds no store (`init` was not run against it).
+    NotInitialized { store: String },
+    /// The database's schema is newer than this server knows (a newer
+    /// server migrated it).
+    SchemaTooNew {
+        store: String,
+        found: i64,
+        known: i64,
+    },
     /// A stored record does not decode.
     Corrupt { what: &'static str, key: String },
     /// No record with that key.
@@ -83,6 +98,18 @@ impl fmt::Display for StoreError {
                 f,
                 "{} has schema {found:?}, this server reads schema {want}",
                 path.display()
+            ),
+            StoreError::NotInitialized { store } => write!(
+                f,
+                "{store} holds no Stella store: run `stella-server init --store URL` first"
+            ),
+            StoreError::SchemaTooNew {
+                store,
+                found,
+                known,
+            } => write!(
+                f,
+                "{store} has schema version {found}, newer than this server knows ({known}): run a newer stella-server"
             ),
             StoreError::Backend { context, source } => write!(f, "store: {context}: {source}"),
             StoreError::Unavailable { context, source } => write!(
@@ -114,6 +141,28 @@ impl std::error::Error for StoreError {
 impl From<Refusal> for StoreError {
     fn from(r: Refusal) -> Self {
         StoreError::Aborted(r)
+    }
+}
+
+/// A whole store as `migrate` copies it: every table's rows as stored (key,
+/// record JSON), by the redb table names.
+#[derive(Debug, Default)]
+pub(crate) struct Export {
+    /// Admin token hash and the like (not the schema version).
+    pub(crate) meta: Vec<(String, String)>,
+    /// `(table, rows)`, for the tables keyed by a string.
+    pub(crate) tables: Vec<(&'static str, Vec<(String, String)>)>,
+    /// The audit log, in order.
+    pub(crate) audit: Vec<String>,
+}
+
+impl Export {
+    /// The rows of `table`.
+    pub(crate) fn rows(&self, table: &str) -> &[(String, String)] {
+        self.tables
+            .iter()
+            .find(|(name, _)| *name == table)
+            .map_or(&[], |(_, rows)| rows.as_slice())
     }
 }
 

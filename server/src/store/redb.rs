@@ -45,6 +45,23 @@ const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 /// on first use).
 const TASK_RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("task_results");
 
+/// The tables `export` copies (every table keyed by a string but `meta`).
+/// A new table is added here too, and to `PgStore::import`.
+const EXPORTED_TABLES: [(&str, TableDefinition<&str, &[u8]>); 12] = [
+    ("agents", AGENTS),
+    ("heartbeats", HEARTBEATS),
+    ("tokens", TOKENS),
+    ("certs", CERTS),
+    ("enrollments", ENROLLMENTS),
+    ("rollouts", ROLLOUTS),
+    ("releases", RELEASES),
+    ("configs", CONFIGS),
+    ("doctor_reports", DOCTOR_REPORTS),
+    ("update_failures", UPDATE_FAILURES),
+    ("tasks", TASKS),
+    ("task_results", TASK_RESULTS),
+];
+
 /// redb's page cache (its default is 1 GiB).
 const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 const SCHEMA_VERSION: &str = "1";
@@ -301,6 +318,49 @@ impl RedbStore {
             });
         }
         Ok(())
+    }
+
+    /// Every record, as stored, for `migrate` (the store is open
+    /// exclusively: no server is running on it).
+    pub(crate) fn export(&self) -> Result<super::Export, StoreError> {
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let mut out = super::Export::default();
+            for row in txn.open_table(META)?.iter()? {
+                let (k, v) = row?;
+                let key = k.value();
+                if key != "schema" && key != PROBE_KEY {
+                    out.meta.push((key.to_owned(), v.value().to_owned()));
+                }
+            }
+            for (name, table) in EXPORTED_TABLES {
+                let rows = match txn.open_table(table) {
+                    Ok(rows) => rows,
+                    // Made on first use (doctor reports): none yet.
+                    Err(::redb::TableError::TableDoesNotExist(_)) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let mut copied = Vec::new();
+                for row in rows.iter()? {
+                    let (k, v) = row?;
+                    let json = std::str::from_utf8(v.value()).map_err(|_| StoreError::Corrupt {
+                        what: "record (not UTF-8)",
+                        key: k.value().to_owned(),
+                    })?;
+                    copied.push((k.value().to_owned(), json.to_owned()));
+                }
+                out.tables.push((name, copied));
+            }
+            for row in txn.open_table(AUDIT)?.iter()? {
+                let (k, v) = row?;
+                let json = std::str::from_utf8(v.value()).map_err(|_| StoreError::Corrupt {
+                    what: "audit line (not UTF-8)",
+                    key: k.value().to_string(),
+                })?;
+                out.audit.push(json.to_owned());
+            }
+            Ok(out)
+        })
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {

@@ -14,6 +14,7 @@ mod hostile;
 mod lifecycle;
 mod ondemand;
 mod phases;
+mod postgres;
 mod renewal;
 mod rollout;
 mod signing;
