@@ -16,4 +16,5 @@ mod ondemand;
 mod renewal;
 mod rollout;
 mod signing;
+mod storm;
 mod update;
