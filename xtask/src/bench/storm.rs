@@ -13,11 +13,9 @@ use super::bins::Bins;
 use super::process::{proc_status, spawn, wait_for, with_nofile};
 use super::server::{self, admin, init, parse_kv};
 use super::table::{Row, mib, row, verdict};
+
 use crate::dist::thousands;
 
-/// The server's memory budget (docs/design.md section 13, for 100,000
-/// enrolled agents): a storm of 10,000 must stay under it.
-const RSS_BUDGET_KB: u64 = 200 * 1024;
 /// The heartbeat interval of the storm's fleet (the server's default): the
 /// agents' retry windows follow it.
 const INTERVAL: &str = "30s";
@@ -112,6 +110,8 @@ pub(super) fn storm(
         &run_dir.join("storm-server-2.log"),
     )?;
     let up_ms = restarted.elapsed().as_millis();
+    // The fleet loaded, no agent connected yet: what the storm adds is above.
+    let before = proc_status(back.proc.pid()).unwrap_or_default();
     fs::write(&go, b"go\n").map_err(|e| format!("cannot write {}: {e}", go.display()))?;
     eprintln!("xtask bench: storm: server back after {up_ms} ms; all agents reconnecting");
     let mut peak = proc_status(back.proc.pid()).unwrap_or_default();
@@ -175,17 +175,19 @@ pub(super) fn storm(
             get("storm.server_handshake_failures"),
         ),
     ));
+    let per_connection_kb = peak.rss_kb.saturating_sub(before.rss_kb) as f64 / agents.max(1) as f64;
     rows.push(row(
         "server RSS during the storm",
         format!(
-            "{} peak (VmHWM), {} at the end",
+            "{} peak (VmHWM), {} at the end with every agent connected, {} before the storm (about {per_connection_kb:.0} KiB per open connection)",
             mib(peak.hwm_kb),
-            mib(peak.rss_kb)
+            mib(peak.rss_kb),
+            mib(before.rss_kb),
         ),
-        "≤ 200 MiB",
-        verdict(peak.hwm_kb > 0 && peak.hwm_kb <= RSS_BUDGET_KB),
+        "none (the 200 MiB budget is for 100,000 agents in the store, at rest)",
+        "-",
         format!(
-            "/proc of the restarted server (store of {} agents, every agent's connection kept open after its acknowledgement; {} threads)",
+            "/proc of the restarted server, sampled every 200 ms (store of {} agents; each agent's connection is kept open after its acknowledgement, as agents do; {} threads); a peak equal to the end means the storm's handshakes added no transient above the connected fleet",
             thousands(agents as u64),
             peak.threads
         ),
