@@ -624,10 +624,10 @@ mod tests {
         };
         assert_eq!(o.heartbeat_interval, Duration::from_secs(1));
         assert_eq!(o.max_handshakes, DEFAULT_MAX_HANDSHAKES);
-        let Command::Serve(o) = parse(args("serve --max-handshakes 8")).unwrap() else {
+        let Command::Serve(limited) = parse(args("serve --max-handshakes 8")).unwrap() else {
             panic!()
         };
-        assert_eq!(o.max_handshakes, 8);
+        assert_eq!(limited.max_handshakes, 8);
         assert_eq!(
             (o.heartbeat_misses, o.cert_lifetime),
             (2, Duration::from_secs(30))

@@ -299,13 +299,14 @@ impl Drop for ConnectionSlot<'_> {
 struct HandshakeSlot<'a>(&'a Metrics);
 
 impl<'a> HandshakeSlot<'a> {
-    fn take(app: &'a App) -> Option<Self> {
+    /// A slot if fewer than `limit` are taken; otherwise the connection is
+    /// counted as shed.
+    fn take(metrics: &'a Metrics, limit: usize) -> Option<Self> {
         use std::sync::atomic::Ordering;
-        let metrics = &app.metrics;
         let before = metrics
             .handshakes_in_progress
             .fetch_add(1, Ordering::AcqRel);
-        if before >= app.settings.max_handshakes as u64 {
+        if before >= limit as u64 {
             metrics
                 .handshakes_in_progress
                 .fetch_sub(1, Ordering::AcqRel);
@@ -364,7 +365,7 @@ async fn handshake(
         let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
             .await
             .map_err(|_| NoSession::Failed)?;
-        let Some(_slot) = HandshakeSlot::take(app) else {
+        let Some(_slot) = HandshakeSlot::take(&app.metrics, app.settings.max_handshakes) else {
             // Dropping the hello closes the connection.
             return Err(NoSession::Shed);
         };
@@ -479,4 +480,29 @@ async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStrea
     }
     use smol::io::AsyncWriteExt;
     let _ = tls.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_beyond_the_bound_are_shed_and_slots_come_back() {
+        let metrics = Metrics::default();
+        let first = HandshakeSlot::take(&metrics, 2);
+        let second = HandshakeSlot::take(&metrics, 2);
+        assert!(first.is_some() && second.is_some());
+        assert!(HandshakeSlot::take(&metrics, 2).is_none());
+        assert!(HandshakeSlot::take(&metrics, 2).is_none());
+        assert_eq!(Metrics::load(&metrics.handshakes_shed), 2);
+        assert_eq!(Metrics::load(&metrics.handshakes_in_progress), 2);
+        // A finished handshake (or a failed one) gives its slot back.
+        drop(first);
+        assert_eq!(Metrics::load(&metrics.handshakes_in_progress), 1);
+        let again = HandshakeSlot::take(&metrics, 2);
+        assert!(again.is_some());
+        drop((second, again));
+        assert_eq!(Metrics::load(&metrics.handshakes_in_progress), 0);
+        assert_eq!(Metrics::load(&metrics.handshakes_shed), 2);
+    }
 }
