@@ -17,6 +17,7 @@ pub(crate) const USAGE: &str = "\
 usage:
   stella-agent bootstrap --server URL --token T (--ca-file F | --ca-hash sha256:H)
                          [--name N] [--label K=V]... [--release-key FILE]
+                         [--deploy-key FILE]
   stella-agent run
   stella-agent doctor [--json] [-v]
   stella-agent remediate [--dry-run] [--json]
@@ -77,6 +78,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
     let mut labels = Labels::new();
     let (mut verbose, mut dry_run) = (false, false);
     let mut release_key: Option<PathBuf> = None;
+    let mut deploy_key: Option<PathBuf> = None;
     let (mut bundle, mut prefix) = (None::<PathBuf>, None::<PathBuf>);
     while let Some(arg) = p.next().map_err(lex)? {
         match arg {
@@ -102,6 +104,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
             Long("ca-hash") => ca_hash = Some(string(p.value().map_err(lex)?, "--ca-hash")?),
             Long("name") => name = Some(string(p.value().map_err(lex)?, "--name")?),
             Long("release-key") => release_key = Some(p.value().map_err(lex)?.into()),
+            Long("deploy-key") => deploy_key = Some(p.value().map_err(lex)?.into()),
             Long("bundle") => bundle = Some(p.value().map_err(lex)?.into()),
             Long("prefix") => prefix = Some(p.value().map_err(lex)?.into()),
             Long("label") => {
@@ -128,6 +131,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
             ("verbose", verbose),
             ("dry-run", dry_run),
             ("release-key", release_key.is_some()),
+            ("deploy-key", deploy_key.is_some()),
             ("bundle", bundle.is_some()),
             ("prefix", prefix.is_some()),
         ];
@@ -182,6 +186,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
                 "name",
                 "label",
                 "release-key",
+                "deploy-key",
             ])?;
             let server = server.ok_or_else(|| usage("bootstrap needs --server URL"))?;
             let token = token.ok_or_else(|| usage("bootstrap needs --token T"))?;
@@ -213,6 +218,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocati
                 name,
                 labels,
                 release_key,
+                deploy_key,
             })
         }
         other => return Err(usage(format!("unknown command {other:?}"))),

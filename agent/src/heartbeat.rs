@@ -124,6 +124,8 @@ pub(crate) fn new_beat(
         update: updater.report(saved),
         capabilities: host::capabilities(),
         doctor_report: None,
+        update_failure: None,
+        task_results: None,
     }
 }
 

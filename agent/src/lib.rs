@@ -1,6 +1,6 @@
 //! stella-agent as a library: enrollment, mTLS identity and renewal, the
-//! heartbeat scheduler, signed self-update, configuration, doctor and
-//! remediation. `main.rs` parses the arguments and maps errors to exit
+//! heartbeat scheduler, signed self-update, signed deployment tasks,
+//! configuration, doctor and remediation. `main.rs` parses the arguments and maps errors to exit
 //! codes; the fuzz crate links [`der`], the certificate reader.
 #![deny(unsafe_code)]
 
@@ -34,6 +34,7 @@ mod run;
 mod state;
 mod status;
 mod sys;
+mod tasks;
 mod tls;
 mod transport;
 mod update;

@@ -23,6 +23,8 @@ struct StatusView {
     last_heartbeat: Option<String>,
     config_hash: Option<String>,
     update: UpdateView,
+    /// Fingerprint of the pinned deploy key (what signs tasks), if any.
+    deploy_key: Option<String>,
 }
 
 /// Prints the status; fails when the host is not enrolled.
@@ -42,6 +44,9 @@ pub(crate) fn print(state: &StateDir, as_json: bool) -> Result<(), Error> {
         cert_not_after: rfc3339(ident.cert.not_after),
         last_heartbeat: saved.last_heartbeat.clone(),
         config_hash: saved.config_hash.clone(),
+        deploy_key: crate::tasks::deploy_key(state)
+            .ok()
+            .map(|k| k.fingerprint()),
         update: {
             let report = crate::update::Updater::default().report(&saved);
             UpdateView {
@@ -64,6 +69,10 @@ pub(crate) fn print(state: &StateDir, as_json: bool) -> Result<(), Error> {
         outln!(
             "config          {}",
             view.config_hash.as_deref().unwrap_or("none applied")
+        );
+        outln!(
+            "deploy key      {}",
+            view.deploy_key.as_deref().unwrap_or("none pinned")
         );
         outln!(
             "update          {} {}",

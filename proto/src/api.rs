@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use miniserde::json::Value;
 use miniserde::{Deserialize, Serialize};
 
-use crate::states::{AgentStatus, InactiveReason, UpdatePhase};
+use crate::states::{AgentStatus, InactiveReason, TaskState, TaskStatus, UpdatePhase};
 
 /// Labels: `key=value` pairs attached to agents and tokens.
 pub type Labels = BTreeMap<String, String>;
@@ -75,8 +75,42 @@ pub struct UpdateReport {
     pub state: UpdatePhase,
     /// The version concerned (the running one when idle).
     pub version: String,
-    /// Why the update to `version` failed (state `failed`).
+    /// Why the update to `version` failed (state `failed` or `rolled_back`).
     pub error: Option<String>,
+    /// Bytes of the artifact received so far (state `downloading`).
+    pub bytes: Option<u64>,
+    /// The artifact's size, once known (state `downloading`).
+    pub total: Option<u64>,
+}
+
+/// Most log lines an agent keeps (and reports) of its last failed update.
+pub const MAX_FAILURE_LINES: usize = 64;
+/// Longest log line of a failed update, in bytes.
+pub const MAX_FAILURE_LINE: usize = 256;
+
+/// The last failed update and the agent's log lines of it, sent with the
+/// heartbeats after the failure until one of them is acknowledged.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct UpdateFailureReport {
+    /// The version the update was to.
+    pub version: String,
+    /// `failed` or `rolled_back`.
+    pub phase: UpdatePhase,
+    pub reason: String,
+    /// At most [`MAX_FAILURE_LINES`] logfmt lines, oldest first, each at
+    /// most [`MAX_FAILURE_LINE`] bytes of printable text.
+    pub lines: Vec<String>,
+}
+
+/// The last failed update of an agent, as `agents show` prints it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct UpdateFailureView {
+    pub version: String,
+    pub phase: UpdatePhase,
+    pub reason: String,
+    /// When the server received it (RFC 3339).
+    pub received_at: String,
+    pub lines: Vec<String>,
 }
 
 /// An offer to update, in a heartbeat answer. The envelope is what the agent
@@ -127,6 +161,13 @@ pub struct RolloutStartRequest {
     pub soak_ms: u64,
     pub max_failures: f64,
     pub selector: Labels,
+    /// How long a member has to commit once offered (`--agent-timeout`);
+    /// absent: the server's default (1h).
+    pub agent_timeout_ms: Option<u64>,
+    /// UTC maintenance window `HH:MM-HH:MM` (`--window`); absent: any time.
+    pub window: Option<String>,
+    /// Days of the window (`--days mon-fri`); absent: every day.
+    pub days: Option<String>,
 }
 
 /// One stage of a rollout.
@@ -144,6 +185,10 @@ pub struct RolloutStageView {
     pub state: String,
     /// The members' ids (only when asked for with `?members=1`).
     pub members: Option<Vec<String>>,
+    /// Members by update phase (`UpdatePhase` spellings, plus `pending`
+    /// before the stage opens, `waiting` for an offer not yet sent and
+    /// `skipped` for a member offline for the whole deadline).
+    pub phases: Option<BTreeMap<String, u64>>,
 }
 
 /// A rollout as `rollout show --json` prints it.
@@ -159,6 +204,14 @@ pub struct RolloutView {
     pub max_failures: f64,
     pub selector: Labels,
     pub created_at: String,
+    /// How long a member has to commit once offered (`1h`).
+    pub agent_timeout: Option<String>,
+    /// UTC maintenance window for offers (`22:00-04:00`); `null`: any time.
+    pub window: Option<String>,
+    /// Days of the window (`mon-fri`); `null`: every day.
+    pub days: Option<String>,
+    /// Whether offers may be made now (inside the window).
+    pub window_open: Option<bool>,
 }
 
 /// `POST /v1/admin/agents/{id}/update`.
@@ -185,6 +238,88 @@ pub struct HeartbeatRequest {
     /// The full doctor report the server asked for (`agents doctor`), sent
     /// once with the heartbeat after the request; `null` otherwise.
     pub doctor_report: Option<DoctorReport>,
+    /// The last failed update with its log, until a heartbeat carrying it
+    /// is acknowledged; `null` otherwise.
+    pub update_failure: Option<UpdateFailureReport>,
+    /// Task results not yet acknowledged (at most
+    /// `task::MAX_RESULTS_PER_HEARTBEAT`); `null` when there are none.
+    pub task_results: Option<Vec<TaskResultReport>>,
+}
+
+/// Where the agent stands with one task, in a heartbeat. The server keeps
+/// the latest report per (task, agent).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TaskResultReport {
+    /// The server's task id (`TaskDelivery::id`).
+    pub id: String,
+    pub status: TaskStatus,
+    /// Why it was refused or failed.
+    pub reason: Option<String>,
+    pub exit_code: Option<i32>,
+    /// The last lines of output (`task::output_tail`).
+    pub output: Option<String>,
+    /// RFC 3339.
+    pub started: Option<String>,
+    pub finished: Option<String>,
+}
+
+/// A task for the agent, in a heartbeat answer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TaskDelivery {
+    /// The server's task id, which results name.
+    pub id: String,
+    /// The DSSE envelope JSON exactly as created (the agent verifies it).
+    pub envelope: String,
+}
+
+/// `POST /v1/admin/tasks` answer (201).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TaskCreated {
+    /// The server's task id.
+    pub id: String,
+    /// The signed id.
+    pub task_id: String,
+}
+
+/// One agent's result, in `task show --json`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TaskResultView {
+    pub agent: String,
+    pub status: TaskStatus,
+    pub exit_code: Option<i32>,
+    pub output: Option<String>,
+    pub started: Option<String>,
+    pub finished: Option<String>,
+    pub reason: Option<String>,
+    /// When the server last received a report (RFC 3339).
+    pub reported_at: String,
+}
+
+/// A task as `task show --json` (and `task list --json` rows, whose results
+/// carry no output) print it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct TaskView {
+    /// The server's task id.
+    pub id: String,
+    /// The signed id.
+    pub task_id: String,
+    #[serde(rename = "type")]
+    pub task_type: String,
+    pub status: TaskState,
+    pub not_after: String,
+    pub created_at: String,
+    /// When it was cancelled, if it was.
+    pub cancelled_at: Option<String>,
+    /// `agents:ID,...` or `selector:K=V,...`.
+    pub audience: String,
+    pub results: Vec<TaskResultView>,
+}
+
+/// `POST /v1/admin/artifacts` answer (201).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ArtifactCreated {
+    pub sha256: String,
+    pub size: u64,
 }
 
 impl HeartbeatRequest {
@@ -228,6 +363,8 @@ impl HeartbeatRequest {
             None => out.push_str("null"),
             Some(e) => json_string(out, e),
         }
+        json_number(out, ",\"bytes\":", self.update.bytes);
+        json_number(out, ",\"total\":", self.update.total);
         out.push_str("},\"capabilities\":");
         json_strings(out, &self.capabilities);
         out.push_str(",\"doctor_report\":");
@@ -236,7 +373,30 @@ impl HeartbeatRequest {
             // Rare (on request): miniserde's own allocation is fine here.
             Some(report) => out.push_str(&miniserde::json::to_string(report)),
         }
+        out.push_str(",\"update_failure\":");
+        match &self.update_failure {
+            None => out.push_str("null"),
+            // Once per failed update: miniserde's allocation is fine here.
+            Some(failure) => out.push_str(&miniserde::json::to_string(failure)),
+        }
+        out.push_str(",\"task_results\":");
+        match &self.task_results {
+            None => out.push_str("null"),
+            // Only after a task ran: miniserde's allocation is fine here too.
+            Some(results) => out.push_str(&miniserde::json::to_string(results)),
+        }
         out.push('}');
+    }
+}
+
+fn json_number(out: &mut String, key: &str, value: Option<u64>) {
+    use std::fmt::Write as _;
+    out.push_str(key);
+    match value {
+        None => out.push_str("null"),
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
     }
 }
 
@@ -401,10 +561,16 @@ pub struct HeartbeatResponse {
     pub update: Option<UpdateOffer>,
     /// Run doctor now and upload the report with the next heartbeat.
     pub doctor: Option<DoctorDirective>,
+    /// Tasks for this agent it has not reported on yet; `null` when none.
+    pub tasks: Option<Vec<TaskDelivery>>,
+    /// Server task ids this agent reported `running` that were cancelled;
+    /// `null` when none.
+    pub cancel_tasks: Option<Vec<String>>,
 }
 
 impl HeartbeatResponse {
-    /// Reads a plain acknowledgement (no `config`, `update`, `doctor`, strings
+    /// Reads a plain acknowledgement (no `config`, `update`, `doctor`, `tasks`,
+    /// `cancel_tasks`, strings
     /// without escapes) into `self`, reusing its strings' allocations, and
     /// returns true; returns false, leaving `self` unspecified, for any other
     /// answer, which the caller decodes with miniserde. The agent's steady
@@ -413,7 +579,7 @@ impl HeartbeatResponse {
         let mut p = PlainJson {
             rest: text.trim_start(),
         };
-        let mut seen = 0u8;
+        let mut seen = 0u16;
         if !p.eat('{') {
             return false;
         }
@@ -443,6 +609,8 @@ impl HeartbeatResponse {
                 "update" => (32, p.null()),
                 // Present (non-null) only on request: miniserde reads that.
                 "doctor" => (64, p.null()),
+                "tasks" => (128, p.null()),
+                "cancel_tasks" => (256, p.null()),
                 _ => (0, false),
             };
             if !ok || seen & bit != 0 {
@@ -457,13 +625,16 @@ impl HeartbeatResponse {
             }
             break;
         }
-        // Every field, once (`doctor` may be absent: an older server).
+        // Every field, once (`doctor`, `tasks` and `cancel_tasks` may be
+        // absent: an older server).
         if seen & 63 != 63 {
             return false;
         }
         self.config = None;
         self.update = None;
         self.doctor = None;
+        self.tasks = None;
+        self.cancel_tasks = None;
         true
     }
 }
@@ -651,6 +822,8 @@ pub struct AgentView {
     pub update: UpdateReport,
     /// Why the agent refused the desired configuration, if it did.
     pub config_error: Option<String>,
+    /// The last failed update the agent reported, with its log lines.
+    pub last_failure: Option<UpdateFailureView>,
 }
 
 /// `POST /v1/admin/config`: a new version of one scope's configuration.
@@ -706,6 +879,8 @@ mod tests {
             config: None,
             update: None,
             doctor: None,
+            tasks: None,
+            cancel_tasks: None,
         };
         let text = miniserde::json::to_string(&plain);
         let spaced = r#" { "renew" : false , "config_hash":"", "interval_ms": 7,
@@ -733,6 +908,7 @@ mod tests {
                 "{text}"
             );
             assert!(got.config.is_none() && got.update.is_none() && got.doctor.is_none());
+            assert!(got.tasks.is_none() && got.cancel_tasks.is_none());
         }
         // An older server's answer, without `doctor`, is still plain.
         let older = r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null}"#;
@@ -747,12 +923,28 @@ mod tests {
                 remediate_dry_run: true
             })
         );
+        // Tasks and cancels are left to miniserde, which reads them.
+        let tasks = r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"doctor":null,"tasks":[{"id":"0123456789abcdef","envelope":"{\"payloadType\":\"x\"}"}],"cancel_tasks":["fedcba9876543210"]}"#;
+        assert!(!<HeartbeatResponse as Default>::default().read_plain_ack(tasks));
+        let full: HeartbeatResponse = miniserde::json::from_str(tasks).unwrap();
+        assert_eq!(
+            full.tasks,
+            Some(vec![TaskDelivery {
+                id: "0123456789abcdef".into(),
+                envelope: r#"{"payloadType":"x"}"#.into()
+            }])
+        );
+        assert_eq!(full.cancel_tasks, Some(vec!["fedcba9876543210".into()]));
+        let cancels_only = r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"doctor":null,"tasks":null,"cancel_tasks":["x"]}"#;
+        assert!(!<HeartbeatResponse as Default>::default().read_plain_ack(cancels_only));
         // Everything else is left to miniserde.
         for other in [
             r#"{"interval_ms":1,"server_time":"a\"b","renew":false,"config_hash":"","config":null,"update":null}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":{"x":1},"update":null}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"doctor":{}}"#,
+            r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"tasks":[]}"#,
+            r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"tasks":null,"tasks":null}"#,
             r#"{"interval_ms":1,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null,"new":1}"#,
             r#"{"interval_ms":1,"interval_ms":1,"renew":false,"config_hash":"","config":null,"update":null}"#,
             r#"{"interval_ms":1.5,"server_time":"a","renew":false,"config_hash":"","config":null,"update":null}"#,
@@ -790,9 +982,13 @@ mod tests {
                 state: UpdatePhase::Idle,
                 version: "1.2.3".into(),
                 error: None,
+                bytes: None,
+                total: None,
             },
             capabilities: vec!["systemd".into()],
             doctor_report: None,
+            update_failure: None,
+            task_results: None,
         };
         let text = miniserde::json::to_string(&hb);
         let mut fast = String::new();
@@ -812,10 +1008,18 @@ mod tests {
                 failing: vec!["a".into(), "b\r".into()],
             },
             update: UpdateReport {
-                state: UpdatePhase::Failed,
+                state: UpdatePhase::Downloading,
                 version: "2".into(),
                 error: Some("x\u{8}\u{c}".into()),
+                bytes: Some(1 << 20),
+                total: Some(52_428_800),
             },
+            update_failure: Some(UpdateFailureReport {
+                version: "2".into(),
+                phase: UpdatePhase::RolledBack,
+                reason: "doctor \"failed\"".into(),
+                lines: vec!["level=warn msg=\"x\"".into(), String::new()],
+            }),
             doctor_report: Some(DoctorReport {
                 checks: vec![DoctorCheckView {
                     id: "identity.key".into(),
@@ -827,10 +1031,37 @@ mod tests {
                 summary: <DoctorCounts as Default>::default(),
                 remediation: None,
             }),
+            task_results: Some(vec![
+                TaskResultReport {
+                    id: "0123456789abcdef".into(),
+                    status: TaskStatus::Failed,
+                    reason: Some("health \"check\" failed".into()),
+                    exit_code: Some(-1),
+                    output: Some("line 1\nline\t2".into()),
+                    started: Some("2026-11-30T04:00:00Z".into()),
+                    finished: Some("2026-11-30T04:00:05Z".into()),
+                },
+                TaskResultReport {
+                    id: "fedcba9876543210".into(),
+                    status: TaskStatus::Unknown("paused".into()),
+                    reason: None,
+                    exit_code: None,
+                    output: None,
+                    started: None,
+                    finished: None,
+                },
+            ]),
             ..hb.clone()
         };
         odd.write_json(&mut fast);
         assert_eq!(fast, miniserde::json::to_string(&odd));
+        let back: HeartbeatRequest = miniserde::json::from_str(&fast).unwrap();
+        assert_eq!(back.task_results, odd.task_results);
+        // An older agent's heartbeat, without task results, still parses.
+        let older = text.replace(",\"task_results\":null", "");
+        assert!(!older.contains("task_results"));
+        let back: HeartbeatRequest = miniserde::json::from_str(&older).unwrap();
+        assert!(back.task_results.is_none());
         let back: HeartbeatRequest = miniserde::json::from_str(&text).unwrap();
         assert_eq!(back.seq, 7);
         assert_eq!(back.update, hb.update);

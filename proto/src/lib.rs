@@ -1,6 +1,6 @@
 //! Wire types and formats shared by the Stella agent and server: API messages,
 //! registration tokens, agent ids, durations, RFC 3339 times, PEM and hashes,
-//! DSSE envelopes and the signed release statement.
+//! DSSE envelopes, the signed release statement and signed deployment tasks.
 //! Pure functions only: no files, no sockets.
 #![forbid(unsafe_code)]
 
@@ -14,6 +14,7 @@ pub mod logfmt;
 pub mod pem;
 pub mod release;
 pub mod states;
+pub mod task;
 pub mod text;
 pub mod time;
 pub mod token;

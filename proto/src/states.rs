@@ -1,5 +1,6 @@
 //! Typed states shared by agent, server and admin CLI: agent status and its
-//! inactive reason, update phase, doctor check id and check status. Each has
+//! inactive reason, update phase, doctor check id and check status, a task
+//! result's status and a task's aggregate state. Each has
 //! one wire spelling (`as_str`), parsed back by `parse`; on the wire and in
 //! `--json` output they are the same JSON strings as before they were typed.
 
@@ -229,6 +230,121 @@ impl Deserialize for UpdatePhase {
     }
 }
 
+wire_enum! {
+    /// A task as a whole, aggregated over its audience's results (see
+    /// `server/src/tasks.rs` for the rule).
+    TaskState {
+        /// Some agent of the audience has not reported yet.
+        Pending = "pending",
+        /// Some agent runs it.
+        Running = "running",
+        /// Every agent of the audience succeeded.
+        Succeeded = "succeeded",
+        /// Some agent reported a final status other than `succeeded`.
+        Failed = "failed",
+        /// An administrator cancelled it.
+        Cancelled = "cancelled",
+        /// `not_after` passed before every agent of the audience reported.
+        Expired = "expired",
+    }
+}
+
+/// Where one agent stands with one task, as its heartbeat reports it. A
+/// status this build does not know (from a newer agent) is kept as `Unknown`
+/// with its text, so that a heartbeat is never refused for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskStatus {
+    /// Not run: signature, audience, expiry, capability or replay check failed.
+    Refused,
+    /// Started; a final status follows.
+    Running,
+    Succeeded,
+    Failed,
+    /// Killed at the task's timeout.
+    TimedOut,
+    /// Stopped on a cancel from the server.
+    Cancelled,
+    /// Was running when the agent stopped; never re-run.
+    Interrupted,
+    /// A status this build does not know, as the agent spelled it.
+    Unknown(String),
+}
+
+impl TaskStatus {
+    /// Every status this build knows.
+    pub const KNOWN: [TaskStatus; 7] = [
+        TaskStatus::Refused,
+        TaskStatus::Running,
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::TimedOut,
+        TaskStatus::Cancelled,
+        TaskStatus::Interrupted,
+    ];
+
+    /// The wire spelling.
+    pub fn as_str(&self) -> &str {
+        match self {
+            TaskStatus::Refused => "refused",
+            TaskStatus::Running => "running",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::TimedOut => "timed_out",
+            TaskStatus::Cancelled => "cancelled",
+            TaskStatus::Interrupted => "interrupted",
+            TaskStatus::Unknown(text) => text,
+        }
+    }
+
+    /// The status spelled `text`; never fails (see `Unknown`).
+    pub fn parse(text: &str) -> Self {
+        TaskStatus::KNOWN
+            .iter()
+            .find(|s| s.as_str() == text)
+            .cloned()
+            .unwrap_or_else(|| TaskStatus::Unknown(text.to_owned()))
+    }
+
+    /// Whether the agent is done with the task (everything but `running`).
+    pub fn is_final(&self) -> bool {
+        *self != TaskStatus::Running
+    }
+}
+
+impl PartialEq<&str> for TaskStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TaskStatus::Unknown(text) => write!(f, "unknown({text})"),
+            known => f.write_str(known.as_str()),
+        }
+    }
+}
+
+impl Serialize for TaskStatus {
+    fn begin(&self) -> Fragment<'_> {
+        Fragment::Str(self.as_str().into())
+    }
+}
+
+impl Deserialize for TaskStatus {
+    fn begin(out: &mut Option<Self>) -> &mut dyn Visitor {
+        miniserde::make_place!(Place);
+        impl Visitor for Place<TaskStatus> {
+            fn string(&mut self, s: &str) -> miniserde::Result<()> {
+                self.out = Some(TaskStatus::parse(s));
+                Ok(())
+            }
+        }
+        Place::new(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,5 +388,19 @@ mod tests {
             assert_eq!(&json::from_str::<UpdatePhase>(&text).unwrap(), known);
         }
         assert_eq!(UpdatePhase::parse("self-test"), UpdatePhase::SelfTest);
+    }
+
+    #[test]
+    fn task_statuses_round_trip_and_keep_unknown_ones() {
+        for known in &TaskStatus::KNOWN {
+            let text = json::to_string(known);
+            assert_eq!(&json::from_str::<TaskStatus>(&text).unwrap(), known);
+        }
+        assert_eq!(TaskStatus::parse("timed_out"), TaskStatus::TimedOut);
+        let odd: TaskStatus = json::from_str("\"paused\"").unwrap();
+        assert_eq!(odd, TaskStatus::Unknown("paused".into()));
+        assert!(odd.is_final() && !TaskStatus::Running.is_final());
+        assert_eq!(json::to_string(&odd), "\"paused\"");
+        assert_eq!(TaskState::parse("expired"), Some(TaskState::Expired));
     }
 }

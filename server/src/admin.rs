@@ -9,8 +9,8 @@ use miniserde::json;
 use stella_proto::api::{
     AgentUpdateRequest, AgentView, ConfigScopeView, ConfigSetRequest, ConfigShowResponse,
     DoctorAsk, DoctorAsked, DoctorReportView, DriftRow, ErrorBody, FleetDoctorReport, Labels,
-    ReleaseImportRequest, ReleaseView, RolloutStartRequest, RolloutView, TokenCreateRequest,
-    TokenCreateResponse,
+    ReleaseImportRequest, ReleaseView, RolloutStartRequest, RolloutView, TaskCreated, TaskView,
+    TokenCreateRequest, TokenCreateResponse,
 };
 
 use crate::cli::{AdminTarget, AgentAction};
@@ -111,6 +111,32 @@ impl AdminClient {
                 .send_empty(),
             None => self.agent.get(&url).header("authorization", &auth).call(),
         };
+        self.answer(result)
+    }
+
+    /// POSTs the file at `file` as the body, streamed, without the global
+    /// timeout (an image archive may take a while).
+    fn upload(&self, path: &str, file: &std::path::Path) -> Result<String, Error> {
+        let body = std::fs::File::open(file)
+            .map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?;
+        let url = format!("{}{path}", self.base);
+        let result = self
+            .agent
+            .post(&url)
+            .config()
+            .timeout_global(None)
+            .timeout_send_body(Some(Duration::from_secs(60)))
+            .build()
+            .header("authorization", &format!("Bearer {}", self.token))
+            .content_type("application/octet-stream")
+            .send(body);
+        self.answer(result)
+    }
+
+    fn answer(
+        &self,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<String, Error> {
         let mut resp =
             result.map_err(|e| Error::client(format!("cannot reach {}", self.base), e))?;
         let status = resp.status().as_u16();
@@ -288,10 +314,30 @@ fn print_agent(a: &AgentView) -> Result<(), Error> {
             d.pass, d.warn, d.fail, d.skip
         ),
     )?;
+    let progress = match (a.update.bytes, a.update.total) {
+        (Some(bytes), Some(total)) => format!(" ({bytes} of {total} bytes)"),
+        (Some(bytes), None) => format!(" ({bytes} bytes)"),
+        _ => String::new(),
+    };
     field(
         "update",
-        &format!("{} {}", a.update.state, a.update.version),
+        &format!("{} {}{progress}", a.update.state, a.update.version),
     )?;
+    if let Some(error) = &a.update.error {
+        field("update error", error)?;
+    }
+    if let Some(f) = &a.last_failure {
+        field(
+            "last failure",
+            &format!(
+                "{} {} at {}: {}",
+                f.phase, f.version, f.received_at, f.reason
+            ),
+        )?;
+        for line in &f.lines {
+            outln!("  | {line}");
+        }
+    }
     Ok(())
 }
 
@@ -607,22 +653,8 @@ pub(crate) fn agents_update(target: &AdminTarget, id: &str, release: &str) -> Re
 }
 
 /// `rollout start`: prints the new rollout's id.
-pub(crate) fn rollout_start(
-    target: &AdminTarget,
-    release: &str,
-    stages: Vec<String>,
-    soak: Duration,
-    max_failures: f64,
-    selector: Labels,
-) -> Result<(), Error> {
+pub(crate) fn rollout_start(target: &AdminTarget, body: RolloutStartRequest) -> Result<(), Error> {
     let client = AdminClient::connect(target)?;
-    let body = RolloutStartRequest {
-        release: release.to_owned(),
-        stages,
-        soak_ms: soak.as_millis() as u64,
-        max_failures,
-        selector,
-    };
     let view: RolloutView = AdminClient::parse(&client.call(
         "POST",
         "/v1/admin/rollouts",
@@ -648,23 +680,49 @@ fn print_rollout(r: &RolloutView) -> Result<(), Error> {
             labels_text(&r.selector)
         }
     );
+    let window = match (&r.window, &r.days) {
+        (None, None) => "any time".to_owned(),
+        (w, d) => format!(
+            "{} UTC{}{}",
+            w.as_deref().unwrap_or("00:00-24:00"),
+            d.as_deref().map(|d| format!(" on {d}")).unwrap_or_default(),
+            match r.window_open {
+                Some(true) => " (open now)",
+                Some(false) => " (closed now)",
+                None => "",
+            }
+        ),
+    };
     outln!(
-        "  {:<4} {:<10} {:>7} {:>8} {:>7}  STATE",
+        "  agent timeout {}, offers {window}; each agent's own update_window also applies",
+        r.agent_timeout.as_deref().unwrap_or("-")
+    );
+    outln!(
+        "  {:<4} {:<10} {:>7} {:>8} {:>7}  {:<8} PHASES",
         "#",
         "STAGE",
         "AGENTS",
         "UPDATED",
-        "FAILED"
+        "FAILED",
+        "STATE"
     );
     for (i, s) in r.stages.iter().enumerate() {
+        let phases = s
+            .phases
+            .iter()
+            .flatten()
+            .map(|(phase, n)| format!("{phase}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         outln!(
-            "  {:<4} {:<10} {:>7} {:>8} {:>7}  {}",
+            "  {:<4} {:<10} {:>7} {:>8} {:>7}  {:<8} {}",
             i + 1,
             s.stage,
             s.agents,
             s.updated,
             s.failed,
-            s.state
+            s.state,
+            phases
         );
     }
     Ok(())
@@ -709,5 +767,123 @@ pub(crate) fn rollout_act(target: &AdminTarget, id: &str, action: &str) -> Resul
         None,
     )?)?;
     outln!("{} {}", view.id, view.status);
+    Ok(())
+}
+
+/// `task create FILE`: sends the signed envelope as it is; prints the
+/// server's task id.
+pub(crate) fn task_create(target: &AdminTarget, file: &std::path::Path) -> Result<(), Error> {
+    let envelope = read_text(file)?;
+    let client = AdminClient::connect(target)?;
+    let created: TaskCreated =
+        AdminClient::parse(&client.call("POST", "/v1/admin/tasks", Some(envelope))?)?;
+    outln!("{}", created.id);
+    Ok(())
+}
+
+/// `task list [--agent ID] [--json]`.
+pub(crate) fn task_list(
+    target: &AdminTarget,
+    agent: Option<&str>,
+    as_json: bool,
+) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let path = match agent {
+        Some(id) => format!("/v1/admin/tasks?agent={id}"),
+        None => "/v1/admin/tasks".to_owned(),
+    };
+    let text = client.call("GET", &path, None)?;
+    if as_json {
+        outln_json!(text);
+        return Ok(());
+    }
+    let tasks: Vec<TaskView> = AdminClient::parse(&text)?;
+    if tasks.is_empty() {
+        outln!("no tasks");
+        return Ok(());
+    }
+    outln!(
+        "{:<16}  {:<24}  {:<9}  {:<9}  {:<20}  RESULTS",
+        "ID",
+        "TASK ID",
+        "TYPE",
+        "STATUS",
+        "NOT AFTER"
+    );
+    for t in &tasks {
+        outln!(
+            "{:<16}  {:<24}  {:<9}  {:<9}  {:<20}  {}",
+            t.id,
+            t.task_id,
+            t.task_type,
+            t.status,
+            t.not_after,
+            t.results.len()
+        );
+    }
+    Ok(())
+}
+
+/// `task show ID [--json]`.
+pub(crate) fn task_show(target: &AdminTarget, id: &str, as_json: bool) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let text = client.call("GET", &format!("/v1/admin/tasks/{id}"), None)?;
+    if as_json {
+        outln_json!(text);
+        return Ok(());
+    }
+    let t: TaskView = AdminClient::parse(&text)?;
+    outln!("id:         {}", t.id);
+    outln!("task id:    {}", t.task_id);
+    outln!("type:       {}", t.task_type);
+    outln!("status:     {}", t.status);
+    outln!("audience:   {}", t.audience);
+    outln!("not after:  {}", t.not_after);
+    outln!("created:    {}", t.created_at);
+    if let Some(at) = &t.cancelled_at {
+        outln!("cancelled:  {at}");
+    }
+    if t.results.is_empty() {
+        outln!("results:    none yet");
+    }
+    for r in &t.results {
+        let exit = r.exit_code.map_or(String::new(), |c| format!(" exit {c}"));
+        let reason = r
+            .reason
+            .as_deref()
+            .map_or(String::new(), |r| format!(": {r}"));
+        outln!("agent {}  {}{exit}{reason}", r.agent, r.status);
+        if let (Some(started), finished) = (&r.started, &r.finished) {
+            outln!(
+                "  started {started}{}",
+                finished
+                    .as_deref()
+                    .map_or(String::new(), |f| format!(", finished {f}"))
+            );
+        }
+        if let Some(output) = r.output.as_deref().filter(|o| !o.is_empty()) {
+            for line in output.lines() {
+                outln!("  | {line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `task cancel ID`.
+pub(crate) fn task_cancel(target: &AdminTarget, id: &str) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let t: TaskView =
+        AdminClient::parse(&client.call("POST", &format!("/v1/admin/tasks/{id}/cancel"), None)?)?;
+    outln!("task {} cancelled", t.id);
+    Ok(())
+}
+
+/// `task artifact FILE`: uploads an image archive; prints its sha256.
+pub(crate) fn task_artifact(target: &AdminTarget, file: &std::path::Path) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let created: stella_proto::api::ArtifactCreated =
+        AdminClient::parse(&client.upload("/v1/admin/artifacts", file)?)?;
+    outln!("{}", created.sha256);
     Ok(())
 }

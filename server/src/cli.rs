@@ -28,11 +28,14 @@ usage:
   stella-server agents update ID --release V
   stella-server rollout start --release V --stages count:1,10,50,100 [--soak D]
                               [--max-failures R] [--selector K=V]...
+                              [--agent-timeout D] [--window HH:MM-HH:MM] [--days mon-fri]
   stella-server rollout show ID [--json] | rollout list [--json]
   stella-server rollout pause|resume|abort ID
   stella-server config set --scope global|label:K=V|agent:ID FILE.json
   stella-server config show [--agent ID]
   stella-server drift [--json]
+  stella-server task create TASK.dsse.json | task list [--agent ID] [--json]
+  stella-server task show ID [--json] | task cancel ID | task artifact FILE
   stella-server version
 
 Admin commands reach the running server found from --data-dir (server.url,
@@ -166,6 +169,9 @@ pub(crate) enum Command {
         soak: Duration,
         max_failures: f64,
         selector: Labels,
+        agent_timeout: Option<Duration>,
+        window: Option<String>,
+        days: Option<String>,
     },
     RolloutShow {
         target: AdminTarget,
@@ -176,6 +182,30 @@ pub(crate) enum Command {
         target: AdminTarget,
         id: String,
         action: String,
+    },
+    /// Queue a signed task (its DSSE envelope file).
+    TaskCreate {
+        target: AdminTarget,
+        file: PathBuf,
+    },
+    TaskList {
+        target: AdminTarget,
+        agent: Option<String>,
+        json: bool,
+    },
+    TaskShow {
+        target: AdminTarget,
+        id: String,
+        json: bool,
+    },
+    TaskCancel {
+        target: AdminTarget,
+        id: String,
+    },
+    /// Upload an image archive for container tasks.
+    TaskArtifact {
+        target: AdminTarget,
+        file: PathBuf,
     },
 }
 
@@ -490,6 +520,8 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 (false, None::<String>, None::<String>, None::<String>);
             let (mut soak, mut max_failures, mut selector) =
                 (Duration::from_secs(600), 0.05f64, Labels::new());
+            let (mut agent_timeout, mut window, mut days) =
+                (None::<Duration>, None::<String>, None::<String>);
             while let Some(arg) = p.next().map_err(lex)? {
                 match arg {
                     Long(flag @ ("data-dir" | "server" | "ca")) => {
@@ -521,6 +553,15 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                     Long("selector") if sub == "start" => {
                         label(p.value().map_err(lex)?, &mut selector)?
                     }
+                    Long("agent-timeout") if sub == "start" => {
+                        agent_timeout = Some(duration(p.value().map_err(lex)?, "--agent-timeout")?)
+                    }
+                    Long("window") if sub == "start" => {
+                        window = Some(string(p.value().map_err(lex)?, "--window")?)
+                    }
+                    Long("days") if sub == "start" => {
+                        days = Some(string(p.value().map_err(lex)?, "--days")?)
+                    }
                     Value(v) if sub != "start" && id.is_none() => {
                         id = Some(string(v, "rollout id")?)
                     }
@@ -537,6 +578,12 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                         .map(|s| s.trim().to_owned())
                         .collect();
                     crate::rollout::check_plan(&stages, soak).map_err(usage)?;
+                    crate::rollout::check_schedule(
+                        agent_timeout,
+                        window.as_deref(),
+                        days.as_deref(),
+                    )
+                    .map_err(usage)?;
                     Command::RolloutStart {
                         target,
                         release: release
@@ -545,6 +592,9 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                         soak,
                         max_failures,
                         selector,
+                        agent_timeout,
+                        window,
+                        days,
                     }
                 }
                 "show" => Command::RolloutShow {
@@ -585,6 +635,53 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 target,
                 selector,
                 json,
+            }
+        }
+        "task" => {
+            let sub = match p.next().map_err(lex)? {
+                Some(Value(v)) => string(v, "task subcommand")?,
+                _ => return Err(usage("expected `task create|list|show|cancel|artifact`")),
+            };
+            let (mut json, mut agent, mut arg) = (false, None::<String>, None::<OsString>);
+            while let Some(next) = p.next().map_err(lex)? {
+                match next {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("json") if sub == "list" || sub == "show" => json = true,
+                    Long("agent") if sub == "list" => {
+                        agent = Some(string(p.value().map_err(lex)?, "--agent")?)
+                    }
+                    Value(v) if sub != "list" && arg.is_none() => arg = Some(v),
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            let need = |what: &str| arg.ok_or_else(|| usage(format!("`task {sub}` needs {what}")));
+            match sub.as_str() {
+                "create" => Command::TaskCreate {
+                    file: need("a signed task file (TASK.dsse.json)")?.into(),
+                    target,
+                },
+                "list" => Command::TaskList {
+                    target,
+                    agent,
+                    json,
+                },
+                "show" => Command::TaskShow {
+                    id: string(need("a task id")?, "task id")?,
+                    target,
+                    json,
+                },
+                "cancel" => Command::TaskCancel {
+                    id: string(need("a task id")?, "task id")?,
+                    target,
+                },
+                "artifact" => Command::TaskArtifact {
+                    file: need("an image archive file")?.into(),
+                    target,
+                },
+                other => return Err(usage(format!("unknown task subcommand {other:?}"))),
             }
         }
         "drift" => {
@@ -646,6 +743,20 @@ mod tests {
             parse(args("agents revoke agt_x --data-dir /d")).unwrap(),
             Command::AgentsAct { .. }
         ));
+        let Command::TaskList { agent, json, .. } =
+            parse(args("task list --agent agt_x --json")).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((agent.as_deref(), json), (Some("agt_x"), true));
+        assert!(matches!(
+            parse(args("task create t.dsse.json")).unwrap(),
+            Command::TaskCreate { .. }
+        ));
+        assert!(matches!(
+            parse(args("task artifact image.tar")).unwrap(),
+            Command::TaskArtifact { .. }
+        ));
     }
 
     #[test]
@@ -658,6 +769,11 @@ mod tests {
             ("agents doctor agt_x --selector env=prod", "not both"),
             ("agents doctor --selector env", "KEY=VALUE"),
             ("doctor-report --json", "needs --selector"),
+            ("task create", "needs a signed task file"),
+            ("task show", "needs a task id"),
+            ("task list abc", "abc"),
+            ("task cancel --json x", "json"),
+            ("task run x", "unknown task subcommand"),
             ("frobnicate", "unknown command"),
             ("serve --bogus", "bogus"),
             ("serve --max-handshakes 0", "--max-handshakes \"0\""),

@@ -177,6 +177,43 @@ pub async fn read_body<S: AsyncRead + Unpin>(
     Ok(request)
 }
 
+/// Reads the body of `head` piece by piece into `sink`, never holding it
+/// whole (uploads larger than any request body): refused with 413 over
+/// `max`, before any of it is read. Each piece must arrive within `idle` of
+/// the last, so a large body may take longer than one request's deadline.
+/// Returns the request without its body.
+pub async fn stream_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    head: Head,
+    max: u64,
+    idle: Duration,
+    sink: &mut (dyn FnMut(&[u8]) -> std::io::Result<()> + Send),
+) -> Result<Request, ReadError> {
+    let Head {
+        request, body_len, ..
+    } = head;
+    if body_len as u64 > max {
+        return Err(ReadError::Reject(Response::error(
+            413,
+            format!("request body of {body_len} bytes is over the limit of {max} bytes"),
+        )));
+    }
+    let mut left = body_len;
+    loop {
+        let n = left.min(buf.len());
+        sink(&buf[..n]).map_err(ReadError::Io)?;
+        buf.drain(..n);
+        left -= n;
+        if left == 0 {
+            return Ok(request);
+        }
+        if read_some(stream, buf, Instant::now() + idle).await? == 0 {
+            return Err(ReadError::Closed);
+        }
+    }
+}
+
 /// Reads and drops the body of a request that was refused on its head, so
 /// that the connection can serve the next request.
 pub async fn skip_body<S: AsyncRead + Unpin>(

@@ -22,6 +22,7 @@ mod renewal;
 mod rollout;
 mod serve;
 mod store;
+mod tasks;
 mod tokens;
 
 use std::ffi::OsString;
@@ -91,11 +92,35 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
             soak,
             max_failures,
             selector,
-        } => admin::rollout_start(&target, &release, stages, soak, max_failures, selector),
+            agent_timeout,
+            window,
+            days,
+        } => admin::rollout_start(
+            &target,
+            stella_proto::api::RolloutStartRequest {
+                release,
+                stages,
+                soak_ms: soak.as_millis() as u64,
+                max_failures,
+                selector,
+                agent_timeout_ms: agent_timeout.map(|d| d.as_millis() as u64),
+                window,
+                days,
+            },
+        ),
         Command::RolloutShow { target, id, json } => {
             admin::rollout_show(&target, id.as_deref(), json)
         }
         Command::RolloutAct { target, id, action } => admin::rollout_act(&target, &id, &action),
+        Command::TaskCreate { target, file } => admin::task_create(&target, &file),
+        Command::TaskList {
+            target,
+            agent,
+            json,
+        } => admin::task_list(&target, agent.as_deref(), json),
+        Command::TaskShow { target, id, json } => admin::task_show(&target, &id, json),
+        Command::TaskCancel { target, id } => admin::task_cancel(&target, &id),
+        Command::TaskArtifact { target, file } => admin::task_artifact(&target, &file),
     }
     .or_else(|e| {
         // `stella-server agents list | head -1`: the reader has what it wanted.

@@ -5,7 +5,8 @@
 //! (mTLS, HTTP Range) — only ever from the blob store, never from a path a
 //! request names. The server does not need the release key: agents verify
 //! the signature with the key pinned on them. `app` records what is imported
-//! and keeps the list in memory.
+//! and keeps the list in memory. Task artifacts (image archives) are blobs
+//! too, written from an upload stream by [`BlobWriter`].
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -145,6 +146,79 @@ pub(crate) fn check_reimport(existing: &ReleaseRecord, new: &ReleaseRecord) -> R
 /// Where a blob lives.
 pub(crate) fn blob_path(data_dir: &Path, sha256: &str) -> PathBuf {
     data_dir.join("blobs").join("sha256").join(sha256)
+}
+
+/// A blob being written from a stream: hashed while written to a temp file
+/// beside the blobs, then stored under its sha256 (`finish`). Dropped
+/// unfinished, it leaves nothing behind.
+pub(crate) struct BlobWriter {
+    dir: PathBuf,
+    tmp: PathBuf,
+    file: Option<File>,
+    ctx: ring::digest::Context,
+    size: u64,
+}
+
+impl BlobWriter {
+    /// Starts a blob in `data_dir`'s blob store.
+    pub(crate) fn create(data_dir: &Path) -> Result<Self, Error> {
+        let dir = blob_path(data_dir, "x")
+            .parent()
+            .map_or_else(|| data_dir.to_owned(), Path::to_owned);
+        fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        let mut nonce = [0u8; 8];
+        crate::fsutil::random_bytes(&mut nonce)?;
+        let tmp = dir.join(format!(".upload.{}.tmp", stella_proto::hash::hex(&nonce)));
+        let file = File::create(&tmp)
+            .map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
+        Ok(Self {
+            dir,
+            tmp,
+            file: Some(file),
+            ctx: ring::digest::Context::new(&ring::digest::SHA256),
+            size: 0,
+        })
+    }
+
+    /// Appends a piece.
+    pub(crate) fn write(&mut self, piece: &[u8]) -> std::io::Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(std::io::Error::other("blob already finished"));
+        };
+        file.write_all(piece)?;
+        self.ctx.update(piece);
+        self.size += piece.len() as u64;
+        Ok(())
+    }
+
+    /// Makes the blob durable under its sha256; returns (sha256, size). A
+    /// blob that exists already is kept (same digest, same bytes).
+    pub(crate) fn finish(mut self) -> Result<(String, u64), Error> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::io("blob already finished", std::io::Error::other("finished")))?;
+        file.sync_all()
+            .map_err(|e| Error::io(format!("cannot sync {}", self.tmp.display()), e))?;
+        drop(file);
+        let sha256 = stella_proto::hash::hex(self.ctx.clone().finish().as_ref());
+        let dest = self.dir.join(&sha256);
+        fs::rename(&self.tmp, &dest)
+            .map_err(|e| Error::io(format!("cannot store {}", dest.display()), e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("cannot sync the blob dir", e))?;
+        Ok((sha256, self.size))
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Reads and checks an envelope's statement (structure only: the signature

@@ -455,6 +455,18 @@ async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStrea
                 continue;
             }
         };
+        if admitted.streams_body() {
+            let (resp, whole) = api::upload_artifact(&app, &mut tls, &mut buf, head).await;
+            let keep = keep_alive && whole;
+            let written = http::write_response(&mut tls, &resp, keep, &mut out).await;
+            if !whole {
+                drain(&mut tls).await;
+            }
+            if written.is_err() || !keep {
+                break;
+            }
+            continue;
+        }
         let req = match http::read_body(&mut tls, &mut buf, head, max_body).await {
             Ok(req) => req,
             Err(ReadError::Reject(resp)) => {

@@ -1,5 +1,6 @@
 //! cargo xtask: project automation with std `Command`s (`test`, `demo`, `dist`,
-//! `keygen`, `sign`, `bundle`, `bench`, `fuzz`), arguments read with lexopt.
+//! `keygen`, `sign`, `sign-task`, `bundle`, `bench`, `fuzz`), arguments read
+//! with lexopt.
 //! Reached through the alias in `.cargo/config.toml`.
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ mod elf;
 mod fuzz;
 mod keygen;
 mod sign;
+mod sign_task;
 mod tidy;
 
 use std::ffi::OsString;
@@ -38,6 +40,9 @@ usage: cargo xtask <command>
                 overwritten) and DIR/release.pub; prints its fingerprint
   sign --key KEY --version V [--allow-downgrade-from V] DIR
                 sign every file under DIR into DIR/release.dsse.json
+  sign-task --key KEY TASK.json --out TASK.dsse.json
+                check a deployment task's shape and sign it with the offline
+                deploy key (a keygen key) into a DSSE envelope
   fuzz --smoke [--time S] | fuzz TARGET [--time S] | fuzz --list
                 libFuzzer targets in fuzz/ (cargo fuzz, installed if missing):
                 replay the kept corpus and crash regressions, then run every
@@ -107,14 +112,18 @@ pub(crate) fn target_dir() -> PathBuf {
 }
 
 /// Programs the end-to-end tests call: certificate and API checks, the
-/// bundle's shell lint, the cross build and the aarch64 agent under qemu.
-const TEST_TOOLS: [&str; 6] = [
+/// bundle's shell lint, the cross build and the aarch64 agent under qemu,
+/// and the container tasks' podman, runc and busybox.
+const TEST_TOOLS: [&str; 9] = [
     "openssl",
     "curl",
     "shellcheck",
     "readelf",
     "aarch64-linux-gnu-gcc",
     "qemu-aarch64-static",
+    "podman",
+    "runc",
+    "busybox",
 ];
 
 /// The version of the second agent build the update tests install.
@@ -200,6 +209,7 @@ enum Task {
     Dist(dist::Options),
     Keygen(keygen::Options),
     Sign(sign::Options),
+    SignDeployment(sign_task::Options),
     Bundle(bundle::Options),
     Bench(bench::Options),
     Fuzz(fuzz::Options),
@@ -235,6 +245,7 @@ impl Task {
             Some("dist") => dist::Options::parse(rest).map(Self::Dist),
             Some("keygen") => keygen::Options::parse(rest).map(Self::Keygen),
             Some("sign") => sign::Options::parse(rest).map(Self::Sign),
+            Some("sign-task") => sign_task::Options::parse(rest).map(Self::SignDeployment),
             Some("bundle") => bundle::Options::parse(rest).map(Self::Bundle),
             Some("bench") => bench::Options::parse(rest).map(Self::Bench),
             Some("fuzz") => fuzz::Options::parse(rest).map(Self::Fuzz),
@@ -250,6 +261,7 @@ impl Task {
             Self::Dist(opts) => dist::dist(opts),
             Self::Keygen(opts) => keygen::keygen(opts),
             Self::Sign(opts) => sign::sign(opts),
+            Self::SignDeployment(opts) => sign_task::sign_task(opts),
             Self::Bundle(opts) => bundle::bundle(opts),
             Self::Bench(opts) => bench::bench(opts),
             Self::Fuzz(opts) => fuzz::fuzz(opts),

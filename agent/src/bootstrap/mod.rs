@@ -35,6 +35,18 @@ pub(crate) struct BootstrapOptions {
     pub(crate) labels: Labels,
     /// The offline release key to pin (PEM SubjectPublicKeyInfo).
     pub(crate) release_key: Option<PathBuf>,
+    /// The offline key that signs tasks (PEM SubjectPublicKeyInfo);
+    /// default: the pinned release key.
+    pub(crate) deploy_key: Option<PathBuf>,
+}
+
+/// Reads and checks a PEM Ed25519 public key given on the command line.
+fn read_key(path: &std::path::Path, flag: &str) -> Result<String, Error> {
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("cannot read {flag} {}", path.display()), e))?;
+    stella_proto::dsse::PublicKey::from_pem(&pem)
+        .map_err(|e| Error::malformed(format!("{flag} {}", path.display()), e))?;
+    Ok(pem)
 }
 
 /// Enrolls this host; afterwards `agent.json` exists.
@@ -50,14 +62,11 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
     }
     let server = opts.server.trim_end_matches('/').to_owned();
     let release_key = match &opts.release_key {
-        Some(path) => {
-            let pem = std::fs::read_to_string(path).map_err(|e| {
-                Error::io(format!("cannot read --release-key {}", path.display()), e)
-            })?;
-            stella_proto::dsse::PublicKey::from_pem(&pem)
-                .map_err(|e| Error::malformed(format!("--release-key {}", path.display()), e))?;
-            Some(pem)
-        }
+        Some(path) => Some(read_key(path, "--release-key")?),
+        None => None,
+    };
+    let deploy_key = match &opts.deploy_key {
+        Some(path) => Some(read_key(path, "--deploy-key")?),
         None => None,
     };
     tls::host_port(&server)?;
@@ -158,6 +167,12 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
     if let Some(pem) = &release_key {
         state.write_atomic(crate::state::RELEASE_KEY, pem.as_bytes(), 0o644)?;
     }
+    // Without --deploy-key, tasks are signed with the release key (pinned
+    // now, or earlier by install.sh for a zero-touch bundle).
+    let deploy_key = deploy_key.or_else(|| state.read_text(crate::state::RELEASE_KEY).ok());
+    if let Some(pem) = &deploy_key {
+        state.write_atomic(crate::state::DEPLOY_KEY, pem.as_bytes(), 0o644)?;
+    }
     // agent.json last: its presence marks a finished enrollment.
     state.write_json(
         AGENT_JSON,
@@ -166,6 +181,7 @@ pub(crate) fn enroll(state: &StateDir, opts: &BootstrapOptions) -> Result<String
             server,
             ca_hash,
             name: Some(name),
+            labels: Some(answer.labels.clone()),
         },
         0o600,
     )?;

@@ -121,6 +121,8 @@ pub(crate) fn zero_touch(state: &StateDir) -> Result<(), Error> {
         labels: Labels::new(),
         // install.sh pinned the bundle's key already.
         release_key: None,
+        // The deploy key defaults to the pinned release key.
+        deploy_key: None,
     };
     let id = super::enroll(state, &opts).map_err(|e| kept(e.into()))?;
     forget_bootstrap(state)?;

@@ -10,7 +10,7 @@ use stella_proto::api::{
     RolloutStartRequest, TokenCreateRequest,
 };
 
-use super::{blocking, failed, parse_json};
+use super::{blocking, failed, json_body, parse_json};
 use crate::app::{AgentAction, App};
 use crate::error::Error;
 use crate::http::{self, Request, Response};
@@ -65,6 +65,9 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
                     soak: Duration::from_millis(body.soak_ms),
                     max_failures: body.max_failures,
                     selector: body.selector.clone(),
+                    agent_timeout: body.agent_timeout_ms.map(Duration::from_millis),
+                    window: body.window.clone(),
+                    days: body.days.clone(),
                 })
             })
             .await?;
@@ -107,7 +110,11 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
             let after = query(req, "after")?.unwrap_or_default();
             json(200, json::to_string(&app.agent_page(limit, &after)))
         }
-        ("GET", ["agents", id]) => json(200, json::to_string(&app.agent_view(id)?)),
+        ("GET", ["agents", id]) => {
+            let id = (*id).to_owned();
+            let view = blocking(app, move |app| app.agent_detail(&id)).await?;
+            json(200, json::to_string(&view))
+        }
         ("POST", ["agents", id, "doctor"]) => {
             let body: DoctorAsk = parse_json(req)?;
             let id = (*id).to_owned();
@@ -136,6 +143,26 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
             let selector = body.selector.unwrap_or_default();
             let report = blocking(app, move |app| app.fleet_doctor_report(&selector)).await?;
             json(200, json::to_string(&report))
+        }
+        ("POST", ["tasks"]) => {
+            let body = json_body(req)?.to_vec();
+            let created = blocking(app, move |app| app.create_task(&body)).await?;
+            json(201, json::to_string(&created))
+        }
+        ("GET", ["tasks"]) => {
+            let agent = query(req, "agent")?;
+            let views = blocking(app, move |app| app.task_views(agent.as_deref())).await?;
+            json(200, json::to_string(&views))
+        }
+        ("GET", ["tasks", id]) => {
+            let id = (*id).to_owned();
+            let view = blocking(app, move |app| app.task_view(&id)).await?;
+            json(200, json::to_string(&view))
+        }
+        ("POST", ["tasks", id, "cancel"]) => {
+            let id = (*id).to_owned();
+            let view = blocking(app, move |app| app.cancel_task(&id)).await?;
+            json(200, json::to_string(&view))
         }
         ("POST", ["agents", id, action]) => {
             let Some(action) = AgentAction::parse(action) else {

@@ -2,7 +2,8 @@
 //! caller authenticates), the one authentication gate every request passes
 //! before its body is read, and thin agent handlers that parse JSON, call
 //! `app`, and format the answer. Admin routes are in `admin`, `/metrics` in
-//! `metrics`.
+//! `metrics`. One admin route streams its body instead of reading it whole:
+//! the artifact upload (`upload_artifact`).
 
 mod admin;
 mod metrics;
@@ -81,6 +82,10 @@ enum Endpoint {
     Challenge,
     Recover,
     Artifact,
+    /// A task artifact (image archive) by sha256, for agents.
+    TaskArtifact,
+    /// An artifact upload: the body is streamed to the blob store.
+    ArtifactUpload,
     Admin,
 }
 
@@ -149,6 +154,18 @@ const ROUTES: &[Route] = &[
         auth: Auth::Agent(Act::Download),
         endpoint: Endpoint::Artifact,
     },
+    Route {
+        method: Some("GET"),
+        path: "/v1/artifacts/*",
+        auth: Auth::Agent(Act::Download),
+        endpoint: Endpoint::TaskArtifact,
+    },
+    Route {
+        method: Some("POST"),
+        path: "/v1/admin/artifacts",
+        auth: Auth::Admin,
+        endpoint: Endpoint::ArtifactUpload,
+    },
     // Doctor on demand (admin routes, listed for the reader; the wildcard
     // below would route them the same).
     Route {
@@ -204,6 +221,14 @@ fn route(method: &str, path: &str) -> Result<&'static Route, Refusal> {
 #[derive(Debug)]
 pub(crate) struct Admitted {
     endpoint: Endpoint,
+}
+
+impl Admitted {
+    /// Whether the body is streamed (`upload_artifact`) rather than read
+    /// whole under the request body limit.
+    pub(crate) fn streams_body(&self) -> bool {
+        self.endpoint == Endpoint::ArtifactUpload
+    }
 }
 
 /// The authentication gate: finds the request's route and authenticates its
@@ -348,10 +373,19 @@ pub(crate) async fn handle(
             Err(r) => refused(r),
         },
         (Endpoint::Artifact, Some(_)) => artifact(app, &req),
+        (Endpoint::TaskArtifact, Some(_)) => task_artifact(app, &req),
+        // Streamed by `upload_artifact`; never read whole.
+        (Endpoint::ArtifactUpload, _) => refused(Refusal::bad_request(
+            "artifact uploads are streamed, not read whole",
+        )),
         (Endpoint::Admin, _) => admin::admin(app, &req).await,
         // The gate admits agent endpoints only with a peer.
         (
-            Endpoint::Heartbeat | Endpoint::Certificate | Endpoint::WhoAmI | Endpoint::Artifact,
+            Endpoint::Heartbeat
+            | Endpoint::Certificate
+            | Endpoint::WhoAmI
+            | Endpoint::Artifact
+            | Endpoint::TaskArtifact,
             None,
         ) => refused(Refusal::unauthorized(
             "this endpoint needs the agent's client certificate (mTLS)",
@@ -384,6 +418,22 @@ fn artifact(app: &App, req: &Request) -> Response {
             "release {version} has no agent for {target}"
         )));
     };
+    serve_file(req, file, size)
+}
+
+/// Serves an agent a task artifact by its sha256, from the blob store, with
+/// Range as for releases.
+fn task_artifact(app: &App, req: &Request) -> Response {
+    let path = http::path_of(&req.path);
+    let sha256 = &path["/v1/artifacts/".len()..];
+    match app.artifact_blob(sha256) {
+        Some((file, size)) => serve_file(req, file, size),
+        None => refused(Refusal::not_found(format!("no artifact {sha256}"))),
+    }
+}
+
+/// Answers with `file` (`size` bytes), or the one range `Range: bytes=` asks.
+fn serve_file(req: &Request, file: std::path::PathBuf, size: u64) -> Response {
     let (start, end) = match req.range.as_deref().map(|r| http::parse_range(r, size)) {
         None => (0, size),
         Some(Some(range)) => range,
@@ -420,7 +470,81 @@ fn artifact(app: &App, req: &Request) -> Response {
     resp
 }
 
-fn parse_json<T: miniserde::Deserialize>(req: &Request) -> Result<T, Refusal> {
+/// `POST /v1/admin/artifacts` (admitted as admin): streams the body into
+/// the blob store, hashing it while written, and answers its sha256.
+/// Returns the answer, and whether the whole body was read (else the
+/// connection must close).
+pub(crate) async fn upload_artifact<S: smol::io::AsyncRead + Unpin>(
+    app: &Arc<App>,
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    head: http::Head,
+) -> (Response, bool) {
+    if head.body_len == 0 {
+        let whole = http::skip_body(stream, buf, &head).await.is_ok();
+        return (
+            refused(Refusal::bad_request(
+                "the artifact is empty: send its bytes as the body",
+            )),
+            whole,
+        );
+    }
+    let mut writer = match blocking(app, |app| {
+        crate::releases::BlobWriter::create(&app.data_dir)
+    })
+    .await
+    {
+        Ok(w) => w,
+        Err(e) => return (failed(e), false),
+    };
+    let mut write_error = None;
+    let streamed = http::stream_body(
+        stream,
+        buf,
+        head,
+        crate::tasks::MAX_ARTIFACT_BYTES,
+        app.settings.request_timeout,
+        &mut |piece| {
+            writer.write(piece).map_err(|e| {
+                let kind = e.kind();
+                write_error = Some(e);
+                std::io::Error::from(kind)
+            })
+        },
+    )
+    .await;
+    match streamed {
+        Ok(_) => {}
+        Err(http::ReadError::Reject(resp)) => return (resp, false),
+        Err(http::ReadError::Timeout) => {
+            return (Response::error(408, "the artifact stopped arriving"), false);
+        }
+        Err(http::ReadError::Closed | http::ReadError::Io(_)) => {
+            let resp = match write_error {
+                Some(e) => failed(Error::io("cannot write the artifact", e)),
+                None => Response::error(400, "the artifact upload was cut short"),
+            };
+            return (resp, false);
+        }
+    }
+    match blocking(app, move |_| writer.finish()).await {
+        Ok((sha256, size)) => {
+            crate::log::info("artifact stored", &[("sha256", &sha256), ("size", &size)]);
+            let body = stella_proto::api::ArtifactCreated { sha256, size };
+            (Response::json(201, json::to_string(&body)), true)
+        }
+        Err(e) => (failed(e), true),
+    }
+}
+
+/// The body of a JSON request as it is (a signed envelope must reach the
+/// store byte for byte), after the same Content-Type check as `parse_json`.
+fn json_body(req: &Request) -> Result<&[u8], Refusal> {
+    check_json_type(req)?;
+    Ok(&req.body)
+}
+
+fn check_json_type(req: &Request) -> Result<(), Refusal> {
     let is_json = req.content_type.as_deref().is_some_and(|ct| {
         ct.split(';')
             .next()
@@ -432,6 +556,11 @@ fn parse_json<T: miniserde::Deserialize>(req: &Request) -> Result<T, Refusal> {
             "the body must be JSON (Content-Type: application/json)",
         ));
     }
+    Ok(())
+}
+
+fn parse_json<T: miniserde::Deserialize>(req: &Request) -> Result<T, Refusal> {
+    check_json_type(req)?;
     let text = std::str::from_utf8(&req.body)
         .map_err(|e| Refusal::bad_request(format!("the body is not UTF-8: {e}")))?;
     // miniserde's error carries no detail: the message names the request.
@@ -476,6 +605,10 @@ mod tests {
                 Ok(Auth::Agent(Act::Download)),
             ),
             ("DELETE", "/v1/admin/anything", Ok(Auth::Admin)),
+            ("POST", "/v1/admin/artifacts", Ok(Auth::Admin)),
+            ("POST", "/v1/admin/tasks", Ok(Auth::Admin)),
+            ("GET", "/v1/artifacts/ab", Ok(Auth::Agent(Act::Download))),
+            ("POST", "/v1/artifacts/ab", Err(404)),
             ("GET", "/v1/agents/heartbeat", Err(405)),
             ("POST", "/healthz", Err(405)),
             ("POST", "/v1/releases/1.0.0/t", Err(404)),
@@ -583,6 +716,7 @@ mod tests {
             ("POST", "/v1/agents/certificate"),
             ("GET", "/v1/agents/self"),
             ("GET", "/v1/releases/1.0.0/t"),
+            ("GET", "/v1/artifacts/00"),
         ];
         for (method, path) in agent_routes {
             assert_eq!(status(&app, Some(&good), method, path, None), 200, "{path}");

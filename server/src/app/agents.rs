@@ -6,14 +6,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stella_proto::api::{AgentView, HeartbeatRequest, HeartbeatResponse, SelfView};
+use stella_proto::api::{
+    AgentView, HeartbeatRequest, HeartbeatResponse, SelfView, UpdateFailureReport,
+    UpdateFailureView,
+};
+use stella_proto::states::UpdatePhase;
 use stella_proto::time::rfc3339;
 
 use super::{App, Metrics, lock, now_ms, now_secs};
 use crate::error::Error;
 use crate::lifecycle::{self, Act, Fleet, Transition};
 use crate::log;
-use crate::records::{AgentRecord, AgentStatus, HeartbeatState, InactiveReason};
+use crate::records::{
+    AgentRecord, AgentStatus, HeartbeatState, InactiveReason, UpdateFailureRecord,
+};
 use crate::refusal::Refusal;
 use crate::store::AgentChange;
 
@@ -106,6 +112,18 @@ impl App {
         mut body: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, Error> {
         lifecycle::check_heartbeat(&body)?;
+        // A failed update's log is stored durably before the answer: the
+        // agent stops sending it once this heartbeat is acknowledged.
+        if let Some(failure) = body.update_failure.take() {
+            {
+                let fleet = lock(&self.fleet);
+                let record = fleet.agents.get(agent_id).map(|a| &a.record);
+                lifecycle::may_act(record, agent_id, serial, Act::Heartbeat)?;
+            }
+            let app = self.clone();
+            let id = agent_id.to_owned();
+            smol::unblock(move || app.store_update_failure(&id, failure)).await?;
+        }
         // A requested doctor report is stored (and the request cleared)
         // before the answer, which then no longer asks for it.
         // A report nobody asked for is dropped: an agent cannot make the
@@ -122,6 +140,18 @@ impl App {
                 let id = agent_id.to_owned();
                 smol::unblock(move || app.store_doctor_report(&id, report)).await?;
             }
+        }
+        // Results are durable before the answer: an agent forgets a result
+        // once a heartbeat carrying it is answered.
+        if let Some(results) = body.task_results.take().filter(|r| !r.is_empty()) {
+            {
+                let fleet = lock(&self.fleet);
+                let record = fleet.agents.get(agent_id).map(|a| &a.record);
+                lifecycle::may_act(record, agent_id, serial, Act::Heartbeat)?;
+            }
+            let app = self.clone();
+            let id = agent_id.to_owned();
+            smol::unblock(move || app.store_task_results(&id, results)).await?;
         }
         let effects = {
             let mut fleet = lock(&self.fleet);
@@ -190,7 +220,11 @@ impl App {
                     self.settings.update_probation,
                 )
             });
+        if let Some(offer) = &update {
+            lifecycle::note_offer(&mut agent.hb, &offer.version, now);
+        }
         let desired = &agent.desired;
+        let (tasks, cancel_tasks) = self.tasks_for(agent_id, &agent.record.labels);
         let answer = HeartbeatResponse {
             update,
             interval_ms: agent.interval(self.settings.heartbeat_interval).as_millis() as u64,
@@ -199,6 +233,8 @@ impl App {
             config_hash: desired.hash.clone(),
             config: push.then(|| desired.doc.clone()),
             doctor: agent.record.doctor_request.clone(),
+            tasks,
+            cancel_tasks,
         };
         if !fleet.dirty.contains(agent_id) {
             fleet.dirty.insert(agent_id.to_owned());
@@ -233,6 +269,52 @@ impl App {
             .get(id)
             .map(|live| lifecycle::view(live))
             .ok_or_else(|| Refusal::not_found(format!("no agent with id {id}")))
+    }
+
+    /// `agents show ID`: the view with the last failed update from the
+    /// store. Blocking.
+    pub(crate) fn agent_detail(&self, id: &str) -> Result<AgentView, Error> {
+        let mut view = self.agent_view(id)?;
+        view.last_failure = self.store.update_failure(id)?.map(|f| UpdateFailureView {
+            version: f.report.version,
+            phase: f.report.phase,
+            reason: f.report.reason,
+            received_at: rfc3339(f.received_at),
+            lines: f.report.lines,
+        });
+        Ok(view)
+    }
+
+    /// Stores the failed update an agent reported, unless it is the one
+    /// already stored (an agent resends it until acknowledged). Blocking.
+    pub(crate) fn store_update_failure(
+        &self,
+        id: &str,
+        mut report: UpdateFailureReport,
+    ) -> Result<(), Error> {
+        report.phase = UpdatePhase::parse(&lifecycle::phase_text(report.phase.as_str()));
+        if self
+            .store
+            .update_failure(id)?
+            .is_some_and(|stored| stored.report == report)
+        {
+            return Ok(());
+        }
+        log::info(
+            "update failure reported",
+            &[
+                ("agent", &id),
+                ("version", &report.version),
+                ("phase", &report.phase),
+                ("lines", &report.lines.len()),
+            ],
+        );
+        let record = UpdateFailureRecord {
+            received_at: now_secs(),
+            report,
+        };
+        self.store.put_update_failure(id, &record)?;
+        Ok(())
     }
 
     /// Up to `limit` agents with ids after `after`, in id order, so that

@@ -1,7 +1,8 @@
 //! The running server: its settings, the store, the CA, and the state it keeps
 //! in memory, with the operations the API calls. Each operation parses
 //! nothing and formats nothing: it applies a domain module's rules
-//! (`tokens`, `lifecycle`, `renewal`, `config`, `releases`, `rollout`) to the
+//! (`tokens`, `lifecycle`, `renewal`, `config`, `releases`, `rollout`,
+//! `tasks`) to the
 //! store and to the in-memory state, durable first.
 //!
 //! # Process-local state
@@ -24,6 +25,9 @@
 //! - `rollouts`: rollout records (a cache of the store), and who is offered
 //!   which release now and the per-stage numbers: recomputed by the rollout
 //!   controller every second from the fleet.
+//! - `tasks`: every task with each agent's latest status (a cache of the
+//!   store; heartbeat answers read it without a store round trip). Results'
+//!   texts stay in the store.
 //! - `challenges`: outstanding recovery challenges, single-use and valid for a
 //!   minute: losing them costs an agent one retry.
 //! - `registration_failures` and `admin_failures`: failed registrations
@@ -43,6 +47,7 @@ mod doctor;
 mod enrollment;
 mod releases;
 mod rollouts;
+mod tasks;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -61,6 +66,7 @@ use crate::releases::Releases;
 use crate::renewal::Challenges;
 use crate::rollout::Rollouts;
 use crate::store::{Store, StoreError};
+use crate::tasks::Tasks;
 use crate::tokens::FailureWindows;
 
 /// What `serve` was started with.
@@ -127,6 +133,8 @@ pub(crate) struct App {
     pub(crate) releases: Mutex<Releases>,
     /// Rollouts and current offers. Lock order: after fleet and releases.
     pub(crate) rollouts: Mutex<Rollouts>,
+    /// Tasks and each agent's latest status. Lock order: after fleet.
+    pub(crate) tasks: Mutex<Tasks>,
     /// Outstanding recovery challenges.
     pub(crate) challenges: Mutex<Challenges>,
     /// Failed registrations per source address (brute-force brake).
@@ -165,6 +173,7 @@ impl App {
         let mut configs = Configs::load(store.configs()?)?;
         let releases = Releases::load(store.releases()?);
         let rollouts = crate::rollout::load(store.rollouts()?);
+        let tasks = Tasks::load(store.tasks()?, &store.task_results(None)?);
         let fleet = Fleet::load(store.as_ref(), &mut configs, started_ms)?;
         Ok(Self {
             settings,
@@ -177,6 +186,7 @@ impl App {
             configs: Mutex::new(configs),
             releases: Mutex::new(releases),
             rollouts: Mutex::new(rollouts),
+            tasks: Mutex::new(tasks),
             challenges: Mutex::new(Challenges::default()),
             registration_failures: Mutex::new(FailureWindows::default()),
             admin_failures: Mutex::new(FailureWindows::default()),

@@ -3,12 +3,13 @@
 //! invokes `store_conformance!` with a constructor of an empty store). Also
 //! the records the tests and the crash-consistency tests build.
 
-use stella_proto::api::{DoctorDirective, DoctorReport, Labels, Platform};
+use stella_proto::api::{DoctorDirective, DoctorReport, Labels, Platform, UpdateFailureReport};
+use stella_proto::states::{TaskStatus, UpdatePhase};
 
 use super::{EnrollmentState, NewEnrollment, Store, StoreError};
 use crate::records::{
     AgentRecord, AgentStatus, CertRecord, DoctorReportRecord, HeartbeatState, ReleaseFile,
-    ReleaseRecord, RolloutRecord, TokenRecord,
+    ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord, UpdateFailureRecord,
 };
 use crate::refusal::Refusal;
 
@@ -33,6 +34,8 @@ macro_rules! store_conformance {
             releases_are_recorded_once,
             rollouts_are_replaced_whole,
             doctor_reports_clear_the_request,
+            update_failures_are_kept_per_agent,
+            tasks_are_recorded_once_and_results_upserted,
         );
     };
     (@tests $make:expr; $($name:ident,)*) => {$(
@@ -106,6 +109,11 @@ pub(crate) fn rollout(id: &str, status: &str) -> RolloutRecord {
         healthy_since_ms: 0,
         created_at: 100,
         ignored_failures: Vec::new(),
+        agent_timeout_ms: Some(60_000),
+        window: Some("22:00-04:00".into()),
+        days: Some("mon-fri".into()),
+        stage_opened_ms: Some(100_000),
+        resumed_ms: None,
     }
 }
 
@@ -372,6 +380,44 @@ pub(crate) fn doctor_reports_clear_the_request(make: MakeStore<'_>) {
     assert!(store.doctor_report("agt_x").unwrap().is_none());
 }
 
+pub(crate) fn update_failures_are_kept_per_agent(make: MakeStore<'_>) {
+    let store = make();
+    store.insert_token(&token("abcdef", 1)).unwrap();
+    enroll(store.as_ref(), "abcdef", "agt_a", "01").unwrap();
+    assert!(store.update_failure("agt_a").unwrap().is_none());
+    let failure = |version: &str, lines: usize| UpdateFailureRecord {
+        received_at: 30,
+        report: UpdateFailureReport {
+            version: version.to_owned(),
+            phase: UpdatePhase::RolledBack,
+            reason: "doctor failed".into(),
+            lines: (0..lines).map(|i| format!("line {i}")).collect(),
+        },
+    };
+    store
+        .put_update_failure("agt_a", &failure("1.1.0", 64))
+        .unwrap();
+    store
+        .put_update_failure("agt_a", &failure("1.2.0", 2))
+        .unwrap();
+    assert_eq!(
+        store.update_failure("agt_a").unwrap(),
+        Some(failure("1.2.0", 2)),
+        "the last one replaces the one before"
+    );
+    let audit = store.audit_log().unwrap();
+    let last = audit.last().unwrap();
+    assert_eq!(
+        (last.action.as_str(), last.detail.as_str()),
+        ("agent.update_failed", "rolled_back 1.2.0: doctor failed")
+    );
+    assert!(matches!(
+        store.put_update_failure("agt_x", &failure("1.1.0", 1)),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(store.update_failure("agt_x").unwrap().is_none());
+}
+
 pub(crate) fn configs_get_versions(make: MakeStore<'_>) {
     let store = make();
     assert!(store.configs().unwrap().is_empty());
@@ -435,9 +481,129 @@ pub(crate) fn rollouts_are_replaced_whole(make: MakeStore<'_>) {
         (a.status.as_str(), a.reason.as_deref()),
         ("paused", Some("why"))
     );
+    assert_eq!(
+        (
+            a.agent_timeout_ms,
+            a.window.as_deref(),
+            a.days.as_deref(),
+            a.stage_opened_ms
+        ),
+        (
+            Some(60_000),
+            Some("22:00-04:00"),
+            Some("mon-fri"),
+            Some(100_000)
+        )
+    );
     let line = store.audit_log().unwrap().pop().unwrap();
     assert_eq!(
         (line.at, line.action.as_str(), line.subject.as_str()),
         (102, "rollout.pause", "rol_a")
+    );
+}
+
+pub(crate) fn task(id: &str) -> TaskRecord {
+    TaskRecord {
+        id: id.to_owned(),
+        task_id: format!("signed-{id}"),
+        task_type: "file".into(),
+        envelope: "{}".into(),
+        not_after: 10_000,
+        agents: None,
+        selector: Some(Labels::from([("role".to_owned(), "web".to_owned())])),
+        created_at: 100,
+        cancelled_at: None,
+    }
+}
+
+pub(crate) fn task_result(task: &str, agent: &str, status: TaskStatus) -> TaskResultRecord {
+    TaskResultRecord {
+        task: task.to_owned(),
+        agent: agent.to_owned(),
+        status,
+        reason: None,
+        exit_code: None,
+        output: Some("ok\n".into()),
+        started: Some("2026-11-30T04:00:00Z".into()),
+        finished: None,
+        reported_at: 200,
+    }
+}
+
+pub(crate) fn tasks_are_recorded_once_and_results_upserted(make: MakeStore<'_>) {
+    let store = make();
+    assert!(store.tasks().unwrap().is_empty());
+    assert!(store.task_results(None).unwrap().is_empty());
+    let (a, b) = (task("00000000000000aa"), task("00000000000000ab"));
+    store.insert_task(&b).unwrap();
+    store.insert_task(&a).unwrap();
+    assert!(matches!(
+        store.insert_task(&a),
+        Err(StoreError::Exists { what: "task", .. })
+    ));
+    assert_eq!(store.tasks().unwrap(), vec![a.clone(), b.clone()]);
+    let cancelled = TaskRecord {
+        cancelled_at: Some(300),
+        ..a.clone()
+    };
+    store.put_task(&cancelled, 300, "task.cancel").unwrap();
+    assert_eq!(store.tasks().unwrap()[0], cancelled);
+    assert!(matches!(
+        store.put_task(&task("00000000000000ff"), 300, "task.cancel"),
+        Err(StoreError::NotFound { what: "task", .. })
+    ));
+
+    let running = task_result(&a.id, "agt_a", TaskStatus::Running);
+    let other = task_result(&b.id, "agt_a", TaskStatus::Refused);
+    store
+        .put_task_results(&[running.clone(), other.clone()])
+        .unwrap();
+    let done = TaskResultRecord {
+        status: TaskStatus::Succeeded,
+        exit_code: Some(0),
+        finished: Some("2026-11-30T04:00:09Z".into()),
+        ..running
+    };
+    let second = task_result(&a.id, "agt_b", TaskStatus::Unknown("paused".into()));
+    store
+        .put_task_results(&[done.clone(), second.clone()])
+        .unwrap();
+    // The same report again changes nothing.
+    store.put_task_results(std::slice::from_ref(&done)).unwrap();
+    store.put_task_results(&[]).unwrap();
+    assert_eq!(
+        store.task_results(Some(&a.id)).unwrap(),
+        vec![done.clone(), second.clone()]
+    );
+    assert_eq!(
+        store.task_results(Some(&b.id)).unwrap(),
+        vec![other.clone()]
+    );
+    assert!(
+        store
+            .task_results(Some("00000000000000ff"))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.task_results(None).unwrap(), vec![done, second, other]);
+    let actions: Vec<String> = store
+        .audit_log()
+        .unwrap()
+        .into_iter()
+        .map(|l| l.action)
+        .filter(|a| a.starts_with("task."))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "task.create",
+            "task.create",
+            "task.cancel",
+            "task.result",
+            "task.result",
+            "task.result",
+            "task.result",
+            "task.result"
+        ]
     );
 }

@@ -1,6 +1,7 @@
 //! The store: every durable fact of the server behind one narrow trait
 //! (agents, heartbeat soft state, tokens, enrollments, certificates,
-//! configuration scopes, releases, rollouts, the audit log), so that a second
+//! configuration scopes, releases, rollouts, tasks and their results, the
+//! audit log), so that a second
 //! backend (PostgreSQL) can be added without touching the domain or API code.
 //!
 //! A backend keeps records and makes writes atomic and durable; it decides
@@ -9,8 +10,8 @@
 //! that the backend runs inside the write transaction, and whatever the rule
 //! refuses comes back as [`StoreError::Aborted`] with nothing written.
 //!
-//! Enrollment, token use, lifecycle, certificate, configuration, release and
-//! rollout changes are durable when a method returns; heartbeat soft state is
+//! Enrollment, token use, lifecycle, certificate, configuration, release,
+//! rollout, task and task result changes are durable when a method returns; heartbeat soft state is
 //! written in batches (`save_heartbeats`).
 
 mod redb;
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 
 use crate::records::{
     AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord, HeartbeatState,
-    ReleaseRecord, RolloutRecord, TokenRecord,
+    ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord, UpdateFailureRecord,
 };
 use crate::refusal::Refusal;
 
@@ -271,6 +272,30 @@ pub(crate) trait Store: Send + Sync {
 
     /// Agent `id`'s last doctor report.
     fn doctor_report(&self, id: &str) -> Result<Option<DoctorReportRecord>, StoreError>;
+
+    /// Stores the last failed update agent `id` reported (replacing the
+    /// one before), durably, with an audit line.
+    fn put_update_failure(&self, id: &str, failure: &UpdateFailureRecord)
+    -> Result<(), StoreError>;
+
+    /// The last failed update agent `id` reported.
+    fn update_failure(&self, id: &str) -> Result<Option<UpdateFailureRecord>, StoreError>;
+    /// Every task, in server id order.
+    fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// Records a new task; refuses an id that exists (`Exists`).
+    fn insert_task(&self, task: &TaskRecord) -> Result<(), StoreError>;
+
+    /// Replaces a stored task (a cancel), with an audit line; refuses an
+    /// unknown id (`NotFound`).
+    fn put_task(&self, task: &TaskRecord, now: u64, action: &str) -> Result<(), StoreError>;
+
+    /// The results of task `task`, or of every task, in (task, agent) order.
+    fn task_results(&self, task: Option<&str>) -> Result<Vec<TaskResultRecord>, StoreError>;
+
+    /// Stores each result, replacing the earlier one of the same (task,
+    /// agent), in one transaction.
+    fn put_task_results(&self, results: &[TaskResultRecord]) -> Result<(), StoreError>;
 
     /// Writes a batch of heartbeat states (one commit for the whole batch).
     fn save_heartbeats(&self, batch: &[(String, HeartbeatState)]) -> Result<(), StoreError>;

@@ -15,7 +15,8 @@ use super::{
 };
 use crate::records::{
     AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord, EnrollmentRecord,
-    HeartbeatState, ReleaseRecord, RolloutRecord, TokenRecord,
+    HeartbeatState, ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord,
+    UpdateFailureRecord,
 };
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
@@ -35,6 +36,14 @@ const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
 /// Agent id → its last requested doctor report (created on first use: a
 /// store made before doctor on demand has no such table).
 const DOCTOR_REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("doctor_reports");
+/// Agent id → the last failed update it reported, with its log lines
+/// (created on first use, as `DOCTOR_REPORTS`).
+const UPDATE_FAILURES: TableDefinition<&str, &[u8]> = TableDefinition::new("update_failures");
+/// Server task id → task (created on first use, like `doctor_reports`).
+const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
+/// Key: `<server task id>/<agent id>` → that agent's latest result (created
+/// on first use).
+const TASK_RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("task_results");
 
 /// redb's page cache (its default is 1 GiB).
 const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
@@ -580,6 +589,53 @@ impl Store for RedbStore {
         })
     }
 
+    fn put_update_failure(
+        &self,
+        id: &str,
+        failure: &UpdateFailureRecord,
+    ) -> Result<(), StoreError> {
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            if txn.open_table(AGENTS)?.get(id)?.is_none() {
+                return Err(StoreError::NotFound {
+                    what: "agent",
+                    key: id.to_owned(),
+                });
+            }
+            txn.open_table(UPDATE_FAILURES)?
+                .insert(id, encode(failure).as_slice())?;
+            let detail = format!(
+                "{} {}: {}",
+                failure.report.phase.as_str(),
+                failure.report.version,
+                failure.report.reason
+            );
+            append_audit(
+                &txn,
+                failure.received_at,
+                "agent.update_failed",
+                id,
+                &detail,
+            )?;
+            self.commit(txn)?;
+            Ok(())
+        })
+    }
+
+    fn update_failure(&self, id: &str) -> Result<Option<UpdateFailureRecord>, StoreError> {
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let rows = match txn.open_table(UPDATE_FAILURES) {
+                Ok(rows) => rows,
+                Err(::redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            rows.get(id)?
+                .map(|v| decode("update failure", id, v.value()))
+                .transpose()
+        })
+    }
+
     fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
         self.get(CERTS, "certificate", serial)
     }
@@ -701,6 +757,115 @@ impl Store for RedbStore {
             };
             self.commit(txn)?;
             Ok(record)
+        })
+    }
+
+    fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let rows = match txn.open_table(TASKS) {
+                Ok(rows) => rows,
+                Err(::redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut out = Vec::new();
+            for row in rows.iter()? {
+                let (k, v) = row?;
+                out.push(decode("task", k.value(), v.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn insert_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut tasks = txn.open_table(TASKS)?;
+                if tasks.get(task.id.as_str())?.is_some() {
+                    return Err(StoreError::Exists {
+                        what: "task",
+                        key: task.id.clone(),
+                    });
+                }
+                tasks.insert(task.id.as_str(), encode(task).as_slice())?;
+                append_audit(
+                    &txn,
+                    task.created_at,
+                    "task.create",
+                    &task.id,
+                    &format!("task_id={} type={}", task.task_id, task.task_type),
+                )?;
+            }
+            self.commit(txn)?;
+            Ok(())
+        })
+    }
+
+    fn put_task(&self, task: &TaskRecord, now: u64, action: &str) -> Result<(), StoreError> {
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut tasks = txn.open_table(TASKS)?;
+                if tasks.get(task.id.as_str())?.is_none() {
+                    return Err(StoreError::NotFound {
+                        what: "task",
+                        key: task.id.clone(),
+                    });
+                }
+                tasks.insert(task.id.as_str(), encode(task).as_slice())?;
+                append_audit(&txn, now, action, &task.id, "")?;
+            }
+            self.commit(txn)?;
+            Ok(())
+        })
+    }
+
+    fn task_results(&self, task: Option<&str>) -> Result<Vec<TaskResultRecord>, StoreError> {
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let rows = match txn.open_table(TASK_RESULTS) {
+                Ok(rows) => rows,
+                Err(::redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            // `/` comes just before `0` in ASCII: the keys of one task run
+            // from `<id>/` up to (not including) `<id>0`.
+            let range = match task {
+                Some(id) => rows.range(format!("{id}/").as_str()..format!("{id}0").as_str())?,
+                None => rows.range::<&str>(..)?,
+            };
+            let mut out = Vec::new();
+            for row in range {
+                let (k, v) = row?;
+                out.push(decode("task result", k.value(), v.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn put_task_results(&self, results: &[TaskResultRecord]) -> Result<(), StoreError> {
+        self.with_db(true, |db| {
+            if results.is_empty() {
+                return Ok(());
+            }
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(TASK_RESULTS)?;
+                for r in results {
+                    let key = format!("{}/{}", r.task, r.agent);
+                    table.insert(key.as_str(), encode(r).as_slice())?;
+                    append_audit(
+                        &txn,
+                        r.reported_at,
+                        "task.result",
+                        &r.task,
+                        &format!("agent={} status={}", r.agent, r.status.as_str()),
+                    )?;
+                }
+            }
+            self.commit(txn)?;
+            Ok(())
         })
     }
 
