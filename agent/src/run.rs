@@ -1,6 +1,7 @@
 //! `stella-agent run`: the scheduler. One thread, one small deadline loop
 //! over single exchanges — a heartbeat (`heartbeat`) over one mTLS
-//! keep-alive connection with jitter and capped exponential backoff, a
+//! keep-alive connection with ±10% jitter, and after failures capped
+//! exponential backoff with full jitter (`RetrySchedule`), a
 //! certificate renewal (`renewal`), a doctor run with remediation, one
 //! chunk of an update download (`update`), and a poll of the running
 //! deployment task (`tasks`) — sleeping until the earliest is
@@ -47,11 +48,46 @@ fn jittered(base: Duration, spread: f64, rng: &SystemRandom) -> Duration {
     base.mul_f64(1.0 - spread + 2.0 * spread * random_unit(rng))
 }
 
-/// The wait after `failures` consecutive failures: 1×, 2×, 4× the interval,
-/// never more than 4×.
-fn backoff(interval: Duration, failures: u32) -> Duration {
-    let factor = 1u32 << failures.saturating_sub(1).min(2);
-    interval * factor
+/// The longest wait between heartbeat attempts after failures: four
+/// intervals, but at most five minutes unless one interval is longer (then
+/// one interval). Long enough to spread a whole fleet's return after an
+/// outage, short enough that the server's timeout monitor (3 missed
+/// intervals by default) sees a returned agent within a few minutes.
+const RETRY_CAP_CEILING: Duration = Duration::from_secs(300);
+
+/// How consecutive failed heartbeats (a refused connection, a timeout, a
+/// 5xx, a 403 while deactivated) space the next attempt: capped exponential
+/// backoff with full jitter. After failure n the wait is uniform in
+/// [0, min(cap, interval·2^(n-1))], so the first retry after an outage is
+/// spread over one whole interval and a fleet that lost its server together
+/// does not come back together. A success resets it.
+#[derive(Debug, Default)]
+struct RetrySchedule {
+    failures: u32,
+}
+
+impl RetrySchedule {
+    fn cap(interval: Duration) -> Duration {
+        (interval * 4).min(RETRY_CAP_CEILING.max(interval))
+    }
+
+    /// The window the next wait is drawn from after `failures` failures.
+    fn window(interval: Duration, failures: u32) -> Duration {
+        let doubled = interval * (1u32 << failures.saturating_sub(1).min(8));
+        doubled.min(Self::cap(interval))
+    }
+
+    /// Counts one more failure and returns the wait before the next
+    /// attempt; `unit` is a random number in [0, 1).
+    fn failed(&mut self, interval: Duration, unit: f64) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        Self::window(interval, self.failures).mul_f64(unit.clamp(0.0, 1.0))
+    }
+
+    /// A heartbeat got through: returns how many had failed before it.
+    fn succeeded(&mut self) -> u32 {
+        std::mem::take(&mut self.failures)
+    }
 }
 
 /// The wait before retrying a failed renewal: starts at 1% of the lifetime
@@ -73,7 +109,7 @@ struct Agent<'a> {
     /// Unix seconds when the certificate should be renewed.
     renew_at: u64,
     renew_failures: u32,
-    beat_failures: u32,
+    retry: RetrySchedule,
 }
 
 impl Agent<'_> {
@@ -90,10 +126,9 @@ impl Agent<'_> {
     }
 
     /// Counts a heartbeat that did not get through and returns when to try
-    /// again: capped exponential backoff with jitter.
+    /// again (see [`RetrySchedule`]).
     fn failed_beat(&mut self) -> Duration {
-        self.beat_failures += 1;
-        jittered(backoff(self.interval, self.beat_failures), 0.1, &self.rng)
+        self.retry.failed(self.interval, random_unit(&self.rng))
     }
 
     fn refused(&self, message: &str) -> Error {
@@ -184,7 +219,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
         rng,
         interval,
         renew_failures: 0,
-        beat_failures: 0,
+        retry: RetrySchedule::default(),
     };
     let mut config = ConfigState::load(&saved);
     let log_level_from_env = std::env::var_os("STELLA_LOG_LEVEL").is_some();
@@ -284,13 +319,13 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                 }
                 match sent {
                     Ok(answer) => {
-                        if agent.beat_failures > 0 {
+                        let failed_before = agent.retry.succeeded();
+                        if failed_before > 0 {
                             log::info(
                                 "heartbeat accepted again",
-                                &[("after_failures", &agent.beat_failures)],
+                                &[("after_failures", &failed_before)],
                             );
                         }
-                        agent.beat_failures = 0;
                         // Delivered: the report goes once, results too.
                         beat.doctor_report = None;
                         // Stored by the server: the failure's log goes once,
@@ -416,7 +451,7 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                             "heartbeat failed",
                             &[
                                 ("error", &error),
-                                ("failures", &agent.beat_failures),
+                                ("failures", &agent.retry.failures),
                                 ("retry_in", &stella_proto::format_duration(wait)),
                             ],
                         );
@@ -504,11 +539,92 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
 mod tests {
     use super::*;
 
+    /// A seeded source of units in [0, 1) (xorshift64*), so a failing case
+    /// can be replayed.
+    struct Seeded(u64);
+
+    impl Seeded {
+        fn unit(&mut self) -> f64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
     #[test]
-    fn backoff_doubles_up_to_four_intervals() {
-        let i = Duration::from_secs(30);
-        let waits: Vec<u64> = (1..=6).map(|n| backoff(i, n).as_secs()).collect();
-        assert_eq!(waits, [30, 60, 120, 120, 120, 120]);
+    fn retry_windows_double_up_to_the_cap() {
+        let windows = |i: Duration| -> Vec<u64> {
+            (1..=6)
+                .map(|n| RetrySchedule::window(i, n).as_secs())
+                .collect()
+        };
+        // 4 intervals at most.
+        assert_eq!(
+            windows(Duration::from_secs(30)),
+            [30, 60, 120, 120, 120, 120]
+        );
+        // ...but no more than 5 minutes...
+        assert_eq!(
+            windows(Duration::from_secs(120)),
+            [120, 240, 300, 300, 300, 300]
+        );
+        // ...unless one interval is longer: then never less than one interval.
+        assert_eq!(windows(Duration::from_secs(600)), [600; 6]);
+        assert_eq!(
+            RetrySchedule::window(Duration::from_millis(100), u32::MAX),
+            Duration::from_millis(400)
+        );
+    }
+
+    #[test]
+    fn retries_are_fully_jittered_within_their_window() {
+        let interval = Duration::from_secs(30);
+        let mut rng = Seeded(0x5EED_0001);
+        for failures in 1..=5u32 {
+            let window = RetrySchedule::window(interval, failures);
+            let waits: Vec<Duration> = (0..2000)
+                .map(|_| {
+                    let mut s = RetrySchedule {
+                        failures: failures - 1,
+                    };
+                    s.failed(interval, rng.unit())
+                })
+                .collect();
+            assert!(waits.iter().all(|w| *w <= window), "{failures}: {window:?}");
+            // Full jitter: the waits cover the whole window, from near 0 to
+            // near its end, not a band around it.
+            let min = waits.iter().min().copied().unwrap_or_default();
+            let max = waits.iter().max().copied().unwrap_or_default();
+            assert!(min < window / 50, "{failures}: min {min:?} of {window:?}");
+            assert!(
+                max > window * 49 / 50,
+                "{failures}: max {max:?} of {window:?}"
+            );
+            // And they are spread evenly: the mean is near the middle.
+            let mean = waits.iter().sum::<Duration>() / 2000;
+            assert!(
+                mean > window * 45 / 100 && mean < window * 55 / 100,
+                "{failures}: mean {mean:?} of {window:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_success_resets_the_schedule() {
+        let interval = Duration::from_secs(30);
+        let mut s = RetrySchedule::default();
+        // The largest unit the source can give, so each wait is its window.
+        let top = 1.0 - f64::EPSILON;
+        let waits: Vec<u64> = (0..4)
+            .map(|_| s.failed(interval, top).as_secs_f64().round() as u64)
+            .collect();
+        assert_eq!(waits, [30, 60, 120, 120]);
+        assert_eq!(s.succeeded(), 4);
+        assert_eq!(s.succeeded(), 0);
+        assert_eq!(s.failed(interval, top).as_secs_f64().round() as u64, 30);
+        assert_eq!(s.failed(interval, 0.0), Duration::ZERO);
     }
 
     #[test]

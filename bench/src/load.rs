@@ -59,7 +59,7 @@ impl Simulated {
 
 /// The heartbeat an idle, healthy agent sends (what `stella-agent run` sends
 /// between config changes), without its leading `{"seq":0`.
-fn body_tail(config_hash: &str) -> String {
+pub(crate) fn body_tail(config_hash: &str) -> String {
     let beat = HeartbeatRequest {
         seq: 0,
         version: env!("CARGO_PKG_VERSION").into(),

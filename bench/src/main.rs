@@ -7,6 +7,8 @@
 //! stella-loadgen fleet --server URL --ca FILE --token T --out FILE
 //!     [--enroll N] [--concurrency K] [--conns N,N] [--rounds R] [--warmup D]
 //!     [--window D] [--fill TOTAL] [--fill-deadline D] [--threads T]
+//! stella-loadgen storm --server URL --ca FILE --token T --out FILE --enroll N
+//!     --ready FILE --go FILE [--interval D] [--timeout D] [--concurrency K]
 //! stella-loadgen healthz --server URL --ca FILE --since-unix-ns NS [--timeout D]
 //! stella-loadgen get --server URL --ca FILE --path P [--bearer-file F]
 //! ```
@@ -15,6 +17,7 @@
 mod enroll;
 mod http;
 mod load;
+mod storm;
 mod tls;
 
 use std::fmt::Display;
@@ -49,6 +52,12 @@ struct Options {
     timeout: Duration,
     path: String,
     bearer_file: Option<PathBuf>,
+    /// storm: written once the agents are enrolled; the storm starts when
+    /// `go` appears (the server has been restarted meanwhile).
+    ready: Option<PathBuf>,
+    go: Option<PathBuf>,
+    /// storm: the heartbeat interval the agents' retry schedule follows.
+    interval: Duration,
 }
 
 fn parse() -> Result<Options, String> {
@@ -73,6 +82,9 @@ fn parse() -> Result<Options, String> {
         timeout: Duration::from_secs(300),
         path: String::new(),
         bearer_file: None,
+        ready: None,
+        go: None,
+        interval: Duration::from_secs(30),
     };
     let err = |e: lexopt::Error| e.to_string();
     let text = |p: &mut lexopt::Parser| -> Result<String, String> {
@@ -118,6 +130,9 @@ fn parse() -> Result<Options, String> {
             Long("timeout") => o.timeout = dur(text(&mut p)?)?,
             Long("path") => o.path = text(&mut p)?,
             Long("bearer-file") => o.bearer_file = Some(text(&mut p)?.into()),
+            Long("ready") => o.ready = Some(text(&mut p)?.into()),
+            Long("go") => o.go = Some(text(&mut p)?.into()),
+            Long("interval") => o.interval = dur(text(&mut p)?)?,
             other => return Err(other.unexpected().to_string()),
         }
     }
@@ -347,6 +362,101 @@ async fn fleet(o: &Options, out: &mut Results) -> Result<(), String> {
     Ok(())
 }
 
+/// Enrolls `--enroll` agents, says so in `--ready`, waits for `--go`, then
+/// has them all reconnect at once (see `storm`).
+async fn storm(o: &Options, out: &mut Results) -> Result<(), String> {
+    let (Some(ready), Some(go)) = (&o.ready, &o.go) else {
+        return Err("storm needs --ready FILE and --go FILE".into());
+    };
+    if o.token.is_empty() {
+        return Err("storm needs --token".into());
+    }
+    let target = Arc::new(Target::new(&o.server, &o.ca)?);
+    let pending = enroll::prepare(&o.token, 0, o.enroll, o.threads)?;
+    let e = enroll::run(&target, pending, o.concurrency, true).await?;
+    out.put("storm.enrolled", e.ok);
+    if e.ok as usize != o.enroll {
+        return Err(format!(
+            "only {} of {} agents enrolled: {}",
+            e.ok,
+            o.enroll,
+            e.first_error.unwrap_or_default()
+        ));
+    }
+    std::fs::write(ready, b"enrolled\n")
+        .map_err(|e| format!("cannot write {}: {e}", ready.display()))?;
+    let waited = Instant::now();
+    while !go.exists() {
+        if waited.elapsed() > Duration::from_secs(600) {
+            return Err(format!("{} never appeared", go.display()));
+        }
+        smol::Timer::after(Duration::from_millis(10)).await;
+    }
+    let seed = unix_ns() as u64;
+    let s = storm::run(&target, &e.enrolled, o.interval, o.timeout, seed).await?;
+    let secs = s.all_acked.as_secs_f64();
+    let at = |q: f64| {
+        let i = ((q * s.ack_secs.len() as f64).ceil() as usize).clamp(1, s.ack_secs.len().max(1));
+        s.ack_secs.get(i - 1).copied().unwrap_or(f64::NAN)
+    };
+    out.put("storm.interval", stella_proto::format_duration(o.interval));
+    out.put("storm.agents", s.agents);
+    out.put("storm.acked", s.acked);
+    out.put("storm.all_acked_secs", format!("{secs:.2}"));
+    out.put("storm.p50_secs", format!("{:.2}", at(0.5)));
+    out.put("storm.p90_secs", format!("{:.2}", at(0.9)));
+    out.put("storm.p99_secs", format!("{:.2}", at(0.99)));
+    out.put("storm.attempts", s.attempts);
+    out.put("storm.handshakes", s.handshakes);
+    out.put(
+        "storm.handshakes_per_s",
+        format!("{:.0}", s.handshakes as f64 / secs.max(0.001)),
+    );
+    out.put("storm.peak_handshakes_per_s", s.peak_handshakes_per_s);
+    out.put("storm.closed", s.closed);
+    out.put("storm.timed_out", s.timed_out);
+    out.put("storm.other_errors", s.other_errors);
+    out.put("storm.max_retries", s.max_failures);
+    if let Some(first) = &s.first_error {
+        out.put("storm.first_error", first.replace('\n', " "));
+    }
+    // The server's side of it, on a connection of our own.
+    if let Ok(tls) = target.connect(target.config(None)?).await {
+        let mut conn = http::Conn::new(tls);
+        let mut req = Vec::new();
+        http::request(&mut req, "GET", "/metrics", None, None);
+        if let Ok((200, body)) = conn.exchange(&req).await {
+            let text = String::from_utf8_lossy(body);
+            for (name, key) in [
+                ("stella_handshakes_shed_total", "storm.server_shed"),
+                ("stella_tls_handshakes_total", "storm.server_handshakes"),
+                (
+                    "stella_tls_handshake_failures_total",
+                    "storm.server_handshake_failures",
+                ),
+                (
+                    "stella_connections_refused_total",
+                    "storm.server_connections_refused",
+                ),
+            ] {
+                if let Some(v) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                {
+                    out.put(key, v.trim());
+                }
+            }
+        }
+    }
+    if s.acked != s.agents {
+        return Err(format!(
+            "{} of {} agents acknowledged within {:?}",
+            s.acked, s.agents, o.timeout
+        ));
+    }
+    Ok(())
+}
+
 /// Polls `/healthz` with fresh connections until it answers 200.
 async fn healthz(o: &Options, out: &mut Results) -> Result<(), String> {
     let target = Target::new(&o.server, &o.ca)?;
@@ -473,7 +583,10 @@ fn main() -> ExitCode {
             "fleet" => fleet(&o, &mut out).await,
             "healthz" => healthz(&o, &mut out).await,
             "get" => get(&o, &mut out).await,
-            other => Err(format!("unknown command {other:?} (fleet, healthz, get)")),
+            "storm" => storm(&o, &mut out).await,
+            other => Err(format!(
+                "unknown command {other:?} (fleet, storm, healthz, get)"
+            )),
         }
     }));
     match result {

@@ -18,7 +18,7 @@ usage:
   stella-server init  --data-dir DIR [--san NAME]... [--store URL]
   stella-server serve --data-dir DIR [--store URL] [--listen ADDR] [--heartbeat-interval D]
                       [--heartbeat-misses N] [--cert-lifetime D] [--expired-grace D]
-                      [--update-probation D]
+                      [--update-probation D] [--max-handshakes N]
   stella-server migrate --from DATA_DIR --to postgres://…
   stella-server token create [--ttl D] [--uses N] [--label K=V]...
   stella-server agents list [--json] | agents show ID [--doctor] [--json]
@@ -66,7 +66,15 @@ pub(crate) struct ServeOptions {
     pub(crate) cert_lifetime: Duration,
     pub(crate) expired_grace: Duration,
     pub(crate) update_probation: Duration,
+    /// TLS handshakes in progress at once; more are closed at once.
+    pub(crate) max_handshakes: usize,
 }
+
+/// Default for `serve --max-handshakes`: on a 2-core box a handshake costs
+/// about a millisecond of CPU, so 256 at once is a quarter second of work
+/// queued at worst, and with a 200 ms round trip still admits over 1,000
+/// handshakes/s; in memory it is a few MiB of TLS state.
+pub(crate) const DEFAULT_MAX_HANDSHAKES: usize = 256;
 
 /// A lifecycle action on one agent.
 #[derive(Debug, Clone, Copy)]
@@ -333,6 +341,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 cert_lifetime: Duration::from_secs(30 * 86_400),
                 expired_grace: Duration::from_secs(30 * 86_400),
                 update_probation: Duration::from_secs(300),
+                max_handshakes: DEFAULT_MAX_HANDSHAKES,
             };
             while let Some(arg) = p.next().map_err(lex)? {
                 match arg {
@@ -355,6 +364,17 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                     }
                     Long("expired-grace") => {
                         o.expired_grace = duration(p.value().map_err(lex)?, "--expired-grace")?
+                    }
+                    Long("max-handshakes") => {
+                        let value = string(p.value().map_err(lex)?, "--max-handshakes")?;
+                        o.max_handshakes = match value.parse::<usize>() {
+                            Ok(n) if n >= 1 => n,
+                            _ => {
+                                return Err(usage(format!(
+                                    "--max-handshakes {value:?} is not a number of at least 1"
+                                )));
+                            }
+                        };
                     }
                     other => return Err(usage(other.unexpected().to_string())),
                 }
@@ -750,6 +770,11 @@ mod tests {
             panic!()
         };
         assert_eq!(o.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(o.max_handshakes, DEFAULT_MAX_HANDSHAKES);
+        let Command::Serve(limited) = parse(args("serve --max-handshakes 8")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(limited.max_handshakes, 8);
         assert_eq!(
             (o.heartbeat_misses, o.cert_lifetime),
             (2, Duration::from_secs(30))
@@ -801,6 +826,8 @@ mod tests {
             ("task run x", "unknown task subcommand"),
             ("frobnicate", "unknown command"),
             ("serve --bogus", "bogus"),
+            ("serve --max-handshakes 0", "--max-handshakes \"0\""),
+            ("serve --max-handshakes many", "at least 1"),
         ] {
             let err = parse(args(line)).unwrap_err();
             assert!(matches!(err, Error::Usage(_)), "{line}");

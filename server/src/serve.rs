@@ -1,6 +1,8 @@
 //! `init` (make a data dir) and `serve` (run the HTTPS API): the listener,
-//! TLS handshakes, one task per connection with keep-alive, and the
-//! background tasks (timeout monitor, heartbeat group commit).
+//! TLS handshakes (at most `--max-handshakes` at once; the excess is closed
+//! at once, see [`HandshakeSlot`]), one task per connection with
+//! keep-alive, and the background tasks (timeout monitor, heartbeat group
+//! commit).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_signal::{Signal, Signals};
-use futures_rustls::TlsAcceptor;
+use futures_rustls::LazyConfigAcceptor;
 use smol::future::FutureExt;
 use smol::net::{TcpListener, TcpStream};
 use smol::stream::StreamExt;
@@ -170,6 +172,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         flush_every: Duration::from_secs(1),
         idle_timeout: (opts.heartbeat_interval * 3).max(Duration::from_secs(90)),
         request_timeout: Duration::from_secs(10),
+        max_handshakes: opts.max_handshakes,
     };
     let app = Arc::new(App::load(
         settings,
@@ -191,7 +194,6 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
             .spawn(move || smol::block_on(ex.run(smol::future::pending::<()>())))
             .map_err(|e| Error::io("cannot start a worker thread", e))?;
     }
-    let acceptor = TlsAcceptor::from(tls);
     smol::block_on(ex.run(async {
         let listener = TcpListener::bind(addr)
             .await
@@ -219,6 +221,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
                 ),
                 ("ca_hash", &app.ca.pin()),
                 ("max_connections", &app.max_connections),
+                ("max_handshakes", &app.settings.max_handshakes),
             ],
         );
         ex.spawn(app::timeout_monitor(app.clone())).detach();
@@ -250,8 +253,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
                         drop(tcp);
                         continue;
                     }
-                    ex.spawn(connection(app.clone(), acceptor.clone(), tcp))
-                        .detach();
+                    ex.spawn(connection(app.clone(), tls.clone(), tcp)).detach();
                 }
                 Err(e) => {
                     // Out of descriptors and the like: wait, keep serving the rest.
@@ -339,20 +341,112 @@ impl Drop for ConnectionSlot<'_> {
     }
 }
 
-async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
+/// One of the `--max-handshakes` TLS handshakes allowed at once, held from
+/// the client's hello to the end of the handshake.
+///
+/// A reconnect storm (a fleet returning after an outage) would otherwise
+/// start thousands of handshakes together: all would progress slowly,
+/// most would time out, and their clients would come back for more. With a
+/// bound the handshakes in progress finish quickly and the excess is closed
+/// at once, a fast failure its agent retries after its jittered backoff;
+/// nothing queues. The slot is taken only once a ClientHello has arrived
+/// (reading it costs no cryptography), so connections that send nothing
+/// cannot hold the slots; they time out as before.
+struct HandshakeSlot<'a>(&'a Metrics);
+
+impl<'a> HandshakeSlot<'a> {
+    /// A slot if fewer than `limit` are taken; otherwise the connection is
+    /// counted as shed.
+    fn take(metrics: &'a Metrics, limit: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let before = metrics
+            .handshakes_in_progress
+            .fetch_add(1, Ordering::AcqRel);
+        if before >= limit as u64 {
+            metrics
+                .handshakes_in_progress
+                .fetch_sub(1, Ordering::AcqRel);
+            Metrics::bump(&metrics.handshakes_shed);
+            log_shedding(metrics);
+            return None;
+        }
+        Some(Self(metrics))
+    }
+}
+
+impl Drop for HandshakeSlot<'_> {
+    fn drop(&mut self) {
+        self.0
+            .handshakes_in_progress
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// When shedding was last logged (ms since the epoch).
+static SHED_LOGGED_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One warning every 10 s at most while handshakes are shed: a storm sheds
+/// thousands, and the operator needs to know it happens, not each one.
+fn log_shedding(metrics: &Metrics) {
+    use std::sync::atomic::Ordering;
+    let now = app::now_ms();
+    let last = SHED_LOGGED_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 10_000
+        && SHED_LOGGED_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        log::warn(
+            "too many TLS handshakes at once; closing the excess (clients retry with backoff)",
+            &[("shed_total", &Metrics::load(&metrics.handshakes_shed))],
+        );
+    }
+}
+
+/// Why a connection got no TLS session.
+enum NoSession {
+    /// Shed: too many handshakes in progress (counted already).
+    Shed,
+    Failed,
+}
+
+/// The TLS handshake of one connection, within [`HANDSHAKE_TIMEOUT`] and
+/// the handshake bound.
+async fn handshake(
+    app: &App,
+    tls: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+) -> Result<futures_rustls::server::TlsStream<TcpStream>, NoSession> {
+    let handshake = async {
+        let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+            .await
+            .map_err(|_| NoSession::Failed)?;
+        let Some(_slot) = HandshakeSlot::take(&app.metrics, app.settings.max_handshakes) else {
+            // Dropping the hello closes the connection.
+            return Err(NoSession::Shed);
+        };
+        hello.into_stream(tls).await.map_err(|_| NoSession::Failed)
+    };
+    let timeout = async {
+        smol::Timer::after(HANDSHAKE_TIMEOUT).await;
+        Err(NoSession::Failed)
+    };
+    handshake.or(timeout).await
+}
+
+async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStream) {
     let _slot = ConnectionSlot(&app);
     let source = tcp
         .peer_addr()
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let _ = tcp.set_nodelay(true);
-    let handshake = async { acceptor.accept(tcp).await.map_err(|e| e.to_string()) };
-    let timeout = async {
-        smol::Timer::after(HANDSHAKE_TIMEOUT).await;
-        Err("handshake timed out".to_owned())
-    };
-    let mut tls = match handshake.or(timeout).await {
-        Ok(s) => s,
-        Err(_) => {
+    let mut tls = match handshake(&app, tls, tcp).await {
+        Ok(s) => {
+            Metrics::bump(&app.metrics.handshakes);
+            s
+        }
+        Err(NoSession::Shed) => return,
+        Err(NoSession::Failed) => {
             Metrics::bump(&app.metrics.tls_failures);
             return;
         }
@@ -454,4 +548,29 @@ async fn connection(app: Arc<App>, acceptor: TlsAcceptor, tcp: TcpStream) {
     }
     use smol::io::AsyncWriteExt;
     let _ = tls.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_beyond_the_bound_are_shed_and_slots_come_back() {
+        let metrics = Metrics::default();
+        let first = HandshakeSlot::take(&metrics, 2);
+        let second = HandshakeSlot::take(&metrics, 2);
+        assert!(first.is_some() && second.is_some());
+        assert!(HandshakeSlot::take(&metrics, 2).is_none());
+        assert!(HandshakeSlot::take(&metrics, 2).is_none());
+        assert_eq!(Metrics::load(&metrics.handshakes_shed), 2);
+        assert_eq!(Metrics::load(&metrics.handshakes_in_progress), 2);
+        // A finished handshake (or a failed one) gives its slot back.
+        drop(first);
+        assert_eq!(Metrics::load(&metrics.handshakes_in_progress), 1);
+        let again = HandshakeSlot::take(&metrics, 2);
+        assert!(again.is_some());
+        drop((second, again));
+        assert_eq!(Metrics::load(&metrics.handshakes_in_progress), 0);
+        assert_eq!(Metrics::load(&metrics.handshakes_shed), 2);
+    }
 }

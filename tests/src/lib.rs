@@ -216,6 +216,8 @@ pub struct ServerOptions {
     pub cert_lifetime: &'static str,
     pub expired_grace: &'static str,
     pub update_probation: &'static str,
+    /// `serve --max-handshakes` (the server's default when `None`).
+    pub max_handshakes: Option<u32>,
 }
 
 impl Default for ServerOptions {
@@ -226,6 +228,7 @@ impl Default for ServerOptions {
             cert_lifetime: "30d",
             expired_grace: "30d",
             update_probation: "5m",
+            max_handshakes: None,
         }
     }
 }
@@ -410,6 +413,9 @@ fn spawn_serve(
         .args(["--cert-lifetime", opts.cert_lifetime])
         .args(["--expired-grace", opts.expired_grace])
         .args(["--update-probation", opts.update_probation]);
+    if let Some(n) = opts.max_handshakes {
+        cmd.args(["--max-handshakes", &n.to_string()]);
+    }
     let n = fs::read_dir(dir.path()).map_or(0, |d| d.count());
     let proc = Proc::spawn(cmd, dir.join(&format!("server-{n}.log")));
     let url_file = data.join("server.url");

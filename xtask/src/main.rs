@@ -53,7 +53,7 @@ usage: cargo xtask <command>
                 dist, or a prebuilt DIST dir), release-key.pub, ca.pem,
                 bootstrap.json, install.sh, README.txt, all signed into
                 DIR/release.dsse.json; and DIR.tar
-  bench [--quick]
+  bench [--quick] [--only storm]
                 measure the agent and server against docs/design.md section 13
                 (release builds, real processes on loopback); prints one
                 table and writes BENCHMARKS.md (--quick: about 2 minutes)";

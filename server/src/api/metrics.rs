@@ -53,6 +53,16 @@ pub(super) fn metrics(app: &App) -> Response {
             load(&m.connections_refused),
         ),
         (
+            "stella_tls_handshakes_total",
+            "TLS handshakes completed.",
+            load(&m.handshakes),
+        ),
+        (
+            "stella_handshakes_shed_total",
+            "Connections closed before their TLS handshake because --max-handshakes were in progress (the client retries later).",
+            load(&m.handshakes_shed),
+        ),
+        (
             "stella_certificate_renewals_total",
             "Certificates renewed over mTLS.",
             load(&m.renewals),
@@ -73,6 +83,11 @@ pub(super) fn metrics(app: &App) -> Response {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP stella_tls_handshakes_in_progress TLS handshakes in progress (at most --max-handshakes).\n# TYPE stella_tls_handshakes_in_progress gauge\nstella_tls_handshakes_in_progress {}",
+        load(&m.handshakes_in_progress)
+    );
     let _ = writeln!(
         out,
         "# HELP stella_start_time_seconds When the server started.\n# TYPE stella_start_time_seconds gauge\nstella_start_time_seconds {}",

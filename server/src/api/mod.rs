@@ -639,6 +639,7 @@ mod tests {
             flush_every: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(90),
             request_timeout: Duration::from_secs(10),
+            max_handshakes: 16,
         };
         let app = App::load(settings, Box::new(store), ca, dir.clone(), 100).unwrap();
         (Arc::new(app), dir)

@@ -85,6 +85,8 @@ pub(crate) struct Settings {
     pub(crate) idle_timeout: Duration,
     /// How long one request may take to arrive once it started.
     pub(crate) request_timeout: Duration,
+    /// TLS handshakes in progress at once; the excess is closed at once.
+    pub(crate) max_handshakes: usize,
 }
 
 /// Counters exported on `/metrics`.
@@ -99,6 +101,11 @@ pub(crate) struct Metrics {
     pub(crate) recoveries: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
     pub(crate) connections_refused: AtomicU64,
+    /// Connections closed before their handshake: too many in progress.
+    pub(crate) handshakes_shed: AtomicU64,
+    /// TLS handshakes in progress now (a gauge; also the gate's count).
+    pub(crate) handshakes_in_progress: AtomicU64,
+    pub(crate) handshakes: AtomicU64,
 }
 
 impl Metrics {

@@ -18,6 +18,7 @@ mod postgres;
 mod renewal;
 mod rollout;
 mod signing;
+mod storm;
 mod tasks;
 mod tasks_server;
 mod update;

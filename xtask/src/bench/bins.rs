@@ -19,6 +19,57 @@ pub(super) struct Bins {
     pub(super) dist: Vec<(String, Result<PathBuf, String>)>,
 }
 
+/// Only the server and the load generator (`--only storm`); the agent
+/// paths are empty.
+pub(super) fn build_server_and_loadgen(bin: &Path) -> Result<Bins, String> {
+    fs::create_dir_all(bin).map_err(|e| format!("cannot create {}: {e}", bin.display()))?;
+    run(cargo()
+        .args(["build", "--release", "-p", "stella-server"])
+        .env_remove("STELLA_VERSION"))?;
+    let server = copy_aside(
+        target_dir().join("release/stella-server"),
+        bin,
+        "stella-server",
+    )?;
+    let loadgen = build_loadgen(bin)?;
+    Ok(Bins {
+        server,
+        agent: PathBuf::new(),
+        agent_alloc: PathBuf::new(),
+        loadgen,
+        dist: Vec::new(),
+    })
+}
+
+/// Copies `from` to `bin/name`, then renames: a binary still running from
+/// an earlier run cannot be written over ("text file busy"), but it can be
+/// replaced.
+fn copy_aside(from: PathBuf, bin: &Path, name: &str) -> Result<PathBuf, String> {
+    let to = bin.join(name);
+    let tmp = bin.join(format!(".{name}.tmp"));
+    fs::copy(&from, &tmp)
+        .and_then(|_| fs::rename(&tmp, &to))
+        .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
+    Ok(to)
+}
+
+/// The load generator is built for speed (it shares the cores with the server).
+fn build_loadgen(bin: &Path) -> Result<PathBuf, String> {
+    let loadgen_target = target_dir().join("bench-loadgen");
+    run(cargo()
+        .args(["build", "--release", "-p", "stella-bench"])
+        .arg("--target-dir")
+        .arg(&loadgen_target)
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "3")
+        .env("CARGO_PROFILE_RELEASE_LTO", "false")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16"))?;
+    copy_aside(
+        loadgen_target.join("release/stella-loadgen"),
+        bin,
+        "stella-loadgen",
+    )
+}
+
 pub(super) fn build(scale: &Scale, bin: &Path) -> Result<Bins, String> {
     fs::create_dir_all(bin).map_err(|e| format!("cannot create {}: {e}", bin.display()))?;
     // The shipped profile (fat LTO, opt-level z) for what is measured.
@@ -33,16 +84,7 @@ pub(super) fn build(scale: &Scale, bin: &Path) -> Result<Bins, String> {
         ])
         .env_remove("STELLA_VERSION"))?;
     let release = target_dir().join("release");
-    let copy = |from: PathBuf, name: &str| -> Result<PathBuf, String> {
-        // Copy, then rename: a binary still running from an earlier run
-        // cannot be written over ("text file busy"), but it can be replaced.
-        let to = bin.join(name);
-        let tmp = bin.join(format!(".{name}.tmp"));
-        fs::copy(&from, &tmp)
-            .and_then(|_| fs::rename(&tmp, &to))
-            .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))?;
-        Ok(to)
-    };
+    let copy = |from: PathBuf, name: &str| copy_aside(from, bin, name);
     let server = copy(release.join("stella-server"), "stella-server")?;
     let agent = copy(release.join("stella-agent"), "stella-agent")?;
     // Its own target dir, so the two feature sets do not rebuild each other.
@@ -63,19 +105,7 @@ pub(super) fn build(scale: &Scale, bin: &Path) -> Result<Bins, String> {
         alloc_target.join("release/stella-agent"),
         "stella-agent-alloc",
     )?;
-    // The load generator is built for speed (it shares the cores with the server).
-    let loadgen_target = target_dir().join("bench-loadgen");
-    run(cargo()
-        .args(["build", "--release", "-p", "stella-bench"])
-        .arg("--target-dir")
-        .arg(&loadgen_target)
-        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "3")
-        .env("CARGO_PROFILE_RELEASE_LTO", "false")
-        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16"))?;
-    let loadgen = copy(
-        loadgen_target.join("release/stella-loadgen"),
-        "stella-loadgen",
-    )?;
+    let loadgen = build_loadgen(bin)?;
 
     let targets = ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"];
     let dist = if scale.quick {

@@ -1,8 +1,9 @@
-//! `cargo xtask bench [--quick]` (docs/design.md section 13): builds release
-//! binaries, measures the agent (size, RSS, allocations, doctor) and the
-//! server (heartbeats/s against a `/healthz` baseline, enrollments/s, RSS and
-//! start-up with a big store) with real processes on loopback, and prints one
-//! table with the budgets, also written to `BENCHMARKS.md`.
+//! `cargo xtask bench [--quick] [--only storm]` (docs/design.md section 13):
+//! builds release binaries, measures the agent (size, RSS, allocations,
+//! doctor) and the server (heartbeats/s against a `/healthz` baseline,
+//! enrollments/s, RSS and start-up with a big store, a reconnect storm) with
+//! real processes on loopback, and prints one table with the budgets, also
+//! written to `BENCHMARKS.md` (not by `--only`, which measures one phase).
 //!
 //! The simulated fleet is `stella-loadgen` (the `bench/` crate); these files
 //! only start processes, read `/proc` and write the table. A benchmark,
@@ -15,6 +16,7 @@ mod process;
 mod server;
 mod size;
 mod store;
+mod storm;
 mod table;
 
 use std::ffi::OsString;
@@ -55,6 +57,8 @@ struct Scale {
     /// Agents in the store for the restart measurement, and the time allowed.
     fill: usize,
     fill_deadline: &'static str,
+    /// Simulated agents in the reconnect storm.
+    storm_agents: usize,
 }
 
 impl Scale {
@@ -73,6 +77,7 @@ impl Scale {
                 window: "5s",
                 fill: 10_000,
                 fill_deadline: "75s",
+                storm_agents: 1_000,
             }
         } else {
             Self {
@@ -88,6 +93,7 @@ impl Scale {
                 window: "10s",
                 fill: FLEET,
                 fill_deadline: "600s",
+                storm_agents: 10_000,
             }
         }
     }
@@ -98,10 +104,18 @@ impl Scale {
 pub(crate) struct Options {
     /// About 2 minutes of measuring instead of the full run.
     quick: bool,
+    /// Only this phase (`storm`), printed and not written to BENCHMARKS.md.
+    only: Option<Phase>,
+}
+
+/// A phase that can be run alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Storm,
 }
 
 impl Options {
-    /// Parses `[--quick]`.
+    /// Parses `[--quick] [--only storm]`.
     pub(crate) fn parse<I>(args: I) -> Result<Self, Usage>
     where
         I: IntoIterator,
@@ -109,21 +123,68 @@ impl Options {
     {
         const CMD: &str = "bench";
         let mut quick = false;
+        let mut only = None;
         let mut args = Args::new(CMD, args);
         while let Some(arg) = args.next()? {
             match arg {
                 Arg::Long("quick") => quick = true,
+                Arg::Long("only") => {
+                    only = match args.string("--only")?.as_str() {
+                        "storm" => Some(Phase::Storm),
+                        other => {
+                            return Err(Usage::Wrong(format!(
+                                "{CMD}: --only {other:?}: the phases run alone are: storm"
+                            )));
+                        }
+                    }
+                }
                 other => return Err(Usage::unexpected(CMD, other)),
             }
         }
-        Ok(Self { quick })
+        Ok(Self { quick, only })
     }
 }
 
-/// `cargo xtask bench [--quick]`.
+/// `cargo xtask bench --only storm`: builds the server and the load
+/// generator only, runs the storm and prints its rows.
+fn only_storm(scale: &Scale) -> Result<(), String> {
+    let root = target_dir().join("bench");
+    let bins = bins::build_server_and_loadgen(&root.join("bin"))?;
+    let run_dir = root.join("run-storm");
+    let _ = fs::remove_dir_all(&run_dir);
+    fs::create_dir_all(&run_dir)
+        .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    let load_before = load_average();
+    let started = Instant::now();
+    let (mut rows, mut problems) = (Vec::new(), Vec::new());
+    storm::storm(
+        &bins,
+        &run_dir,
+        scale.storm_agents,
+        &mut rows,
+        &mut problems,
+    )?;
+    println!("{}", render(&rows));
+    println!(
+        "- measured in {:.0} s on {}; 1-minute load average {load_before:.1} at the start, {:.1} at the end (BENCHMARKS.md not written: --only)",
+        started.elapsed().as_secs_f64(),
+        machine(),
+        load_average()
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\nxtask: "))
+    }
+}
+
+/// `cargo xtask bench [--quick] [--only storm]`.
 pub(crate) fn bench(opts: &Options) -> Result<(), String> {
     let quick = opts.quick;
     let scale = Scale::new(quick);
+    if opts.only == Some(Phase::Storm) {
+        return only_storm(&scale);
+    }
     let command = if quick {
         "cargo xtask bench --quick"
     } else {
@@ -175,6 +236,15 @@ pub(crate) fn bench(opts: &Options) -> Result<(), String> {
         &run_dir,
         &mut fleet,
         &|| agents.server_status(),
+        &mut rows,
+        &mut problems,
+    )?;
+
+    // 9. A reconnect storm against a server of its own.
+    storm::storm(
+        &bins,
+        &run_dir,
+        scale.storm_agents,
         &mut rows,
         &mut problems,
     )?;
