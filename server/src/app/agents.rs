@@ -6,12 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stella_proto::api::{AgentView, HeartbeatRequest, HeartbeatResponse, SelfView};
+use stella_proto::api::{
+    AgentView, FleetSummary, HeartbeatRequest, HeartbeatResponse, Labels, SelfView,
+};
 use stella_proto::time::rfc3339;
 
 use super::{App, Metrics, lock, now_ms, now_secs};
 use crate::error::Error;
-use crate::lifecycle::{self, Act, Fleet, Transition};
+use crate::lifecycle::{self, Act, Fleet, LiveAgent, Transition};
 use crate::log;
 use crate::records::{AgentRecord, AgentStatus, HeartbeatState, InactiveReason};
 use crate::refusal::Refusal;
@@ -235,25 +237,70 @@ impl App {
             .ok_or_else(|| Refusal::not_found(format!("no agent with id {id}")))
     }
 
-    /// Up to `limit` agents with ids after `after`, in id order, so that
-    /// listing a fleet of 100,000 never holds all of it as views at once.
-    pub(crate) fn agent_page(&self, limit: usize, after: &str) -> Vec<AgentView> {
+    /// One page of the agents that `filter` selects, in id order: those
+    /// after the id `after`, skipping `offset` of them, at most `limit`;
+    /// and how many agents the filter selects in all. One pass over the
+    /// fleet and a partial sort of the page: a page of 100,000 agents costs
+    /// milliseconds, and only the page is turned into views.
+    pub(crate) fn agent_query(
+        &self,
+        filter: &AgentFilter,
+        after: &str,
+        offset: usize,
+        limit: usize,
+    ) -> (Vec<AgentView>, usize) {
         let fleet = lock(&self.fleet);
         let mut ids: Vec<&str> = fleet
             .agents
-            .keys()
-            .map(String::as_str)
-            .filter(|id| *id > after)
+            .values()
+            .filter(|a| filter.matches(a))
+            .map(|a| a.record.id.as_str())
             .collect();
-        if ids.len() > limit {
-            ids.select_nth_unstable(limit);
-            ids.truncate(limit);
+        let total = ids.len();
+        ids.retain(|id| *id > after);
+        let end = offset.saturating_add(limit);
+        if ids.len() > end {
+            ids.select_nth_unstable(end);
+            ids.truncate(end);
         }
         ids.sort_unstable();
-        ids.iter()
+        let page = ids
+            .iter()
+            .skip(offset)
             .filter_map(|id| fleet.agents.get(*id))
             .map(|a| lifecycle::view(a))
-            .collect()
+            .collect();
+        (page, total)
+    }
+
+    /// The fleet in numbers: agents by status, inactive reason, version and
+    /// target.
+    pub(crate) fn fleet_summary(&self) -> FleetSummary {
+        let fleet = lock(&self.fleet);
+        let mut summary = FleetSummary {
+            agents: fleet.agents.len() as u64,
+            ..FleetSummary::default()
+        };
+        for status in AgentStatus::ALL {
+            summary.status.insert(status.as_str().to_owned(), 0);
+        }
+        let bump =
+            |map: &mut std::collections::BTreeMap<String, u64>, key: &str| match map.get_mut(key) {
+                Some(n) => *n += 1,
+                None => {
+                    map.insert(key.to_owned(), 1);
+                }
+            };
+        for live in fleet.agents.values() {
+            let r = &live.record;
+            bump(&mut summary.status, r.status.as_str());
+            if let Some(reason) = r.reason {
+                bump(&mut summary.reasons, reason.as_str());
+            }
+            bump(&mut summary.versions, live.version());
+            bump(&mut summary.targets, &r.platform.target);
+        }
+        summary
     }
 
     /// `agents deactivate|activate|revoke|renew ID`. Blocking.
@@ -296,6 +343,49 @@ impl App {
         })?;
         Ok(self.agent_view(id)?)
     }
+}
+
+/// Which agents a listing selects: every condition given must hold.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct AgentFilter {
+    pub(crate) status: Option<AgentStatus>,
+    /// Labels the agent must carry, each with this value.
+    pub(crate) labels: Labels,
+    /// The version it runs, exactly.
+    pub(crate) version: Option<String>,
+    /// Its target triple, exactly.
+    pub(crate) target: Option<String>,
+    /// Part of its name or id, in any case.
+    pub(crate) name: Option<String>,
+}
+
+impl AgentFilter {
+    fn matches(&self, live: &LiveAgent) -> bool {
+        let r = &live.record;
+        self.status.is_none_or(|s| s == r.status)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| r.labels.get(k).is_some_and(|have| have == v))
+            && self.version.as_deref().is_none_or(|v| v == live.version())
+            && self
+                .target
+                .as_deref()
+                .is_none_or(|t| t == r.platform.target)
+            && self.name.as_deref().is_none_or(|part| {
+                contains_ignoring_case(&r.name, part) || contains_ignoring_case(&r.id, part)
+            })
+    }
+}
+
+/// Whether `text` contains `part`, ASCII case ignored (names and ids are
+/// mostly ASCII; other letters match exactly).
+fn contains_ignoring_case(text: &str, part: &str) -> bool {
+    let (text, part) = (text.as_bytes(), part.as_bytes());
+    part.is_empty()
+        || text
+            .windows(part.len())
+            .any(|w| w.eq_ignore_ascii_case(part))
 }
 
 /// Marks agents `inactive` (heartbeat_timeout) after `--heartbeat-misses`
