@@ -6,6 +6,7 @@
 
 pub mod raw;
 pub mod release;
+pub mod webdriver;
 
 use std::fs;
 use std::path::{Path, PathBuf};
