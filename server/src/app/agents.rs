@@ -249,58 +249,13 @@ impl App {
         offset: usize,
         limit: usize,
     ) -> (Vec<AgentView>, usize) {
-        let fleet = lock(&self.fleet);
-        let mut ids: Vec<&str> = fleet
-            .agents
-            .values()
-            .filter(|a| filter.matches(a))
-            .map(|a| a.record.id.as_str())
-            .collect();
-        let total = ids.len();
-        ids.retain(|id| *id > after);
-        let end = offset.saturating_add(limit);
-        if ids.len() > end {
-            ids.select_nth_unstable(end);
-            ids.truncate(end);
-        }
-        ids.sort_unstable();
-        let page = ids
-            .iter()
-            .skip(offset)
-            .filter_map(|id| fleet.agents.get(*id))
-            .map(|a| lifecycle::view(a))
-            .collect();
-        (page, total)
+        query(&lock(&self.fleet), filter, after, offset, limit)
     }
 
     /// The fleet in numbers: agents by status, inactive reason, version and
     /// target.
     pub(crate) fn fleet_summary(&self) -> FleetSummary {
-        let fleet = lock(&self.fleet);
-        let mut summary = FleetSummary {
-            agents: fleet.agents.len() as u64,
-            ..FleetSummary::default()
-        };
-        for status in AgentStatus::ALL {
-            summary.status.insert(status.as_str().to_owned(), 0);
-        }
-        let bump =
-            |map: &mut std::collections::BTreeMap<String, u64>, key: &str| match map.get_mut(key) {
-                Some(n) => *n += 1,
-                None => {
-                    map.insert(key.to_owned(), 1);
-                }
-            };
-        for live in fleet.agents.values() {
-            let r = &live.record;
-            bump(&mut summary.status, r.status.as_str());
-            if let Some(reason) = r.reason {
-                bump(&mut summary.reasons, reason.as_str());
-            }
-            bump(&mut summary.versions, live.version());
-            bump(&mut summary.targets, &r.platform.target);
-        }
-        summary
+        summary(&lock(&self.fleet))
     }
 
     /// `agents deactivate|activate|revoke|renew ID`. Blocking.
@@ -343,6 +298,65 @@ impl App {
         })?;
         Ok(self.agent_view(id)?)
     }
+}
+
+/// See [`App::agent_query`].
+fn query(
+    fleet: &Fleet,
+    filter: &AgentFilter,
+    after: &str,
+    offset: usize,
+    limit: usize,
+) -> (Vec<AgentView>, usize) {
+    let mut ids: Vec<&str> = fleet
+        .agents
+        .values()
+        .filter(|a| filter.matches(a))
+        .map(|a| a.record.id.as_str())
+        .collect();
+    let total = ids.len();
+    ids.retain(|id| *id > after);
+    let end = offset.saturating_add(limit);
+    if ids.len() > end {
+        ids.select_nth_unstable(end);
+        ids.truncate(end);
+    }
+    ids.sort_unstable();
+    let page = ids
+        .iter()
+        .skip(offset)
+        .filter_map(|id| fleet.agents.get(*id))
+        .map(|a| lifecycle::view(a))
+        .collect();
+    (page, total)
+}
+
+/// See [`App::fleet_summary`].
+fn summary(fleet: &Fleet) -> FleetSummary {
+    let mut summary = FleetSummary {
+        agents: fleet.agents.len() as u64,
+        ..FleetSummary::default()
+    };
+    for status in AgentStatus::ALL {
+        summary.status.insert(status.as_str().to_owned(), 0);
+    }
+    let bump = |map: &mut std::collections::BTreeMap<String, u64>, key: &str| match map.get_mut(key)
+    {
+        Some(n) => *n += 1,
+        None => {
+            map.insert(key.to_owned(), 1);
+        }
+    };
+    for live in fleet.agents.values() {
+        let r = &live.record;
+        bump(&mut summary.status, r.status.as_str());
+        if let Some(reason) = r.reason {
+            bump(&mut summary.reasons, reason.as_str());
+        }
+        bump(&mut summary.versions, live.version());
+        bump(&mut summary.targets, &r.platform.target);
+    }
+    summary
 }
 
 /// Which agents a listing selects: every condition given must hold.
@@ -472,5 +486,120 @@ pub(crate) async fn flush_heartbeats(app: &Arc<App>) {
         );
         let mut fleet = lock(&app.fleet);
         fleet.dirty.extend(batch.into_iter().map(|(id, _)| id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Configs;
+
+    /// A fleet of `n` agents: every fifth revoked, else every third
+    /// inactive; labels `site=a|b` alternating; every fourth runs 2.0.0.
+    fn fleet(n: usize) -> Fleet {
+        let mut configs = Configs::default();
+        let mut fleet = Fleet::default();
+        for i in 0..n {
+            let (status, reason) = match i {
+                _ if i % 5 == 0 => (AgentStatus::Revoked, None),
+                _ if i % 3 == 0 => (
+                    AgentStatus::Inactive,
+                    Some(InactiveReason::HeartbeatTimeout),
+                ),
+                _ => (AgentStatus::Active, None),
+            };
+            let mut record = AgentRecord::sample(status, reason);
+            record.id = format!("agt_{i:08}");
+            record.name = format!("Edge-{i}");
+            record.platform.target = "x86_64-unknown-linux-musl".into();
+            record
+                .labels
+                .insert("site".into(), if i % 2 == 0 { "a" } else { "b" }.into());
+            let mut hb = HeartbeatState::default();
+            if i % 4 == 0 {
+                hb.version = "2.0.0".into();
+            }
+            let desired = configs.desired(&record);
+            fleet.agents.insert(
+                record.id.clone(),
+                Box::new(LiveAgent {
+                    record,
+                    hb,
+                    last_seen_ms: 0,
+                    desired,
+                }),
+            );
+        }
+        fleet
+    }
+
+    fn ids(page: &[AgentView]) -> Vec<&str> {
+        page.iter().map(|a| a.id.as_str()).collect()
+    }
+
+    #[test]
+    fn listing_filters_and_pages_in_id_order() {
+        let fleet = fleet(100_000);
+        let all = AgentFilter::default();
+        let (page, total) = query(&fleet, &all, "", 0, 3);
+        assert_eq!(total, 100_000);
+        assert_eq!(ids(&page), ["agt_00000000", "agt_00000001", "agt_00000002"]);
+        let (page, _) = query(&fleet, &all, "", 99_998, 50);
+        assert_eq!(ids(&page), ["agt_00099998", "agt_00099999"]);
+        let (page, _) = query(&fleet, &all, "agt_00000001", 1, 2);
+        assert_eq!(ids(&page), ["agt_00000003", "agt_00000004"]);
+        let (page, total) = query(&fleet, &all, "", 200_000, 10);
+        assert!(page.is_empty());
+        assert_eq!(total, 100_000);
+
+        let active_b_v1 = AgentFilter {
+            status: Some(AgentStatus::Active),
+            labels: [("site".to_owned(), "b".to_owned())].into(),
+            version: Some("1.0.0".into()),
+            ..AgentFilter::default()
+        };
+        let (page, total) = query(&fleet, &active_b_v1, "", 0, 1000);
+        let want = (0..100_000)
+            .filter(|i| i % 5 != 0 && i % 3 != 0 && i % 2 == 1 && i % 4 != 0)
+            .count();
+        assert_eq!(total, want);
+        assert_eq!(page.len(), 1000);
+        assert!(page.windows(2).all(|w| w[0].id < w[1].id));
+        assert!(page.iter().all(|a| a.status == AgentStatus::Active
+            && a.labels["site"] == "b"
+            && a.version == "1.0.0"));
+
+        let by_name = AgentFilter {
+            name: Some("edge-4242".into()),
+            ..AgentFilter::default()
+        };
+        let (page, total) = query(&fleet, &by_name, "", 0, 10);
+        assert_eq!(total, 11, "Edge-4242 and Edge-42420..Edge-42429");
+        assert_eq!(page[0].name, "Edge-4242");
+        let by_id = AgentFilter {
+            name: Some("AGT_00000007".into()),
+            ..AgentFilter::default()
+        };
+        assert_eq!(query(&fleet, &by_id, "", 0, 10).1, 1);
+        let nobody = AgentFilter {
+            labels: [("site".to_owned(), "c".to_owned())].into(),
+            ..AgentFilter::default()
+        };
+        assert_eq!(query(&fleet, &nobody, "", 0, 10).1, 0);
+    }
+
+    #[test]
+    fn the_summary_counts_by_status_reason_version_and_target() {
+        let s = summary(&fleet(30));
+        assert_eq!(s.agents, 30);
+        assert_eq!(s.status["revoked"], 6);
+        assert_eq!(s.status["inactive"], 8);
+        assert_eq!(s.status["active"], 16);
+        assert_eq!(s.reasons["heartbeat_timeout"], 8);
+        assert_eq!(s.versions["2.0.0"], 8);
+        assert_eq!(s.versions["1.0.0"], 22);
+        assert_eq!(s.targets["x86_64-unknown-linux-musl"], 30);
+        let empty = summary(&Fleet::default());
+        assert_eq!(empty.status.len(), 3, "every status is there, at 0");
     }
 }
