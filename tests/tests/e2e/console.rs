@@ -4,8 +4,9 @@
 //! `stella-server agents list` then shows; a wrong token gets a clear
 //! message. A screenshot of each page goes to `target/ui-screenshots/`.
 
+use stella_tests::release::{Keys, import, signed_release};
 use stella_tests::webdriver::{Browser, screenshot_dir};
-use stella_tests::{AgentDir, DEADLINE, Server, poll, text, tool};
+use stella_tests::{AgentDir, DEADLINE, Server, bin, poll, text, tool};
 
 /// Enrolls an agent named `name` with `label` and starts it.
 fn agent(server: &Server, name: &str, label: &str) -> (AgentDir, String) {
@@ -150,13 +151,57 @@ fn the_console_shows_the_fleet_and_revokes_an_agent() {
     assert!(line.contains("revoked"), "{listed}");
     browser.screenshot(&shots.join("agent-revoked.png"));
 
-    // The other pages render (and keep refreshing without a reload).
-    for (page, ready) in [
-        ("rollouts", "#rollouts"),
-        ("releases", "#releases"),
-        ("config", "#config-doc"),
-        ("audit", "#audit-table"),
+    // A rollout to the northern agents (which pin no release key, so it
+    // stays running): pause, resume and abort it, each confirmed.
+    let keys = Keys::new();
+    let release = signed_release(&keys, "9.9.9", &bin("stella-agent"), &[]);
+    import(&server, &release);
+    let rollout = server
+        .admin_ok(&[
+            "rollout",
+            "start",
+            "--release",
+            "9.9.9",
+            "--stages",
+            "count:1,100",
+            "--soak",
+            "1h",
+            "--max-failures",
+            "1.0",
+            "--selector",
+            "site=north",
+        ])
+        .trim()
+        .to_owned();
+    browser.goto(&format!("{}/ui/#/rollouts", server.url));
+    let card = format!(".rollout[data-id='{rollout}']");
+    browser.wait_until("the rollout with its stages", |b| {
+        let text = b.text(&card);
+        text.contains("9.9.9") && text.contains("count:1") && text.contains("running")
+    });
+    assert_eq!(browser.find_all(&format!("{card} progress")).len(), 2);
+    browser.screenshot(&shots.join("rollouts.png"));
+    for (action, status) in [
+        ("pause", "paused"),
+        ("resume", "running"),
+        ("abort", "aborted"),
     ] {
+        browser.click(&format!("{card} button[data-action={action}]"));
+        browser.wait_for("#confirm-dialog");
+        browser.click("#confirm-yes");
+        browser.wait_until(&format!("the rollout {status}"), |b| {
+            b.text(&format!("{card} h2")).contains(status)
+        });
+        let shown = server.admin_ok(&["rollout", "show", &rollout]);
+        assert!(shown.contains(status), "{action}: {shown}");
+    }
+    assert!(
+        browser.find_all(&format!("{card} button")).is_empty(),
+        "an aborted rollout offers no action"
+    );
+
+    // The other pages render (and keep refreshing without a reload).
+    for (page, ready) in [("config", "#config-doc"), ("audit", "#audit-table")] {
         browser.goto(&format!("{}/ui/#/{page}", server.url));
         browser.wait_for(ready);
         browser.wait_until(&format!("the {page} page loaded"), |b| {
