@@ -213,4 +213,40 @@ fn the_console_shows_the_fleet_and_revokes_an_agent() {
     browser.wait_until("the overview counting the revocation", |b| {
         b.text("#count-revoked") == "1" && b.text("#count-active") == "2"
     });
+
+    // A read-only token sees everything and no action button. (Only on a
+    // server with scoped tokens, which answers `GET /v1/admin/whoami`; the
+    // console treats a server without it as having one admin token.)
+    let (whoami, _) = server
+        .client()
+        .get_auth("/v1/admin/whoami", &server.admin_token);
+    if whoami == 200 {
+        let viewer = server
+            .admin_ok(&[
+                "admin-token",
+                "create",
+                "--name",
+                "viewer",
+                "--role",
+                "read",
+            ])
+            .trim()
+            .to_owned();
+        browser.click("#logout");
+        browser.type_into("#token", &viewer);
+        browser.click("#login-button");
+        browser.wait_until("the fleet for the read token", |b| {
+            b.text("#count-active") == "2" && b.text("#who").contains("read")
+        });
+        let north = &agents[0].1;
+        browser.goto(&format!("{}/ui/#/agent/{north}", server.url));
+        browser.wait_until("the agent's page for the read token", |b| {
+            b.text("#agent-fields").contains(north.as_str())
+        });
+        assert!(
+            browser.find_all("#agent-actions button").is_empty(),
+            "a read token sees no action"
+        );
+        browser.screenshot(&shots.join("agent-read-only.png"));
+    }
 }
