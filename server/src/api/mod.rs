@@ -554,6 +554,14 @@ mod tests {
                 Ok(Auth::Agent(Act::Download)),
             ),
             ("DELETE", "/v1/admin/anything", Ok(Auth::Admin)),
+            ("GET", "/v1/admin/fleet", Ok(Auth::Admin)),
+            ("GET", "/v1/admin/agents/agt_x/doctor", Ok(Auth::Admin)),
+            ("GET", "/v1/openapi.json", Ok(Auth::Open)),
+            ("GET", "/ui/", Ok(Auth::Open)),
+            ("GET", "/ui/console.js", Ok(Auth::Open)),
+            ("GET", "/ui", Ok(Auth::Open)),
+            ("POST", "/ui/", Err(404)),
+            ("POST", "/v1/openapi.json", Err(405)),
             ("GET", "/v1/agents/heartbeat", Err(405)),
             ("POST", "/healthz", Err(405)),
             ("POST", "/v1/releases/1.0.0/t", Err(404)),
@@ -563,6 +571,29 @@ mod tests {
         for (method, path, want) in cases {
             let got = route(method, path).map(|r| r.auth).map_err(|e| e.status());
             assert_eq!(got, want, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn only_listed_admin_routes_reach_the_admin_handlers() {
+        let endpoint = |method, path| route(method, path).map(|r| r.endpoint);
+        assert_eq!(endpoint("GET", "/v1/admin/agents"), Ok(Endpoint::Admin));
+        assert_eq!(
+            endpoint("POST", "/v1/admin/agents/agt_x/revoke"),
+            Ok(Endpoint::Admin)
+        );
+        for (method, path) in [
+            ("POST", "/v1/admin/agents/agt_x/explode"),
+            ("GET", "/v1/admin/agents/agt_x/revoke"),
+            ("POST", "/v1/admin/agents//revoke"),
+            ("GET", "/v1/admin/nothing"),
+            ("GET", "/v1/admin/../agents/self"),
+        ] {
+            assert_eq!(
+                endpoint(method, path),
+                Ok(Endpoint::NoSuchAdmin),
+                "{method} {path}"
+            );
         }
     }
 
