@@ -1,7 +1,11 @@
 //! Named crash points for crash-consistency tests. With the
 //! `fault-injection` feature, `STELLA_FAULT=<point>` makes the agent exit
 //! abruptly (code 86, no cleanup) when it reaches that point; without the
-//! feature this compiles to nothing.
+//! feature this compiles to nothing. A few names are behaviours instead
+//! (`active`): `download-stall` (an update download stops after its first
+//! chunk, without an error), `lost-commit-ack` (the answer to the first
+//! heartbeat reporting `committed` is dropped after the server took it),
+//! `probation-no-heartbeat`, `probation-crash` and `self-test-fail`.
 
 /// Exit here if the tests asked for a crash at `point`.
 #[cfg(feature = "fault-injection")]

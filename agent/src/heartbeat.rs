@@ -124,6 +124,7 @@ pub(crate) fn new_beat(
         update: updater.report(saved),
         capabilities: host::capabilities(),
         doctor_report: None,
+        update_failure: None,
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ring::rand::{SecureRandom, SystemRandom};
 use stella_proto::api::MAX_DOCTOR_REPORT;
 use stella_proto::config::Remediation;
+use stella_proto::states::UpdatePhase;
 use stella_proto::time::rfc3339;
 
 use crate::config::ConfigState;
@@ -24,7 +25,7 @@ use crate::heartbeat::{
 use crate::identity::Identity;
 use crate::renewal::{self, RenewError};
 use crate::state::{SaveBuffers, StateDir};
-use crate::update::{Step, Updater};
+use crate::update::{self, Step, Updater};
 use crate::{fault, host, log, remediate, transport};
 
 /// Re-detect capabilities every this many heartbeats.
@@ -208,6 +209,13 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
     let mut next_doctor = Instant::now();
     // The server asked for a doctor report (with a remediation dry run?).
     let mut doctor_asked: Option<bool> = None;
+    // The last heartbeat carried the failed update's log and did not get
+    // through; and how often one without it got through right after (the
+    // server works but refuses the log).
+    let mut failure_log_failed = false;
+    let mut failure_log_refusals = 0u32;
+    // The `lost-commit-ack` fault has dropped its one answer.
+    let mut lost_commit_ack = false;
     loop {
         if wall_now() >= agent.renew_at {
             agent.renew()?;
@@ -235,17 +243,37 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                     beat.config_error.clone_from(&config.refusal);
                 }
                 updater.fill_report(&saved, &mut beat.update);
+                if beat.update_failure.is_none()
+                    && !failure_log_failed
+                    && saved
+                        .update_failure
+                        .as_ref()
+                        .is_some_and(|f| f.reported != Some(true))
+                {
+                    beat.update_failure = update::failure_to_report(state, &saved);
+                }
                 let silent = saved.in_probation() && fault::active("probation-no-heartbeat");
                 if beat.seq.is_multiple_of(CAPABILITY_REFRESH) {
                     beat.capabilities = host::capabilities();
                 }
-                let sent = if silent {
+                let mut sent = if silent {
                     Err(Refusal::Failed(Error::Invalid(
                         "fault injected: no heartbeat in probation".into(),
                     )))
                 } else {
                     heartbeat::exchange(&mut agent.client, &url, &beat, &mut buffers)
                 };
+                if sent.is_ok()
+                    && beat.update.state == UpdatePhase::Committed
+                    && !lost_commit_ack
+                    && fault::active("lost-commit-ack")
+                {
+                    // The server took the heartbeat; its answer is lost.
+                    lost_commit_ack = true;
+                    sent = Err(Refusal::Failed(Error::Invalid(
+                        "fault injected: the answer to the committing heartbeat is lost".into(),
+                    )));
+                }
                 match sent {
                     Ok(answer) => {
                         if agent.beat_failures > 0 {
@@ -257,6 +285,33 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         agent.beat_failures = 0;
                         // Delivered: the report goes once.
                         beat.doctor_report = None;
+                        // Stored by the server: the failure's log goes once,
+                        // and `committed` was seen.
+                        let mut delivered = false;
+                        if let Some(sent_failure) = beat.update_failure.take() {
+                            if let Some(f) = saved.update_failure.as_mut()
+                                && f.version == sent_failure.version
+                            {
+                                f.reported = Some(true);
+                            }
+                            failure_log_refusals = 0;
+                            delivered = true;
+                        } else if std::mem::take(&mut failure_log_failed) {
+                            failure_log_refusals += 1;
+                            if failure_log_refusals >= 3
+                                && let Some(f) = saved.update_failure.as_mut()
+                            {
+                                // Given up; the failure itself stays reported.
+                                f.reported = Some(true);
+                                failure_log_refusals = 0;
+                                delivered = true;
+                            }
+                        }
+                        if beat.update.state == UpdatePhase::Committed
+                            && saved.committed.take().is_some()
+                        {
+                            delivered = true;
+                        }
                         if let Some(directive) = &answer.doctor {
                             doctor_asked = Some(directive.remediate_dry_run);
                         }
@@ -287,11 +342,17 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         if let Some(offer) = &answer.update {
                             updater.offer(state, &mut saved, offer, &config.settings);
                         }
-                        let news = answer.config.is_some() || answer.update.is_some() || applied;
+                        let news = answer.config.is_some()
+                            || answer.update.is_some()
+                            || applied
+                            || delivered;
                         record_ack(&mut saved, beat.seq, agent.interval, &answer.server_time);
                         // On probation this acknowledgement may commit the
                         // update (it writes state.json itself) or roll back.
                         Updater::probation_ack(state, &mut saved)?;
+                        // Just committed: say so now, not an interval later.
+                        let just_committed = saved.committed.is_some()
+                            && beat.update.state != UpdatePhase::Committed;
                         if answer.renew {
                             log::info("the server asks for a certificate renewal now", &[]);
                             agent.renew_at = wall_now();
@@ -308,7 +369,11 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         }
                         #[cfg(feature = "bench-alloc")]
                         crate::alloc_count::report_if_asked(beat.seq);
-                        jittered(agent.interval, 0.1, &agent.rng)
+                        if just_committed {
+                            Duration::ZERO
+                        } else {
+                            jittered(agent.interval, 0.1, &agent.rng)
+                        }
                     }
                     Err(Refusal::Rejected(message)) => return Err(agent.refused(&message)),
                     Err(Refusal::Deactivated(message)) => {
@@ -328,6 +393,10 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
                         // answer asks again (a report it refuses cannot block
                         // the heartbeats).
                         beat.doctor_report = None;
+                        // The next heartbeat goes without the failure's log: a
+                        // server that refuses the log must not stop the
+                        // heartbeats. It is tried again after one gets through.
+                        failure_log_failed = beat.update_failure.take().is_some();
                         let wait = agent.failed_beat();
                         log::warn(
                             "heartbeat failed",
@@ -386,8 +455,11 @@ pub(crate) fn run(state: &StateDir) -> Result<(), Error> {
             next_doctor = Instant::now() + config.settings.doctor_interval;
         }
         Updater::check_probation_deadline(state, &mut saved)?;
-        let downloading =
-            updater.step(state, &mut saved, &mut agent.client, &agent.ident.server)? == Step::Busy;
+        let step = updater.step(state, &mut saved, &mut agent.client, &agent.ident.server)?;
+        if step == Step::Report {
+            next_beat = Instant::now();
+        }
+        let downloading = step != Step::Idle;
         // Sleep until the earliest of the next heartbeat, renewal and doctor
         // run (not at all while a download has more to fetch).
         let until_beat = next_beat.saturating_duration_since(Instant::now());

@@ -15,6 +15,9 @@ use miniserde::de::Visitor;
 use miniserde::ser::Fragment;
 use miniserde::{Deserialize, Serialize, json};
 
+use stella_proto::api::{MAX_FAILURE_LINE, MAX_FAILURE_LINES};
+use stella_proto::text::bounded_line;
+
 use crate::error::Error;
 
 /// Default state dir (also `STELLA_STATE_DIR`).
@@ -37,6 +40,11 @@ pub(crate) const BOOTSTRAP_JSON: &str = "bootstrap.json";
 pub(crate) const NEXT_KEY: &str = "agent.key.new";
 /// The certificate for the next key, written before the swap.
 pub(crate) const NEXT_CERT: &str = "agent.pem.new";
+/// The log lines of the update under way, kept across the exec of the new
+/// version so that a rollback can report them.
+pub(crate) const UPDATE_LOG: &str = "update.log";
+/// The log lines of the last failed update (bounded; survives the rollback).
+pub(crate) const FAILURE_LOG: &str = "update-failure.log";
 /// Downloads in progress (mode 0700).
 pub(crate) const STAGING_DIR: &str = "staging";
 /// Temp files older than this are stale (a running agent's own writes are younger).
@@ -70,6 +78,9 @@ pub(crate) struct StateFile {
     pub(crate) update: Option<UpdateMarker>,
     /// The last update that failed.
     pub(crate) update_failure: Option<UpdateFailure>,
+    /// The version this agent committed, reported (`committed`) until a
+    /// heartbeat saying so is acknowledged.
+    pub(crate) committed: Option<String>,
 }
 
 /// Where a swap stands, as `state.json` spells it. These spellings are on
@@ -150,10 +161,15 @@ pub(crate) struct UpdateMarker {
 }
 
 /// The last update that failed, reported until another one is tried.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct UpdateFailure {
     pub(crate) version: String,
     pub(crate) error: String,
+    /// The new version ran and was put back (`rolled_back`), rather than
+    /// refused before the swap (`failed`). Absent in older state files.
+    pub(crate) rolled_back: Option<bool>,
+    /// A heartbeat carrying it with its log lines was acknowledged.
+    pub(crate) reported: Option<bool>,
 }
 
 impl StateFile {
@@ -164,7 +180,7 @@ impl StateFile {
     pub(crate) fn write_plain_json(&self, out: &mut String) -> bool {
         use std::fmt::Write as _;
         use stella_proto::api::json_string;
-        if self.update.is_some() || self.update_failure.is_some() {
+        if self.update.is_some() || self.update_failure.is_some() || self.committed.is_some() {
             return false;
         }
         let optional = |out: &mut String, key: &str, value: &Option<String>| {
@@ -186,7 +202,7 @@ impl StateFile {
         optional(out, ",\"config\":", &self.config);
         optional(out, ",\"config_hash\":", &self.config_hash);
         optional(out, ",\"binary_sha256\":", &self.binary_sha256);
-        out.push_str(",\"update\":null,\"update_failure\":null}");
+        out.push_str(",\"update\":null,\"update_failure\":null,\"committed\":null}");
         true
     }
 
@@ -354,6 +370,31 @@ impl StateDir {
         self.write_atomic_at(&buf.path, &buf.tmp, buf.json.as_bytes(), 0o600)
     }
 
+    /// Writes log lines, one a line, atomically (at most
+    /// `MAX_FAILURE_LINES`, the last ones).
+    pub(crate) fn write_lines(&self, name: &str, lines: &[String]) -> Result<(), Error> {
+        let keep = &lines[lines.len().saturating_sub(MAX_FAILURE_LINES)..];
+        let mut text = String::new();
+        for line in keep {
+            text.push_str(line);
+            text.push('\n');
+        }
+        self.write_atomic(name, text.as_bytes(), 0o600)
+    }
+
+    /// Reads log lines written by `write_lines` (none when the file is
+    /// missing), bounded and printable whatever the file holds.
+    pub(crate) fn read_lines(&self, name: &str) -> Vec<String> {
+        let Ok(text) = fs::read_to_string(self.path(name)) else {
+            return Vec::new();
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(MAX_FAILURE_LINES)..]
+            .iter()
+            .map(|line| bounded_line(line, MAX_FAILURE_LINE))
+            .collect()
+    }
+
     /// Writes a JSON file.
     pub(crate) fn write_json<T: Serialize>(
         &self,
@@ -457,8 +498,39 @@ mod tests {
         state.update_failure = Some(UpdateFailure {
             version: "1".into(),
             error: "e".into(),
+            ..Default::default()
         });
         assert!(!state.write_plain_json(&mut out));
+        state.update_failure = None;
+        state.committed = Some("1".into());
+        assert!(!state.write_plain_json(&mut out));
+        // A state file written before `committed` and the failure's flags.
+        let old = r#"{"last_heartbeat":null,"heartbeat_seq":1,"heartbeat_interval_ms":0,"server_time":null,"config":null,"config_hash":null,"binary_sha256":null,"update":null,"update_failure":{"version":"2","error":"e"}}"#;
+        let read: StateFile = json::from_str(old).unwrap();
+        assert_eq!(read.update_failure.unwrap().rolled_back, None);
+    }
+
+    #[test]
+    fn failure_log_lines_are_bounded_and_printable() {
+        let dir = std::env::temp_dir().join(format!("stella-state-lines-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let state = StateDir::new(dir.clone());
+        state.create().unwrap();
+        assert!(state.read_lines(FAILURE_LOG).is_empty());
+        let lines: Vec<String> = (0..100).map(|i| format!("line {i}")).collect();
+        state.write_lines(FAILURE_LOG, &lines).unwrap();
+        let read = state.read_lines(FAILURE_LOG);
+        assert_eq!(read.len(), MAX_FAILURE_LINES);
+        assert_eq!(read[0], "line 36");
+        fs::write(
+            dir.join(FAILURE_LOG),
+            format!("a\u{1b}b\n{}\n", "é".repeat(400)),
+        )
+        .unwrap();
+        let read = state.read_lines(FAILURE_LOG);
+        assert_eq!(read[0], "a b");
+        assert!(read[1].len() <= MAX_FAILURE_LINE && read[1].len() > MAX_FAILURE_LINE - 2);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

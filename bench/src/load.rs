@@ -78,9 +78,12 @@ fn body_tail(config_hash: &str) -> String {
             state: stella_proto::states::UpdatePhase::Idle,
             version: env!("CARGO_PKG_VERSION").into(),
             error: None,
+            bytes: None,
+            total: None,
         },
         capabilities: vec!["systemd".into()],
         doctor_report: None,
+        update_failure: None,
     };
     let text = json::to_string(&beat);
     text.strip_prefix("{\"seq\":0")

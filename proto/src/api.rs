@@ -75,8 +75,42 @@ pub struct UpdateReport {
     pub state: UpdatePhase,
     /// The version concerned (the running one when idle).
     pub version: String,
-    /// Why the update to `version` failed (state `failed`).
+    /// Why the update to `version` failed (state `failed` or `rolled_back`).
     pub error: Option<String>,
+    /// Bytes of the artifact received so far (state `downloading`).
+    pub bytes: Option<u64>,
+    /// The artifact's size, once known (state `downloading`).
+    pub total: Option<u64>,
+}
+
+/// Most log lines an agent keeps (and reports) of its last failed update.
+pub const MAX_FAILURE_LINES: usize = 64;
+/// Longest log line of a failed update, in bytes.
+pub const MAX_FAILURE_LINE: usize = 256;
+
+/// The last failed update and the agent's log lines of it, sent with the
+/// heartbeats after the failure until one of them is acknowledged.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct UpdateFailureReport {
+    /// The version the update was to.
+    pub version: String,
+    /// `failed` or `rolled_back`.
+    pub phase: UpdatePhase,
+    pub reason: String,
+    /// At most [`MAX_FAILURE_LINES`] logfmt lines, oldest first, each at
+    /// most [`MAX_FAILURE_LINE`] bytes of printable text.
+    pub lines: Vec<String>,
+}
+
+/// The last failed update of an agent, as `agents show` prints it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct UpdateFailureView {
+    pub version: String,
+    pub phase: UpdatePhase,
+    pub reason: String,
+    /// When the server received it (RFC 3339).
+    pub received_at: String,
+    pub lines: Vec<String>,
 }
 
 /// An offer to update, in a heartbeat answer. The envelope is what the agent
@@ -127,6 +161,13 @@ pub struct RolloutStartRequest {
     pub soak_ms: u64,
     pub max_failures: f64,
     pub selector: Labels,
+    /// How long a member has to commit once offered (`--agent-timeout`);
+    /// absent: the server's default (1h).
+    pub agent_timeout_ms: Option<u64>,
+    /// UTC maintenance window `HH:MM-HH:MM` (`--window`); absent: any time.
+    pub window: Option<String>,
+    /// Days of the window (`--days mon-fri`); absent: every day.
+    pub days: Option<String>,
 }
 
 /// One stage of a rollout.
@@ -144,6 +185,10 @@ pub struct RolloutStageView {
     pub state: String,
     /// The members' ids (only when asked for with `?members=1`).
     pub members: Option<Vec<String>>,
+    /// Members by update phase (`UpdatePhase` spellings, plus `pending`
+    /// before the stage opens, `waiting` for an offer not yet sent and
+    /// `skipped` for a member offline for the whole deadline).
+    pub phases: Option<BTreeMap<String, u64>>,
 }
 
 /// A rollout as `rollout show --json` prints it.
@@ -159,6 +204,14 @@ pub struct RolloutView {
     pub max_failures: f64,
     pub selector: Labels,
     pub created_at: String,
+    /// How long a member has to commit once offered (`1h`).
+    pub agent_timeout: Option<String>,
+    /// UTC maintenance window for offers (`22:00-04:00`); `null`: any time.
+    pub window: Option<String>,
+    /// Days of the window (`mon-fri`); `null`: every day.
+    pub days: Option<String>,
+    /// Whether offers may be made now (inside the window).
+    pub window_open: Option<bool>,
 }
 
 /// `POST /v1/admin/agents/{id}/update`.
@@ -185,6 +238,9 @@ pub struct HeartbeatRequest {
     /// The full doctor report the server asked for (`agents doctor`), sent
     /// once with the heartbeat after the request; `null` otherwise.
     pub doctor_report: Option<DoctorReport>,
+    /// The last failed update with its log, until a heartbeat carrying it
+    /// is acknowledged; `null` otherwise.
+    pub update_failure: Option<UpdateFailureReport>,
 }
 
 impl HeartbeatRequest {
@@ -228,6 +284,8 @@ impl HeartbeatRequest {
             None => out.push_str("null"),
             Some(e) => json_string(out, e),
         }
+        json_number(out, ",\"bytes\":", self.update.bytes);
+        json_number(out, ",\"total\":", self.update.total);
         out.push_str("},\"capabilities\":");
         json_strings(out, &self.capabilities);
         out.push_str(",\"doctor_report\":");
@@ -236,7 +294,24 @@ impl HeartbeatRequest {
             // Rare (on request): miniserde's own allocation is fine here.
             Some(report) => out.push_str(&miniserde::json::to_string(report)),
         }
+        out.push_str(",\"update_failure\":");
+        match &self.update_failure {
+            None => out.push_str("null"),
+            // Once per failed update: miniserde's allocation is fine here.
+            Some(failure) => out.push_str(&miniserde::json::to_string(failure)),
+        }
         out.push('}');
+    }
+}
+
+fn json_number(out: &mut String, key: &str, value: Option<u64>) {
+    use std::fmt::Write as _;
+    out.push_str(key);
+    match value {
+        None => out.push_str("null"),
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
     }
 }
 
@@ -651,6 +726,8 @@ pub struct AgentView {
     pub update: UpdateReport,
     /// Why the agent refused the desired configuration, if it did.
     pub config_error: Option<String>,
+    /// The last failed update the agent reported, with its log lines.
+    pub last_failure: Option<UpdateFailureView>,
 }
 
 /// `POST /v1/admin/config`: a new version of one scope's configuration.
@@ -805,9 +882,12 @@ mod tests {
                 state: UpdatePhase::Idle,
                 version: "1.2.3".into(),
                 error: None,
+                bytes: None,
+                total: None,
             },
             capabilities: vec!["systemd".into()],
             doctor_report: None,
+            update_failure: None,
         };
         let text = miniserde::json::to_string(&hb);
         let mut fast = String::new();
@@ -827,10 +907,18 @@ mod tests {
                 failing: vec!["a".into(), "b\r".into()],
             },
             update: UpdateReport {
-                state: UpdatePhase::Failed,
+                state: UpdatePhase::Downloading,
                 version: "2".into(),
                 error: Some("x\u{8}\u{c}".into()),
+                bytes: Some(1 << 20),
+                total: Some(52_428_800),
             },
+            update_failure: Some(UpdateFailureReport {
+                version: "2".into(),
+                phase: UpdatePhase::RolledBack,
+                reason: "doctor \"failed\"".into(),
+                lines: vec!["level=warn msg=\"x\"".into(), String::new()],
+            }),
             doctor_report: Some(DoctorReport {
                 checks: vec![DoctorCheckView {
                     id: "identity.key".into(),

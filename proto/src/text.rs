@@ -27,6 +27,20 @@ pub fn report_chars(text: &str) -> impl Iterator<Item = char> + '_ {
         })
 }
 
+/// One log line as an agent keeps and reports it: control characters as
+/// spaces, a trailing newline dropped, cut at a character boundary to at
+/// most `max` bytes.
+pub fn bounded_line(line: &str, max: usize) -> String {
+    let mut out = String::with_capacity(line.len().min(max));
+    for c in line.trim_end_matches('\n').chars() {
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(if c.is_control() { ' ' } else { c });
+    }
+    out
+}
+
 /// Whether `text` is already what `report_text` would make of it.
 pub fn is_report_text(text: &str) -> bool {
     text.len() <= MAX_REPORT_TEXT && !text.chars().any(char::is_control)
@@ -49,5 +63,7 @@ mod tests {
         assert!(!is_report_text("a\nb"));
         assert_eq!(report_text("plain"), "plain");
         assert!(report_chars("a\nb").eq("a b".chars()));
+        assert_eq!(bounded_line("a\u{1b}b\n", 10), "a b");
+        assert_eq!(bounded_line("ééé", 5), "éé");
     }
 }

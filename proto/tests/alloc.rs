@@ -66,9 +66,12 @@ fn beat(seq: u64) -> HeartbeatRequest {
             state: stella_proto::states::UpdatePhase::Idle,
             version: String::new(),
             error: None,
+            bytes: None,
+            total: None,
         },
         capabilities: vec!["systemd".into(), "docker".into()],
         doctor_report: None,
+        update_failure: None,
     }
 }
 

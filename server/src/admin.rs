@@ -288,10 +288,30 @@ fn print_agent(a: &AgentView) -> Result<(), Error> {
             d.pass, d.warn, d.fail, d.skip
         ),
     )?;
+    let progress = match (a.update.bytes, a.update.total) {
+        (Some(bytes), Some(total)) => format!(" ({bytes} of {total} bytes)"),
+        (Some(bytes), None) => format!(" ({bytes} bytes)"),
+        _ => String::new(),
+    };
     field(
         "update",
-        &format!("{} {}", a.update.state, a.update.version),
+        &format!("{} {}{progress}", a.update.state, a.update.version),
     )?;
+    if let Some(error) = &a.update.error {
+        field("update error", error)?;
+    }
+    if let Some(f) = &a.last_failure {
+        field(
+            "last failure",
+            &format!(
+                "{} {} at {}: {}",
+                f.phase, f.version, f.received_at, f.reason
+            ),
+        )?;
+        for line in &f.lines {
+            outln!("  | {line}");
+        }
+    }
     Ok(())
 }
 
@@ -607,22 +627,8 @@ pub(crate) fn agents_update(target: &AdminTarget, id: &str, release: &str) -> Re
 }
 
 /// `rollout start`: prints the new rollout's id.
-pub(crate) fn rollout_start(
-    target: &AdminTarget,
-    release: &str,
-    stages: Vec<String>,
-    soak: Duration,
-    max_failures: f64,
-    selector: Labels,
-) -> Result<(), Error> {
+pub(crate) fn rollout_start(target: &AdminTarget, body: RolloutStartRequest) -> Result<(), Error> {
     let client = AdminClient::connect(target)?;
-    let body = RolloutStartRequest {
-        release: release.to_owned(),
-        stages,
-        soak_ms: soak.as_millis() as u64,
-        max_failures,
-        selector,
-    };
     let view: RolloutView = AdminClient::parse(&client.call(
         "POST",
         "/v1/admin/rollouts",
@@ -648,23 +654,49 @@ fn print_rollout(r: &RolloutView) -> Result<(), Error> {
             labels_text(&r.selector)
         }
     );
+    let window = match (&r.window, &r.days) {
+        (None, None) => "any time".to_owned(),
+        (w, d) => format!(
+            "{} UTC{}{}",
+            w.as_deref().unwrap_or("00:00-24:00"),
+            d.as_deref().map(|d| format!(" on {d}")).unwrap_or_default(),
+            match r.window_open {
+                Some(true) => " (open now)",
+                Some(false) => " (closed now)",
+                None => "",
+            }
+        ),
+    };
     outln!(
-        "  {:<4} {:<10} {:>7} {:>8} {:>7}  STATE",
+        "  agent timeout {}, offers {window}; each agent's own update_window also applies",
+        r.agent_timeout.as_deref().unwrap_or("-")
+    );
+    outln!(
+        "  {:<4} {:<10} {:>7} {:>8} {:>7}  {:<8} PHASES",
         "#",
         "STAGE",
         "AGENTS",
         "UPDATED",
-        "FAILED"
+        "FAILED",
+        "STATE"
     );
     for (i, s) in r.stages.iter().enumerate() {
+        let phases = s
+            .phases
+            .iter()
+            .flatten()
+            .map(|(phase, n)| format!("{phase}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         outln!(
-            "  {:<4} {:<10} {:>7} {:>8} {:>7}  {}",
+            "  {:<4} {:<10} {:>7} {:>8} {:>7}  {:<8} {}",
             i + 1,
             s.stage,
             s.agents,
             s.updated,
             s.failed,
-            s.state
+            s.state,
+            phases
         );
     }
     Ok(())

@@ -28,6 +28,7 @@ usage:
   stella-server agents update ID --release V
   stella-server rollout start --release V --stages count:1,10,50,100 [--soak D]
                               [--max-failures R] [--selector K=V]...
+                              [--agent-timeout D] [--window HH:MM-HH:MM] [--days mon-fri]
   stella-server rollout show ID [--json] | rollout list [--json]
   stella-server rollout pause|resume|abort ID
   stella-server config set --scope global|label:K=V|agent:ID FILE.json
@@ -158,6 +159,9 @@ pub(crate) enum Command {
         soak: Duration,
         max_failures: f64,
         selector: Labels,
+        agent_timeout: Option<Duration>,
+        window: Option<String>,
+        days: Option<String>,
     },
     RolloutShow {
         target: AdminTarget,
@@ -470,6 +474,8 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                 (false, None::<String>, None::<String>, None::<String>);
             let (mut soak, mut max_failures, mut selector) =
                 (Duration::from_secs(600), 0.05f64, Labels::new());
+            let (mut agent_timeout, mut window, mut days) =
+                (None::<Duration>, None::<String>, None::<String>);
             while let Some(arg) = p.next().map_err(lex)? {
                 match arg {
                     Long(flag @ ("data-dir" | "server" | "ca")) => {
@@ -501,6 +507,15 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                     Long("selector") if sub == "start" => {
                         label(p.value().map_err(lex)?, &mut selector)?
                     }
+                    Long("agent-timeout") if sub == "start" => {
+                        agent_timeout = Some(duration(p.value().map_err(lex)?, "--agent-timeout")?)
+                    }
+                    Long("window") if sub == "start" => {
+                        window = Some(string(p.value().map_err(lex)?, "--window")?)
+                    }
+                    Long("days") if sub == "start" => {
+                        days = Some(string(p.value().map_err(lex)?, "--days")?)
+                    }
                     Value(v) if sub != "start" && id.is_none() => {
                         id = Some(string(v, "rollout id")?)
                     }
@@ -517,6 +532,12 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                         .map(|s| s.trim().to_owned())
                         .collect();
                     crate::rollout::check_plan(&stages, soak).map_err(usage)?;
+                    crate::rollout::check_schedule(
+                        agent_timeout,
+                        window.as_deref(),
+                        days.as_deref(),
+                    )
+                    .map_err(usage)?;
                     Command::RolloutStart {
                         target,
                         release: release
@@ -525,6 +546,9 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
                         soak,
                         max_failures,
                         selector,
+                        agent_timeout,
+                        window,
+                        days,
                     }
                 }
                 "show" => Command::RolloutShow {

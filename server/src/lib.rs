@@ -91,7 +91,22 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
             soak,
             max_failures,
             selector,
-        } => admin::rollout_start(&target, &release, stages, soak, max_failures, selector),
+            agent_timeout,
+            window,
+            days,
+        } => admin::rollout_start(
+            &target,
+            stella_proto::api::RolloutStartRequest {
+                release,
+                stages,
+                soak_ms: soak.as_millis() as u64,
+                max_failures,
+                selector,
+                agent_timeout_ms: agent_timeout.map(|d| d.as_millis() as u64),
+                window,
+                days,
+            },
+        ),
         Command::RolloutShow { target, id, json } => {
             admin::rollout_show(&target, id.as_deref(), json)
         }

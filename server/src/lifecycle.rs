@@ -8,7 +8,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use stella_proto::api::{AgentView, DoctorReport, HeartbeatRequest, MAX_DOCTOR_REPORT};
+use stella_proto::api::{
+    AgentView, DoctorReport, HeartbeatRequest, MAX_DOCTOR_REPORT, MAX_FAILURE_LINE,
+    MAX_FAILURE_LINES, UpdateFailureReport,
+};
 use stella_proto::states::CheckStatus;
 use stella_proto::time::rfc3339;
 
@@ -265,7 +268,8 @@ pub(crate) fn check_heartbeat(body: &HeartbeatRequest) -> Result<(), Refusal> {
     check_list("capabilities", &body.capabilities, 32)?;
     check_list("doctor.failing", &body.doctor.failing, 64)?;
     let update = &body.update;
-    check_text("update.state", update.state.as_str(), 0, 32)?;
+    // No check of `update.state`: a phase this server does not know (or
+    // cannot print) is kept, cleaned (`phase_text`), never refused.
     check_text("update.version", &update.version, 0, 64)?;
     if let Some(error) = &update.error {
         check_text("update.error", error, 0, MAX_ERROR_TEXT)?;
@@ -273,7 +277,28 @@ pub(crate) fn check_heartbeat(body: &HeartbeatRequest) -> Result<(), Refusal> {
     if let Some(report) = &body.doctor_report {
         check_doctor_report(report)?;
     }
+    if let Some(failure) = &body.update_failure {
+        check_update_failure(failure)?;
+    }
     Ok(())
+}
+
+/// Refuses a failed-update report with too many or too long log lines, or
+/// with a control character anywhere (the agent bounds and cleans them).
+fn check_update_failure(failure: &UpdateFailureReport) -> Result<(), Refusal> {
+    use crate::tokens::check_text;
+    check_text("update_failure.version", &failure.version, 0, 64)?;
+    check_text("update_failure.reason", &failure.reason, 0, MAX_ERROR_TEXT)?;
+    if failure.lines.len() > MAX_FAILURE_LINES {
+        return Err(Refusal::bad_request(format!(
+            "invalid update_failure.lines: {} lines, at most {MAX_FAILURE_LINES}",
+            failure.lines.len()
+        )));
+    }
+    failure
+        .lines
+        .iter()
+        .try_for_each(|line| check_text("update_failure.lines", line, 0, MAX_FAILURE_LINE))
 }
 
 /// Refuses an uploaded doctor report over `MAX_DOCTOR_REPORT` (as JSON), with
@@ -336,6 +361,25 @@ fn check_list(field: &str, items: &[String], max_len: usize) -> Result<(), Refus
         .try_for_each(|item| crate::tokens::check_text(field, item, 1, max_len))
 }
 
+/// Longest update phase kept; a longer one is cut.
+const MAX_PHASE_TEXT: usize = 32;
+
+/// An update phase as the server keeps it: as spelled when printable and
+/// short (always, for the phases it knows), else cut to
+/// [`MAX_PHASE_TEXT`] characters with control characters as `?`.
+pub(crate) fn phase_text(phase: &str) -> std::borrow::Cow<'_, str> {
+    if phase.len() <= MAX_PHASE_TEXT && !phase.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(phase);
+    }
+    std::borrow::Cow::Owned(
+        phase
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .take(MAX_PHASE_TEXT)
+            .collect(),
+    )
+}
+
 /// Durable changes a heartbeat causes before it is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct HeartbeatEffects {
@@ -380,12 +424,15 @@ pub(crate) fn record_heartbeat(agent: &mut LiveAgent, body: HeartbeatRequest, no
     hb.config_error = body.config_error;
     hb.doctor = body.doctor;
     // Stored as text: a phase this server does not know is kept as the
-    // agent spelled it (see `UpdatePhase::Unknown`).
-    if hb.update_state != body.update.state.as_str() {
-        hb.update_state = body.update.state.as_str().to_owned();
+    // agent spelled it (see `UpdatePhase::Unknown`), made printable.
+    let phase = phase_text(body.update.state.as_str());
+    if hb.update_state != phase {
+        hb.update_state = phase.into_owned();
     }
     hb.update_version = body.update.version;
     hb.update_error = body.update.error;
+    hb.update_bytes = body.update.bytes;
+    hb.update_total = body.update.total;
     hb.capabilities = body.capabilities;
     agent.last_seen_ms = now_ms;
     let desired = &agent.desired;
@@ -410,12 +457,18 @@ pub(crate) fn offered_version<'a>(
 ) -> Option<&'a str> {
     let version = agent.record.update_offer.as_deref().or(from_rollout)?;
     let hb = &agent.hb;
-    let failed = hb.update_state == UPDATE_FAILED && hb.update_version == version;
+    let failed = hb.failed_version() == Some(version);
     (hb.version != version && !failed).then_some(version)
 }
 
-/// The update phase an agent reports when the update to a version failed.
-pub(crate) const UPDATE_FAILED: &str = "failed";
+/// Records that a heartbeat answer offers `version`: the first offer of a
+/// version starts its rollout deadline (`--agent-timeout`).
+pub(crate) fn note_offer(hb: &mut HeartbeatState, version: &str, now_ms: u64) {
+    if hb.offered_version.as_deref() != Some(version) {
+        hb.offered_version = Some(version.to_owned());
+        hb.offered_at_ms = Some(now_ms);
+    }
+}
 
 /// The admin view of one agent.
 pub(crate) fn view(live: &LiveAgent) -> AgentView {
@@ -452,6 +505,8 @@ pub(crate) fn view(live: &LiveAgent) -> AgentView {
             .as_ref()
             .filter(|e| e.hash == live.desired.hash)
             .map(|e| e.error.clone()),
+        // Kept in the store, not in the fleet: `app` adds it.
+        last_failure: None,
     }
 }
 
@@ -716,9 +771,18 @@ mod tests {
         a.hb.version = "1.2.0".into();
         assert_eq!(offered_version(&a, None), None, "already runs it");
         a.hb.version = "1.0.0".into();
-        a.hb.update_state = UPDATE_FAILED.into();
+        a.hb.update_state = "failed".into();
         a.hb.update_version = "1.2.0".into();
         assert_eq!(offered_version(&a, None), None, "failed before");
+        a.hb.update_state = "rolled_back".into();
+        assert_eq!(offered_version(&a, None), None, "rolled back before");
+        let mut hb = HeartbeatState::default();
+        note_offer(&mut hb, "1.2.0", 5);
+        note_offer(&mut hb, "1.2.0", 9);
+        assert_eq!(
+            (hb.offered_version.as_deref(), hb.offered_at_ms),
+            (Some("1.2.0"), Some(5))
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 use miniserde::{Deserialize, Serialize};
 use stella_proto::api::{
-    ConfigRefusal, DoctorDirective, DoctorReport, DoctorSummary, Labels, Platform, UpdateReport,
+    ConfigRefusal, DoctorDirective, DoctorReport, DoctorSummary, Labels, Platform,
+    UpdateFailureReport, UpdateReport,
 };
 use stella_proto::states::UpdatePhase;
 pub(crate) use stella_proto::states::{AgentStatus, InactiveReason};
@@ -115,6 +116,14 @@ pub(crate) struct HeartbeatState {
     /// Since when (ms) the agent's config has differed from the desired one
     /// or drifted on disk (0 = in sync).
     pub(crate) drift_since_ms: u64,
+    /// Download progress of the reported update: bytes received, and of how
+    /// many (absent in state written before phases had progress).
+    pub(crate) update_bytes: Option<u64>,
+    pub(crate) update_total: Option<u64>,
+    /// The release last offered to the agent in a heartbeat answer, and when
+    /// (ms) it was first offered: a rollout's `--agent-timeout` runs from it.
+    pub(crate) offered_version: Option<String>,
+    pub(crate) offered_at_ms: Option<u64>,
 }
 
 impl HeartbeatState {
@@ -132,8 +141,26 @@ impl HeartbeatState {
                 self.update_version.clone()
             },
             error: self.update_error.clone(),
+            bytes: self.update_bytes,
+            total: self.update_total,
         }
     }
+
+    /// The version whose update the agent reported failed or rolled back.
+    pub(crate) fn failed_version(&self) -> Option<&str> {
+        let failed = self.update_state == UpdatePhase::Failed.as_str()
+            || self.update_state == UpdatePhase::RolledBack.as_str();
+        failed.then_some(self.update_version.as_str())
+    }
+}
+
+/// The last failed update an agent reported, with its log lines (its own
+/// table: the fleet in memory holds none of them).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UpdateFailureRecord {
+    /// Unix seconds when it arrived.
+    pub(crate) received_at: u64,
+    pub(crate) report: UpdateFailureReport,
 }
 
 /// A registration token, with only a hash of its secret.
@@ -225,4 +252,16 @@ pub(crate) struct RolloutRecord {
     pub(crate) created_at: u64,
     /// Failures already seen when an admin resumed: not counted again.
     pub(crate) ignored_failures: Vec<String>,
+    /// How long (ms) a member has to commit once offered; absent (a rollout
+    /// stored before deadlines): the default, 1h.
+    pub(crate) agent_timeout_ms: Option<u64>,
+    /// UTC maintenance window for offers, `HH:MM-HH:MM`; absent: any time.
+    pub(crate) window: Option<String>,
+    /// Days of the window, as given (`mon-fri`); absent: every day.
+    pub(crate) days: Option<String>,
+    /// When (ms) the open stage opened; absent: at `created_at`.
+    pub(crate) stage_opened_ms: Option<u64>,
+    /// When (ms) an admin last resumed it: members' deadlines run from
+    /// no earlier than this.
+    pub(crate) resumed_ms: Option<u64>,
 }

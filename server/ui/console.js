@@ -408,10 +408,19 @@ async function loadAgent(id) {
   }
 
   const u = a.update || {};
+  const f = a.last_failure;
+  let progress = "";
+  if (u.state === "downloading" && u.total) progress = Math.floor((100 * (u.bytes || 0)) / u.total) + "% of " + u.total.toLocaleString() + " bytes";
+  let failure = u.error || "";
+  if (f) {
+    failure = el("div", {}, f.phase + " updating to " + f.version + ": " + f.reason + " (" + f.received_at + ")");
+    if ((f.lines || []).length) failure.append(el("pre", { class: "log", text: f.lines.join("\n") }));
+  }
   fieldRows($("#agent-update"), [
     ["State", u.state],
     ["Version", u.version],
-    ["Last failure", u.error || ""],
+    ["Progress", progress],
+    ["Last failure", failure],
   ]);
 
   const actions = clear($("#agent-actions"));
@@ -450,12 +459,14 @@ async function loadRollouts() {
       class: "muted",
       text:
         r.id + " · started " + r.created_at + " · soak " + r.soak + " · max failures " + r.max_failures +
-        " · selector " + (labelsText(r.selector) || "all"),
+        " · selector " + (labelsText(r.selector) || "all") +
+        (r.agent_timeout ? " · agent timeout " + r.agent_timeout : "") +
+        (r.window ? " · window " + r.window + " UTC" + (r.days ? " " + r.days : "") + (r.window_open === false ? " (closed now)" : " (open now)") : ""),
     });
     const table = el(
       "table",
       { class: "stages" },
-      el("tr", {}, ...["Stage", "State", "Agents", "Updated", "Failed", "Progress"].map((h) => el("th", { text: h }))),
+      el("tr", {}, ...["Stage", "State", "Agents", "Updated", "Failed", "Progress", "Phases"].map((h) => el("th", { text: h }))),
     );
     for (const s of r.stages) {
       table.append(
@@ -468,6 +479,13 @@ async function loadRollouts() {
           el("td", { class: "num", text: s.updated }),
           el("td", { class: "num", text: s.failed }),
           el("td", {}, el("progress", { max: Math.max(s.agents, 1), value: s.updated })),
+          el("td", {
+            class: "small",
+            text: Object.entries(s.phases || {})
+              .filter(([, n]) => n > 0)
+              .map(([p, n]) => p + " " + n)
+              .join(", "),
+          }),
         ),
       );
     }

@@ -25,6 +25,18 @@ pub(super) const MAX_DOWNLOAD: u64 = 128 << 20;
 /// Bytes fetched per loop turn, so heartbeats are not held up.
 const CHUNK: u64 = 1 << 20;
 
+/// How far a download got past fetching (each step is reported before the
+/// next one runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// Bytes are still arriving.
+    Fetching,
+    /// Size, digest and signature checked; staged next to the binary.
+    Verified,
+    /// The new binary's self-test is next.
+    SelfTest,
+}
+
 /// A download in progress.
 pub(super) struct Download {
     pub(super) offer: UpdateOffer,
@@ -32,7 +44,9 @@ pub(super) struct Download {
     pub(super) part: PathBuf,
     /// Bytes in the part file, all of them hashed into `hasher`.
     pub(super) received: u64,
-    total: Option<u64>,
+    /// The size the server announced (Content-Range), once a chunk came.
+    pub(super) total: Option<u64>,
+    pub(super) stage: Stage,
     hasher: Context,
     /// Do not try before this (after a failed chunk).
     pub(super) retry_at: Instant,
@@ -84,6 +98,7 @@ impl Download {
             part,
             received: 0,
             total: None,
+            stage: Stage::Fetching,
             hasher: Context::new(&SHA256),
             retry_at: Instant::now(),
             failures: 0,

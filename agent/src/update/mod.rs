@@ -12,12 +12,12 @@
 use std::fs;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use stella_proto::api::UpdateReport;
+use stella_proto::api::{UpdateFailureReport, UpdateReport};
 use stella_proto::states::UpdatePhase;
 use stella_proto::text::{report_chars, report_text};
 
 use crate::error::Error;
-use crate::state::{MarkerPhase, StateDir, StateFile, UpdateFailure};
+use crate::state::{FAILURE_LOG, MarkerPhase, StateDir, StateFile, UPDATE_LOG, UpdateFailure};
 use crate::{fault, host, log};
 
 mod download;
@@ -25,7 +25,7 @@ mod offer;
 mod probation;
 mod swap;
 
-use download::{ChunkError, Download};
+use download::{ChunkError, Download, Stage};
 pub(crate) use probation::finish_rollback;
 pub(crate) use swap::run_self_test;
 use swap::{
@@ -63,24 +63,97 @@ pub(crate) enum Step {
     Idle,
     /// More to download: come back soon.
     Busy,
+    /// The update entered a new phase: heartbeat now so the server sees it.
+    Report,
 }
 
 /// The updater's state in the running agent.
 #[derive(Default)]
 pub(crate) struct Updater {
     download: Option<Download>,
+    /// A release accepted that waits for the agent's own `update_window`.
+    waiting: Option<String>,
 }
 
-/// The phase a heartbeat reports for a marker in `state.json`. Swapping and
-/// rolled-back predate `UpdatePhase` and keep the spellings agents have
-/// always reported (a reader that does not know them shows them as they are).
+/// The phase a heartbeat reports for a marker in `state.json` (whose own
+/// spellings, `swapping` and `rolled-back`, stay as they are on disk).
 fn marker_phase(phase: &MarkerPhase) -> UpdatePhase {
     match phase {
+        MarkerPhase::Swapping => UpdatePhase::Swapped,
         MarkerPhase::Probation => UpdatePhase::Probation,
-        MarkerPhase::Swapping | MarkerPhase::RolledBack | MarkerPhase::Other(_) => {
-            UpdatePhase::Unknown(phase.as_str().to_owned())
+        MarkerPhase::RolledBack => UpdatePhase::RolledBack,
+        MarkerPhase::Other(text) => UpdatePhase::Unknown(text.clone()),
+    }
+}
+
+/// Where the agent stands with an update, borrowed from its state.
+struct Standing<'a> {
+    phase: UpdatePhase,
+    version: &'a str,
+    error: Option<&'a str>,
+    bytes: Option<u64>,
+    total: Option<u64>,
+}
+
+impl<'a> Standing<'a> {
+    fn new(phase: UpdatePhase, version: &'a str, error: Option<&'a str>) -> Self {
+        Standing {
+            phase,
+            version,
+            error,
+            bytes: None,
+            total: None,
         }
     }
+}
+
+/// Records a failed update of `version` (`rolled_back`: the new version ran
+/// and was put back) and stops keeping log lines: those kept since the
+/// offer become the failure's log in the state dir (none kept: the process
+/// that rolled back wrote it already).
+pub(crate) fn record_failure(
+    state: &StateDir,
+    saved: &mut StateFile,
+    version: String,
+    error: String,
+    rolled_back: bool,
+) {
+    let lines = log::capture_take();
+    if !lines.is_empty()
+        && let Err(e) = state.write_lines(FAILURE_LOG, &lines)
+    {
+        log::warn("could not keep the failed update's log", &[("error", &e)]);
+    }
+    let _ = state.remove(UPDATE_LOG);
+    saved.committed = None;
+    saved.update_failure = Some(UpdateFailure {
+        version,
+        error,
+        rolled_back: rolled_back.then_some(true),
+        reported: None,
+    });
+}
+
+/// The last failed update with its log lines, while no heartbeat carrying
+/// it has been acknowledged.
+pub(crate) fn failure_to_report(
+    state: &StateDir,
+    saved: &StateFile,
+) -> Option<UpdateFailureReport> {
+    let f = saved
+        .update_failure
+        .as_ref()
+        .filter(|f| f.reported != Some(true))?;
+    Some(UpdateFailureReport {
+        version: f.version.clone(),
+        phase: if f.rolled_back == Some(true) {
+            UpdatePhase::RolledBack
+        } else {
+            UpdatePhase::Failed
+        },
+        reason: report_text(&f.error),
+        lines: state.read_lines(FAILURE_LOG),
+    })
 }
 
 impl Updater {
@@ -90,39 +163,65 @@ impl Updater {
             state: UpdatePhase::Idle,
             version: String::new(),
             error: None,
+            bytes: None,
+            total: None,
         };
         self.fill_report(saved, &mut out);
         out
     }
 
-    /// Where the agent stands: the phase, the version it concerns, and why
-    /// it failed.
-    fn standing<'a>(&'a self, saved: &'a StateFile) -> (UpdatePhase, &'a str, Option<&'a str>) {
+    /// Where the agent stands: the phase, the version it concerns, why it
+    /// failed, and the download's progress.
+    fn standing<'a>(&'a self, saved: &'a StateFile) -> Standing<'a> {
         if let Some(m) = &saved.update {
-            (marker_phase(&m.phase), &m.to_version, m.error.as_deref())
+            let error = m.error.as_deref();
+            Standing::new(marker_phase(&m.phase), &m.to_version, error)
         } else if let Some(d) = &self.download {
             // Why it is held up, if it is (a full disk, an unreachable server).
-            (
-                UpdatePhase::Downloading,
-                &d.accepted.version,
-                d.last_error.as_deref(),
-            )
+            let version = &d.accepted.version;
+            let error = d.last_error.as_deref();
+            match d.stage {
+                Stage::Fetching => Standing {
+                    bytes: Some(d.received),
+                    total: d.total.or((d.offer.size > 0).then_some(d.offer.size)),
+                    ..Standing::new(UpdatePhase::Downloading, version, error)
+                },
+                Stage::Verified => Standing::new(UpdatePhase::Verified, version, error),
+                Stage::SelfTest => Standing::new(UpdatePhase::SelfTest, version, error),
+            }
+        } else if let Some(version) = &self.waiting {
+            Standing::new(UpdatePhase::Offered, version, None)
+        } else if let Some(version) = &saved.committed {
+            Standing::new(UpdatePhase::Committed, version, None)
         } else if let Some(f) = &saved.update_failure {
-            (UpdatePhase::Failed, &f.version, Some(&f.error))
+            let phase = if f.rolled_back == Some(true) {
+                UpdatePhase::RolledBack
+            } else {
+                UpdatePhase::Failed
+            };
+            Standing::new(phase, &f.version, Some(&f.error))
         } else {
-            (UpdatePhase::Idle, host::VERSION, None)
+            Standing::new(UpdatePhase::Idle, host::VERSION, None)
         }
     }
 
     /// Writes the report into `out`, allocating only when it changed.
     pub(crate) fn fill_report(&self, saved: &StateFile, out: &mut UpdateReport) {
-        let (phase, version, error) = self.standing(saved);
+        let Standing {
+            phase,
+            version,
+            error,
+            bytes,
+            total,
+        } = self.standing(saved);
         if out.state != phase {
             out.state = phase;
         }
         if out.version != version {
             out.version = version.to_owned();
         }
+        out.bytes = bytes;
+        out.total = total;
         // The server refuses control characters and over-long texts (a
         // self-test's stderr has both): report the printable, bounded form.
         let same = match (out.error.as_deref(), error) {
@@ -150,7 +249,24 @@ impl Updater {
         if Instant::now() < d.retry_at {
             return Ok(Step::Idle);
         }
+        match d.stage {
+            Stage::Fetching => {}
+            Stage::Verified => {
+                d.stage = Stage::SelfTest;
+                log::info(
+                    "running the self-test of the new binary",
+                    &[("version", &d.accepted.version)],
+                );
+                return Ok(Step::Report);
+            }
+            Stage::SelfTest => return self.install(state, saved),
+        }
         if !d.is_complete() {
+            if fault::active("download-stall") && d.received > 0 {
+                // A download that never finishes (for the rollout deadline
+                // tests): no more bytes, no error.
+                return Ok(Step::Idle);
+            }
             match d.fetch_chunk(state, client, server) {
                 Ok(()) => {
                     d.failures = 0;
@@ -159,7 +275,7 @@ impl Updater {
                     return Ok(Step::Busy);
                 }
                 Err(ChunkError::Refuse(e)) => {
-                    self.fail(saved, e);
+                    self.fail(state, saved, e);
                     return Ok(Step::Idle);
                 }
                 Err(ChunkError::Retry(e)) => {
@@ -209,7 +325,7 @@ impl Updater {
                 "the download ({} bytes, {how}) has sha256 {digest}, the signed release says {}{again}",
                 d.received, d.accepted.sha256
             );
-            self.fail(saved, error);
+            self.fail(state, saved, error);
             return Ok(Step::Idle);
         }
         let install = install_path()?;
@@ -225,17 +341,34 @@ impl Updater {
                 log::warn("update waits: staging failed", &[("error", &error)]);
                 d.retry_later(error);
             } else {
-                self.fail(saved, error);
+                self.fail(state, saved, error);
             }
             return Ok(Step::Idle);
         }
         fault::point("update-after-verify");
+        log::info(
+            "update verified",
+            &[("version", &d.accepted.version), ("sha256", &digest)],
+        );
+        d.stage = Stage::Verified;
+        Ok(Step::Report)
+    }
+
+    /// The last steps of an update, once verified and staged: the new
+    /// binary's self-test and version, then the swap and exec (which does
+    /// not return).
+    fn install(&mut self, state: &StateDir, saved: &mut StateFile) -> Result<Step, Error> {
+        let Some(d) = self.download.as_mut() else {
+            return Ok(Step::Idle);
+        };
+        let install = install_path()?;
+        let next = next_path(&install);
         if let Err(e) = self_test(&next, state) {
-            self.fail(saved, e);
+            self.fail(state, saved, e);
             return Ok(Step::Idle);
         }
         if let Err(e) = check_version(&next, &d.accepted.version) {
-            self.fail(saved, e);
+            self.fail(state, saved, e);
             return Ok(Step::Idle);
         }
         match swap(state, saved, &install, &next, d) {
@@ -249,7 +382,7 @@ impl Updater {
                     );
                     d.retry_later(error);
                 } else {
-                    self.fail(saved, error);
+                    self.fail(state, saved, error);
                 }
                 Ok(Step::Idle)
             }
@@ -257,7 +390,7 @@ impl Updater {
     }
 
     /// Records a failed update and forgets the download and its files.
-    fn fail(&mut self, saved: &mut StateFile, error: String) {
+    fn fail(&mut self, state: &StateDir, saved: &mut StateFile, error: String) {
         if let Some(d) = self.download.take() {
             let _ = fs::remove_file(&d.part);
             if let Ok(install) = install_path() {
@@ -267,10 +400,7 @@ impl Updater {
                 "update failed; staying on this version",
                 &[("version", &d.accepted.version), ("error", &error)],
             );
-            saved.update_failure = Some(UpdateFailure {
-                version: d.accepted.version,
-                error,
-            });
+            record_failure(state, saved, d.accepted.version, error, false);
         }
     }
 }
@@ -281,19 +411,30 @@ mod tests {
     use crate::state::UpdateMarker;
 
     #[test]
-    fn the_report_spells_phases_as_agents_always_did() {
+    fn the_report_spells_every_phase_as_update_phase_does() {
         let updater = Updater::default();
         let mut saved = StateFile::default();
         assert_eq!(updater.report(&saved).state, "idle");
         saved.update_failure = Some(UpdateFailure {
             version: "9.9.9".into(),
             error: "no".into(),
+            ..Default::default()
         });
         assert_eq!(updater.report(&saved).state, "failed");
+        saved.update_failure.as_mut().unwrap().rolled_back = Some(true);
+        assert_eq!(updater.report(&saved).state, "rolled_back");
+        saved.committed = Some("9.9.9".into());
+        assert_eq!(updater.report(&saved).state, "committed");
+        let waiting = Updater {
+            waiting: Some("9.9.9".into()),
+            ..Updater::default()
+        };
+        assert_eq!(waiting.report(&saved).state, "offered");
         for (phase, text) in [
             (MarkerPhase::Probation, "probation"),
-            (MarkerPhase::Swapping, "swapping"),
-            (MarkerPhase::RolledBack, "rolled-back"),
+            (MarkerPhase::Swapping, "swapped"),
+            (MarkerPhase::RolledBack, "rolled_back"),
+            (MarkerPhase::Other("paused".into()), "paused"),
         ] {
             saved.update = Some(UpdateMarker {
                 phase,
@@ -318,6 +459,7 @@ mod tests {
         saved.update_failure = Some(UpdateFailure {
             version: "9.9.9".into(),
             error: raw,
+            ..Default::default()
         });
         let mut report = updater.report(&saved);
         let error = report.error.clone().unwrap();

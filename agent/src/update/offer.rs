@@ -12,7 +12,7 @@ use stella_proto::release::{self, Statement, Version};
 use super::download::Download;
 use super::{Updater, now_secs};
 use crate::error::Error;
-use crate::state::{RELEASE_KEY, StateDir, StateFile, UpdateFailure};
+use crate::state::{RELEASE_KEY, StateDir, StateFile};
 use crate::{host, log};
 
 /// A release offer the agent accepted, as far as the signed statement says.
@@ -96,6 +96,8 @@ impl Updater {
         {
             return;
         }
+        // From here on, the log lines explain the update if it fails.
+        log::capture_start(Vec::new());
         let accepted = match accept(state, offer) {
             Ok(a) => a,
             Err(error) => {
@@ -103,21 +105,23 @@ impl Updater {
                     "update refused",
                     &[("version", &offer.version), ("error", &error)],
                 );
-                saved.update_failure = Some(UpdateFailure {
-                    version: offer.version.clone(),
-                    error,
-                });
+                self.waiting = None;
+                super::record_failure(state, saved, offer.version.clone(), error, false);
                 return;
             }
         };
         let hour = ((now_secs() / 3600) % 24) as u8;
         if !settings.update_allowed_at(hour) {
-            log::debug(
-                "update waits for its window",
-                &[("version", &accepted.version)],
-            );
+            if self.waiting.as_deref() != Some(accepted.version.as_str()) {
+                log::info(
+                    "update offered; it waits for this agent's update_window",
+                    &[("version", &accepted.version)],
+                );
+                self.waiting = Some(accepted.version);
+            }
             return;
         }
+        self.waiting = None;
         log::info(
             "update accepted; downloading",
             &[("version", &accepted.version), ("size", &offer.size)],

@@ -11,10 +11,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::swap::{exec, next_path, prev_path, sync_dir};
-use super::{Updater, now_secs, persist};
+use super::{Updater, now_secs, persist, record_failure};
 use crate::doctor::Doctor;
 use crate::error::Error;
-use crate::state::{MarkerPhase, StateDir, StateFile, UpdateFailure};
+use crate::state::{FAILURE_LOG, MarkerPhase, StateDir, StateFile, UPDATE_LOG};
 use crate::{fault, host, log};
 
 /// A new version that starts this many times without passing probation is
@@ -32,6 +32,7 @@ impl Updater {
         match m.phase {
             MarkerPhase::Swapping if running == m.to_version => {
                 // The rename happened before the crash: the new version is live.
+                adopt_update_log(state);
                 m.phase = MarkerPhase::Probation;
                 m.starts = 1;
                 m.probation_until = now_secs() + m.probation_ms.div_ceil(1000);
@@ -41,18 +42,23 @@ impl Updater {
             MarkerPhase::Swapping => {
                 // The swap did not happen: the old binary is in place. Tidy up.
                 let _ = fs::remove_file(next_path(Path::new(&m.install_path)));
+                adopt_update_log(state);
                 log::warn(
                     "an update swap was interrupted before the rename; staying on this version",
                     &[("version", &m.to_version)],
                 );
                 saved.update = None;
-                saved.update_failure = Some(UpdateFailure {
-                    version: m.to_version,
-                    error: "the swap was interrupted; it will be tried again".into(),
-                });
+                record_failure(
+                    state,
+                    saved,
+                    m.to_version,
+                    "the swap was interrupted; it will be tried again".into(),
+                    false,
+                );
                 persist(state, saved);
             }
             MarkerPhase::Probation if running == m.to_version => {
+                adopt_update_log(state);
                 m.starts += 1;
                 let starts = m.starts;
                 saved.update = Some(m);
@@ -74,15 +80,15 @@ impl Updater {
             MarkerPhase::RolledBack | MarkerPhase::Probation => {
                 // We are the old version again: report why, and forget the marker.
                 let error = m.error.clone().unwrap_or_else(|| "rolled back".into());
+                // The new version wrote the failure's log as it rolled back,
+                // unless it died first: then its lines so far are the log.
+                adopt_update_log(state);
                 log::warn(
                     "the update was rolled back",
                     &[("version", &m.to_version), ("error", &error)],
                 );
                 saved.update = None;
-                saved.update_failure = Some(UpdateFailure {
-                    version: m.to_version,
-                    error,
-                });
+                record_failure(state, saved, m.to_version, error, true);
                 persist(state, saved);
             }
             MarkerPhase::Other(_) => {
@@ -116,6 +122,10 @@ impl Updater {
         };
         saved.binary_sha256 = Some(m.to_sha256.clone());
         saved.update_failure = None;
+        // Reported (`committed`) until a heartbeat saying so is acknowledged.
+        saved.committed = Some(m.to_version.clone());
+        log::capture_take();
+        let _ = state.remove(UPDATE_LOG);
         persist(state, saved);
         log::info(
             "update committed",
@@ -160,19 +170,31 @@ fn rollback(state: &StateDir, saved: &mut StateFile, error: &str) -> Error {
         let failure = format!("{error}; rollback impossible: {e}");
         let version = m.to_version.clone();
         saved.update = None;
-        saved.update_failure = Some(UpdateFailure {
-            version,
-            error: failure.clone(),
-        });
+        record_failure(state, saved, version, failure.clone(), false);
         let _ = state.save_state(saved);
         return Error::Invalid(failure);
     }
+    // The log survives the exec of the old version, which reports it.
+    let lines = log::capture_take();
+    if !lines.is_empty() {
+        let _ = state.write_lines(FAILURE_LOG, &lines);
+    }
+    let _ = state.remove(UPDATE_LOG);
     m.phase = MarkerPhase::RolledBack;
     m.error = Some(error.to_owned());
     // Unwritten (a full disk), the `probation` marker still tells the old
     // version that the update was rolled back.
     persist(state, saved);
     exec(&install)
+}
+
+/// Keeps logging into the update's log that the process before this one
+/// left (the exec of a new or the old version), if it left one.
+fn adopt_update_log(state: &StateDir) {
+    let lines = state.read_lines(UPDATE_LOG);
+    if !lines.is_empty() {
+        log::capture_start(lines);
+    }
 }
 
 /// Remediation of an interrupted swap (agent not running): put `.prev` back
@@ -194,10 +216,14 @@ pub(crate) fn finish_rollback(state: &StateDir) -> Result<String, Error> {
     };
     let _ = fs::remove_file(next_path(&install));
     saved.update = None;
-    saved.update_failure = Some(UpdateFailure {
-        version: m.to_version,
-        error: "an interrupted update was rolled back".into(),
-    });
+    adopt_update_log(state);
+    record_failure(
+        state,
+        &mut saved,
+        m.to_version,
+        "an interrupted update was rolled back".into(),
+        true,
+    );
     state.save_state(&saved)?;
     Ok(result)
 }

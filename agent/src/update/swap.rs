@@ -224,6 +224,11 @@ pub(super) fn swap(
         };
     }
     fault::point("update-after-link");
+    // The update's log so far goes with it across the exec (a rollback
+    // reports it).
+    if let Err(e) = state.write_lines(crate::state::UPDATE_LOG, &log::captured()) {
+        log::warn("could not keep the update's log", &[("error", &e)]);
+    }
     let failure = saved.update_failure.take();
     saved.update = Some(UpdateMarker {
         phase: MarkerPhase::Swapping,

@@ -104,6 +104,9 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
                     soak: Duration::from_millis(body.soak_ms),
                     max_failures: body.max_failures,
                     selector: body.selector.clone(),
+                    agent_timeout: body.agent_timeout_ms.map(Duration::from_millis),
+                    window: body.window.clone(),
+                    days: body.days.clone(),
                 })
             })
             .await?;
@@ -161,7 +164,11 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
             Ok(resp)
         }
         ("GET", ["fleet"]) => json(200, json::to_string(&app.fleet_summary())),
-        ("GET", ["agents", id]) => json(200, json::to_string(&app.agent_view(id)?)),
+        ("GET", ["agents", id]) => {
+            let id = (*id).to_owned();
+            let view = blocking(app, move |app| app.agent_detail(&id)).await?;
+            json(200, json::to_string(&view))
+        }
         ("POST", ["agents", id, "doctor"]) => {
             let body: DoctorAsk = parse_json(req)?;
             let id = (*id).to_owned();

@@ -8,14 +8,18 @@ use std::time::Duration;
 
 use stella_proto::api::{
     AgentView, FleetSummary, HeartbeatRequest, HeartbeatResponse, Labels, SelfView,
+    UpdateFailureReport, UpdateFailureView,
 };
+use stella_proto::states::UpdatePhase;
 use stella_proto::time::rfc3339;
 
 use super::{App, Metrics, lock, now_ms, now_secs};
 use crate::error::Error;
 use crate::lifecycle::{self, Act, Fleet, LiveAgent, Transition};
 use crate::log;
-use crate::records::{AgentRecord, AgentStatus, HeartbeatState, InactiveReason};
+use crate::records::{
+    AgentRecord, AgentStatus, HeartbeatState, InactiveReason, UpdateFailureRecord,
+};
 use crate::refusal::Refusal;
 use crate::store::AgentChange;
 
@@ -108,6 +112,18 @@ impl App {
         mut body: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, Error> {
         lifecycle::check_heartbeat(&body)?;
+        // A failed update's log is stored durably before the answer: the
+        // agent stops sending it once this heartbeat is acknowledged.
+        if let Some(failure) = body.update_failure.take() {
+            {
+                let fleet = lock(&self.fleet);
+                let record = fleet.agents.get(agent_id).map(|a| &a.record);
+                lifecycle::may_act(record, agent_id, serial, Act::Heartbeat)?;
+            }
+            let app = self.clone();
+            let id = agent_id.to_owned();
+            smol::unblock(move || app.store_update_failure(&id, failure)).await?;
+        }
         // A requested doctor report is stored (and the request cleared)
         // before the answer, which then no longer asks for it.
         // A report nobody asked for is dropped: an agent cannot make the
@@ -192,6 +208,9 @@ impl App {
                     self.settings.update_probation,
                 )
             });
+        if let Some(offer) = &update {
+            lifecycle::note_offer(&mut agent.hb, &offer.version, now);
+        }
         let desired = &agent.desired;
         let answer = HeartbeatResponse {
             update,
@@ -256,6 +275,52 @@ impl App {
     /// target.
     pub(crate) fn fleet_summary(&self) -> FleetSummary {
         summary(&lock(&self.fleet))
+    }
+
+    /// `agents show ID`: the view with the last failed update from the
+    /// store. Blocking.
+    pub(crate) fn agent_detail(&self, id: &str) -> Result<AgentView, Error> {
+        let mut view = self.agent_view(id)?;
+        view.last_failure = self.store.update_failure(id)?.map(|f| UpdateFailureView {
+            version: f.report.version,
+            phase: f.report.phase,
+            reason: f.report.reason,
+            received_at: rfc3339(f.received_at),
+            lines: f.report.lines,
+        });
+        Ok(view)
+    }
+
+    /// Stores the failed update an agent reported, unless it is the one
+    /// already stored (an agent resends it until acknowledged). Blocking.
+    pub(crate) fn store_update_failure(
+        &self,
+        id: &str,
+        mut report: UpdateFailureReport,
+    ) -> Result<(), Error> {
+        report.phase = UpdatePhase::parse(&lifecycle::phase_text(report.phase.as_str()));
+        if self
+            .store
+            .update_failure(id)?
+            .is_some_and(|stored| stored.report == report)
+        {
+            return Ok(());
+        }
+        log::info(
+            "update failure reported",
+            &[
+                ("agent", &id),
+                ("version", &report.version),
+                ("phase", &report.phase),
+                ("lines", &report.lines.len()),
+            ],
+        );
+        let record = UpdateFailureRecord {
+            received_at: now_secs(),
+            report,
+        };
+        self.store.put_update_failure(id, &record)?;
+        Ok(())
     }
 
     /// `agents deactivate|activate|revoke|renew ID`. Blocking.

@@ -127,7 +127,7 @@ impl App {
             .get(id)
             .cloned()
             .ok_or_else(|| Refusal::not_found(format!("no rollout with id {id}")))?;
-        let Some(rec) = rollout::act(&rec, action, &self.facts())? else {
+        let Some(rec) = rollout::act(&rec, action, &self.facts(), now_ms())? else {
             return Ok(self.rollout_view_of(&rec, false));
         };
         self.store.put_rollout(

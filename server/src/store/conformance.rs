@@ -3,12 +3,13 @@
 //! invokes `store_conformance!` with a constructor of an empty store). Also
 //! the records the tests and the crash-consistency tests build.
 
-use stella_proto::api::{DoctorDirective, DoctorReport, Labels, Platform};
+use stella_proto::api::{DoctorDirective, DoctorReport, Labels, Platform, UpdateFailureReport};
+use stella_proto::states::UpdatePhase;
 
 use super::{EnrollmentState, NewEnrollment, Store, StoreError};
 use crate::records::{
     AgentRecord, AgentStatus, CertRecord, DoctorReportRecord, HeartbeatState, ReleaseFile,
-    ReleaseRecord, RolloutRecord, TokenRecord,
+    ReleaseRecord, RolloutRecord, TokenRecord, UpdateFailureRecord,
 };
 use crate::refusal::Refusal;
 
@@ -33,6 +34,7 @@ macro_rules! store_conformance {
             releases_are_recorded_once,
             rollouts_are_replaced_whole,
             doctor_reports_clear_the_request,
+            update_failures_are_kept_per_agent,
         );
     };
     (@tests $make:expr; $($name:ident,)*) => {$(
@@ -106,6 +108,11 @@ pub(crate) fn rollout(id: &str, status: &str) -> RolloutRecord {
         healthy_since_ms: 0,
         created_at: 100,
         ignored_failures: Vec::new(),
+        agent_timeout_ms: Some(60_000),
+        window: Some("22:00-04:00".into()),
+        days: Some("mon-fri".into()),
+        stage_opened_ms: Some(100_000),
+        resumed_ms: None,
     }
 }
 
@@ -372,6 +379,44 @@ pub(crate) fn doctor_reports_clear_the_request(make: MakeStore<'_>) {
     assert!(store.doctor_report("agt_x").unwrap().is_none());
 }
 
+pub(crate) fn update_failures_are_kept_per_agent(make: MakeStore<'_>) {
+    let store = make();
+    store.insert_token(&token("abcdef", 1)).unwrap();
+    enroll(store.as_ref(), "abcdef", "agt_a", "01").unwrap();
+    assert!(store.update_failure("agt_a").unwrap().is_none());
+    let failure = |version: &str, lines: usize| UpdateFailureRecord {
+        received_at: 30,
+        report: UpdateFailureReport {
+            version: version.to_owned(),
+            phase: UpdatePhase::RolledBack,
+            reason: "doctor failed".into(),
+            lines: (0..lines).map(|i| format!("line {i}")).collect(),
+        },
+    };
+    store
+        .put_update_failure("agt_a", &failure("1.1.0", 64))
+        .unwrap();
+    store
+        .put_update_failure("agt_a", &failure("1.2.0", 2))
+        .unwrap();
+    assert_eq!(
+        store.update_failure("agt_a").unwrap(),
+        Some(failure("1.2.0", 2)),
+        "the last one replaces the one before"
+    );
+    let audit = store.audit_log().unwrap();
+    let last = audit.last().unwrap();
+    assert_eq!(
+        (last.action.as_str(), last.detail.as_str()),
+        ("agent.update_failed", "rolled_back 1.2.0: doctor failed")
+    );
+    assert!(matches!(
+        store.put_update_failure("agt_x", &failure("1.1.0", 1)),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(store.update_failure("agt_x").unwrap().is_none());
+}
+
 pub(crate) fn configs_get_versions(make: MakeStore<'_>) {
     let store = make();
     assert!(store.configs().unwrap().is_empty());
@@ -434,6 +479,20 @@ pub(crate) fn rollouts_are_replaced_whole(make: MakeStore<'_>) {
     assert_eq!(
         (a.status.as_str(), a.reason.as_deref()),
         ("paused", Some("why"))
+    );
+    assert_eq!(
+        (
+            a.agent_timeout_ms,
+            a.window.as_deref(),
+            a.days.as_deref(),
+            a.stage_opened_ms
+        ),
+        (
+            Some(60_000),
+            Some("22:00-04:00"),
+            Some("mon-fri"),
+            Some(100_000)
+        )
     );
     let line = store.audit_log().unwrap().pop().unwrap();
     assert_eq!(

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 use crate::records::{
     AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord, HeartbeatState,
-    ReleaseRecord, RolloutRecord, TokenRecord,
+    ReleaseRecord, RolloutRecord, TokenRecord, UpdateFailureRecord,
 };
 use crate::refusal::Refusal;
 
@@ -271,6 +271,14 @@ pub(crate) trait Store: Send + Sync {
 
     /// Agent `id`'s last doctor report.
     fn doctor_report(&self, id: &str) -> Result<Option<DoctorReportRecord>, StoreError>;
+
+    /// Stores the last failed update agent `id` reported (replacing the
+    /// one before), durably, with an audit line.
+    fn put_update_failure(&self, id: &str, failure: &UpdateFailureRecord)
+    -> Result<(), StoreError>;
+
+    /// The last failed update agent `id` reported.
+    fn update_failure(&self, id: &str) -> Result<Option<UpdateFailureRecord>, StoreError>;
 
     /// Writes a batch of heartbeat states (one commit for the whole batch).
     fn save_heartbeats(&self, batch: &[(String, HeartbeatState)]) -> Result<(), StoreError>;

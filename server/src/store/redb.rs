@@ -15,7 +15,7 @@ use super::{
 };
 use crate::records::{
     AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord, EnrollmentRecord,
-    HeartbeatState, ReleaseRecord, RolloutRecord, TokenRecord,
+    HeartbeatState, ReleaseRecord, RolloutRecord, TokenRecord, UpdateFailureRecord,
 };
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
@@ -35,6 +35,9 @@ const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("configs");
 /// Agent id → its last requested doctor report (created on first use: a
 /// store made before doctor on demand has no such table).
 const DOCTOR_REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("doctor_reports");
+/// Agent id → the last failed update it reported, with its log lines
+/// (created on first use, as `DOCTOR_REPORTS`).
+const UPDATE_FAILURES: TableDefinition<&str, &[u8]> = TableDefinition::new("update_failures");
 
 /// redb's page cache (its default is 1 GiB).
 const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
@@ -576,6 +579,53 @@ impl Store for RedbStore {
             };
             rows.get(id)?
                 .map(|v| decode("doctor report", id, v.value()))
+                .transpose()
+        })
+    }
+
+    fn put_update_failure(
+        &self,
+        id: &str,
+        failure: &UpdateFailureRecord,
+    ) -> Result<(), StoreError> {
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            if txn.open_table(AGENTS)?.get(id)?.is_none() {
+                return Err(StoreError::NotFound {
+                    what: "agent",
+                    key: id.to_owned(),
+                });
+            }
+            txn.open_table(UPDATE_FAILURES)?
+                .insert(id, encode(failure).as_slice())?;
+            let detail = format!(
+                "{} {}: {}",
+                failure.report.phase.as_str(),
+                failure.report.version,
+                failure.report.reason
+            );
+            append_audit(
+                &txn,
+                failure.received_at,
+                "agent.update_failed",
+                id,
+                &detail,
+            )?;
+            self.commit(txn)?;
+            Ok(())
+        })
+    }
+
+    fn update_failure(&self, id: &str) -> Result<Option<UpdateFailureRecord>, StoreError> {
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let rows = match txn.open_table(UPDATE_FAILURES) {
+                Ok(rows) => rows,
+                Err(::redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            rows.get(id)?
+                .map(|v| decode("update failure", id, v.value()))
                 .transpose()
         })
     }

@@ -14,6 +14,7 @@ mod faults;
 mod hostile;
 mod lifecycle;
 mod ondemand;
+mod phases;
 mod renewal;
 mod rollout;
 mod signing;

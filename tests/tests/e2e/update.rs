@@ -69,8 +69,14 @@ fn supervise(agent: &AgentDir, env: &[(&str, &str)], first_run_only: &[&str]) ->
 }
 
 fn wait_failed(server: &Server, id: &str, needle: &str) -> AgentView {
+    wait_phase(server, id, "failed", needle)
+}
+
+/// Waits for the agent to report `phase` (`failed` or `rolled_back`) with
+/// an error containing `needle`.
+fn wait_phase(server: &Server, id: &str, phase: &str, needle: &str) -> AgentView {
     let view = server.wait_for_agent(id, "reporting the failed update", |a| {
-        a.update.state == "failed"
+        a.update.state == phase
     });
     let error = view.update.error.clone().unwrap_or_default();
     assert!(
@@ -442,7 +448,7 @@ fn a_new_version_that_cannot_heartbeat_is_rolled_back() {
     let dir = release(&keys, NEXT, &bin("stella-agent-next"), &[]);
     offer(&server, &dir, NEXT, &id);
     let sup = supervise(&agent, &[("STELLA_FAULT", "probation-no-heartbeat")], &[]);
-    let view = wait_failed(&server, &id, "probation window");
+    let view = wait_phase(&server, &id, "rolled_back", "probation window");
     assert_eq!(view.version, CURRENT);
     assert_eq!(sha256(&agent.binary), original, "the old binary is back");
     assert!(
@@ -464,7 +470,7 @@ fn a_crash_looping_new_version_is_rolled_back() {
     let dir = release(&keys, NEXT, &bin("stella-agent-next"), &[]);
     offer(&server, &dir, NEXT, &id);
     let sup = supervise(&agent, &[("STELLA_FAULT", "probation-crash")], &[]);
-    let view = wait_failed(&server, &id, "started 4 times");
+    let view = wait_phase(&server, &id, "rolled_back", "started 4 times");
     assert_eq!(view.version, CURRENT);
     assert_eq!(sha256(&agent.binary), original);
     assert!(sup.restarts.load(std::sync::atomic::Ordering::SeqCst) >= 3);
