@@ -373,14 +373,22 @@ fn query(
     offset: usize,
     limit: usize,
 ) -> (Vec<AgentView>, usize) {
-    let mut ids: Vec<&str> = fleet
+    // Sorted by a fixed-size prefix first: most comparisons then touch no
+    // string behind a pointer, and without a filter no agent record
+    // either; a scan of 100,000 agents stays within a few milliseconds of
+    // the fleet lock.
+    let all = filter.is_empty();
+    let mut ids: Vec<(u128, &str)> = fleet
         .agents
-        .values()
-        .filter(|a| filter.matches(a))
-        .map(|a| a.record.id.as_str())
+        .iter()
+        .filter(|(_, live)| all || filter.matches(live))
+        .map(|(id, _)| (sort_key(id), id.as_str()))
         .collect();
     let total = ids.len();
-    ids.retain(|id| *id > after);
+    if !after.is_empty() {
+        let after = (sort_key(after), after);
+        ids.retain(|id| *id > after);
+    }
     let end = offset.saturating_add(limit);
     if ids.len() > end {
         ids.select_nth_unstable(end);
@@ -390,10 +398,19 @@ fn query(
     let page = ids
         .iter()
         .skip(offset)
-        .filter_map(|id| fleet.agents.get(*id))
+        .filter_map(|(_, id)| fleet.agents.get(*id))
         .map(|a| lifecycle::view(a))
         .collect();
     (page, total)
+}
+
+/// The first 16 bytes of `id`, big-endian, zero-padded: ordering by it,
+/// then by the whole id, is the ids' string order.
+fn sort_key(id: &str) -> u128 {
+    let mut bytes = [0u8; 16];
+    let n = id.len().min(16);
+    bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+    u128::from_be_bytes(bytes)
 }
 
 /// See [`App::fleet_summary`].
@@ -439,6 +456,15 @@ pub(crate) struct AgentFilter {
 }
 
 impl AgentFilter {
+    /// Whether it selects every agent.
+    fn is_empty(&self) -> bool {
+        self.status.is_none()
+            && self.labels.is_empty()
+            && self.version.is_none()
+            && self.target.is_none()
+            && self.name.is_none()
+    }
+
     fn matches(&self, live: &LiveAgent) -> bool {
         let r = &live.record;
         self.status.is_none_or(|s| s == r.status)
