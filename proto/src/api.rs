@@ -865,6 +865,21 @@ pub struct DriftRow {
     pub error: Option<String>,
 }
 
+/// `GET /v1/admin/fleet`: the fleet in numbers, for an overview.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct FleetSummary {
+    /// Every agent the server knows, revoked ones included.
+    pub agents: u64,
+    /// Agents by status (`active`, `inactive`, `revoked`; each present).
+    pub status: BTreeMap<String, u64>,
+    /// Inactive agents by reason (`heartbeat_timeout`, `deactivated`).
+    pub reasons: BTreeMap<String, u64>,
+    /// Agents by the version they run.
+    pub versions: BTreeMap<String, u64>,
+    /// Agents by target triple.
+    pub targets: BTreeMap<String, u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

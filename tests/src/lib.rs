@@ -7,6 +7,7 @@
 pub mod postgres;
 pub mod raw;
 pub mod release;
+pub mod webdriver;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use miniserde::json;
 use stella_proto::api::{
-    AgentUpdateRequest, ConfigSetRequest, DoctorAsk, DoctorAsked, ReleaseImportRequest,
+    AgentUpdateRequest, ConfigSetRequest, DoctorAsk, DoctorAsked, Labels, ReleaseImportRequest,
     RolloutStartRequest, TokenCreateRequest,
 };
+use stella_proto::states::AgentStatus;
 
 use super::{blocking, failed, json_body, parse_json};
-use crate::app::{AgentAction, App};
+use crate::app::{AgentAction, AgentFilter, App};
 use crate::error::Error;
 use crate::http::{self, Request, Response};
 use crate::refusal::Refusal;
@@ -24,6 +25,44 @@ const MAX_AGENT_PAGE: usize = 10_000;
 /// A query parameter, percent-decoded; a broken encoding is refused.
 fn query(req: &Request, name: &str) -> Result<Option<String>, Refusal> {
     http::query_param(&req.path, name).map_err(Refusal::bad_request)
+}
+
+/// The filter of `GET /v1/admin/agents`: `status`, `label=K=V[,K=V...]`,
+/// `version`, `target`, `name` (part of the name or id).
+fn agent_filter(req: &Request) -> Result<AgentFilter, Refusal> {
+    let status = match query(req, "status")?.filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(AgentStatus::parse(&s).ok_or_else(|| {
+            Refusal::bad_request(format!(
+                "status {s:?} is not one of active, inactive, revoked"
+            ))
+        })?),
+    };
+    let mut labels = Labels::new();
+    for pair in query(req, "label")?.iter().flat_map(|l| l.split(',')) {
+        let pair = pair.trim();
+        if pair.is_empty() {
+            continue;
+        }
+        match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                labels.insert(k.trim().to_owned(), v.trim().to_owned());
+            }
+            _ => {
+                return Err(Refusal::bad_request(format!(
+                    "label {pair:?} is not KEY=VALUE"
+                )));
+            }
+        }
+    }
+    let text = |name| query(req, name).map(|v| v.filter(|v: &String| !v.is_empty()));
+    Ok(AgentFilter {
+        status,
+        labels,
+        version: text("version")?,
+        target: text("target")?,
+        name: text("name")?,
+    })
 }
 
 pub(super) async fn admin(app: &Arc<App>, req: &Request) -> Response {
@@ -108,8 +147,23 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
                 }
             };
             let after = query(req, "after")?.unwrap_or_default();
-            json(200, json::to_string(&app.agent_page(limit, &after)))
+            let offset = match query(req, "offset")?.map(|o| o.parse::<usize>()) {
+                None => 0,
+                Some(Ok(n)) => n,
+                Some(Err(_)) => {
+                    return Err(Refusal::bad_request("offset must be a whole number from 0").into());
+                }
+            };
+            let filter = agent_filter(req)?;
+            let (page, total) = app.agent_query(&filter, &after, offset, limit);
+            let mut resp = Response::json(200, json::to_string(&page));
+            // The page stays a plain array (as `agents list --json` prints
+            // it); how many agents match in all travels beside it.
+            resp.extra_headers
+                .push(("x-total-count", total.to_string()));
+            Ok(resp)
         }
+        ("GET", ["fleet"]) => json(200, json::to_string(&app.fleet_summary())),
         ("GET", ["agents", id]) => {
             let id = (*id).to_owned();
             let view = blocking(app, move |app| app.agent_detail(&id)).await?;

@@ -6,7 +6,9 @@
 //! the artifact upload (`upload_artifact`).
 
 mod admin;
+mod console;
 mod metrics;
+mod openapi;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -86,10 +88,24 @@ enum Endpoint {
     TaskArtifact,
     /// An artifact upload: the body is streamed to the blob store.
     ArtifactUpload,
+    /// One of the admin routes listed below (`admin` dispatches it).
     Admin,
+    /// A path under `/v1/admin/` that no admin route names: 404, after the
+    /// token was checked (an unknown admin path tells a caller without a
+    /// token nothing).
+    NoSuchAdmin,
+    /// `docs/openapi.json`, embedded at build time.
+    OpenApi,
+    /// The web console's assets under `/ui/`.
+    Console,
+    /// `/ui` without its slash: sent to `/ui/`.
+    ConsoleRedirect,
 }
 
-/// One route: a method and a path (`*` at the end: any path under it).
+/// One route: a method and a path. A `{name}` segment matches any one
+/// segment; `*` at the end matches any path under it and marks a fallback,
+/// taken only when no listed route matches (fallbacks are not documented
+/// routes: `docs/openapi.json` lists every other `/v1/` route).
 #[derive(Debug)]
 struct Route {
     method: Option<&'static str>,
@@ -98,102 +114,152 @@ struct Route {
     endpoint: Endpoint,
 }
 
-/// Every route, with how its caller authenticates.
+/// A route table entry, briefly.
+const fn at(method: &'static str, path: &'static str, auth: Auth, endpoint: Endpoint) -> Route {
+    Route {
+        method: Some(method),
+        path,
+        auth,
+        endpoint,
+    }
+}
+
+/// An admin route (`Authorization: Bearer`), dispatched by `admin`.
+const fn admin(method: &'static str, path: &'static str) -> Route {
+    at(method, path, Auth::Admin, Endpoint::Admin)
+}
+
+/// Every route, with how its caller authenticates. An admin route that is
+/// not listed here is not reachable: this table is what `docs/openapi.json`
+/// is checked against.
 const ROUTES: &[Route] = &[
-    Route {
-        method: Some("GET"),
-        path: "/healthz",
-        auth: Auth::Open,
-        endpoint: Endpoint::Healthz,
-    },
-    Route {
-        method: Some("GET"),
-        path: "/metrics",
-        auth: Auth::Open,
-        endpoint: Endpoint::Metrics,
-    },
-    Route {
-        method: Some("POST"),
-        path: "/v1/agents/register",
-        auth: Auth::Registration,
-        endpoint: Endpoint::Register,
-    },
-    Route {
-        method: Some("POST"),
-        path: "/v1/agents/heartbeat",
-        auth: Auth::Agent(Act::Heartbeat),
-        endpoint: Endpoint::Heartbeat,
-    },
-    Route {
-        method: Some("POST"),
-        path: "/v1/agents/certificate",
-        auth: Auth::Agent(Act::Renew),
-        endpoint: Endpoint::Certificate,
-    },
-    Route {
-        method: Some("GET"),
-        path: "/v1/agents/self",
-        auth: Auth::Agent(Act::WhoAmI),
-        endpoint: Endpoint::WhoAmI,
-    },
-    Route {
-        method: Some("POST"),
-        path: "/v1/agents/challenge",
-        auth: Auth::Anonymous,
-        endpoint: Endpoint::Challenge,
-    },
-    Route {
-        method: Some("POST"),
-        path: "/v1/agents/recover",
-        auth: Auth::Anonymous,
-        endpoint: Endpoint::Recover,
-    },
-    Route {
-        method: Some("GET"),
-        path: "/v1/releases/*",
-        auth: Auth::Agent(Act::Download),
-        endpoint: Endpoint::Artifact,
-    },
-    Route {
-        method: Some("GET"),
-        path: "/v1/artifacts/*",
-        auth: Auth::Agent(Act::Download),
-        endpoint: Endpoint::TaskArtifact,
-    },
-    Route {
-        method: Some("POST"),
-        path: "/v1/admin/artifacts",
-        auth: Auth::Admin,
-        endpoint: Endpoint::ArtifactUpload,
-    },
-    // Doctor on demand (admin routes, listed for the reader; the wildcard
-    // below would route them the same).
-    Route {
-        method: Some("POST"),
-        path: "/v1/admin/doctor",
-        auth: Auth::Admin,
-        endpoint: Endpoint::Admin,
-    },
-    Route {
-        method: Some("POST"),
-        path: "/v1/admin/doctor-report",
-        auth: Auth::Admin,
-        endpoint: Endpoint::Admin,
-    },
+    at("GET", "/healthz", Auth::Open, Endpoint::Healthz),
+    at("GET", "/metrics", Auth::Open, Endpoint::Metrics),
+    at("GET", "/v1/openapi.json", Auth::Open, Endpoint::OpenApi),
+    at("GET", "/ui", Auth::Open, Endpoint::ConsoleRedirect),
+    at("GET", "/ui/*", Auth::Open, Endpoint::Console),
+    at(
+        "POST",
+        "/v1/agents/register",
+        Auth::Registration,
+        Endpoint::Register,
+    ),
+    at(
+        "POST",
+        "/v1/agents/heartbeat",
+        Auth::Agent(Act::Heartbeat),
+        Endpoint::Heartbeat,
+    ),
+    at(
+        "POST",
+        "/v1/agents/certificate",
+        Auth::Agent(Act::Renew),
+        Endpoint::Certificate,
+    ),
+    at(
+        "GET",
+        "/v1/agents/self",
+        Auth::Agent(Act::WhoAmI),
+        Endpoint::WhoAmI,
+    ),
+    at(
+        "POST",
+        "/v1/agents/challenge",
+        Auth::Anonymous,
+        Endpoint::Challenge,
+    ),
+    at(
+        "POST",
+        "/v1/agents/recover",
+        Auth::Anonymous,
+        Endpoint::Recover,
+    ),
+    at(
+        "GET",
+        "/v1/releases/{version}/{target}",
+        Auth::Agent(Act::Download),
+        Endpoint::Artifact,
+    ),
+    // Any other path under it: the same gate, then 404 from `artifact`.
+    at(
+        "GET",
+        "/v1/releases/*",
+        Auth::Agent(Act::Download),
+        Endpoint::Artifact,
+    ),
+    at(
+        "GET",
+        "/v1/artifacts/{sha256}",
+        Auth::Agent(Act::Download),
+        Endpoint::TaskArtifact,
+    ),
+    // Streamed to the blob store by `upload_artifact`, never read whole.
+    at(
+        "POST",
+        "/v1/admin/artifacts",
+        Auth::Admin,
+        Endpoint::ArtifactUpload,
+    ),
+    admin("POST", "/v1/admin/tokens"),
+    admin("GET", "/v1/admin/fleet"),
+    admin("GET", "/v1/admin/agents"),
+    admin("GET", "/v1/admin/agents/{id}"),
+    admin("POST", "/v1/admin/agents/{id}/deactivate"),
+    admin("POST", "/v1/admin/agents/{id}/activate"),
+    admin("POST", "/v1/admin/agents/{id}/revoke"),
+    admin("POST", "/v1/admin/agents/{id}/renew"),
+    admin("POST", "/v1/admin/agents/{id}/update"),
+    admin("POST", "/v1/admin/agents/{id}/doctor"),
+    admin("GET", "/v1/admin/agents/{id}/doctor"),
+    admin("POST", "/v1/admin/doctor"),
+    admin("POST", "/v1/admin/doctor-report"),
+    admin("POST", "/v1/admin/config"),
+    admin("GET", "/v1/admin/config"),
+    admin("GET", "/v1/admin/drift"),
+    admin("POST", "/v1/admin/releases"),
+    admin("GET", "/v1/admin/releases"),
+    admin("POST", "/v1/admin/rollouts"),
+    admin("GET", "/v1/admin/rollouts"),
+    admin("GET", "/v1/admin/rollouts/{id}"),
+    admin("POST", "/v1/admin/rollouts/{id}/pause"),
+    admin("POST", "/v1/admin/rollouts/{id}/resume"),
+    admin("POST", "/v1/admin/rollouts/{id}/abort"),
+    admin("POST", "/v1/admin/tasks"),
+    admin("GET", "/v1/admin/tasks"),
+    admin("GET", "/v1/admin/tasks/{id}"),
+    admin("POST", "/v1/admin/tasks/{id}/cancel"),
     Route {
         method: None,
         path: "/v1/admin/*",
         auth: Auth::Admin,
-        endpoint: Endpoint::Admin,
+        endpoint: Endpoint::NoSuchAdmin,
     },
 ];
 
 impl Route {
     fn matches_path(&self, path: &str) -> bool {
-        match self.path.strip_suffix('*') {
-            Some(prefix) => path.starts_with(prefix),
-            None => path == self.path,
+        if let Some(prefix) = self.path.strip_suffix('*') {
+            return path.starts_with(prefix);
         }
+        let mut want = self.path.split('/');
+        let mut have = path.split('/');
+        loop {
+            match (want.next(), have.next()) {
+                (None, None) => return true,
+                (Some(w), Some(h)) if w.starts_with('{') => {
+                    if h.is_empty() {
+                        return false;
+                    }
+                }
+                (Some(w), Some(h)) if w == h => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// A fallback (`*`), taken when no listed route matches.
+    fn is_fallback(&self) -> bool {
+        self.path.ends_with('*')
     }
 }
 
@@ -205,7 +271,9 @@ fn route(method: &str, path: &str) -> Result<&'static Route, Refusal> {
         if r.method.is_none_or(|m| m == method) {
             return Ok(r);
         }
-        other_method |= !r.path.ends_with('*');
+        // Paths with parameters and fallbacks answer 404 for another
+        // method, as they always did (only exact paths say 405).
+        other_method |= !r.is_fallback() && !r.path.contains('{');
     }
     Err(if other_method {
         Refusal::new(
@@ -243,8 +311,15 @@ pub(crate) fn admit(
 ) -> Result<Admitted, Response> {
     Metrics::bump(&app.metrics.requests);
     let path = http::path_of(&head.path);
-    let route = route(&head.method, path).map_err(refused)?;
-    authenticate(app, route.auth, peer, source, head).map_err(refused)?;
+    let refused_here = |r: Refusal| {
+        let mut resp = refused(r);
+        if path == "/ui" || path.starts_with("/ui/") {
+            console::protect(&mut resp);
+        }
+        resp
+    };
+    let route = route(&head.method, path).map_err(refused_here)?;
+    authenticate(app, route.auth, peer, source, head).map_err(refused_here)?;
     Ok(Admitted {
         endpoint: route.endpoint,
     })
@@ -379,6 +454,14 @@ pub(crate) async fn handle(
             "artifact uploads are streamed, not read whole",
         )),
         (Endpoint::Admin, _) => admin::admin(app, &req).await,
+        (Endpoint::NoSuchAdmin, _) => refused(Refusal::not_found(format!(
+            "no such admin endpoint: {} {}",
+            req.method,
+            http::path_of(&req.path)
+        ))),
+        (Endpoint::OpenApi, _) => openapi::document(),
+        (Endpoint::Console, _) => console::asset(http::path_of(&req.path)),
+        (Endpoint::ConsoleRedirect, _) => console::redirect(),
         // The gate admits agent endpoints only with a peer.
         (
             Endpoint::Heartbeat
@@ -609,6 +692,14 @@ mod tests {
             ("POST", "/v1/admin/tasks", Ok(Auth::Admin)),
             ("GET", "/v1/artifacts/ab", Ok(Auth::Agent(Act::Download))),
             ("POST", "/v1/artifacts/ab", Err(404)),
+            ("GET", "/v1/admin/fleet", Ok(Auth::Admin)),
+            ("GET", "/v1/admin/agents/agt_x/doctor", Ok(Auth::Admin)),
+            ("GET", "/v1/openapi.json", Ok(Auth::Open)),
+            ("GET", "/ui/", Ok(Auth::Open)),
+            ("GET", "/ui/console.js", Ok(Auth::Open)),
+            ("GET", "/ui", Ok(Auth::Open)),
+            ("POST", "/ui/", Err(404)),
+            ("POST", "/v1/openapi.json", Err(405)),
             ("GET", "/v1/agents/heartbeat", Err(405)),
             ("POST", "/healthz", Err(405)),
             ("POST", "/v1/releases/1.0.0/t", Err(404)),
@@ -618,6 +709,29 @@ mod tests {
         for (method, path, want) in cases {
             let got = route(method, path).map(|r| r.auth).map_err(|e| e.status());
             assert_eq!(got, want, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn only_listed_admin_routes_reach_the_admin_handlers() {
+        let endpoint = |method, path| route(method, path).map(|r| r.endpoint);
+        assert_eq!(endpoint("GET", "/v1/admin/agents"), Ok(Endpoint::Admin));
+        assert_eq!(
+            endpoint("POST", "/v1/admin/agents/agt_x/revoke"),
+            Ok(Endpoint::Admin)
+        );
+        for (method, path) in [
+            ("POST", "/v1/admin/agents/agt_x/explode"),
+            ("GET", "/v1/admin/agents/agt_x/revoke"),
+            ("POST", "/v1/admin/agents//revoke"),
+            ("GET", "/v1/admin/nothing"),
+            ("GET", "/v1/admin/../agents/self"),
+        ] {
+            assert_eq!(
+                endpoint(method, path),
+                Ok(Endpoint::NoSuchAdmin),
+                "{method} {path}"
+            );
         }
     }
 

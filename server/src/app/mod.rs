@@ -55,7 +55,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub(crate) use self::agents::{AgentAction, flush_heartbeats, heartbeat_flusher, timeout_monitor};
+pub(crate) use self::agents::{
+    AgentAction, AgentFilter, flush_heartbeats, heartbeat_flusher, timeout_monitor,
+};
 pub(crate) use self::rollouts::controller;
 use crate::ca::Ca;
 use crate::config::Configs;

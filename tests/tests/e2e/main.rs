@@ -5,6 +5,7 @@
 mod api;
 mod bundle;
 mod config;
+mod console;
 mod crash;
 mod cross;
 mod doctor;
