@@ -83,6 +83,9 @@ fn a_server_on_postgresql_runs_the_fleet_across_restarts_and_an_outage() {
     // PostgreSQL stops for a few seconds: writes answer 503 with a JSON
     // error (no crash, no hang), /healthz says why, and everything comes
     // back by itself.
+    // (`agents show` reads the agent's last update failure from the store,
+    // so the heartbeat count is taken before the outage.)
+    let seq = server.agent(&first_id).heartbeat_seq;
     pg.stop();
     let client = server.client();
     let (status, body) = client.post_auth(
@@ -106,7 +109,6 @@ fn a_server_on_postgresql_runs_the_fleet_across_restarts_and_an_outage() {
         "the server exited:\n{}",
         server.proc.log_text()
     );
-    let seq = server.agent(&first_id).heartbeat_seq;
     pg.start_again();
     let healthy = poll(DEADLINE, || (client.get("/healthz").0 == 200).then_some(()));
     assert!(
