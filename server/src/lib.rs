@@ -6,6 +6,8 @@
 
 mod admin;
 mod api;
+mod audit;
+mod backup;
 mod app;
 pub mod ca;
 mod cli;
@@ -19,6 +21,7 @@ mod records;
 mod refusal;
 mod releases;
 mod renewal;
+mod roles;
 mod rollout;
 mod serve;
 mod store;

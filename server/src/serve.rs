@@ -15,6 +15,7 @@ use smol::stream::StreamExt;
 
 use crate::api::{self, Peer};
 use crate::app::{self, App, Metrics, Settings};
+use crate::backup;
 use crate::ca::{self, Ca};
 use crate::cli::ServeOptions;
 use crate::error::Error;
@@ -87,6 +88,78 @@ pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
         dir.display(),
         names.join(", "),
         dir.join(ADMIN_TOKEN_FILE).display()
+    ))?;
+    Ok(())
+}
+
+/// `stella-server restore`: a data dir that `serve` starts from, made from a
+/// backup, in an empty (or new) directory. The backup is checked whole
+/// before anything is written; the store comes last, as with `init`.
+pub(crate) fn restore(from: &Path, dir: &Path) -> Result<(), Error> {
+    if let Ok(mut entries) = std::fs::read_dir(dir)
+        && entries.next().is_some()
+    {
+        return Err(Refusal::conflict(format!(
+            "{} is not empty: restore writes a new data dir into an empty or missing directory",
+            dir.display()
+        ))
+        .into());
+    }
+    let bytes = std::fs::read(from)
+        .map_err(|e| Error::io(format!("cannot read {}", from.display()), e))?;
+    let contents = backup::read(&bytes)
+        .map_err(|m| Refusal::bad_request(format!("{}: {m}", from.display())))?;
+    for need in [ca::CA_CERT, ca::SERVER_CERT, ca::SERVER_KEY] {
+        if contents.file(need).is_none() {
+            return Err(Refusal::bad_request(format!(
+                "{}: the backup has no {need}",
+                from.display()
+            ))
+            .into());
+        }
+    }
+    create_private_dir(dir)?;
+    for (name, bytes) in &contents.files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent()
+            && parent != dir
+        {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+        }
+        let mode = if backup::is_secret(name) { 0o600 } else { 0o644 };
+        write_atomic(&path, bytes, mode)?;
+    }
+    // Written under another name and renamed when complete: a data dir
+    // with server.redb is a finished one.
+    let partial = dir.join(format!("{STORE_FILE}.restoring"));
+    let _ = std::fs::remove_file(&partial);
+    let store = RedbStore::create(&partial, "")?;
+    crate::store::Store::restore_rows(&store, &contents.rows)?;
+    drop(store);
+    std::fs::rename(&partial, dir.join(STORE_FILE))
+        .map_err(|e| Error::io(format!("cannot rename {}", partial.display()), e))?;
+    crate::fsutil::sync_dir(dir)?;
+    let ca_key = if contents.file(ca::CA_KEY).is_some() {
+        "included".to_owned()
+    } else {
+        format!(
+            "not in this backup: the server serves enrolled agents (heartbeats, downloads, admin commands) but refuses to enroll, renew or recover agents until {} is put back",
+            dir.join(ca::CA_KEY).display()
+        )
+    };
+    crate::log::print(format_args!(
+        "restored {} from {}
+agents: {}
+audit lines: {}
+files: {}
+CA key: {ca_key}
+",
+        dir.display(),
+        from.display(),
+        contents.rows_of("agents"),
+        contents.rows_of("audit"),
+        contents.files.len(),
     ))?;
     Ok(())
 }

@@ -1,8 +1,11 @@
 //! The HTTP API under `/v1/`: the route table (each route with how its
-//! caller authenticates), the one authentication gate every request passes
+//! caller authenticates, the role an admin route needs, and the action its
+//! audit line names), the one authentication gate every request passes
 //! before its body is read, and thin agent handlers that parse JSON, call
 //! `app`, and format the answer. Admin routes are in `admin`, `/metrics` in
-//! `metrics`.
+//! `metrics`. A refused admin request, enrollment, renewal or recovery
+//! leaves an audit line here (a 429 from the brakes does not: they exist to
+//! bound what a flood costs).
 
 mod admin;
 mod metrics;
@@ -16,10 +19,12 @@ use stella_proto::api::{
 };
 
 use crate::app::{App, Metrics};
+use crate::audit::Actor;
 use crate::error::Error;
 use crate::http::{self, Request, Response};
 use crate::lifecycle::Act;
 use crate::refusal::{Refusal, Why};
+use crate::roles::{Caller, Role};
 use crate::store::StoreError;
 
 /// The agent behind a verified client certificate.
@@ -65,8 +70,8 @@ pub(crate) enum Auth {
     /// An agent's client certificate, checked against its status and
     /// current serial for this act.
     Agent(Act),
-    /// The admin bearer token.
-    Admin,
+    /// An admin bearer token with at least this role.
+    Admin(Role),
 }
 
 /// What a route does.
@@ -84,13 +89,32 @@ enum Endpoint {
     Admin,
 }
 
-/// One route: a method and a path (`*` at the end: any path under it).
+/// One route: a method and a path (`{name}`: any one segment; `*` at the
+/// end: any path under it).
 #[derive(Debug)]
 struct Route {
     method: Option<&'static str>,
     path: &'static str,
     auth: Auth,
     endpoint: Endpoint,
+    /// What the audit line of a refused request names.
+    action: &'static str,
+}
+
+/// An admin route needing `role`.
+const fn admin(
+    method: &'static str,
+    path: &'static str,
+    role: Role,
+    action: &'static str,
+) -> Route {
+    Route {
+        method: Some(method),
+        path,
+        auth: Auth::Admin(role),
+        endpoint: Endpoint::Admin,
+        action,
+    }
 }
 
 /// Every route, with how its caller authenticates.
@@ -100,83 +124,129 @@ const ROUTES: &[Route] = &[
         path: "/healthz",
         auth: Auth::Open,
         endpoint: Endpoint::Healthz,
+        action: "healthz",
     },
     Route {
         method: Some("GET"),
         path: "/metrics",
         auth: Auth::Open,
         endpoint: Endpoint::Metrics,
+        action: "metrics",
     },
     Route {
         method: Some("POST"),
         path: "/v1/agents/register",
         auth: Auth::Registration,
         endpoint: Endpoint::Register,
+        action: "agent.enroll",
     },
     Route {
         method: Some("POST"),
         path: "/v1/agents/heartbeat",
         auth: Auth::Agent(Act::Heartbeat),
         endpoint: Endpoint::Heartbeat,
+        action: "agent.heartbeat",
     },
     Route {
         method: Some("POST"),
         path: "/v1/agents/certificate",
         auth: Auth::Agent(Act::Renew),
         endpoint: Endpoint::Certificate,
+        action: "agent.certificate",
     },
     Route {
         method: Some("GET"),
         path: "/v1/agents/self",
         auth: Auth::Agent(Act::WhoAmI),
         endpoint: Endpoint::WhoAmI,
+        action: "agent.self",
     },
     Route {
         method: Some("POST"),
         path: "/v1/agents/challenge",
         auth: Auth::Anonymous,
         endpoint: Endpoint::Challenge,
+        action: "agent.challenge",
     },
     Route {
         method: Some("POST"),
         path: "/v1/agents/recover",
         auth: Auth::Anonymous,
         endpoint: Endpoint::Recover,
+        action: "agent.recover",
     },
     Route {
         method: Some("GET"),
         path: "/v1/releases/*",
         auth: Auth::Agent(Act::Download),
         endpoint: Endpoint::Artifact,
+        action: "release.download",
     },
-    // Doctor on demand (admin routes, listed for the reader; the wildcard
-    // below would route them the same).
-    Route {
-        method: Some("POST"),
-        path: "/v1/admin/doctor",
-        auth: Auth::Admin,
-        endpoint: Endpoint::Admin,
-    },
-    Route {
-        method: Some("POST"),
-        path: "/v1/admin/doctor-report",
-        auth: Auth::Admin,
-        endpoint: Endpoint::Admin,
-    },
+    // Admin routes, each with the role it needs (see `roles::Role`).
+    admin("GET", "/v1/admin/whoami", Role::Read, "admin.whoami"),
+    admin("GET", "/v1/admin/agents", Role::Read, "agents.list"),
+    admin("GET", "/v1/admin/agents/{id}", Role::Read, "agent.show"),
+    admin("GET", "/v1/admin/agents/{id}/doctor", Role::Read, "agent.doctor_report"),
+    admin("POST", "/v1/admin/agents/{id}/deactivate", Role::Operate, "agent.deactivate"),
+    admin("POST", "/v1/admin/agents/{id}/activate", Role::Operate, "agent.activate"),
+    admin("POST", "/v1/admin/agents/{id}/renew", Role::Operate, "agent.renew_requested"),
+    admin("POST", "/v1/admin/agents/{id}/update", Role::Operate, "agent.update_offered"),
+    admin("POST", "/v1/admin/agents/{id}/doctor", Role::Operate, "agent.doctor_requested"),
+    admin("POST", "/v1/admin/agents/{id}/revoke", Role::Admin, "agent.revoke"),
+    admin("POST", "/v1/admin/doctor", Role::Operate, "agent.doctor_requested"),
+    admin("POST", "/v1/admin/doctor-report", Role::Read, "doctor_report.show"),
+    admin("GET", "/v1/admin/config", Role::Read, "config.show"),
+    admin("POST", "/v1/admin/config", Role::Operate, "config.set"),
+    admin("GET", "/v1/admin/drift", Role::Read, "drift.show"),
+    admin("GET", "/v1/admin/rollouts", Role::Read, "rollouts.list"),
+    admin("POST", "/v1/admin/rollouts", Role::Operate, "rollout.start"),
+    admin("GET", "/v1/admin/rollouts/{id}", Role::Read, "rollout.show"),
+    admin("POST", "/v1/admin/rollouts/{id}/pause", Role::Operate, "rollout.pause"),
+    admin("POST", "/v1/admin/rollouts/{id}/resume", Role::Operate, "rollout.resume"),
+    admin("POST", "/v1/admin/rollouts/{id}/abort", Role::Operate, "rollout.abort"),
+    admin("GET", "/v1/admin/releases", Role::Read, "releases.list"),
+    admin("POST", "/v1/admin/releases", Role::Admin, "release.import"),
+    admin("POST", "/v1/admin/tokens", Role::Admin, "token.create"),
+    admin("GET", "/v1/admin/audit", Role::Read, "audit.read"),
+    admin("GET", "/v1/admin/admin-tokens", Role::Admin, "admin_tokens.list"),
+    admin("POST", "/v1/admin/admin-tokens", Role::Admin, "admin_token.create"),
+    admin("POST", "/v1/admin/admin-tokens/{name}/revoke", Role::Admin, "admin_token.revoke"),
+    admin("POST", "/v1/admin/backup", Role::Admin, "server.backup"),
+    // Anything else under /v1/admin/ is answered 404 once authenticated
+    // (so that a caller without a token learns nothing of what exists).
     Route {
         method: None,
         path: "/v1/admin/*",
-        auth: Auth::Admin,
+        auth: Auth::Admin(Role::Read),
         endpoint: Endpoint::Admin,
+        action: "admin.unknown",
     },
 ];
 
 impl Route {
     fn matches_path(&self, path: &str) -> bool {
-        match self.path.strip_suffix('*') {
-            Some(prefix) => path.starts_with(prefix),
-            None => path == self.path,
+        if let Some(prefix) = self.path.strip_suffix('*') {
+            return path.starts_with(prefix);
         }
+        let (mut want, mut got) = (self.path.split('/'), path.split('/'));
+        loop {
+            match (want.next(), got.next()) {
+                (None, None) => return true,
+                (Some(w), Some(g)) if w.starts_with('{') && !g.is_empty() => {}
+                (Some(w), Some(g)) if w == g => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// What the request acts on: the path's first `{name}` segment.
+    fn target(&self, path: &str) -> String {
+        self.path
+            .split('/')
+            .zip(path.split('/'))
+            .find(|(w, _)| w.starts_with('{'))
+            .map(|(_, g)| g.to_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -203,15 +273,17 @@ fn route(method: &str, path: &str) -> Result<&'static Route, Refusal> {
 /// A request whose route and caller passed the gate; its body may be read.
 #[derive(Debug)]
 pub(crate) struct Admitted {
-    endpoint: Endpoint,
+    route: &'static Route,
+    /// The admin token that called (admin routes).
+    caller: Option<Caller>,
 }
 
 /// The authentication gate: finds the request's route and authenticates its
-/// caller from the head alone (client certificate, bearer token, source),
-/// so that a caller who fails gets 401/403 whatever the body, its type or
-/// its size. Every request passes here before its body is read.
+/// caller from the head alone (client certificate, bearer token and its
+/// role, source), so that a caller who fails gets 401/403 whatever the body,
+/// its type or its size. Every request passes here before its body is read.
 pub(crate) fn admit(
-    app: &App,
+    app: &Arc<App>,
     peer: Option<&Peer>,
     source: IpAddr,
     head: &Request,
@@ -219,35 +291,72 @@ pub(crate) fn admit(
     Metrics::bump(&app.metrics.requests);
     let path = http::path_of(&head.path);
     let route = route(&head.method, path).map_err(refused)?;
-    authenticate(app, route.auth, peer, source, head).map_err(refused)?;
-    Ok(Admitted {
-        endpoint: route.endpoint,
-    })
+    match authenticate(app, route, peer, source, head) {
+        Ok(caller) => Ok(Admitted { route, caller }),
+        Err((refusal, caller)) => {
+            let audited = matches!(route.auth, Auth::Admin(_) | Auth::Agent(Act::Renew));
+            if audited && refusal.why != Why::TooManyRequests {
+                // Off the async threads, and not waited for: the caller's
+                // answer does not depend on it.
+                let name = caller.map(|c| c.name).or_else(|| peer.map(|p| p.agent_id.clone()));
+                let actor = Actor::new(name.unwrap_or_default(), source);
+                let (app, target, status) = (app.clone(), route.target(path), refusal.status());
+                let detail = refusal.message.clone();
+                smol::unblock(move || {
+                    app.audit_unchanged(&actor, status, route.action, &target, &detail)
+                })
+                .detach();
+            }
+            Err(refused(refusal))
+        }
+    }
 }
 
+/// The caller of `route`: the admin token for admin routes (`None` for the
+/// others). A refusal comes with the admin token when it was valid but its
+/// role too small.
 fn authenticate(
     app: &App,
-    auth: Auth,
+    route: &Route,
     peer: Option<&Peer>,
     source: IpAddr,
     head: &Request,
-) -> Result<(), Refusal> {
-    match auth {
-        Auth::Open | Auth::Anonymous => Ok(()),
-        Auth::Registration => app.check_registration_rate(source),
-        Auth::Admin => app.check_admin_from(source, head.authorization.as_deref()),
+) -> Result<Option<Caller>, (Refusal, Option<Caller>)> {
+    match route.auth {
+        Auth::Open | Auth::Anonymous => Ok(None),
+        Auth::Registration => app
+            .check_registration_rate(source)
+            .map(|()| None)
+            .map_err(|r| (r, None)),
+        Auth::Admin(needed) => {
+            let caller = app
+                .check_admin_from(source, head.authorization.as_deref())
+                .map_err(|r| (r, None))?;
+            let what = format!("{} {}", head.method, route.path);
+            match crate::roles::require(&caller, needed, &what) {
+                Ok(()) => Ok(Some(caller)),
+                Err(r) => Err((r, Some(caller))),
+            }
+        }
         Auth::Agent(act) => {
             let Some(peer) = peer else {
-                return Err(Refusal::unauthorized(match act {
-                    Act::Heartbeat => "heartbeats need the agent's client certificate (mTLS)",
-                    Act::Renew => {
-                        "renewal needs the agent's current client certificate (mTLS); an expired agent recovers via /v1/agents/challenge"
-                    }
-                    Act::Download => "release downloads need the agent's client certificate (mTLS)",
-                    Act::WhoAmI => "this endpoint needs the agent's client certificate (mTLS)",
-                }));
+                return Err((
+                    Refusal::unauthorized(match act {
+                        Act::Heartbeat => "heartbeats need the agent's client certificate (mTLS)",
+                        Act::Renew => {
+                            "renewal needs the agent's current client certificate (mTLS); an expired agent recovers via /v1/agents/challenge"
+                        }
+                        Act::Download => {
+                            "release downloads need the agent's client certificate (mTLS)"
+                        }
+                        Act::WhoAmI => "this endpoint needs the agent's client certificate (mTLS)",
+                    }),
+                    None,
+                ));
             };
             app.check_agent(&peer.agent_id, &peer.serial, act)
+                .map(|()| None)
+                .map_err(|r| (r, None))
         }
     }
 }
@@ -294,13 +403,15 @@ fn answer<T: miniserde::Serialize, E: Into<Error>>(result: Result<T, E>, status:
     }
 }
 
-/// Runs blocking work (signing, durable writes) off the async threads.
+/// Runs blocking work (signing, durable writes) off the async threads, by
+/// `actor`: the audit lines it writes name them.
 async fn blocking<T: Send + 'static>(
     app: &Arc<App>,
+    actor: &Actor,
     work: impl FnOnce(&App) -> T + Send + 'static,
 ) -> T {
-    let app = app.clone();
-    smol::unblock(move || work(&app)).await
+    let (app, actor) = (app.clone(), actor.clone());
+    smol::unblock(move || crate::audit::acting_as(&actor, || work(&app))).await
 }
 
 /// Answers an admitted request from the connection's `peer`.
@@ -311,44 +422,96 @@ pub(crate) async fn handle(
     source: IpAddr,
     req: Request,
 ) -> Response {
-    match (admitted.endpoint, peer) {
+    let route = admitted.route;
+    let path = http::path_of(&req.path);
+    if let Some(caller) = &admitted.caller {
+        let actor = Actor::new(caller.name.clone(), source);
+        let resp = admin::admin(app, &req, caller, &actor).await;
+        if resp.status >= 400 {
+            let (target, detail) = (route.target(path), error_text(&resp));
+            let status = resp.status;
+            blocking(app, &actor, move |app| {
+                app.audit_unchanged(&actor_now(), status, route.action, &target, &detail)
+            })
+            .await;
+        }
+        return resp;
+    }
+    match (route.endpoint, peer) {
         (Endpoint::Healthz, _) => healthz(app),
         (Endpoint::Metrics, _) => metrics::metrics(app),
-        (Endpoint::Register, _) => match parse_json::<RegisterRequest>(&req) {
-            Ok(body) => answer(
-                blocking(app, move |app| app.enroll(body, source)).await,
-                201,
-            ),
-            Err(r) => refused(r),
-        },
+        (Endpoint::Register, _) => {
+            let body = parse_json::<RegisterRequest>(&req);
+            // The token's id names what a refused enrollment tried.
+            let token_id = body.as_ref().ok().and_then(|b| {
+                let id = b.token.split('.').next()?;
+                stella_proto::token::is_token_id(id).then(|| id.to_owned())
+            });
+            let resp = match body {
+                Ok(body) => answer(
+                    blocking(app, &Actor::new("", source), move |app| {
+                        app.enroll(body, source)
+                    })
+                    .await,
+                    201,
+                ),
+                Err(r) => refused(r),
+            };
+            audit_refused(app, &resp, Actor::new("", source), route, token_id).await;
+            resp
+        }
         (Endpoint::Heartbeat, Some(peer)) => match parse_json::<HeartbeatRequest>(&req) {
             Ok(body) => answer(app.heartbeat(&peer.agent_id, &peer.serial, body).await, 200),
             Err(r) => refused(r),
         },
-        (Endpoint::Certificate, Some(peer)) => match parse_json::<RenewRequest>(&req) {
-            Ok(body) => {
-                let peer = peer.clone();
-                answer(
-                    blocking(app, move |app| {
-                        app.renew(&peer.agent_id, &peer.serial, &body)
-                    })
-                    .await,
-                    200,
-                )
-            }
-            Err(r) => refused(r),
-        },
+        (Endpoint::Certificate, Some(peer)) => {
+            let actor = Actor::new(peer.agent_id.clone(), source);
+            let resp = match parse_json::<RenewRequest>(&req) {
+                Ok(body) => {
+                    let peer = peer.clone();
+                    answer(
+                        blocking(app, &actor, move |app| {
+                            app.renew(&peer.agent_id, &peer.serial, &body)
+                        })
+                        .await,
+                        200,
+                    )
+                }
+                Err(r) => refused(r),
+            };
+            let target = Some(peer.agent_id.clone());
+            audit_refused(app, &resp, actor, route, target).await;
+            resp
+        }
         (Endpoint::WhoAmI, Some(peer)) => answer(app.self_view(&peer.agent_id), 200),
         (Endpoint::Challenge, _) => match parse_json::<ChallengeRequest>(&req) {
             Ok(body) => answer(app.challenge(&body), 200),
             Err(r) => refused(r),
         },
-        (Endpoint::Recover, _) => match parse_json::<RecoverRequest>(&req) {
-            Ok(body) => answer(blocking(app, move |app| app.recover(&body)).await, 200),
-            Err(r) => refused(r),
-        },
+        (Endpoint::Recover, _) => {
+            let body = parse_json::<RecoverRequest>(&req);
+            // The agent id is the one claimed: the line of a refusal shows
+            // who tried to be whom.
+            let claimed = body
+                .as_ref()
+                .ok()
+                .map(|b| b.agent_id.chars().take(64).collect::<String>());
+            let actor = Actor::new(claimed.clone().unwrap_or_default(), source);
+            let resp = match body {
+                Ok(body) => answer(
+                    blocking(app, &actor, move |app| app.recover(&body)).await,
+                    200,
+                ),
+                Err(r) => refused(r),
+            };
+            audit_refused(app, &resp, actor, route, claimed).await;
+            resp
+        }
         (Endpoint::Artifact, Some(_)) => artifact(app, &req),
-        (Endpoint::Admin, _) => admin::admin(app, &req).await,
+        // The gate admits admin routes only with a caller.
+        (Endpoint::Admin, _) => refused(Refusal::unauthorized(
+            "admin endpoints need Authorization: Bearer <admin token>",
+        )),
         // The gate admits agent endpoints only with a peer.
         (
             Endpoint::Heartbeat | Endpoint::Certificate | Endpoint::WhoAmI | Endpoint::Artifact,
@@ -357,6 +520,42 @@ pub(crate) async fn handle(
             "this endpoint needs the agent's client certificate (mTLS)",
         )),
     }
+}
+
+/// Who acts on this thread now (inside `blocking`).
+fn actor_now() -> Actor {
+    crate::audit::current().unwrap_or(Actor {
+        name: String::new(),
+        source: None,
+    })
+}
+
+/// The `error` of a JSON error answer.
+fn error_text(resp: &Response) -> String {
+    std::str::from_utf8(&resp.body)
+        .ok()
+        .and_then(|t| json::from_str::<stella_proto::api::ErrorBody>(t).ok())
+        .map(|b| b.error)
+        .unwrap_or_default()
+}
+
+/// Leaves the audit line of a refused (4xx but 429) or failed agent act.
+async fn audit_refused(
+    app: &Arc<App>,
+    resp: &Response,
+    actor: Actor,
+    route: &'static Route,
+    target: Option<String>,
+) {
+    if resp.status < 400 || resp.status == 429 {
+        return;
+    }
+    let (status, detail) = (resp.status, error_text(resp));
+    let target = target.unwrap_or_default();
+    blocking(app, &actor, move |app| {
+        app.audit_unchanged(&actor_now(), status, route.action, &target, &detail)
+    })
+    .await;
 }
 
 /// `ok`, or 503 with the reason while the store cannot write.
