@@ -99,6 +99,27 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
             admin::rollout_show(&target, id.as_deref(), json)
         }
         Command::RolloutAct { target, id, action } => admin::rollout_act(&target, &id, &action),
+        Command::AdminTokenCreate {
+            target,
+            name,
+            role,
+            ttl,
+        } => admin::admin_token_create(&target, &name, &role, ttl),
+        Command::AdminTokenList { target, json } => admin::admin_token_list(&target, json),
+        Command::AdminTokenRevoke { target, name } => admin::admin_token_revoke(&target, &name),
+        Command::Audit {
+            target,
+            since,
+            agent,
+            actor,
+            json,
+        } => admin::audit(&target, since, agent.as_deref(), actor.as_deref(), json),
+        Command::Backup {
+            target,
+            out,
+            include_ca_key,
+        } => admin::backup(&target, &out, include_ca_key),
+        Command::Restore { from, data_dir } => serve::restore(&from, &data_dir),
     }
     .or_else(|e| {
         // `stella-server agents list | head -1`: the reader has what it wanted.

@@ -674,7 +674,29 @@ mod tests {
                 "/v1/releases/1.0.0/t",
                 Ok(Auth::Agent(Act::Download)),
             ),
-            ("DELETE", "/v1/admin/anything", Ok(Auth::Admin)),
+            ("DELETE", "/v1/admin/anything", Ok(Auth::Admin(Role::Read))),
+            ("GET", "/v1/admin/whoami", Ok(Auth::Admin(Role::Read))),
+            ("GET", "/v1/admin/audit", Ok(Auth::Admin(Role::Read))),
+            ("GET", "/v1/admin/agents/agt_x", Ok(Auth::Admin(Role::Read))),
+            (
+                "POST",
+                "/v1/admin/agents/agt_x/deactivate",
+                Ok(Auth::Admin(Role::Operate)),
+            ),
+            (
+                "POST",
+                "/v1/admin/agents/agt_x/revoke",
+                Ok(Auth::Admin(Role::Admin)),
+            ),
+            ("POST", "/v1/admin/config", Ok(Auth::Admin(Role::Operate))),
+            ("POST", "/v1/admin/rollouts/r1/abort", Ok(Auth::Admin(Role::Operate))),
+            ("POST", "/v1/admin/releases", Ok(Auth::Admin(Role::Admin))),
+            ("POST", "/v1/admin/tokens", Ok(Auth::Admin(Role::Admin))),
+            ("POST", "/v1/admin/admin-tokens", Ok(Auth::Admin(Role::Admin))),
+            ("GET", "/v1/admin/admin-tokens", Ok(Auth::Admin(Role::Admin))),
+            ("POST", "/v1/admin/backup", Ok(Auth::Admin(Role::Admin))),
+            // An empty segment is no id: the catch-all answers (404).
+            ("POST", "/v1/admin/agents//revoke", Ok(Auth::Admin(Role::Read))),
             ("GET", "/v1/agents/heartbeat", Err(405)),
             ("POST", "/healthz", Err(405)),
             ("POST", "/v1/releases/1.0.0/t", Err(404)),
@@ -734,7 +756,13 @@ mod tests {
         }
     }
 
-    fn status(app: &App, peer: Option<&Peer>, method: &str, path: &str, auth: Option<&str>) -> u16 {
+    fn status(
+        app: &Arc<App>,
+        peer: Option<&Peer>,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+    ) -> u16 {
         // Whatever the body would be: the gate sees the head only.
         let head = Request {
             method: method.into(),
@@ -823,6 +851,21 @@ mod tests {
             ),
             200
         );
+        // Scoped tokens: the role is checked at the gate too.
+        let viewer = app
+            .create_admin_token("viewer", "read", None)
+            .unwrap()
+            .token;
+        let viewer = format!("Bearer {viewer}");
+        let viewer = Some(viewer.as_str());
+        assert_eq!(status(&app, None, "GET", "/v1/admin/agents", viewer), 200);
+        assert_eq!(
+            status(&app, None, "POST", "/v1/admin/agents/agt_x/revoke", viewer),
+            403
+        );
+        assert_eq!(status(&app, None, "POST", "/v1/admin/config", viewer), 403);
+        app.revoke_admin_token("viewer").unwrap();
+        assert_eq!(status(&app, None, "GET", "/v1/admin/agents", viewer), 401);
         for (method, path) in [
             ("POST", "/v1/agents/register"),
             ("POST", "/v1/agents/challenge"),
