@@ -760,8 +760,19 @@ pub(crate) fn admin_token_list(target: &AdminTarget, as_json: bool) -> Result<()
         return Ok(());
     }
     let tokens: Vec<AdminTokenView> = AdminClient::parse(&text)?;
-    let width = tokens.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-    outln!("{:<width$}  {:<7}  {:<7}  {:<20}  EXPIRES", "NAME", "ROLE", "STATE", "CREATED");
+    let width = tokens
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    outln!(
+        "{:<width$}  {:<7}  {:<7}  {:<20}  EXPIRES",
+        "NAME",
+        "ROLE",
+        "STATE",
+        "CREATED"
+    );
     for t in &tokens {
         outln!(
             "{:<width$}  {:<7}  {:<7}  {:<20}  {}",
@@ -843,7 +854,13 @@ fn print_audit_entry(e: &AuditEntry, as_json: bool) -> Result<(), Error> {
         outln_json!(json::to_string(e));
         return Ok(());
     }
-    let or_dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
     outln!(
         "{} {:>6} {:<7} {:<24} {:<16} {:<28} {:<32} {}",
         e.time,
@@ -886,7 +903,11 @@ pub(crate) fn backup(
         out.display(),
         bytes.len(),
         contents.rows_of("agents"),
-        if include_ca_key { "included" } else { "not included" }
+        if include_ca_key {
+            "included"
+        } else {
+            "not included"
+        }
     );
     Ok(())
 }

@@ -221,7 +221,10 @@ mod tests {
         assert_eq!(by_admin.source.as_deref(), Some("10.0.0.1"));
         assert_eq!(current(), None, "restored after the operation");
         let e = entry(7, &by_admin);
-        assert_eq!((e.seq, e.outcome.as_str(), e.target.as_str()), (7, "ok", "global"));
+        assert_eq!(
+            (e.seq, e.outcome.as_str(), e.target.as_str()),
+            (7, "ok", "global")
+        );
         let refused = unchanged(3, &admin, Outcome::Refused, "agent.revoke", "agt_b", "403");
         assert_eq!(entry(8, &refused).outcome, "refused");
     }

@@ -35,7 +35,9 @@ pub(crate) const FILES: &[&str] = &[
 pub(crate) fn allowed_file(name: &str) -> bool {
     FILES.contains(&name)
         || name.strip_prefix("blobs/sha256/").is_some_and(|h| {
-            h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         })
 }
 
@@ -146,7 +148,8 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Contents, String> {
             .iter()
             .position(|&b| b == b'\n')
             .ok_or("a backup entry has no header line")?;
-        let header = std::str::from_utf8(&rest[..end]).map_err(|_| "a backup entry header is not text")?;
+        let header =
+            std::str::from_utf8(&rest[..end]).map_err(|_| "a backup entry header is not text")?;
         let mut parts = header.split(' ');
         let (Some(kind), Some(name_len), Some(value_len), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -164,7 +167,9 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Contents, String> {
             .filter(|&n| n <= rest.len())
             .ok_or_else(|| format!("backup entry {header:?} runs past the end"))?;
         if rest[total - 1] != b'\n' {
-            return Err(format!("backup entry {header:?} does not end with a newline"));
+            return Err(format!(
+                "backup entry {header:?} does not end with a newline"
+            ));
         }
         let name = std::str::from_utf8(&rest[..name_len])
             .map_err(|_| format!("backup entry {header:?} has a name that is not text"))?;
@@ -175,7 +180,9 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Contents, String> {
                     .split_once('/')
                     .filter(|(t, _)| SNAPSHOT_TABLES.contains(t))
                     .ok_or_else(|| format!("backup row {name:?} is not of a known table"))?;
-                contents.rows.push((table.to_owned(), key.to_owned(), value));
+                contents
+                    .rows
+                    .push((table.to_owned(), key.to_owned(), value));
             }
             "file" if allowed_file(name) => contents.files.push((name.to_owned(), value)),
             "file" => return Err(format!("backup file {name:?} is not a data dir file")),
@@ -204,7 +211,14 @@ mod tests {
     fn a_backup_reads_back_as_written() {
         let c = read(&sample()).unwrap();
         assert_eq!(c.rows.len(), 3);
-        assert_eq!(c.rows[1], ("agents".into(), "agt_a".into(), b"{\"id\":\"agt_a\"}\n".to_vec()));
+        assert_eq!(
+            c.rows[1],
+            (
+                "agents".into(),
+                "agt_a".into(),
+                b"{\"id\":\"agt_a\"}\n".to_vec()
+            )
+        );
         assert_eq!(c.file("ca.pem"), Some(&b"PEM\n"[..]));
         assert_eq!(c.rows_of("audit"), 1);
         assert_eq!(c.files.len(), 2);
@@ -229,7 +243,11 @@ mod tests {
         }
         let mut w = Writer::new();
         w.file("../../etc/passwd", b"x");
-        assert!(read(&w.finish()).unwrap_err().contains("not a data dir file"));
+        assert!(
+            read(&w.finish())
+                .unwrap_err()
+                .contains("not a data dir file")
+        );
         let mut w = Writer::new();
         w.row("nope", "k", b"x");
         assert!(read(&w.finish()).unwrap_err().contains("known table"));

@@ -156,9 +156,8 @@ impl Ca {
         let cert_pem = read_text(&dir.join(CA_CERT))?;
         let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| Error::crypto(dir.join(CA_CERT).display().to_string(), e))?;
-        let (_, cert) = x509_parser::parse_x509_certificate(&cert_der).map_err(|e| {
-            Error::crypto(dir.join(CA_CERT).display().to_string(), e.to_string())
-        })?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| Error::crypto(dir.join(CA_CERT).display().to_string(), e.to_string()))?;
         let pin = stella_proto::hash::spki_pin(cert.public_key().raw);
         let key_path = dir.join(CA_KEY);
         let issuer = if key_path.exists() {

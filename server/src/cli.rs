@@ -648,12 +648,12 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
             }
             match sub.as_str() {
                 "create" => {
-                    let name = name.ok_or_else(|| usage("`admin-token create` needs --name NAME"))?;
+                    let name =
+                        name.ok_or_else(|| usage("`admin-token create` needs --name NAME"))?;
                     let role = role.ok_or_else(|| {
                         usage("`admin-token create` needs --role read|operate|admin")
                     })?;
-                    crate::roles::check_create(&name, &role, ttl)
-                        .map_err(|r| usage(r.message))?;
+                    crate::roles::check_create(&name, &role, ttl).map_err(|r| usage(r.message))?;
                     Command::AdminTokenCreate {
                         target,
                         name,
@@ -799,7 +799,10 @@ mod tests {
             ("admin-token create --role read", "needs --name"),
             ("admin-token create --name ci", "needs --role"),
             ("admin-token create --name ci --role root", "invalid role"),
-            ("admin-token create --name a/b --role read", "invalid admin token name"),
+            (
+                "admin-token create --name a/b --role read",
+                "invalid admin token name",
+            ),
             ("admin-token create --name ci --role read --ttl 0s", "ttl"),
             ("admin-token revoke", "needs a NAME"),
             ("admin-token list --name x", "name"),

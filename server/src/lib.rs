@@ -6,9 +6,9 @@
 
 mod admin;
 mod api;
+mod app;
 mod audit;
 mod backup;
-mod app;
 pub mod ca;
 mod cli;
 mod config;

@@ -72,9 +72,7 @@ pub(crate) struct Caller {
 pub(crate) fn check_create(name: &str, role: &str, ttl: Option<Duration>) -> Result<Role, Refusal> {
     check_name(name)?;
     let role = Role::parse(role).ok_or_else(|| {
-        Refusal::bad_request(format!(
-            "invalid role {role:?}: use read, operate or admin"
-        ))
+        Refusal::bad_request(format!("invalid role {role:?}: use read, operate or admin"))
     })?;
     if let Some(ttl) = ttl
         && (ttl.is_zero() || ttl > MAX_ADMIN_TOKEN_TTL)
@@ -266,7 +264,13 @@ mod tests {
         revoked.revoked_at = Some(50);
         vec![
             record(ROOT, Role::Admin, "s-root", 0, None),
-            record("viewer", Role::Read, "s-view", 0, Some(Duration::from_secs(100))),
+            record(
+                "viewer",
+                Role::Read,
+                "s-view",
+                0,
+                Some(Duration::from_secs(100)),
+            ),
             revoked,
         ]
     }
@@ -282,7 +286,10 @@ mod tests {
         let refused = require(&viewer, Role::Operate, "POST /v1/admin/config").unwrap_err();
         assert_eq!(refused.status(), 403);
         assert!(refused.message.contains("needs role operate"), "{refused}");
-        assert!(refused.message.contains("viewer has role read"), "{refused}");
+        assert!(
+            refused.message.contains("viewer has role read"),
+            "{refused}"
+        );
     }
 
     #[test]
@@ -307,7 +314,10 @@ mod tests {
 
     #[test]
     fn creation_checks_name_role_ttl_and_room() {
-        assert_eq!(check_create("ci-1", "operate", None).unwrap(), Role::Operate);
+        assert_eq!(
+            check_create("ci-1", "operate", None).unwrap(),
+            Role::Operate
+        );
         for (name, role, ttl) in [
             ("", "read", None),
             ("a b", "read", None),

@@ -105,8 +105,8 @@ pub(crate) fn restore(from: &Path, dir: &Path) -> Result<(), Error> {
         ))
         .into());
     }
-    let bytes = std::fs::read(from)
-        .map_err(|e| Error::io(format!("cannot read {}", from.display()), e))?;
+    let bytes =
+        std::fs::read(from).map_err(|e| Error::io(format!("cannot read {}", from.display()), e))?;
     let contents = backup::read(&bytes)
         .map_err(|m| Refusal::bad_request(format!("{}: {m}", from.display())))?;
     for need in [ca::CA_CERT, ca::SERVER_CERT, ca::SERVER_KEY] {
@@ -127,7 +127,11 @@ pub(crate) fn restore(from: &Path, dir: &Path) -> Result<(), Error> {
             std::fs::create_dir_all(parent)
                 .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
         }
-        let mode = if backup::is_secret(name) { 0o600 } else { 0o644 };
+        let mode = if backup::is_secret(name) {
+            0o600
+        } else {
+            0o644
+        };
         write_atomic(&path, bytes, mode)?;
     }
     // Written under another name and renamed when complete: a data dir

@@ -459,6 +459,17 @@ impl Client {
         )
     }
 
+    /// POST a JSON body with an `Authorization: Bearer` header.
+    pub fn post_auth(&self, path: &str, token: &str, body: &str) -> (u16, String) {
+        Self::finish(
+            self.agent
+                .post(format!("{}{path}", self.base))
+                .header("authorization", &format!("Bearer {token}"))
+                .content_type("application/json")
+                .send(body),
+        )
+    }
+
     /// POST a body with the given content type.
     pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
         Self::finish(

@@ -15,10 +15,10 @@ use stella_proto::admin::{AdminTokenCreateRequest, BackupRequest, WhoAmI};
 use super::{blocking, failed, parse_json};
 use crate::app::{AgentAction, App};
 use crate::audit::{self, Actor};
-use crate::roles::Caller;
 use crate::error::Error;
 use crate::http::{self, Request, Response};
 use crate::refusal::Refusal;
+use crate::roles::Caller;
 use crate::rollout::StartRequest;
 
 /// Agents per page of `GET /v1/admin/agents`, by default and at most.
@@ -130,7 +130,10 @@ async fn admin_route(
         }
         ("POST", ["config"]) => {
             let body: ConfigSetRequest = parse_json(req)?;
-            let view = blocking(app, actor, move |app| app.set_config(&body.scope, &body.config)).await?;
+            let view = blocking(app, actor, move |app| {
+                app.set_config(&body.scope, &body.config)
+            })
+            .await?;
             json(200, json::to_string(&view))
         }
         ("GET", ["config"]) => {
@@ -172,7 +175,8 @@ async fn admin_route(
         ("POST", ["agents", id, "update"]) => {
             let body: AgentUpdateRequest = parse_json(req)?;
             let id = (*id).to_owned();
-            let view = blocking(app, actor, move |app| app.offer_release(&id, &body.release)).await?;
+            let view =
+                blocking(app, actor, move |app| app.offer_release(&id, &body.release)).await?;
             json(200, json::to_string(&view))
         }
         ("GET", ["agents"]) => {
@@ -216,7 +220,8 @@ async fn admin_route(
         ("POST", ["doctor-report"]) => {
             let body: DoctorAsk = parse_json(req)?;
             let selector = body.selector.unwrap_or_default();
-            let report = blocking(app, actor, move |app| app.fleet_doctor_report(&selector)).await?;
+            let report =
+                blocking(app, actor, move |app| app.fleet_doctor_report(&selector)).await?;
             json(200, json::to_string(&report))
         }
         ("POST", ["agents", id, action]) => {

@@ -186,31 +186,106 @@ const ROUTES: &[Route] = &[
     admin("GET", "/v1/admin/whoami", Role::Read, "admin.whoami"),
     admin("GET", "/v1/admin/agents", Role::Read, "agents.list"),
     admin("GET", "/v1/admin/agents/{id}", Role::Read, "agent.show"),
-    admin("GET", "/v1/admin/agents/{id}/doctor", Role::Read, "agent.doctor_report"),
-    admin("POST", "/v1/admin/agents/{id}/deactivate", Role::Operate, "agent.deactivate"),
-    admin("POST", "/v1/admin/agents/{id}/activate", Role::Operate, "agent.activate"),
-    admin("POST", "/v1/admin/agents/{id}/renew", Role::Operate, "agent.renew_requested"),
-    admin("POST", "/v1/admin/agents/{id}/update", Role::Operate, "agent.update_offered"),
-    admin("POST", "/v1/admin/agents/{id}/doctor", Role::Operate, "agent.doctor_requested"),
-    admin("POST", "/v1/admin/agents/{id}/revoke", Role::Admin, "agent.revoke"),
-    admin("POST", "/v1/admin/doctor", Role::Operate, "agent.doctor_requested"),
-    admin("POST", "/v1/admin/doctor-report", Role::Read, "doctor_report.show"),
+    admin(
+        "GET",
+        "/v1/admin/agents/{id}/doctor",
+        Role::Read,
+        "agent.doctor_report",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/deactivate",
+        Role::Operate,
+        "agent.deactivate",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/activate",
+        Role::Operate,
+        "agent.activate",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/renew",
+        Role::Operate,
+        "agent.renew_requested",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/update",
+        Role::Operate,
+        "agent.update_offered",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/doctor",
+        Role::Operate,
+        "agent.doctor_requested",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/revoke",
+        Role::Admin,
+        "agent.revoke",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/doctor",
+        Role::Operate,
+        "agent.doctor_requested",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/doctor-report",
+        Role::Read,
+        "doctor_report.show",
+    ),
     admin("GET", "/v1/admin/config", Role::Read, "config.show"),
     admin("POST", "/v1/admin/config", Role::Operate, "config.set"),
     admin("GET", "/v1/admin/drift", Role::Read, "drift.show"),
     admin("GET", "/v1/admin/rollouts", Role::Read, "rollouts.list"),
     admin("POST", "/v1/admin/rollouts", Role::Operate, "rollout.start"),
     admin("GET", "/v1/admin/rollouts/{id}", Role::Read, "rollout.show"),
-    admin("POST", "/v1/admin/rollouts/{id}/pause", Role::Operate, "rollout.pause"),
-    admin("POST", "/v1/admin/rollouts/{id}/resume", Role::Operate, "rollout.resume"),
-    admin("POST", "/v1/admin/rollouts/{id}/abort", Role::Operate, "rollout.abort"),
+    admin(
+        "POST",
+        "/v1/admin/rollouts/{id}/pause",
+        Role::Operate,
+        "rollout.pause",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/rollouts/{id}/resume",
+        Role::Operate,
+        "rollout.resume",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/rollouts/{id}/abort",
+        Role::Operate,
+        "rollout.abort",
+    ),
     admin("GET", "/v1/admin/releases", Role::Read, "releases.list"),
     admin("POST", "/v1/admin/releases", Role::Admin, "release.import"),
     admin("POST", "/v1/admin/tokens", Role::Admin, "token.create"),
     admin("GET", "/v1/admin/audit", Role::Read, "audit.read"),
-    admin("GET", "/v1/admin/admin-tokens", Role::Admin, "admin_tokens.list"),
-    admin("POST", "/v1/admin/admin-tokens", Role::Admin, "admin_token.create"),
-    admin("POST", "/v1/admin/admin-tokens/{name}/revoke", Role::Admin, "admin_token.revoke"),
+    admin(
+        "GET",
+        "/v1/admin/admin-tokens",
+        Role::Admin,
+        "admin_tokens.list",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/admin-tokens",
+        Role::Admin,
+        "admin_token.create",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/admin-tokens/{name}/revoke",
+        Role::Admin,
+        "admin_token.revoke",
+    ),
     admin("POST", "/v1/admin/backup", Role::Admin, "server.backup"),
     // Anything else under /v1/admin/ is answered 404 once authenticated
     // (so that a caller without a token learns nothing of what exists).
@@ -298,7 +373,9 @@ pub(crate) fn admit(
             if audited && refusal.why != Why::TooManyRequests {
                 // Off the async threads, and not waited for: the caller's
                 // answer does not depend on it.
-                let name = caller.map(|c| c.name).or_else(|| peer.map(|p| p.agent_id.clone()));
+                let name = caller
+                    .map(|c| c.name)
+                    .or_else(|| peer.map(|p| p.agent_id.clone()));
                 let actor = Actor::new(name.unwrap_or_default(), source);
                 let (app, target, status) = (app.clone(), route.target(path), refusal.status());
                 let detail = refusal.message.clone();
@@ -689,14 +766,30 @@ mod tests {
                 Ok(Auth::Admin(Role::Admin)),
             ),
             ("POST", "/v1/admin/config", Ok(Auth::Admin(Role::Operate))),
-            ("POST", "/v1/admin/rollouts/r1/abort", Ok(Auth::Admin(Role::Operate))),
+            (
+                "POST",
+                "/v1/admin/rollouts/r1/abort",
+                Ok(Auth::Admin(Role::Operate)),
+            ),
             ("POST", "/v1/admin/releases", Ok(Auth::Admin(Role::Admin))),
             ("POST", "/v1/admin/tokens", Ok(Auth::Admin(Role::Admin))),
-            ("POST", "/v1/admin/admin-tokens", Ok(Auth::Admin(Role::Admin))),
-            ("GET", "/v1/admin/admin-tokens", Ok(Auth::Admin(Role::Admin))),
+            (
+                "POST",
+                "/v1/admin/admin-tokens",
+                Ok(Auth::Admin(Role::Admin)),
+            ),
+            (
+                "GET",
+                "/v1/admin/admin-tokens",
+                Ok(Auth::Admin(Role::Admin)),
+            ),
             ("POST", "/v1/admin/backup", Ok(Auth::Admin(Role::Admin))),
             // An empty segment is no id: the catch-all answers (404).
-            ("POST", "/v1/admin/agents//revoke", Ok(Auth::Admin(Role::Read))),
+            (
+                "POST",
+                "/v1/admin/agents//revoke",
+                Ok(Auth::Admin(Role::Read)),
+            ),
             ("GET", "/v1/agents/heartbeat", Err(405)),
             ("POST", "/healthz", Err(405)),
             ("POST", "/v1/releases/1.0.0/t", Err(404)),

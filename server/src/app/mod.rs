@@ -59,12 +59,12 @@ use crate::ca::Ca;
 use crate::config::Configs;
 use crate::error::Error;
 use crate::lifecycle::Fleet;
+use crate::records::AdminTokenRecord;
 use crate::refusal::{Refusal, Why};
 use crate::releases::Releases;
 use crate::renewal::Challenges;
-use crate::rollout::Rollouts;
-use crate::records::AdminTokenRecord;
 use crate::roles::{self, Caller};
+use crate::rollout::Rollouts;
 use crate::store::Store;
 use crate::tokens::FailureWindows;
 

@@ -113,7 +113,11 @@ impl App {
         let more = lines.len() > limit;
         lines.truncate(limit);
         Ok(AuditPage {
-            next: if more { lines.last().map(|(seq, _)| *seq) } else { None },
+            next: if more {
+                lines.last().map(|(seq, _)| *seq)
+            } else {
+                None
+            },
             entries: lines.iter().map(|(seq, r)| audit::entry(*seq, r)).collect(),
         })
     }
@@ -132,7 +136,10 @@ impl App {
         let outcome = Outcome::of_unchanged(status);
         let line = audit::unchanged(now_secs(), actor, outcome, action, subject, detail);
         if let Err(e) = self.store.append_audit(&line) {
-            log::warn("cannot write an audit line", &[("action", &action), ("error", &e)]);
+            log::warn(
+                "cannot write an audit line",
+                &[("action", &action), ("error", &e)],
+            );
         }
     }
 
@@ -190,7 +197,14 @@ impl App {
         );
         self.store
             .append_audit(&audit::line(now_secs(), "server.backup", "", &detail))?;
-        log::info("backup taken", &[("rows", &rows), ("files", &files), ("ca_key", &include_ca_key)]);
+        log::info(
+            "backup taken",
+            &[
+                ("rows", &rows),
+                ("files", &files),
+                ("ca_key", &include_ca_key),
+            ],
+        );
         Ok(bytes)
     }
 }

@@ -10,12 +10,12 @@ use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use miniserde::{Deserialize, Serialize, json};
 
 use super::{
-    AdminTokenChange, AgentChange, CertificateChange, EnrollRule, EnrollmentState,
-    PriorEnrollment, Store, StoreError, StoreHealth,
+    AdminTokenChange, AgentChange, CertificateChange, EnrollRule, EnrollmentState, PriorEnrollment,
+    Store, StoreError, StoreHealth,
 };
 use crate::records::{
-    AdminTokenRecord, AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord, EnrollmentRecord,
-    HeartbeatState, ReleaseRecord, RolloutRecord, TokenRecord,
+    AdminTokenRecord, AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord,
+    EnrollmentRecord, HeartbeatState, ReleaseRecord, RolloutRecord, TokenRecord,
 };
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");

@@ -13,6 +13,7 @@ mod faults;
 mod hostile;
 mod lifecycle;
 mod ondemand;
+mod operators;
 mod renewal;
 mod rollout;
 mod signing;
