@@ -25,7 +25,7 @@ pub(crate) const FILES: &[&str] = &[
     crate::ca::CA_CERT,
     crate::ca::SERVER_CERT,
     crate::ca::SERVER_KEY,
-    crate::serve::ADMIN_TOKEN_FILE,
+    crate::roles::ADMIN_TOKEN_FILE,
     crate::ca::CA_KEY,
 ];
 
@@ -43,7 +43,7 @@ pub(crate) fn allowed_file(name: &str) -> bool {
 
 /// Whether a file holds a secret (written 0600 on restore).
 pub(crate) fn is_secret(name: &str) -> bool {
-    name.ends_with(".key") || name == crate::serve::ADMIN_TOKEN_FILE
+    name.ends_with(".key") || name == crate::roles::ADMIN_TOKEN_FILE
 }
 
 /// Builds a backup in memory.

@@ -14,6 +14,9 @@ use stella_proto::time::rfc3339;
 use crate::records::AdminTokenRecord;
 use crate::refusal::Refusal;
 
+/// The file in the data dir holding the `root` token's secret (0600), for
+/// admin commands run on the server's host.
+pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The token `init` makes, and what an old single admin token becomes.
 pub(crate) const ROOT: &str = "root";
 /// Longest lifetime an admin token may be given.

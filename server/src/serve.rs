@@ -26,7 +26,7 @@ use crate::refusal::Refusal;
 use crate::store::RedbStore;
 
 pub(crate) const STORE_FILE: &str = "server.redb";
-pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub(crate) use crate::roles::ADMIN_TOKEN_FILE;
 pub(crate) const URL_FILE: &str = "server.url";
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -168,7 +168,7 @@ impl App {
                 // keeps it elsewhere) is backed up without it.
                 Err(e)
                     if e.kind() == std::io::ErrorKind::NotFound
-                        && *name == crate::serve::ADMIN_TOKEN_FILE => {}
+                        && *name == crate::roles::ADMIN_TOKEN_FILE => {}
                 Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
             }
         }

@@ -316,15 +316,15 @@ pub(crate) trait Store: Send + Sync {
     /// order. Table names and values are the same for every backend:
     /// `meta` (text), and one JSON record per row for the others (see
     /// [`SNAPSHOT_TABLES`]); `audit` keys are decimal sequence numbers.
-    fn snapshot(
-        &self,
-        each: &mut dyn FnMut(&str, &str, &[u8]) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError>;
+    fn snapshot(&self, each: &mut SnapshotRow<'_>) -> Result<(), StoreError>;
 
     /// Writes rows from `snapshot` into this (new, empty) store, in one
     /// transaction; refuses a table it does not know.
     fn restore_rows(&self, rows: &[(String, String, Vec<u8>)]) -> Result<(), StoreError>;
 }
+
+/// Takes one row of a snapshot: `(table, key, value)`.
+pub(crate) type SnapshotRow<'a> = dyn FnMut(&str, &str, &[u8]) -> Result<(), StoreError> + 'a;
 
 /// Changes one admin token record: `Ok(true)` writes it, `Ok(false)` leaves it.
 pub(crate) type AdminTokenChange<'a> =

@@ -11,7 +11,7 @@ use miniserde::{Deserialize, Serialize, json};
 
 use super::{
     AdminTokenChange, AgentChange, CertificateChange, EnrollRule, EnrollmentState, PriorEnrollment,
-    Store, StoreError, StoreHealth,
+    SnapshotRow, Store, StoreError, StoreHealth,
 };
 use crate::records::{
     AdminTokenRecord, AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord,
@@ -858,10 +858,7 @@ impl Store for RedbStore {
         })
     }
 
-    fn snapshot(
-        &self,
-        each: &mut dyn FnMut(&str, &str, &[u8]) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
+    fn snapshot(&self, each: &mut SnapshotRow<'_>) -> Result<(), StoreError> {
         self.with_db(false, |db| {
             // One read transaction: every table as of one commit.
             let txn = db.begin_read()?;
@@ -940,7 +937,7 @@ fn copy_table(
     txn: &::redb::ReadTransaction,
     name: &str,
     table: TableDefinition<&str, &[u8]>,
-    each: &mut dyn FnMut(&str, &str, &[u8]) -> Result<(), StoreError>,
+    each: &mut SnapshotRow<'_>,
 ) -> Result<(), StoreError> {
     let Some(rows) = optional_table(txn, table)? else {
         return Ok(());

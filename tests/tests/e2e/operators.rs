@@ -102,7 +102,10 @@ fn scoped_admin_tokens_may_do_what_their_role_allows() {
     // operate: acts on agents and config, but neither revokes nor mints.
     let out = admin_as(&server, &operator, &["agents", "deactivate", &id]);
     assert!(out.status.success(), "{:?}", text(&out));
-    assert_eq!(server.agent(&id).reason.map(|r| r.as_str()), Some("deactivated"));
+    assert_eq!(
+        server.agent(&id).reason.map(|r| r.as_str()),
+        Some("deactivated")
+    );
     assert!(
         admin_as(&server, &operator, &["agents", "activate", &id])
             .status
@@ -518,7 +521,7 @@ fn a_backup_under_heartbeat_load_restores_a_server_the_agents_keep_using() {
         .map(|id| server.agent(id).heartbeat_seq)
         .collect();
     server.kill();
-    server.data = restored.clone();
+    server.data = restored;
     server.serve_same_port(&opts);
     for (id, seq) in ids.iter().zip(&seqs) {
         let view = server.wait_for_agent(id, "heartbeating against the restored server", |a| {
