@@ -57,6 +57,8 @@ fn raise_open_file_limit() -> usize {
 }
 
 /// `stella-server init`: CA, server certificate, admin token, empty store.
+/// The store keeps the admin token's hash; the server makes it the token
+/// `root`, role `admin`, when it first opens the store.
 pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
     if dir.join(STORE_FILE).exists() {
         return Err(Refusal::conflict(format!(
@@ -84,7 +86,7 @@ pub(crate) fn init(dir: &Path, sans: &[String]) -> Result<(), Error> {
     RedbStore::create(&dir.join(STORE_FILE), &admin_hash)?;
 
     crate::log::print(format_args!(
-        "initialized {}\nserver names: {}\nCA hash: {pin}\nadmin token: {admin_token}\n  (shown once; stored hashed, and in {} with mode 0600)\n",
+        "initialized {}\nserver names: {}\nCA hash: {pin}\nadmin token: {admin_token}\n  (token root, role admin; shown once; stored hashed, and in {} with mode 0600)\n",
         dir.display(),
         names.join(", "),
         dir.join(ADMIN_TOKEN_FILE).display()

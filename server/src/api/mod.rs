@@ -288,11 +288,13 @@ const ROUTES: &[Route] = &[
     ),
     admin("POST", "/v1/admin/backup", Role::Admin, "server.backup"),
     // Anything else under /v1/admin/ is answered 404 once authenticated
-    // (so that a caller without a token learns nothing of what exists).
+    // (so that a caller without a token learns nothing of what exists). It
+    // needs role admin: an admin route added without its own entry above
+    // fails closed, never open to a read token.
     Route {
         method: None,
         path: "/v1/admin/*",
-        auth: Auth::Admin(Role::Read),
+        auth: Auth::Admin(Role::Admin),
         endpoint: Endpoint::Admin,
         action: "admin.unknown",
     },
@@ -751,7 +753,7 @@ mod tests {
                 "/v1/releases/1.0.0/t",
                 Ok(Auth::Agent(Act::Download)),
             ),
-            ("DELETE", "/v1/admin/anything", Ok(Auth::Admin(Role::Read))),
+            ("DELETE", "/v1/admin/anything", Ok(Auth::Admin(Role::Admin))),
             ("GET", "/v1/admin/whoami", Ok(Auth::Admin(Role::Read))),
             ("GET", "/v1/admin/audit", Ok(Auth::Admin(Role::Read))),
             ("GET", "/v1/admin/agents/agt_x", Ok(Auth::Admin(Role::Read))),
