@@ -790,7 +790,13 @@ mod tests {
             (
                 "POST",
                 "/v1/admin/agents//revoke",
-                Ok(Auth::Admin(Role::Read)),
+                Ok(Auth::Admin(Role::Admin)),
+            ),
+            // Not in the table: needs admin (fails closed).
+            (
+                "GET",
+                "/v1/admin/agents/agt_x/bogus",
+                Ok(Auth::Admin(Role::Admin)),
             ),
             ("GET", "/v1/agents/heartbeat", Err(405)),
             ("POST", "/healthz", Err(405)),
@@ -946,6 +952,9 @@ mod tests {
             ),
             200
         );
+        // The store's one admin token hash became root, role admin.
+        let root = &app.admin_token_views()[0];
+        assert_eq!((root.name.as_str(), root.role.as_str()), ("root", "admin"));
         // Scoped tokens: the role is checked at the gate too.
         let viewer = app
             .create_admin_token("viewer", "read", None)
