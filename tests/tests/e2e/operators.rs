@@ -349,6 +349,23 @@ fn the_audit_log_says_who_did_what_from_where_refusals_too() {
         e.action == "admin_token.create" && e.target == "viewer"
     });
     assert_eq!(admin_made.actor, "root");
+    // A renewal is the agent's own act, from its address.
+    server.admin_ok(&["agents", "renew", &id]);
+    let renewed = wait_for_line(&server, "of the renewal", |e| {
+        e.action == "agent.certificate" && e.detail.starts_with("renewal")
+    });
+    assert_eq!(
+        (
+            renewed.actor.as_str(),
+            renewed.source.as_str(),
+            renewed.target.as_str()
+        ),
+        (id.as_str(), "127.0.0.1", id.as_str())
+    );
+    let asked = wait_for_line(&server, "of the renewal request", |e| {
+        e.action == "agent.renew_requested"
+    });
+    assert_eq!(asked.actor, "root");
     let all = audit_lines(&server, &[]);
     assert!(
         all.iter().all(|e| e.action != "agent.heartbeat"),
