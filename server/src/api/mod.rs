@@ -508,9 +508,9 @@ pub(crate) async fn handle(
         let resp = admin::admin(app, &req, caller, &actor).await;
         if resp.status >= 400 {
             let (target, detail) = (route.target(path), error_text(&resp));
-            let status = resp.status;
+            let (status, by) = (resp.status, actor.clone());
             blocking(app, &actor, move |app| {
-                app.audit_unchanged(&actor_now(), status, route.action, &target, &detail)
+                app.audit_unchanged(&by, status, route.action, &target, &detail)
             })
             .await;
         }
@@ -601,14 +601,6 @@ pub(crate) async fn handle(
     }
 }
 
-/// Who acts on this thread now (inside `blocking`).
-fn actor_now() -> Actor {
-    crate::audit::current().unwrap_or(Actor {
-        name: String::new(),
-        source: None,
-    })
-}
-
 /// The `error` of a JSON error answer.
 fn error_text(resp: &Response) -> String {
     std::str::from_utf8(&resp.body)
@@ -630,9 +622,9 @@ async fn audit_refused(
         return;
     }
     let (status, detail) = (resp.status, error_text(resp));
-    let target = target.unwrap_or_default();
+    let (target, by) = (target.unwrap_or_default(), actor.clone());
     blocking(app, &actor, move |app| {
-        app.audit_unchanged(&actor_now(), status, route.action, &target, &detail)
+        app.audit_unchanged(&by, status, route.action, &target, &detail)
     })
     .await;
 }
