@@ -4,6 +4,7 @@
 //! Pure functions only: no files, no sockets.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod dsse;

@@ -6,6 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use miniserde::json;
+use stella_proto::admin::{
+    AdminTokenCreateRequest, AdminTokenCreateResponse, AdminTokenView, AuditEntry, AuditPage,
+    BackupRequest,
+};
 use stella_proto::api::{
     AgentUpdateRequest, AgentView, ConfigScopeView, ConfigSetRequest, ConfigShowResponse,
     DoctorAsk, DoctorAsked, DoctorReportView, DriftRow, ErrorBody, FleetDoctorReport, Labels,
@@ -38,6 +42,10 @@ macro_rules! outln_json {
         crate::log::print(format_args!("{}\n", $text))?
     };
 }
+
+/// Largest answer read (a backup is the largest: the store and the release
+/// blobs).
+const MAX_ANSWER_BYTES: u64 = 16 * 1024 * 1024 * 1024;
 
 /// A connection to the admin API.
 pub(crate) struct AdminClient {
@@ -95,6 +103,18 @@ impl AdminClient {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<String, Error> {
+        let bytes = self.call_bytes(method, path, body)?;
+        self.text(bytes)
+    }
+
+    fn text(&self, bytes: Vec<u8>) -> Result<String, Error> {
+        String::from_utf8(bytes).map_err(|_| Error::Client {
+            context: format!("the answer from {} is not UTF-8", self.base),
+            source: None,
+        })
+    }
+
+    fn call_bytes(&self, method: &str, path: &str, body: Option<String>) -> Result<Vec<u8>, Error> {
         let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {}", self.token);
         let result = match body {
@@ -130,25 +150,26 @@ impl AdminClient {
             .header("authorization", &format!("Bearer {}", self.token))
             .content_type("application/octet-stream")
             .send(body);
-        self.answer(result)
+        self.text(self.answer(result)?)
     }
 
     fn answer(
         &self,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<String, Error> {
+    ) -> Result<Vec<u8>, Error> {
         let mut resp =
             result.map_err(|e| Error::client(format!("cannot reach {}", self.base), e))?;
         let status = resp.status().as_u16();
-        let text = resp
+        let bytes = resp
             .body_mut()
             .with_config()
-            .limit(256 * 1024 * 1024)
-            .read_to_string()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_vec()
             .map_err(|e| Error::client(format!("reading the answer from {}", self.base), e))?;
         if (200..300).contains(&status) {
-            Ok(text)
+            Ok(bytes)
         } else {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
             let message = json::from_str::<ErrorBody>(&text).map_or(text, |b| b.error);
             Err(Error::Api { status, message })
         }
@@ -885,5 +906,188 @@ pub(crate) fn task_artifact(target: &AdminTarget, file: &std::path::Path) -> Res
     let created: stella_proto::api::ArtifactCreated =
         AdminClient::parse(&client.upload("/v1/admin/artifacts", file)?)?;
     outln!("{}", created.sha256);
+    Ok(())
+}
+
+/// `admin-token create`: prints the token only.
+pub(crate) fn admin_token_create(
+    target: &AdminTarget,
+    name: &str,
+    role: &str,
+    ttl: Option<Duration>,
+) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let body = AdminTokenCreateRequest {
+        name: name.to_owned(),
+        role: role.to_owned(),
+        ttl_ms: ttl.map(|t| t.as_millis() as u64),
+    };
+    let answer: AdminTokenCreateResponse = AdminClient::parse(&client.call(
+        "POST",
+        "/v1/admin/admin-tokens",
+        Some(json::to_string(&body)),
+    )?)?;
+    outln!("{}", answer.token);
+    Ok(())
+}
+
+/// `admin-token list [--json]`: names, roles and states; never a secret.
+pub(crate) fn admin_token_list(target: &AdminTarget, as_json: bool) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let text = client.call("GET", "/v1/admin/admin-tokens", None)?;
+    if as_json {
+        outln_json!(text);
+        return Ok(());
+    }
+    let tokens: Vec<AdminTokenView> = AdminClient::parse(&text)?;
+    let width = tokens
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    outln!(
+        "{:<width$}  {:<7}  {:<7}  {:<20}  EXPIRES",
+        "NAME",
+        "ROLE",
+        "STATE",
+        "CREATED"
+    );
+    for t in &tokens {
+        outln!(
+            "{:<width$}  {:<7}  {:<7}  {:<20}  {}",
+            t.name,
+            t.role,
+            t.state,
+            t.created_at,
+            t.expires_at.as_deref().unwrap_or("never")
+        );
+    }
+    Ok(())
+}
+
+/// `admin-token revoke NAME`.
+pub(crate) fn admin_token_revoke(target: &AdminTarget, name: &str) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let view: AdminTokenView = AdminClient::parse(&client.call(
+        "POST",
+        &format!("/v1/admin/admin-tokens/{name}/revoke"),
+        None,
+    )?)?;
+    outln!("admin token {} {}", view.name, view.state);
+    Ok(())
+}
+
+/// Percent-encodes a query parameter value.
+fn query_value(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `audit [--since] [--agent] [--actor] [--json]`: every selected line,
+/// oldest first (following the server's pages); `--json` prints one JSON
+/// object per line, for a SIEM.
+pub(crate) fn audit(
+    target: &AdminTarget,
+    since: Option<u64>,
+    agent: Option<&str>,
+    actor: Option<&str>,
+    as_json: bool,
+) -> Result<(), Error> {
+    let client = AdminClient::connect(target)?;
+    let mut filter = format!("limit={}", crate::audit::MAX_LIMIT);
+    if let Some(t) = since {
+        filter += &format!("&since={}", query_value(&stella_proto::time::rfc3339(t)));
+    }
+    if let Some(a) = agent {
+        filter += &format!("&agent={}", query_value(a));
+    }
+    if let Some(a) = actor {
+        filter += &format!("&actor={}", query_value(a));
+    }
+    let mut after: Option<u64> = None;
+    loop {
+        let path = match after {
+            Some(seq) => format!("/v1/admin/audit?{filter}&after={seq}"),
+            None => format!("/v1/admin/audit?{filter}"),
+        };
+        let page: AuditPage = AdminClient::parse(&client.call("GET", &path, None)?)?;
+        for e in &page.entries {
+            print_audit_entry(e, as_json)?;
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+fn print_audit_entry(e: &AuditEntry, as_json: bool) -> Result<(), Error> {
+    if as_json {
+        outln_json!(json::to_string(e));
+        return Ok(());
+    }
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    outln!(
+        "{} {:>6} {:<7} {:<24} {:<16} {:<28} {:<32} {}",
+        e.time,
+        e.seq,
+        e.outcome,
+        or_dash(&e.actor),
+        or_dash(&e.source),
+        e.action,
+        or_dash(&e.target),
+        e.detail
+    );
+    Ok(())
+}
+
+/// `backup --out FILE [--include-ca-key]`: the running server writes the
+/// snapshot into its answer; it lands in FILE (0600) atomically.
+pub(crate) fn backup(
+    target: &AdminTarget,
+    out: &std::path::Path,
+    include_ca_key: bool,
+) -> Result<(), Error> {
+    if out.is_dir() {
+        return Err(Error::Usage(format!(
+            "--out {} is a directory; name a file",
+            out.display()
+        )));
+    }
+    let client = AdminClient::connect(target)?;
+    let body = BackupRequest { include_ca_key };
+    let bytes = client.call_bytes("POST", "/v1/admin/backup", Some(json::to_string(&body)))?;
+    // Checked before it replaces anything: a backup that does not read back
+    // is no backup.
+    let contents = crate::backup::read(&bytes).map_err(|m| Error::Client {
+        context: format!("the server's backup does not check: {m}"),
+        source: None,
+    })?;
+    crate::fsutil::write_atomic(out, &bytes, 0o600)?;
+    outln!(
+        "backup written to {} ({} bytes, {} agents, CA key {})",
+        out.display(),
+        bytes.len(),
+        contents.rows_of("agents"),
+        if include_ca_key {
+            "included"
+        } else {
+            "not included"
+        }
+    );
     Ok(())
 }

@@ -49,9 +49,13 @@ pub struct CheckedCsr {
     pub(crate) key_sha256: String,
 }
 
-/// The loaded CA.
+/// The loaded CA. Without its private key (a data dir restored from a
+/// backup made without `--include-ca-key`) it serves agents that hold
+/// certificates but issues none: enrollment, renewal and recovery are
+/// refused (503) until `ca.key` is put back and the server restarted.
 pub(crate) struct Ca {
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Option<Issuer<'static, KeyPair>>,
+    pin: String,
     pub(crate) cert_pem: String,
     pub(crate) cert_der: CertificateDer<'static>,
 }
@@ -150,14 +154,22 @@ impl Ca {
     /// Loads the CA from the data dir.
     pub(crate) fn load(dir: &Path) -> Result<Self, Error> {
         let cert_pem = read_text(&dir.join(CA_CERT))?;
-        let key_pem = read_text(&dir.join(CA_KEY))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| Error::crypto(dir.join(CA_KEY).display().to_string(), e))?;
         let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| Error::crypto(dir.join(CA_CERT).display().to_string(), e))?;
-        let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| Error::crypto(dir.join(CA_CERT).display().to_string(), e.to_string()))?;
+        let pin = stella_proto::hash::spki_pin(cert.public_key().raw);
+        let key_path = dir.join(CA_KEY);
+        let issuer = if key_path.exists() {
+            let key = KeyPair::from_pem(&read_text(&key_path)?)
+                .map_err(|e| Error::crypto(key_path.display().to_string(), e))?;
+            Some(Issuer::from_ca_cert_der(&cert_der, key)?)
+        } else {
+            None
+        };
         Ok(Self {
             issuer,
+            pin,
             cert_pem,
             cert_der,
         })
@@ -165,7 +177,23 @@ impl Ca {
 
     /// The CA pin agents use with `--ca-hash`.
     pub(crate) fn pin(&self) -> String {
-        stella_proto::hash::spki_pin(&self.issuer.key().subject_public_key_info())
+        self.pin.clone()
+    }
+
+    /// Whether this server holds the CA key (can issue certificates).
+    pub(crate) fn can_issue(&self) -> bool {
+        self.issuer.is_some()
+    }
+
+    fn issuer(&self) -> Result<&Issuer<'static, KeyPair>, Refusal> {
+        self.issuer.as_ref().ok_or_else(|| {
+            Refusal::new(
+                crate::refusal::Why::Unavailable,
+                format!(
+                    "this server has no CA key ({CA_KEY} is missing from its data dir: it was restored from a backup made without --include-ca-key); it cannot enroll, renew or recover agents until {CA_KEY} is put back and the server restarted"
+                ),
+            )
+        })
     }
 
     /// Issues an agent certificate for the CSR's key. Everything the CSR asked
@@ -196,7 +224,7 @@ impl Ca {
         params.not_after = offset_time(not_after)?;
         let (serial_number, serial) = random_serial()?;
         params.serial_number = Some(serial_number);
-        let cert = params.signed_by(&csr.params.public_key, &self.issuer)?;
+        let cert = params.signed_by(&csr.params.public_key, self.issuer()?)?;
         Ok(IssuedCert {
             pem: cert.pem(),
             serial,

@@ -37,6 +37,11 @@ usage:
   stella-server drift [--json]
   stella-server task create TASK.dsse.json | task list [--agent ID] [--json]
   stella-server task show ID [--json] | task cancel ID | task artifact FILE
+  stella-server admin-token create --name NAME --role read|operate|admin [--ttl D]
+  stella-server admin-token list [--json] | admin-token revoke NAME
+  stella-server audit [--since D|TIME] [--agent ID] [--actor NAME] [--json]
+  stella-server backup --out FILE [--include-ca-key]
+  stella-server restore --from FILE --data-dir DIR
   stella-server version
 
 Admin commands reach the running server found from --data-dir (server.url,
@@ -218,6 +223,37 @@ pub(crate) enum Command {
     TaskArtifact {
         target: AdminTarget,
         file: PathBuf,
+    },
+    AdminTokenCreate {
+        target: AdminTarget,
+        name: String,
+        role: String,
+        ttl: Option<Duration>,
+    },
+    AdminTokenList {
+        target: AdminTarget,
+        json: bool,
+    },
+    AdminTokenRevoke {
+        target: AdminTarget,
+        name: String,
+    },
+    Audit {
+        target: AdminTarget,
+        /// Unix seconds.
+        since: Option<u64>,
+        agent: Option<String>,
+        actor: Option<String>,
+        json: bool,
+    },
+    Backup {
+        target: AdminTarget,
+        out: PathBuf,
+        include_ca_key: bool,
+    },
+    Restore {
+        from: PathBuf,
+        data_dir: PathBuf,
     },
 }
 
@@ -748,6 +784,130 @@ pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command,
             }
             Command::Drift { target, json }
         }
+        "admin-token" => {
+            let sub = match p.next().map_err(lex)? {
+                Some(Value(v)) => string(v, "admin-token subcommand")?,
+                _ => return Err(usage("expected `admin-token create|list|revoke`")),
+            };
+            let (mut name, mut role, mut ttl, mut json) =
+                (None::<String>, None::<String>, None::<Duration>, false);
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("name") if sub == "create" => {
+                        name = Some(string(p.value().map_err(lex)?, "--name")?)
+                    }
+                    Long("role") if sub == "create" => {
+                        role = Some(string(p.value().map_err(lex)?, "--role")?)
+                    }
+                    Long("ttl") if sub == "create" => {
+                        ttl = Some(duration(p.value().map_err(lex)?, "--ttl")?)
+                    }
+                    Long("json") if sub == "list" => json = true,
+                    Value(v) if sub == "revoke" && name.is_none() => {
+                        name = Some(string(v, "admin token name")?)
+                    }
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            match sub.as_str() {
+                "create" => {
+                    let name =
+                        name.ok_or_else(|| usage("`admin-token create` needs --name NAME"))?;
+                    let role = role.ok_or_else(|| {
+                        usage("`admin-token create` needs --role read|operate|admin")
+                    })?;
+                    crate::roles::check_create(&name, &role, ttl).map_err(|r| usage(r.message))?;
+                    Command::AdminTokenCreate {
+                        target,
+                        name,
+                        role,
+                        ttl,
+                    }
+                }
+                "list" => Command::AdminTokenList { target, json },
+                "revoke" => {
+                    let name = name.ok_or_else(|| usage("`admin-token revoke` needs a NAME"))?;
+                    crate::roles::check_name(&name).map_err(|r| usage(r.message))?;
+                    Command::AdminTokenRevoke { target, name }
+                }
+                other => return Err(usage(format!("unknown admin-token subcommand {other:?}"))),
+            }
+        }
+        "audit" => {
+            let (mut since, mut agent, mut actor, mut json) =
+                (None::<u64>, None::<String>, None::<String>, false);
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("since") => {
+                        let text = string(p.value().map_err(lex)?, "--since")?;
+                        since = Some(
+                            crate::audit::parse_since(&text, crate::app::now_secs())
+                                .map_err(|e| usage(format!("--since: {e}")))?,
+                        );
+                    }
+                    Long("agent") => agent = Some(string(p.value().map_err(lex)?, "--agent")?),
+                    Long("actor") => actor = Some(string(p.value().map_err(lex)?, "--actor")?),
+                    Long("json") => json = true,
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            for (flag, value) in [("--agent", &agent), ("--actor", &actor)] {
+                if value.as_deref().is_some_and(|v| {
+                    v.is_empty() || v.len() > 128 || v.chars().any(char::is_control)
+                }) {
+                    return Err(usage(format!("{flag} must be 1-128 printable characters")));
+                }
+            }
+            Command::Audit {
+                target,
+                since,
+                agent,
+                actor,
+                json,
+            }
+        }
+        "backup" => {
+            let (mut out, mut include_ca_key) = (None::<PathBuf>, false);
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long(flag @ ("data-dir" | "server" | "ca")) => {
+                        let flag = flag.to_owned();
+                        admin_opt(&flag, p.value().map_err(lex)?, &mut target)?
+                    }
+                    Long("out") => out = Some(p.value().map_err(lex)?.into()),
+                    Long("include-ca-key") => include_ca_key = true,
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            Command::Backup {
+                target,
+                out: out.ok_or_else(|| usage("`backup` needs --out FILE"))?,
+                include_ca_key,
+            }
+        }
+        "restore" => {
+            let (mut from, mut data_dir) = (None::<PathBuf>, None::<PathBuf>);
+            while let Some(arg) = p.next().map_err(lex)? {
+                match arg {
+                    Long("from") => from = Some(p.value().map_err(lex)?.into()),
+                    Long("data-dir") => data_dir = Some(p.value().map_err(lex)?.into()),
+                    other => return Err(usage(other.unexpected().to_string())),
+                }
+            }
+            Command::Restore {
+                from: from.ok_or_else(|| usage("`restore` needs --from FILE"))?,
+                // Never the default data dir: a restore names where it goes.
+                data_dir: data_dir.ok_or_else(|| usage("`restore` needs --data-dir DIR"))?,
+            }
+        }
         other => return Err(usage(format!("unknown command {other:?}"))),
     };
     Ok(cmd)
@@ -828,6 +988,23 @@ mod tests {
             ("serve --bogus", "bogus"),
             ("serve --max-handshakes 0", "--max-handshakes \"0\""),
             ("serve --max-handshakes many", "at least 1"),
+            ("admin-token", "expected `admin-token"),
+            ("admin-token create --role read", "needs --name"),
+            ("admin-token create --name ci", "needs --role"),
+            ("admin-token create --name ci --role root", "invalid role"),
+            (
+                "admin-token create --name a/b --role read",
+                "invalid admin token name",
+            ),
+            ("admin-token create --name ci --role read --ttl 0s", "ttl"),
+            ("admin-token revoke", "needs a NAME"),
+            ("admin-token list --name x", "name"),
+            ("audit --since yesterday", "--since"),
+            ("audit --agent", "--agent"),
+            ("backup", "needs --out"),
+            ("backup --out f --bogus", "bogus"),
+            ("restore --from f", "needs --data-dir"),
+            ("restore --data-dir d", "needs --from"),
         ] {
             let err = parse(args(line)).unwrap_err();
             assert!(matches!(err, Error::Usage(_)), "{line}");

@@ -56,3 +56,10 @@ pub(crate) fn random_bytes(buf: &mut [u8]) -> Result<(), Error> {
             source: None,
         })
 }
+
+/// Makes a rename in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("cannot sync {}", dir.display()), e))
+}

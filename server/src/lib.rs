@@ -7,6 +7,8 @@
 mod admin;
 mod api;
 mod app;
+mod audit;
+mod backup;
 pub mod ca;
 mod cli;
 mod config;
@@ -19,6 +21,7 @@ mod records;
 mod refusal;
 mod releases;
 mod renewal;
+mod roles;
 mod rollout;
 mod serve;
 mod store;
@@ -126,6 +129,27 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<(), Error> {
         Command::TaskShow { target, id, json } => admin::task_show(&target, &id, json),
         Command::TaskCancel { target, id } => admin::task_cancel(&target, &id),
         Command::TaskArtifact { target, file } => admin::task_artifact(&target, &file),
+        Command::AdminTokenCreate {
+            target,
+            name,
+            role,
+            ttl,
+        } => admin::admin_token_create(&target, &name, &role, ttl),
+        Command::AdminTokenList { target, json } => admin::admin_token_list(&target, json),
+        Command::AdminTokenRevoke { target, name } => admin::admin_token_revoke(&target, &name),
+        Command::Audit {
+            target,
+            since,
+            agent,
+            actor,
+            json,
+        } => admin::audit(&target, since, agent.as_deref(), actor.as_deref(), json),
+        Command::Backup {
+            target,
+            out,
+            include_ca_key,
+        } => admin::backup(&target, &out, include_ca_key),
+        Command::Restore { from, data_dir } => serve::restore(&from, &data_dir),
     }
     .or_else(|e| {
         // `stella-server agents list | head -1`: the reader has what it wanted.

@@ -223,13 +223,34 @@ pub(crate) struct ReleaseRecord {
     pub(crate) imported_at: u64,
 }
 
-/// One line of the audit log.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+/// One line of the audit log. Lines written before scoped admin tokens
+/// have no actor, source or outcome: they read as the server's, ok.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AuditRecord {
     pub(crate) at: u64,
     pub(crate) action: String,
+    /// What was acted on (agent id, token id, scope, version, ...).
     pub(crate) subject: String,
     pub(crate) detail: String,
+    /// Admin token name or agent id (see `audit::Actor`).
+    pub(crate) actor: Option<String>,
+    /// The caller's IP address.
+    pub(crate) source: Option<String>,
+    /// `ok` (absent), `refused` or `failed`.
+    pub(crate) outcome: Option<String>,
+}
+
+/// A scoped admin token, with only a hash of its secret.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AdminTokenRecord {
+    pub(crate) name: String,
+    /// `read`, `operate` or `admin` (see `roles::Role`).
+    pub(crate) role: String,
+    pub(crate) secret_sha256: String,
+    pub(crate) created_at: u64,
+    /// Unix seconds; `None`: never.
+    pub(crate) expires_at: Option<u64>,
+    pub(crate) revoked_at: Option<u64>,
 }
 
 /// A rollout as stored (see `rollout` for what the fields mean to the engine).

@@ -27,6 +27,8 @@ pub enum Why {
     RangeNotSatisfiable,
     /// Slow down (429).
     TooManyRequests,
+    /// The server cannot do this now, e.g. it has no CA key (503).
+    Unavailable,
 }
 
 impl Why {
@@ -42,6 +44,7 @@ impl Why {
             Why::UnsupportedMediaType => 415,
             Why::RangeNotSatisfiable => 416,
             Why::TooManyRequests => 429,
+            Why::Unavailable => 503,
         }
     }
 }

@@ -17,6 +17,7 @@ use smol::stream::StreamExt;
 
 use crate::api::{self, Peer};
 use crate::app::{self, App, Metrics, Settings};
+use crate::backup;
 use crate::ca::{self, Ca};
 use crate::cli::ServeOptions;
 use crate::error::Error;
@@ -27,7 +28,7 @@ use crate::refusal::Refusal;
 use crate::store::{PgStore, RedbStore, Store};
 
 pub(crate) const STORE_FILE: &str = "server.redb";
-pub(crate) const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub(crate) use crate::roles::ADMIN_TOKEN_FILE;
 pub(crate) const URL_FILE: &str = "server.url";
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,7 +59,9 @@ fn raise_open_file_limit() -> usize {
 }
 
 /// `stella-server init`: CA, server certificate, admin token, empty store
-/// (redb in the data dir, or the PostgreSQL database at `store`).
+/// (redb in the data dir, or the PostgreSQL database at `store`). The store
+/// keeps the admin token's hash; the server makes it the token `root`, role
+/// `admin`, when it first opens the store.
 pub(crate) fn init(dir: &Path, sans: &[String], store: Option<&str>) -> Result<(), Error> {
     if dir.join(STORE_FILE).exists() {
         return Err(Refusal::conflict(format!(
@@ -113,7 +116,7 @@ pub(crate) fn init(dir: &Path, sans: &[String], store: Option<&str>) -> Result<(
     }
 
     crate::log::print(format_args!(
-        "initialized {}\nserver names: {}\nCA hash: {pin}\nadmin token: {admin_token}\n  (shown once; stored hashed, and in {} with mode 0600)\n",
+        "initialized {}\nserver names: {}\nCA hash: {pin}\nadmin token: {admin_token}\n  (token root, role admin; shown once; stored hashed, and in {} with mode 0600)\n",
         dir.display(),
         names.join(", "),
         dir.join(ADMIN_TOKEN_FILE).display()
@@ -142,6 +145,82 @@ start the server with: stella-server serve --data-dir {} --store URL
         crate::store::redact(to),
         summary.join(" "),
         from.display()
+    ))?;
+    Ok(())
+}
+
+/// `stella-server restore`: a data dir that `serve` starts from, made from a
+/// backup, in an empty (or new) directory. The backup is checked whole
+/// before anything is written; the store comes last, as with `init`.
+pub(crate) fn restore(from: &Path, dir: &Path) -> Result<(), Error> {
+    if let Ok(mut entries) = std::fs::read_dir(dir)
+        && entries.next().is_some()
+    {
+        return Err(Refusal::conflict(format!(
+            "{} is not empty: restore writes a new data dir into an empty or missing directory",
+            dir.display()
+        ))
+        .into());
+    }
+    let bytes =
+        std::fs::read(from).map_err(|e| Error::io(format!("cannot read {}", from.display()), e))?;
+    let contents = backup::read(&bytes)
+        .map_err(|m| Refusal::bad_request(format!("{}: {m}", from.display())))?;
+    for need in [ca::CA_CERT, ca::SERVER_CERT, ca::SERVER_KEY] {
+        if contents.file(need).is_none() {
+            return Err(Refusal::bad_request(format!(
+                "{}: the backup has no {need}",
+                from.display()
+            ))
+            .into());
+        }
+    }
+    create_private_dir(dir)?;
+    for (name, bytes) in &contents.files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent()
+            && parent != dir
+        {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+        }
+        let mode = if backup::is_secret(name) {
+            0o600
+        } else {
+            0o644
+        };
+        write_atomic(&path, bytes, mode)?;
+    }
+    // Written under another name and renamed when complete: a data dir
+    // with server.redb is a finished one.
+    let partial = dir.join(format!("{STORE_FILE}.restoring"));
+    let _ = std::fs::remove_file(&partial);
+    let store = RedbStore::create(&partial, "")?;
+    crate::store::Store::restore_rows(&store, &contents.rows)?;
+    drop(store);
+    std::fs::rename(&partial, dir.join(STORE_FILE))
+        .map_err(|e| Error::io(format!("cannot rename {}", partial.display()), e))?;
+    crate::fsutil::sync_dir(dir)?;
+    let ca_key = if contents.file(ca::CA_KEY).is_some() {
+        "included".to_owned()
+    } else {
+        format!(
+            "not in this backup: the server serves enrolled agents (heartbeats, downloads, admin commands) but refuses to enroll, renew or recover agents until {} is put back",
+            dir.join(ca::CA_KEY).display()
+        )
+    };
+    crate::log::print(format_args!(
+        "restored {} from {}
+agents: {}
+audit lines: {}
+files: {}
+CA key: {ca_key}
+",
+        dir.display(),
+        from.display(),
+        contents.rows_of("agents"),
+        contents.rows_of("audit"),
+        contents.files.len(),
     ))?;
     Ok(())
 }
@@ -512,7 +591,8 @@ async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStrea
             }
         };
         if admitted.streams_body() {
-            let (resp, whole) = api::upload_artifact(&app, &mut tls, &mut buf, head).await;
+            let (resp, whole) =
+                api::upload_artifact(&app, &admitted.actor(source), &mut tls, &mut buf, head).await;
             let keep = keep_alive && whole;
             let written = http::write_response(&mut tls, &resp, keep, &mut out).await;
             if !whole {

@@ -498,7 +498,7 @@ impl Client {
         )
     }
 
-    /// POST a JSON body with a bearer token.
+    /// POST a JSON body with an `Authorization: Bearer` header.
     pub fn post_auth(&self, path: &str, token: &str, body: &str) -> (u16, String) {
         Self::finish(
             self.agent

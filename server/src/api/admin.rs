@@ -1,5 +1,5 @@
-//! Admin routes under `/v1/admin/` (the gate checked the bearer token):
-//! parse, call `app`, format.
+//! Admin routes under `/v1/admin/` (the gate checked the bearer token and
+//! its role): parse, call `app`, format.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +11,15 @@ use stella_proto::api::{
 };
 use stella_proto::states::AgentStatus;
 
+use stella_proto::admin::{AdminTokenCreateRequest, BackupRequest, WhoAmI};
+
 use super::{blocking, failed, json_body, parse_json};
 use crate::app::{AgentAction, AgentFilter, App};
+use crate::audit::{self, Actor};
 use crate::error::Error;
 use crate::http::{self, Request, Response};
 use crate::refusal::Refusal;
+use crate::roles::Caller;
 use crate::rollout::StartRequest;
 
 /// Agents per page of `GET /v1/admin/agents`, by default and at most.
@@ -65,21 +69,99 @@ fn agent_filter(req: &Request) -> Result<AgentFilter, Refusal> {
     })
 }
 
-pub(super) async fn admin(app: &Arc<App>, req: &Request) -> Response {
-    match admin_route(app, req).await {
+pub(super) async fn admin(
+    app: &Arc<App>,
+    req: &Request,
+    caller: &Caller,
+    actor: &Actor,
+) -> Response {
+    match admin_route(app, req, caller, actor).await {
         Ok(resp) => resp,
         Err(e) => failed(e),
     }
 }
 
-async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
+async fn admin_route(
+    app: &Arc<App>,
+    req: &Request,
+    caller: &Caller,
+    actor: &Actor,
+) -> Result<Response, Error> {
     let path = http::path_of(&req.path);
     let parts: Vec<&str> = path["/v1/admin/".len()..].split('/').collect();
     let json = |status: u16, body: String| Ok(Response::json(status, body));
     match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["whoami"]) => json(
+            200,
+            json::to_string(&WhoAmI {
+                name: caller.name.clone(),
+                role: caller.role.as_str().to_owned(),
+            }),
+        ),
+        ("GET", ["audit"]) => {
+            let now = crate::app::now_secs();
+            let since = match query(req, "since")? {
+                Some(s) => Some(audit::parse_since(&s, now).map_err(Refusal::bad_request)?),
+                None => None,
+            };
+            let text = |name: &str| -> Result<Option<String>, Refusal> {
+                match query(req, name)? {
+                    Some(v) if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) => {
+                        Err(Refusal::bad_request(format!(
+                            "{name} must be 1-128 printable characters"
+                        )))
+                    }
+                    other => Ok(other),
+                }
+            };
+            let q = audit::Query {
+                since,
+                agent: text("agent")?,
+                actor: text("actor")?,
+            };
+            let limit = audit::parse_limit(query(req, "limit")?.as_deref())
+                .map_err(Refusal::bad_request)?;
+            let after = match query(req, "after")? {
+                None => None,
+                Some(a) if a.is_empty() || a == "null" => None,
+                Some(a) => Some(a.parse::<u64>().map_err(|_| {
+                    Refusal::bad_request(format!("after {a:?} must be a sequence number"))
+                })?),
+            };
+            let page = blocking(app, actor, move |app| app.audit_page(&q, after, limit)).await?;
+            json(200, json::to_string(&page))
+        }
+        ("GET", ["admin-tokens"]) => json(200, json::to_string(&app.admin_token_views())),
+        ("POST", ["admin-tokens"]) => {
+            let body: AdminTokenCreateRequest = parse_json(req)?;
+            let created = blocking(app, actor, move |app| {
+                app.create_admin_token(
+                    &body.name,
+                    &body.role,
+                    body.ttl_ms.map(Duration::from_millis),
+                )
+            })
+            .await?;
+            json(201, json::to_string(&created))
+        }
+        ("POST", ["admin-tokens", name, "revoke"]) => {
+            let name = (*name).to_owned();
+            let view = blocking(app, actor, move |app| app.revoke_admin_token(&name)).await?;
+            json(200, json::to_string(&view))
+        }
+        ("POST", ["backup"]) => {
+            // An empty body asks for the default (no CA key).
+            let body: BackupRequest = if req.body.is_empty() {
+                BackupRequest::default()
+            } else {
+                parse_json(req)?
+            };
+            let bytes = blocking(app, actor, move |app| app.backup(body.include_ca_key)).await?;
+            Ok(Response::new(200, "application/octet-stream", bytes))
+        }
         ("POST", ["tokens"]) => {
             let body: TokenCreateRequest = parse_json(req)?;
-            let created = blocking(app, move |app| {
+            let created = blocking(app, actor, move |app| {
                 app.create_token(Duration::from_millis(body.ttl_ms), body.uses, body.labels)
             })
             .await?;
@@ -87,7 +169,10 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
         }
         ("POST", ["config"]) => {
             let body: ConfigSetRequest = parse_json(req)?;
-            let view = blocking(app, move |app| app.set_config(&body.scope, &body.config)).await?;
+            let view = blocking(app, actor, move |app| {
+                app.set_config(&body.scope, &body.config)
+            })
+            .await?;
             json(200, json::to_string(&view))
         }
         ("GET", ["config"]) => {
@@ -97,7 +182,7 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
         ("GET", ["drift"]) => json(200, json::to_string(&app.drift())),
         ("POST", ["rollouts"]) => {
             let body: RolloutStartRequest = parse_json(req)?;
-            let view = blocking(app, move |app| {
+            let view = blocking(app, actor, move |app| {
                 app.start_rollout(StartRequest {
                     release: &body.release,
                     stages: &body.stages,
@@ -119,20 +204,21 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
         }
         ("POST", ["rollouts", id, action]) => {
             let (id, action) = ((*id).to_owned(), (*action).to_owned());
-            let view = blocking(app, move |app| app.act_on_rollout(&id, &action)).await?;
+            let view = blocking(app, actor, move |app| app.act_on_rollout(&id, &action)).await?;
             json(200, json::to_string(&view))
         }
         ("POST", ["releases"]) => {
             let body: ReleaseImportRequest = parse_json(req)?;
             let dir = std::path::PathBuf::from(body.dir);
-            let view = blocking(app, move |app| app.import_release(&dir)).await?;
+            let view = blocking(app, actor, move |app| app.import_release(&dir)).await?;
             json(201, json::to_string(&view))
         }
         ("GET", ["releases"]) => json(200, json::to_string(&app.release_views())),
         ("POST", ["agents", id, "update"]) => {
             let body: AgentUpdateRequest = parse_json(req)?;
             let id = (*id).to_owned();
-            let view = blocking(app, move |app| app.offer_release(&id, &body.release)).await?;
+            let view =
+                blocking(app, actor, move |app| app.offer_release(&id, &body.release)).await?;
             json(200, json::to_string(&view))
         }
         ("GET", ["agents"]) => {
@@ -166,13 +252,13 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
         ("GET", ["fleet"]) => json(200, json::to_string(&app.fleet_summary())),
         ("GET", ["agents", id]) => {
             let id = (*id).to_owned();
-            let view = blocking(app, move |app| app.agent_detail(&id)).await?;
+            let view = blocking(app, actor, move |app| app.agent_detail(&id)).await?;
             json(200, json::to_string(&view))
         }
         ("POST", ["agents", id, "doctor"]) => {
             let body: DoctorAsk = parse_json(req)?;
             let id = (*id).to_owned();
-            let asked = blocking(app, move |app| {
+            let asked = blocking(app, actor, move |app| {
                 app.ask_doctor(Some(&id), None, body.remediate_dry_run)
             })
             .await?;
@@ -180,13 +266,13 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
         }
         ("GET", ["agents", id, "doctor"]) => {
             let id = (*id).to_owned();
-            let view = blocking(app, move |app| app.doctor_report_view(&id)).await?;
+            let view = blocking(app, actor, move |app| app.doctor_report_view(&id)).await?;
             json(200, json::to_string(&view))
         }
         ("POST", ["doctor"]) => {
             let body: DoctorAsk = parse_json(req)?;
             let selector = body.selector.unwrap_or_default();
-            let asked = blocking(app, move |app| {
+            let asked = blocking(app, actor, move |app| {
                 app.ask_doctor(None, Some(&selector), body.remediate_dry_run)
             })
             .await?;
@@ -195,27 +281,28 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
         ("POST", ["doctor-report"]) => {
             let body: DoctorAsk = parse_json(req)?;
             let selector = body.selector.unwrap_or_default();
-            let report = blocking(app, move |app| app.fleet_doctor_report(&selector)).await?;
+            let report =
+                blocking(app, actor, move |app| app.fleet_doctor_report(&selector)).await?;
             json(200, json::to_string(&report))
         }
         ("POST", ["tasks"]) => {
             let body = json_body(req)?.to_vec();
-            let created = blocking(app, move |app| app.create_task(&body)).await?;
+            let created = blocking(app, actor, move |app| app.create_task(&body)).await?;
             json(201, json::to_string(&created))
         }
         ("GET", ["tasks"]) => {
             let agent = query(req, "agent")?;
-            let views = blocking(app, move |app| app.task_views(agent.as_deref())).await?;
+            let views = blocking(app, actor, move |app| app.task_views(agent.as_deref())).await?;
             json(200, json::to_string(&views))
         }
         ("GET", ["tasks", id]) => {
             let id = (*id).to_owned();
-            let view = blocking(app, move |app| app.task_view(&id)).await?;
+            let view = blocking(app, actor, move |app| app.task_view(&id)).await?;
             json(200, json::to_string(&view))
         }
         ("POST", ["tasks", id, "cancel"]) => {
             let id = (*id).to_owned();
-            let view = blocking(app, move |app| app.cancel_task(&id)).await?;
+            let view = blocking(app, actor, move |app| app.cancel_task(&id)).await?;
             json(200, json::to_string(&view))
         }
         ("POST", ["agents", id, action]) => {
@@ -223,7 +310,7 @@ async fn admin_route(app: &Arc<App>, req: &Request) -> Result<Response, Error> {
                 return Err(Refusal::not_found(format!("unknown agent action {action:?}")).into());
             };
             let id = (*id).to_owned();
-            let view = blocking(app, move |app| app.act_on_agent(&id, action)).await?;
+            let view = blocking(app, actor, move |app| app.act_on_agent(&id, action)).await?;
             json(200, json::to_string(&view))
         }
         _ => {

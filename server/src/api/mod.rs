@@ -1,9 +1,12 @@
 //! The HTTP API under `/v1/`: the route table (each route with how its
-//! caller authenticates), the one authentication gate every request passes
+//! caller authenticates, the role an admin route needs, and the action its
+//! audit line names), the one authentication gate every request passes
 //! before its body is read, and thin agent handlers that parse JSON, call
 //! `app`, and format the answer. Admin routes are in `admin`, `/metrics` in
 //! `metrics`. One admin route streams its body instead of reading it whole:
-//! the artifact upload (`upload_artifact`).
+//! the artifact upload (`upload_artifact`). A refused admin request,
+//! enrollment, renewal or recovery leaves an audit line here (a 429 from the
+//! brakes does not: they exist to bound what a flood costs).
 
 mod admin;
 mod console;
@@ -19,10 +22,12 @@ use stella_proto::api::{
 };
 
 use crate::app::{App, Metrics};
+use crate::audit::Actor;
 use crate::error::Error;
 use crate::http::{self, Request, Response};
 use crate::lifecycle::Act;
 use crate::refusal::{Refusal, Why};
+use crate::roles::{Caller, Role};
 use crate::store::StoreError;
 
 /// The agent behind a verified client certificate.
@@ -68,8 +73,8 @@ pub(crate) enum Auth {
     /// An agent's client certificate, checked against its status and
     /// current serial for this act.
     Agent(Act),
-    /// The admin bearer token.
-    Admin,
+    /// An admin bearer token with at least this role.
+    Admin(Role),
 }
 
 /// What a route does.
@@ -92,7 +97,7 @@ enum Endpoint {
     Admin,
     /// A path under `/v1/admin/` that no admin route names: 404, after the
     /// token was checked (an unknown admin path tells a caller without a
-    /// token nothing).
+    /// token nothing), so that only listed routes reach the admin handlers.
     NoSuchAdmin,
     /// `docs/openapi.json`, embedded at build time.
     OpenApi,
@@ -112,73 +117,112 @@ struct Route {
     path: &'static str,
     auth: Auth,
     endpoint: Endpoint,
+    /// What the audit line of a refused request names.
+    action: &'static str,
 }
 
-/// A route table entry, briefly.
-const fn at(method: &'static str, path: &'static str, auth: Auth, endpoint: Endpoint) -> Route {
+/// An admin route needing `role`.
+const fn admin(
+    method: &'static str,
+    path: &'static str,
+    role: Role,
+    action: &'static str,
+) -> Route {
+    Route {
+        method: Some(method),
+        path,
+        auth: Auth::Admin(role),
+        endpoint: Endpoint::Admin,
+        action,
+    }
+}
+
+/// A route table entry that is not an admin route, briefly.
+const fn at(
+    method: &'static str,
+    path: &'static str,
+    auth: Auth,
+    endpoint: Endpoint,
+    action: &'static str,
+) -> Route {
     Route {
         method: Some(method),
         path,
         auth,
         endpoint,
+        action,
     }
-}
-
-/// An admin route (`Authorization: Bearer`), dispatched by `admin`.
-const fn admin(method: &'static str, path: &'static str) -> Route {
-    at(method, path, Auth::Admin, Endpoint::Admin)
 }
 
 /// Every route, with how its caller authenticates. An admin route that is
 /// not listed here is not reachable: this table is what `docs/openapi.json`
 /// is checked against.
 const ROUTES: &[Route] = &[
-    at("GET", "/healthz", Auth::Open, Endpoint::Healthz),
-    at("GET", "/metrics", Auth::Open, Endpoint::Metrics),
-    at("GET", "/v1/openapi.json", Auth::Open, Endpoint::OpenApi),
-    at("GET", "/ui", Auth::Open, Endpoint::ConsoleRedirect),
-    at("GET", "/ui/*", Auth::Open, Endpoint::Console),
+    at("GET", "/healthz", Auth::Open, Endpoint::Healthz, "healthz"),
+    at("GET", "/metrics", Auth::Open, Endpoint::Metrics, "metrics"),
+    at(
+        "GET",
+        "/v1/openapi.json",
+        Auth::Open,
+        Endpoint::OpenApi,
+        "openapi",
+    ),
+    at(
+        "GET",
+        "/ui",
+        Auth::Open,
+        Endpoint::ConsoleRedirect,
+        "console",
+    ),
+    at("GET", "/ui/*", Auth::Open, Endpoint::Console, "console"),
     at(
         "POST",
         "/v1/agents/register",
         Auth::Registration,
         Endpoint::Register,
+        "agent.enroll",
     ),
     at(
         "POST",
         "/v1/agents/heartbeat",
         Auth::Agent(Act::Heartbeat),
         Endpoint::Heartbeat,
+        "agent.heartbeat",
     ),
     at(
         "POST",
         "/v1/agents/certificate",
         Auth::Agent(Act::Renew),
         Endpoint::Certificate,
+        "agent.certificate",
     ),
     at(
         "GET",
         "/v1/agents/self",
         Auth::Agent(Act::WhoAmI),
         Endpoint::WhoAmI,
+        "agent.self",
     ),
     at(
         "POST",
         "/v1/agents/challenge",
         Auth::Anonymous,
         Endpoint::Challenge,
+        "agent.challenge",
     ),
     at(
         "POST",
         "/v1/agents/recover",
         Auth::Anonymous,
         Endpoint::Recover,
+        "agent.recover",
     ),
     at(
         "GET",
         "/v1/releases/{version}/{target}",
         Auth::Agent(Act::Download),
         Endpoint::Artifact,
+        "release.download",
     ),
     // Any other path under it: the same gate, then 404 from `artifact`.
     at(
@@ -186,53 +230,148 @@ const ROUTES: &[Route] = &[
         "/v1/releases/*",
         Auth::Agent(Act::Download),
         Endpoint::Artifact,
+        "release.download",
     ),
     at(
         "GET",
         "/v1/artifacts/{sha256}",
         Auth::Agent(Act::Download),
         Endpoint::TaskArtifact,
+        "artifact.download",
     ),
     // Streamed to the blob store by `upload_artifact`, never read whole.
     at(
         "POST",
         "/v1/admin/artifacts",
-        Auth::Admin,
+        Auth::Admin(Role::Admin),
         Endpoint::ArtifactUpload,
+        "artifact.upload",
     ),
-    admin("POST", "/v1/admin/tokens"),
-    admin("GET", "/v1/admin/fleet"),
-    admin("GET", "/v1/admin/agents"),
-    admin("GET", "/v1/admin/agents/{id}"),
-    admin("POST", "/v1/admin/agents/{id}/deactivate"),
-    admin("POST", "/v1/admin/agents/{id}/activate"),
-    admin("POST", "/v1/admin/agents/{id}/revoke"),
-    admin("POST", "/v1/admin/agents/{id}/renew"),
-    admin("POST", "/v1/admin/agents/{id}/update"),
-    admin("POST", "/v1/admin/agents/{id}/doctor"),
-    admin("GET", "/v1/admin/agents/{id}/doctor"),
-    admin("POST", "/v1/admin/doctor"),
-    admin("POST", "/v1/admin/doctor-report"),
-    admin("POST", "/v1/admin/config"),
-    admin("GET", "/v1/admin/config"),
-    admin("GET", "/v1/admin/drift"),
-    admin("POST", "/v1/admin/releases"),
-    admin("GET", "/v1/admin/releases"),
-    admin("POST", "/v1/admin/rollouts"),
-    admin("GET", "/v1/admin/rollouts"),
-    admin("GET", "/v1/admin/rollouts/{id}"),
-    admin("POST", "/v1/admin/rollouts/{id}/pause"),
-    admin("POST", "/v1/admin/rollouts/{id}/resume"),
-    admin("POST", "/v1/admin/rollouts/{id}/abort"),
-    admin("POST", "/v1/admin/tasks"),
-    admin("GET", "/v1/admin/tasks"),
-    admin("GET", "/v1/admin/tasks/{id}"),
-    admin("POST", "/v1/admin/tasks/{id}/cancel"),
+    // Admin routes, each with the role it needs (see `roles::Role`).
+    admin("GET", "/v1/admin/fleet", Role::Read, "fleet.show"),
+    admin("POST", "/v1/admin/tasks", Role::Operate, "task.create"),
+    admin("GET", "/v1/admin/tasks", Role::Read, "tasks.list"),
+    admin("GET", "/v1/admin/tasks/{id}", Role::Read, "task.show"),
+    admin(
+        "POST",
+        "/v1/admin/tasks/{id}/cancel",
+        Role::Operate,
+        "task.cancel",
+    ),
+    admin("GET", "/v1/admin/whoami", Role::Read, "admin.whoami"),
+    admin("GET", "/v1/admin/agents", Role::Read, "agents.list"),
+    admin("GET", "/v1/admin/agents/{id}", Role::Read, "agent.show"),
+    admin(
+        "GET",
+        "/v1/admin/agents/{id}/doctor",
+        Role::Read,
+        "agent.doctor_report",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/deactivate",
+        Role::Operate,
+        "agent.deactivate",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/activate",
+        Role::Operate,
+        "agent.activate",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/renew",
+        Role::Operate,
+        "agent.renew_requested",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/update",
+        Role::Operate,
+        "agent.update_offered",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/doctor",
+        Role::Operate,
+        "agent.doctor_requested",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/agents/{id}/revoke",
+        Role::Admin,
+        "agent.revoke",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/doctor",
+        Role::Operate,
+        "agent.doctor_requested",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/doctor-report",
+        Role::Read,
+        "doctor_report.show",
+    ),
+    admin("GET", "/v1/admin/config", Role::Read, "config.show"),
+    admin("POST", "/v1/admin/config", Role::Operate, "config.set"),
+    admin("GET", "/v1/admin/drift", Role::Read, "drift.show"),
+    admin("GET", "/v1/admin/rollouts", Role::Read, "rollouts.list"),
+    admin("POST", "/v1/admin/rollouts", Role::Operate, "rollout.start"),
+    admin("GET", "/v1/admin/rollouts/{id}", Role::Read, "rollout.show"),
+    admin(
+        "POST",
+        "/v1/admin/rollouts/{id}/pause",
+        Role::Operate,
+        "rollout.pause",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/rollouts/{id}/resume",
+        Role::Operate,
+        "rollout.resume",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/rollouts/{id}/abort",
+        Role::Operate,
+        "rollout.abort",
+    ),
+    admin("GET", "/v1/admin/releases", Role::Read, "releases.list"),
+    admin("POST", "/v1/admin/releases", Role::Admin, "release.import"),
+    admin("POST", "/v1/admin/tokens", Role::Admin, "token.create"),
+    admin("GET", "/v1/admin/audit", Role::Read, "audit.read"),
+    admin(
+        "GET",
+        "/v1/admin/admin-tokens",
+        Role::Admin,
+        "admin_tokens.list",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/admin-tokens",
+        Role::Admin,
+        "admin_token.create",
+    ),
+    admin(
+        "POST",
+        "/v1/admin/admin-tokens/{name}/revoke",
+        Role::Admin,
+        "admin_token.revoke",
+    ),
+    admin("POST", "/v1/admin/backup", Role::Admin, "server.backup"),
+    // Anything else under /v1/admin/ is answered 404 once authenticated
+    // (so that a caller without a token learns nothing of what exists). It
+    // needs role admin: an admin route added without its own entry above
+    // fails closed, never open to a read token.
     Route {
         method: None,
         path: "/v1/admin/*",
-        auth: Auth::Admin,
+        auth: Auth::Admin(Role::Admin),
         endpoint: Endpoint::NoSuchAdmin,
+        action: "admin.unknown",
     },
 ];
 
@@ -241,17 +380,12 @@ impl Route {
         if let Some(prefix) = self.path.strip_suffix('*') {
             return path.starts_with(prefix);
         }
-        let mut want = self.path.split('/');
-        let mut have = path.split('/');
+        let (mut want, mut got) = (self.path.split('/'), path.split('/'));
         loop {
-            match (want.next(), have.next()) {
+            match (want.next(), got.next()) {
                 (None, None) => return true,
-                (Some(w), Some(h)) if w.starts_with('{') => {
-                    if h.is_empty() {
-                        return false;
-                    }
-                }
-                (Some(w), Some(h)) if w == h => {}
+                (Some(w), Some(g)) if w.starts_with('{') && !g.is_empty() => {}
+                (Some(w), Some(g)) if w == g => {}
                 _ => return false,
             }
         }
@@ -260,6 +394,16 @@ impl Route {
     /// A fallback (`*`), taken when no listed route matches.
     fn is_fallback(&self) -> bool {
         self.path.ends_with('*')
+    }
+
+    /// What the request acts on: the path's first `{name}` segment.
+    fn target(&self, path: &str) -> String {
+        self.path
+            .split('/')
+            .zip(path.split('/'))
+            .find(|(w, _)| w.starts_with('{'))
+            .map(|(_, g)| g.to_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -288,23 +432,31 @@ fn route(method: &str, path: &str) -> Result<&'static Route, Refusal> {
 /// A request whose route and caller passed the gate; its body may be read.
 #[derive(Debug)]
 pub(crate) struct Admitted {
-    endpoint: Endpoint,
+    route: &'static Route,
+    /// The admin token that called (admin routes).
+    caller: Option<Caller>,
 }
 
 impl Admitted {
     /// Whether the body is streamed (`upload_artifact`) rather than read
     /// whole under the request body limit.
     pub(crate) fn streams_body(&self) -> bool {
-        self.endpoint == Endpoint::ArtifactUpload
+        self.route.endpoint == Endpoint::ArtifactUpload
+    }
+
+    /// Who calls, from `source`, for the audit log.
+    pub(crate) fn actor(&self, source: IpAddr) -> Actor {
+        let name = self.caller.as_ref().map(|c| c.name.clone());
+        Actor::new(name.unwrap_or_default(), source)
     }
 }
 
 /// The authentication gate: finds the request's route and authenticates its
-/// caller from the head alone (client certificate, bearer token, source),
-/// so that a caller who fails gets 401/403 whatever the body, its type or
-/// its size. Every request passes here before its body is read.
+/// caller from the head alone (client certificate, bearer token and its
+/// role, source), so that a caller who fails gets 401/403 whatever the body,
+/// its type or its size. Every request passes here before its body is read.
 pub(crate) fn admit(
-    app: &App,
+    app: &Arc<App>,
     peer: Option<&Peer>,
     source: IpAddr,
     head: &Request,
@@ -319,35 +471,74 @@ pub(crate) fn admit(
         resp
     };
     let route = route(&head.method, path).map_err(refused_here)?;
-    authenticate(app, route.auth, peer, source, head).map_err(refused_here)?;
-    Ok(Admitted {
-        endpoint: route.endpoint,
-    })
+    match authenticate(app, route, peer, source, head) {
+        Ok(caller) => Ok(Admitted { route, caller }),
+        Err((refusal, caller)) => {
+            let audited = matches!(route.auth, Auth::Admin(_) | Auth::Agent(Act::Renew));
+            if audited && refusal.why != Why::TooManyRequests {
+                // Off the async threads, and not waited for: the caller's
+                // answer does not depend on it.
+                let name = caller
+                    .map(|c| c.name)
+                    .or_else(|| peer.map(|p| p.agent_id.clone()));
+                let actor = Actor::new(name.unwrap_or_default(), source);
+                let (app, target, status) = (app.clone(), route.target(path), refusal.status());
+                let detail = refusal.message.clone();
+                smol::unblock(move || {
+                    app.audit_unchanged(&actor, status, route.action, &target, &detail)
+                })
+                .detach();
+            }
+            Err(refused_here(refusal))
+        }
+    }
 }
 
+/// The caller of `route`: the admin token for admin routes (`None` for the
+/// others). A refusal comes with the admin token when it was valid but its
+/// role too small.
 fn authenticate(
     app: &App,
-    auth: Auth,
+    route: &Route,
     peer: Option<&Peer>,
     source: IpAddr,
     head: &Request,
-) -> Result<(), Refusal> {
-    match auth {
-        Auth::Open | Auth::Anonymous => Ok(()),
-        Auth::Registration => app.check_registration_rate(source),
-        Auth::Admin => app.check_admin_from(source, head.authorization.as_deref()),
+) -> Result<Option<Caller>, (Refusal, Option<Caller>)> {
+    match route.auth {
+        Auth::Open | Auth::Anonymous => Ok(None),
+        Auth::Registration => app
+            .check_registration_rate(source)
+            .map(|()| None)
+            .map_err(|r| (r, None)),
+        Auth::Admin(needed) => {
+            let caller = app
+                .check_admin_from(source, head.authorization.as_deref())
+                .map_err(|r| (r, None))?;
+            let what = format!("{} {}", head.method, route.path);
+            match crate::roles::require(&caller, needed, &what) {
+                Ok(()) => Ok(Some(caller)),
+                Err(r) => Err((r, Some(caller))),
+            }
+        }
         Auth::Agent(act) => {
             let Some(peer) = peer else {
-                return Err(Refusal::unauthorized(match act {
-                    Act::Heartbeat => "heartbeats need the agent's client certificate (mTLS)",
-                    Act::Renew => {
-                        "renewal needs the agent's current client certificate (mTLS); an expired agent recovers via /v1/agents/challenge"
-                    }
-                    Act::Download => "release downloads need the agent's client certificate (mTLS)",
-                    Act::WhoAmI => "this endpoint needs the agent's client certificate (mTLS)",
-                }));
+                return Err((
+                    Refusal::unauthorized(match act {
+                        Act::Heartbeat => "heartbeats need the agent's client certificate (mTLS)",
+                        Act::Renew => {
+                            "renewal needs the agent's current client certificate (mTLS); an expired agent recovers via /v1/agents/challenge"
+                        }
+                        Act::Download => {
+                            "release downloads need the agent's client certificate (mTLS)"
+                        }
+                        Act::WhoAmI => "this endpoint needs the agent's client certificate (mTLS)",
+                    }),
+                    None,
+                ));
             };
             app.check_agent(&peer.agent_id, &peer.serial, act)
+                .map(|()| None)
+                .map_err(|r| (r, None))
         }
     }
 }
@@ -394,13 +585,15 @@ fn answer<T: miniserde::Serialize, E: Into<Error>>(result: Result<T, E>, status:
     }
 }
 
-/// Runs blocking work (signing, durable writes) off the async threads.
+/// Runs blocking work (signing, durable writes) off the async threads, by
+/// `actor`: the audit lines it writes name them.
 async fn blocking<T: Send + 'static>(
     app: &Arc<App>,
+    actor: &Actor,
     work: impl FnOnce(&App) -> T + Send + 'static,
 ) -> T {
-    let app = app.clone();
-    smol::unblock(move || work(&app)).await
+    let (app, actor) = (app.clone(), actor.clone());
+    smol::unblock(move || crate::audit::acting_as(&actor, || work(&app))).await
 }
 
 /// Answers an admitted request from the connection's `peer`.
@@ -411,57 +604,111 @@ pub(crate) async fn handle(
     source: IpAddr,
     req: Request,
 ) -> Response {
-    match (admitted.endpoint, peer) {
+    let route = admitted.route;
+    let path = http::path_of(&req.path);
+    if let Some(caller) = &admitted.caller {
+        let actor = Actor::new(caller.name.clone(), source);
+        let resp = if route.endpoint == Endpoint::NoSuchAdmin {
+            refused(Refusal::not_found(format!(
+                "no such admin endpoint: {} {path}",
+                req.method
+            )))
+        } else {
+            admin::admin(app, &req, caller, &actor).await
+        };
+        if resp.status >= 400 {
+            let (target, detail) = (route.target(path), error_text(&resp));
+            let (status, by) = (resp.status, actor.clone());
+            blocking(app, &actor, move |app| {
+                app.audit_unchanged(&by, status, route.action, &target, &detail)
+            })
+            .await;
+        }
+        return resp;
+    }
+    match (route.endpoint, peer) {
         (Endpoint::Healthz, _) => healthz(app),
         (Endpoint::Metrics, _) => metrics::metrics(app),
-        (Endpoint::Register, _) => match parse_json::<RegisterRequest>(&req) {
-            Ok(body) => answer(
-                blocking(app, move |app| app.enroll(body, source)).await,
-                201,
-            ),
-            Err(r) => refused(r),
-        },
+        (Endpoint::Register, _) => {
+            let body = parse_json::<RegisterRequest>(&req);
+            // The token's id names what a refused enrollment tried.
+            let token_id = body.as_ref().ok().and_then(|b| {
+                let id = b.token.split('.').next()?;
+                stella_proto::token::is_token_id(id).then(|| id.to_owned())
+            });
+            let resp = match body {
+                Ok(body) => answer(
+                    blocking(app, &Actor::new("", source), move |app| {
+                        app.enroll(body, source)
+                    })
+                    .await,
+                    201,
+                ),
+                Err(r) => refused(r),
+            };
+            audit_refused(app, &resp, Actor::new("", source), route, token_id).await;
+            resp
+        }
         (Endpoint::Heartbeat, Some(peer)) => match parse_json::<HeartbeatRequest>(&req) {
             Ok(body) => answer(app.heartbeat(&peer.agent_id, &peer.serial, body).await, 200),
             Err(r) => refused(r),
         },
-        (Endpoint::Certificate, Some(peer)) => match parse_json::<RenewRequest>(&req) {
-            Ok(body) => {
-                let peer = peer.clone();
-                answer(
-                    blocking(app, move |app| {
-                        app.renew(&peer.agent_id, &peer.serial, &body)
-                    })
-                    .await,
-                    200,
-                )
-            }
-            Err(r) => refused(r),
-        },
+        (Endpoint::Certificate, Some(peer)) => {
+            let actor = Actor::new(peer.agent_id.clone(), source);
+            let resp = match parse_json::<RenewRequest>(&req) {
+                Ok(body) => {
+                    let peer = peer.clone();
+                    answer(
+                        blocking(app, &actor, move |app| {
+                            app.renew(&peer.agent_id, &peer.serial, &body)
+                        })
+                        .await,
+                        200,
+                    )
+                }
+                Err(r) => refused(r),
+            };
+            let target = Some(peer.agent_id.clone());
+            audit_refused(app, &resp, actor, route, target).await;
+            resp
+        }
         (Endpoint::WhoAmI, Some(peer)) => answer(app.self_view(&peer.agent_id), 200),
         (Endpoint::Challenge, _) => match parse_json::<ChallengeRequest>(&req) {
             Ok(body) => answer(app.challenge(&body), 200),
             Err(r) => refused(r),
         },
-        (Endpoint::Recover, _) => match parse_json::<RecoverRequest>(&req) {
-            Ok(body) => answer(blocking(app, move |app| app.recover(&body)).await, 200),
-            Err(r) => refused(r),
-        },
+        (Endpoint::Recover, _) => {
+            let body = parse_json::<RecoverRequest>(&req);
+            // The agent id is the one claimed: the line of a refusal shows
+            // who tried to be whom.
+            let claimed = body
+                .as_ref()
+                .ok()
+                .map(|b| b.agent_id.chars().take(64).collect::<String>());
+            let actor = Actor::new(claimed.clone().unwrap_or_default(), source);
+            let resp = match body {
+                Ok(body) => answer(
+                    blocking(app, &actor, move |app| app.recover(&body)).await,
+                    200,
+                ),
+                Err(r) => refused(r),
+            };
+            audit_refused(app, &resp, actor, route, claimed).await;
+            resp
+        }
         (Endpoint::Artifact, Some(_)) => artifact(app, &req),
         (Endpoint::TaskArtifact, Some(_)) => task_artifact(app, &req),
         // Streamed by `upload_artifact`; never read whole.
         (Endpoint::ArtifactUpload, _) => refused(Refusal::bad_request(
             "artifact uploads are streamed, not read whole",
         )),
-        (Endpoint::Admin, _) => admin::admin(app, &req).await,
-        (Endpoint::NoSuchAdmin, _) => refused(Refusal::not_found(format!(
-            "no such admin endpoint: {} {}",
-            req.method,
-            http::path_of(&req.path)
-        ))),
         (Endpoint::OpenApi, _) => openapi::document(),
         (Endpoint::Console, _) => console::asset(http::path_of(&req.path)),
         (Endpoint::ConsoleRedirect, _) => console::redirect(),
+        // The gate admits admin routes only with a caller.
+        (Endpoint::Admin | Endpoint::NoSuchAdmin, _) => refused(Refusal::unauthorized(
+            "admin endpoints need Authorization: Bearer <admin token>",
+        )),
         // The gate admits agent endpoints only with a peer.
         (
             Endpoint::Heartbeat
@@ -474,6 +721,34 @@ pub(crate) async fn handle(
             "this endpoint needs the agent's client certificate (mTLS)",
         )),
     }
+}
+
+/// The `error` of a JSON error answer.
+fn error_text(resp: &Response) -> String {
+    std::str::from_utf8(&resp.body)
+        .ok()
+        .and_then(|t| json::from_str::<stella_proto::api::ErrorBody>(t).ok())
+        .map(|b| b.error)
+        .unwrap_or_default()
+}
+
+/// Leaves the audit line of a refused (4xx but 429) or failed agent act.
+async fn audit_refused(
+    app: &Arc<App>,
+    resp: &Response,
+    actor: Actor,
+    route: &'static Route,
+    target: Option<String>,
+) {
+    if resp.status < 400 || resp.status == 429 {
+        return;
+    }
+    let (status, detail) = (resp.status, error_text(resp));
+    let (target, by) = (target.unwrap_or_default(), actor.clone());
+    blocking(app, &actor, move |app| {
+        app.audit_unchanged(&by, status, route.action, &target, &detail)
+    })
+    .await;
 }
 
 /// `ok`, or 503 with the reason while the store cannot write.
@@ -559,6 +834,7 @@ fn serve_file(req: &Request, file: std::path::PathBuf, size: u64) -> Response {
 /// connection must close).
 pub(crate) async fn upload_artifact<S: smol::io::AsyncRead + Unpin>(
     app: &Arc<App>,
+    actor: &Actor,
     stream: &mut S,
     buf: &mut Vec<u8>,
     head: http::Head,
@@ -572,7 +848,7 @@ pub(crate) async fn upload_artifact<S: smol::io::AsyncRead + Unpin>(
             whole,
         );
     }
-    let mut writer = match blocking(app, |app| {
+    let mut writer = match blocking(app, actor, |app| {
         crate::releases::BlobWriter::create(&app.data_dir)
     })
     .await
@@ -610,7 +886,19 @@ pub(crate) async fn upload_artifact<S: smol::io::AsyncRead + Unpin>(
             return (resp, false);
         }
     }
-    match blocking(app, move |_| writer.finish()).await {
+    let stored = blocking(app, actor, move |app| {
+        let (sha256, size) = writer.finish()?;
+        let line = crate::audit::line(
+            crate::app::now_secs(),
+            "artifact.upload",
+            &sha256,
+            &format!("size={size}"),
+        );
+        app.store.append_audit(&line)?;
+        Ok::<_, Error>((sha256, size))
+    })
+    .await;
+    match stored {
         Ok((sha256, size)) => {
             crate::log::info("artifact stored", &[("sha256", &sha256), ("size", &size)]);
             let body = stella_proto::api::ArtifactCreated { sha256, size };
@@ -687,13 +975,57 @@ mod tests {
                 "/v1/releases/1.0.0/t",
                 Ok(Auth::Agent(Act::Download)),
             ),
-            ("DELETE", "/v1/admin/anything", Ok(Auth::Admin)),
-            ("POST", "/v1/admin/artifacts", Ok(Auth::Admin)),
-            ("POST", "/v1/admin/tasks", Ok(Auth::Admin)),
+            ("DELETE", "/v1/admin/anything", Ok(Auth::Admin(Role::Admin))),
+            ("GET", "/v1/admin/whoami", Ok(Auth::Admin(Role::Read))),
+            ("GET", "/v1/admin/audit", Ok(Auth::Admin(Role::Read))),
+            ("GET", "/v1/admin/agents/agt_x", Ok(Auth::Admin(Role::Read))),
+            (
+                "POST",
+                "/v1/admin/agents/agt_x/deactivate",
+                Ok(Auth::Admin(Role::Operate)),
+            ),
+            (
+                "POST",
+                "/v1/admin/agents/agt_x/revoke",
+                Ok(Auth::Admin(Role::Admin)),
+            ),
+            ("POST", "/v1/admin/config", Ok(Auth::Admin(Role::Operate))),
+            (
+                "POST",
+                "/v1/admin/rollouts/r1/abort",
+                Ok(Auth::Admin(Role::Operate)),
+            ),
+            ("POST", "/v1/admin/releases", Ok(Auth::Admin(Role::Admin))),
+            ("POST", "/v1/admin/tokens", Ok(Auth::Admin(Role::Admin))),
+            (
+                "POST",
+                "/v1/admin/admin-tokens",
+                Ok(Auth::Admin(Role::Admin)),
+            ),
+            (
+                "GET",
+                "/v1/admin/admin-tokens",
+                Ok(Auth::Admin(Role::Admin)),
+            ),
+            ("POST", "/v1/admin/backup", Ok(Auth::Admin(Role::Admin))),
+            // An empty segment is no id: the catch-all answers (404).
+            (
+                "POST",
+                "/v1/admin/agents//revoke",
+                Ok(Auth::Admin(Role::Admin)),
+            ),
+            // Not in the table: needs admin (fails closed).
+            (
+                "GET",
+                "/v1/admin/agents/agt_x/bogus",
+                Ok(Auth::Admin(Role::Admin)),
+            ),
+            ("POST", "/v1/admin/artifacts", Ok(Auth::Admin(Role::Admin))),
+            ("POST", "/v1/admin/tasks", Ok(Auth::Admin(Role::Operate))),
+            ("GET", "/v1/admin/tasks/abc", Ok(Auth::Admin(Role::Read))),
             ("GET", "/v1/artifacts/ab", Ok(Auth::Agent(Act::Download))),
             ("POST", "/v1/artifacts/ab", Err(404)),
-            ("GET", "/v1/admin/fleet", Ok(Auth::Admin)),
-            ("GET", "/v1/admin/agents/agt_x/doctor", Ok(Auth::Admin)),
+            ("GET", "/v1/admin/fleet", Ok(Auth::Admin(Role::Read))),
             ("GET", "/v1/openapi.json", Ok(Auth::Open)),
             ("GET", "/ui/", Ok(Auth::Open)),
             ("GET", "/ui/console.js", Ok(Auth::Open)),
@@ -783,7 +1115,13 @@ mod tests {
         }
     }
 
-    fn status(app: &App, peer: Option<&Peer>, method: &str, path: &str, auth: Option<&str>) -> u16 {
+    fn status(
+        app: &Arc<App>,
+        peer: Option<&Peer>,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+    ) -> u16 {
         // Whatever the body would be: the gate sees the head only.
         let head = Request {
             method: method.into(),
@@ -873,6 +1211,24 @@ mod tests {
             ),
             200
         );
+        // The store's one admin token hash became root, role admin.
+        let root = &app.admin_token_views()[0];
+        assert_eq!((root.name.as_str(), root.role.as_str()), ("root", "admin"));
+        // Scoped tokens: the role is checked at the gate too.
+        let viewer = app
+            .create_admin_token("viewer", "read", None)
+            .unwrap()
+            .token;
+        let viewer = format!("Bearer {viewer}");
+        let viewer = Some(viewer.as_str());
+        assert_eq!(status(&app, None, "GET", "/v1/admin/agents", viewer), 200);
+        assert_eq!(
+            status(&app, None, "POST", "/v1/admin/agents/agt_x/revoke", viewer),
+            403
+        );
+        assert_eq!(status(&app, None, "POST", "/v1/admin/config", viewer), 403);
+        app.revoke_admin_token("viewer").unwrap();
+        assert_eq!(status(&app, None, "GET", "/v1/admin/agents", viewer), 401);
         for (method, path) in [
             ("POST", "/v1/agents/register"),
             ("POST", "/v1/agents/challenge"),

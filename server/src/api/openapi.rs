@@ -117,7 +117,7 @@ mod tests {
                 continue; // the test above names it
             };
             let want: &[&str] = match r.auth {
-                Auth::Admin => &["adminToken"],
+                Auth::Admin(_) => &["adminToken"],
                 Auth::Agent(_) => &["agentCertificate"],
                 Auth::Open | Auth::Anonymous | Auth::Registration => &[],
             };

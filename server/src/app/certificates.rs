@@ -46,7 +46,15 @@ impl App {
             .store
             .replace_certificate(
                 &cert,
-                Box::new(|r| renewal::replace(r, presented, &cert, &csr.key_sha256, why, grace)),
+                Box::new(|r| {
+                    // The audit line says which way the certificate came.
+                    let how = match why {
+                        Reissue::Renew => "renewal",
+                        Reissue::Recover { .. } => "recovery",
+                    };
+                    renewal::replace(r, presented, &cert, &csr.key_sha256, why, grace)
+                        .map(|detail| format!("{how} {detail}"))
+                }),
             )
             .map_err(|e| match e {
                 StoreError::NotFound { .. } => {

@@ -30,6 +30,8 @@
 //!   texts stay in the store.
 //! - `challenges`: outstanding recovery challenges, single-use and valid for a
 //!   minute: losing them costs an agent one retry.
+//! - `admin_tokens`: every admin token (a cache of the store; the gate
+//!   checks each admin request against it without a store round trip).
 //! - `registration_failures` and `admin_failures`: failed registrations
 //!   and admin authentications per source address for the 429 brake: a
 //!   per-server window is a weaker brake, not a hole.
@@ -45,6 +47,7 @@ mod certificates;
 mod configuration;
 mod doctor;
 mod enrollment;
+mod operators;
 mod releases;
 mod rollouts;
 mod tasks;
@@ -63,11 +66,13 @@ use crate::ca::Ca;
 use crate::config::Configs;
 use crate::error::Error;
 use crate::lifecycle::Fleet;
+use crate::records::AdminTokenRecord;
 use crate::refusal::{Refusal, Why};
 use crate::releases::Releases;
 use crate::renewal::Challenges;
+use crate::roles::{self, Caller};
 use crate::rollout::Rollouts;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::tasks::Tasks;
 use crate::tokens::FailureWindows;
 
@@ -126,7 +131,8 @@ pub(crate) struct App {
     pub(crate) store: Box<dyn Store>,
     pub(crate) ca: Ca,
     pub(crate) data_dir: PathBuf,
-    admin_sha256: Vec<u8>,
+    /// Every admin token, revoked and expired ones too.
+    pub(crate) admin_tokens: Mutex<Vec<AdminTokenRecord>>,
     pub(crate) started_ms: u64,
     pub(crate) fleet: Mutex<Fleet>,
     /// Desired configuration by scope. Lock order: lifecycle_lock, configs, fleet.
@@ -166,11 +172,7 @@ impl App {
         data_dir: PathBuf,
         max_connections: usize,
     ) -> Result<Self, Error> {
-        let admin_hex = store.admin_token_sha256()?;
-        let admin_sha256 = stella_proto::hash::unhex(&admin_hex).ok_or(StoreError::Corrupt {
-            what: "admin token hash",
-            key: admin_hex,
-        })?;
+        let admin_tokens = operators::load_admin_tokens(store.as_ref())?;
         let started_ms = now_ms();
         let mut configs = Configs::load(store.configs()?)?;
         let releases = Releases::load(store.releases()?);
@@ -182,7 +184,7 @@ impl App {
             store,
             ca,
             data_dir,
-            admin_sha256,
+            admin_tokens: Mutex::new(admin_tokens),
             started_ms,
             fleet: Mutex::new(fleet),
             configs: Mutex::new(configs),
@@ -209,7 +211,7 @@ impl App {
         &self,
         source: IpAddr,
         authorization: Option<&str>,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Caller, Refusal> {
         if let Some(wait) = lock(&self.admin_failures).blocked_for(source, now_ms()) {
             Metrics::bump(&self.metrics.rate_limited);
             let mut refusal = Refusal::new(
@@ -224,22 +226,10 @@ impl App {
         })
     }
 
-    /// Checks an admin's bearer token (constant time).
-    pub(crate) fn check_admin(&self, authorization: Option<&str>) -> Result<(), Refusal> {
-        let presented = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let Some(presented) = presented else {
-            return Err(Refusal::unauthorized(
-                "admin endpoints need Authorization: Bearer <admin token>",
-            ));
-        };
-        let hash = stella_proto::token::hash_secret(presented);
-        if stella_proto::token::constant_time_eq(&hash, &self.admin_sha256) {
-            Ok(())
-        } else {
-            Err(Refusal::unauthorized("the admin token is not valid"))
-        }
+    /// Finds the admin token behind a bearer header (constant time; see
+    /// `roles::authenticate`).
+    pub(crate) fn check_admin(&self, authorization: Option<&str>) -> Result<Caller, Refusal> {
+        roles::authenticate(&lock(&self.admin_tokens), authorization, now_secs())
     }
 }
 

@@ -8,8 +8,9 @@ use stella_proto::states::{TaskStatus, UpdatePhase};
 
 use super::{EnrollmentState, NewEnrollment, Store, StoreError};
 use crate::records::{
-    AgentRecord, AgentStatus, CertRecord, DoctorReportRecord, HeartbeatState, ReleaseFile,
-    ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord, UpdateFailureRecord,
+    AdminTokenRecord, AgentRecord, AgentStatus, CertRecord, DoctorReportRecord, HeartbeatState,
+    ReleaseFile, ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord,
+    UpdateFailureRecord,
 };
 use crate::refusal::Refusal;
 
@@ -42,6 +43,9 @@ macro_rules! store_conformance {
             doctor_reports_clear_the_request,
             update_failures_are_kept_per_agent,
             tasks_are_recorded_once_and_results_upserted,
+            admin_tokens_are_recorded_and_revoked_with_audit_lines,
+            audit_lines_carry_who_and_read_in_pages,
+            a_snapshot_restores_into_an_equal_store,
         }
     };
     (@tests $make:expr; $($name:ident,)*) => {$(
@@ -620,5 +624,202 @@ pub(crate) fn tasks_are_recorded_once_and_results_upserted(make: MakeStore<'_>) 
             "task.result",
             "task.result"
         ]
+    );
+}
+
+fn admin_token(name: &str, role: &str) -> AdminTokenRecord {
+    AdminTokenRecord {
+        name: name.to_owned(),
+        role: role.to_owned(),
+        secret_sha256: "cd".repeat(32),
+        created_at: 100,
+        expires_at: Some(1000),
+        revoked_at: None,
+    }
+}
+
+pub(crate) fn admin_tokens_are_recorded_and_revoked_with_audit_lines(make: MakeStore<'_>) {
+    let store = make();
+    assert!(
+        store.admin_tokens().unwrap().is_empty(),
+        "none in a new store"
+    );
+    let ci = admin_token("ci", "operate");
+    store.insert_admin_token(&ci).unwrap();
+    store
+        .insert_admin_token(&admin_token("a-viewer", "read"))
+        .unwrap();
+    assert!(matches!(
+        store.insert_admin_token(&admin_token("ci", "admin")),
+        Err(StoreError::Exists { .. })
+    ));
+    let names: Vec<String> = store
+        .admin_tokens()
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["a-viewer", "ci"], "by name");
+    let revoked = store
+        .update_admin_token("ci", 200, "admin_token.revoke", &mut |t| {
+            t.revoked_at = Some(200);
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!(revoked.revoked_at, Some(200));
+    let lines = store.audit_log().unwrap();
+    let actions: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| (l.action.as_str(), l.subject.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("admin_token.create", "ci"),
+            ("admin_token.create", "a-viewer"),
+            ("admin_token.revoke", "ci")
+        ]
+    );
+    // A refused change writes nothing, an unchanged one no line.
+    let refused = store.update_admin_token("ci", 300, "admin_token.revoke", &mut |_| {
+        Err(Refusal::conflict("no"))
+    });
+    assert!(matches!(refused, Err(StoreError::Aborted(_))));
+    let same = store
+        .update_admin_token("ci", 300, "admin_token.revoke", &mut |_| Ok(false))
+        .unwrap();
+    assert_eq!(same, revoked);
+    assert!(matches!(
+        store.update_admin_token("nobody", 300, "x", &mut |_| Ok(true)),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(store.audit_log().unwrap().len(), 3);
+    assert_eq!(store.admin_tokens().unwrap()[1], revoked);
+}
+
+pub(crate) fn audit_lines_carry_who_and_read_in_pages(make: MakeStore<'_>) {
+    use crate::audit::{self, Actor, Outcome};
+    let store = make();
+    let admin = Actor::new("ci", std::net::IpAddr::from([10, 1, 2, 3]));
+    audit::acting_as(&admin, || store.set_config("global", "{}", "h1", 100)).unwrap();
+    for i in 0..5 {
+        let line = audit::unchanged(
+            200 + i,
+            &admin,
+            Outcome::Refused,
+            "agent.revoke",
+            "agt_x",
+            "403",
+        );
+        store.append_audit(&line).unwrap();
+    }
+    store.set_config("global", "{}", "h2", 300).unwrap();
+    let all = store.audit_page(None, 100, &|_| true).unwrap();
+    assert_eq!(all.len(), 7);
+    let seqs: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "oldest first: {seqs:?}"
+    );
+    let first = &all[0].1;
+    assert_eq!(
+        (
+            first.actor.as_deref(),
+            first.source.as_deref(),
+            first.outcome.as_deref()
+        ),
+        (Some("ci"), Some("10.1.2.3"), None)
+    );
+    assert_eq!(all[1].1.outcome.as_deref(), Some("refused"));
+    assert_eq!(
+        all[6].1.actor.as_deref(),
+        Some(audit::SERVER),
+        "no actor: the server"
+    );
+    // Pages: after a sequence number, at most `limit`, selected.
+    let page = store.audit_page(Some(seqs[1]), 2, &|_| true).unwrap();
+    assert_eq!(page.iter().map(|(s, _)| *s).collect::<Vec<_>>(), seqs[2..4]);
+    let refused = store
+        .audit_page(None, 100, &|l| l.outcome.as_deref() == Some("refused"))
+        .unwrap();
+    assert_eq!(refused.len(), 5);
+    assert!(
+        store
+            .audit_page(Some(seqs[6]), 10, &|_| true)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .audit_page(Some(u64::MAX), 10, &|_| true)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub(crate) fn a_snapshot_restores_into_an_equal_store(make: MakeStore<'_>) {
+    let store = make();
+    store.insert_token(&token("abcdef", 2)).unwrap();
+    enroll(store.as_ref(), "abcdef", "agt_a", "01").unwrap();
+    store
+        .insert_admin_token(&admin_token("ci", "read"))
+        .unwrap();
+    store.set_config("global", "{}", "h1", 100).unwrap();
+    store
+        .save_heartbeats(&[(
+            "agt_a".to_owned(),
+            HeartbeatState {
+                seq: 9,
+                ..Default::default()
+            },
+        )])
+        .unwrap();
+    let mut rows = Vec::new();
+    store
+        .snapshot(&mut |table, key, value| {
+            rows.push((table.to_owned(), key.to_owned(), value.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    let tables: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    for t in &tables {
+        assert!(
+            super::SNAPSHOT_TABLES.contains(t),
+            "{t} is a snapshot table"
+        );
+    }
+    for t in [
+        "meta",
+        "agents",
+        "heartbeats",
+        "tokens",
+        "certs",
+        "enrollments",
+        "configs",
+        "admin_tokens",
+        "audit",
+    ] {
+        assert!(tables.contains(t), "{t} in {tables:?}");
+    }
+    let copy = make();
+    copy.restore_rows(&rows).unwrap();
+    let mut again = Vec::new();
+    copy.snapshot(&mut |table, key, value| {
+        again.push((table.to_owned(), key.to_owned(), value.to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(again, rows, "the copy holds the same rows");
+    assert_eq!(copy.admin_tokens().unwrap(), store.admin_tokens().unwrap());
+    assert_eq!(copy.audit_log().unwrap(), store.audit_log().unwrap());
+    let mut loaded = Vec::new();
+    copy.load_agents(&mut |a, hb| loaded.push((a.id, hb.seq)))
+        .unwrap();
+    assert_eq!(loaded, [("agt_a".to_owned(), 9)]);
+    // A row of a table the backend does not know is refused.
+    let bad = make();
+    assert!(
+        bad.restore_rows(&[("nope".into(), "k".into(), b"{}".to_vec())])
+            .is_err()
     );
 }

@@ -1,7 +1,7 @@
 //! The store: every durable fact of the server behind one narrow trait
 //! (agents, heartbeat soft state, tokens, enrollments, certificates,
-//! configuration scopes, releases, rollouts, tasks and their results, the
-//! audit log), so that a second
+//! configuration scopes, releases, rollouts, tasks and their results, admin
+//! tokens, the audit log), so that a second
 //! backend (PostgreSQL) can be added without touching the domain or API code.
 //!
 //! A backend keeps records and makes writes atomic and durable; it decides
@@ -28,8 +28,9 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::records::{
-    AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord, HeartbeatState,
-    ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord, UpdateFailureRecord,
+    AdminTokenRecord, AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord,
+    HeartbeatState, ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord,
+    UpdateFailureRecord,
 };
 use crate::refusal::Refusal;
 
@@ -349,8 +350,76 @@ pub(crate) trait Store: Send + Sync {
     /// Writes a batch of heartbeat states (one commit for the whole batch).
     fn save_heartbeats(&self, batch: &[(String, HeartbeatState)]) -> Result<(), StoreError>;
 
-    /// The audit log, oldest first. (Read by the conformance tests; an
-    /// admin command to show it is yet to come.)
+    /// The audit log, oldest first. (Read by the conformance tests; the
+    /// server reads it in pages, `audit_page`.)
     #[allow(dead_code)]
     fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Up to `limit` audit lines after sequence number `after` (from the
+    /// first when `None`) that `select` keeps, oldest first, each with its
+    /// sequence number.
+    fn audit_page(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+        select: &dyn Fn(&AuditRecord) -> bool,
+    ) -> Result<Vec<(u64, AuditRecord)>, StoreError>;
+
+    /// Appends one audit line on its own: an act that changed nothing (a
+    /// refusal) or that changed no record (a backup).
+    fn append_audit(&self, line: &AuditRecord) -> Result<(), StoreError>;
+
+    /// Every admin token (revoked and expired ones too), by name.
+    fn admin_tokens(&self) -> Result<Vec<AdminTokenRecord>, StoreError>;
+
+    /// Records a new admin token with its audit line; refuses a name that
+    /// exists.
+    fn insert_admin_token(&self, token: &AdminTokenRecord) -> Result<(), StoreError>;
+
+    /// Applies `change` to admin token `name` (`Ok(true)` writes it, with an
+    /// audit line `action`); returns the token as stored afterwards.
+    fn update_admin_token(
+        &self,
+        name: &str,
+        now: u64,
+        action: &str,
+        change: &mut AdminTokenChange<'_>,
+    ) -> Result<AdminTokenRecord, StoreError>;
+
+    /// Every stored row, from one read transaction (a consistent copy while
+    /// the server writes): `each(table, key, value)`, table by table in key
+    /// order. Table names and values are the same for every backend:
+    /// `meta` (text), and one JSON record per row for the others (see
+    /// [`SNAPSHOT_TABLES`]); `audit` keys are decimal sequence numbers.
+    fn snapshot(&self, each: &mut SnapshotRow<'_>) -> Result<(), StoreError>;
+
+    /// Writes rows from `snapshot` into this (new, empty) store, in one
+    /// transaction; refuses a table it does not know.
+    fn restore_rows(&self, rows: &[(String, String, Vec<u8>)]) -> Result<(), StoreError>;
 }
+
+/// Takes one row of a snapshot: `(table, key, value)`.
+pub(crate) type SnapshotRow<'a> = dyn FnMut(&str, &str, &[u8]) -> Result<(), StoreError> + 'a;
+
+/// Changes one admin token record: `Ok(true)` writes it, `Ok(false)` leaves it.
+pub(crate) type AdminTokenChange<'a> =
+    dyn FnMut(&mut AdminTokenRecord) -> Result<bool, Refusal> + 'a;
+
+/// The tables of a snapshot, in the order `snapshot` gives them.
+pub(crate) const SNAPSHOT_TABLES: &[&str] = &[
+    "meta",
+    "agents",
+    "heartbeats",
+    "tokens",
+    "certs",
+    "enrollments",
+    "rollouts",
+    "releases",
+    "configs",
+    "doctor_reports",
+    "update_failures",
+    "tasks",
+    "task_results",
+    "admin_tokens",
+    "audit",
+];

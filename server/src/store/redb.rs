@@ -10,13 +10,13 @@ use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use miniserde::{Deserialize, Serialize, json};
 
 use super::{
-    AgentChange, CertificateChange, EnrollRule, EnrollmentState, PriorEnrollment, Store,
-    StoreError, StoreHealth,
+    AdminTokenChange, AgentChange, CertificateChange, EnrollRule, EnrollmentState, PriorEnrollment,
+    SnapshotRow, Store, StoreError, StoreHealth,
 };
 use crate::records::{
-    AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord, EnrollmentRecord,
-    HeartbeatState, ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord,
-    UpdateFailureRecord,
+    AdminTokenRecord, AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord,
+    EnrollmentRecord, HeartbeatState, ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord,
+    TokenRecord, UpdateFailureRecord,
 };
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
@@ -45,9 +45,14 @@ const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 /// on first use).
 const TASK_RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("task_results");
 
-/// The tables `export` copies (every table keyed by a string but `meta`).
-/// A new table is added here too, and to `PgStore::import`.
-const EXPORTED_TABLES: [(&str, TableDefinition<&str, &[u8]>); 12] = [
+/// Admin token name → its record (created on first use: a store made
+/// before scoped admin tokens has only `meta`'s admin token hash).
+const ADMIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("admin_tokens");
+
+/// The tables keyed by text with JSON records (every table but `meta` and
+/// `audit`), by name: what `export` copies (a new table is added to
+/// `PgStore::import` too) and what a backup snapshot holds.
+const EXPORTED_TABLES: [(&str, TableDefinition<&str, &[u8]>); 13] = [
     ("agents", AGENTS),
     ("heartbeats", HEARTBEATS),
     ("tokens", TOKENS),
@@ -60,6 +65,7 @@ const EXPORTED_TABLES: [(&str, TableDefinition<&str, &[u8]>); 12] = [
     ("update_failures", UPDATE_FAILURES),
     ("tasks", TASKS),
     ("task_results", TASK_RESULTS),
+    ("admin_tokens", ADMIN_TOKENS),
 ];
 
 /// redb's page cache (its default is 1 GiB).
@@ -550,14 +556,17 @@ impl Store for RedbStore {
                     at: new.at,
                 };
                 enrollments.insert(marker_key.as_str(), encode(&marker).as_slice())?;
-                append_audit(
+                append_line(
                     &txn,
-                    new.at,
-                    "agent.enroll",
-                    &new.agent.id,
-                    &format!(
-                        "token={} name={} serial={}",
-                        new.token.id, new.agent.name, new.cert.serial
+                    &crate::audit::line_by(
+                        new.at,
+                        &new.agent.id,
+                        "agent.enroll",
+                        &new.agent.id,
+                        &format!(
+                            "token={} name={} serial={}",
+                            new.token.id, new.agent.name, new.cert.serial
+                        ),
                     ),
                 )?;
             }
@@ -946,6 +955,182 @@ impl Store for RedbStore {
         })
     }
 
+    fn audit_page(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+        select: &dyn Fn(&AuditRecord) -> bool,
+    ) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let rows = txn.open_table(AUDIT)?;
+            let mut out = Vec::new();
+            let start = after.map_or(0, |a| a.saturating_add(1));
+            if after == Some(u64::MAX) {
+                return Ok(out);
+            }
+            for row in rows.range(start..)? {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = row?;
+                let line: AuditRecord = decode("audit", &k.value().to_string(), v.value())?;
+                if select(&line) {
+                    out.push((k.value(), line));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn append_audit(&self, line: &AuditRecord) -> Result<(), StoreError> {
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            append_line(&txn, line)?;
+            self.commit(txn)?;
+            Ok(())
+        })
+    }
+
+    fn admin_tokens(&self) -> Result<Vec<AdminTokenRecord>, StoreError> {
+        self.with_db(false, |db| {
+            let txn = db.begin_read()?;
+            let Some(rows) = optional_table(&txn, ADMIN_TOKENS)? else {
+                return Ok(Vec::new());
+            };
+            let mut out = Vec::new();
+            for row in rows.iter()? {
+                let (k, v) = row?;
+                out.push(decode("admin token", k.value(), v.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn insert_admin_token(&self, token: &AdminTokenRecord) -> Result<(), StoreError> {
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut tokens = txn.open_table(ADMIN_TOKENS)?;
+                if tokens.get(token.name.as_str())?.is_some() {
+                    return Err(StoreError::Exists {
+                        what: "admin token",
+                        key: token.name.clone(),
+                    });
+                }
+                tokens.insert(token.name.as_str(), encode(token).as_slice())?;
+            }
+            append_audit(
+                &txn,
+                token.created_at,
+                "admin_token.create",
+                &token.name,
+                &format!(
+                    "role={} expires_at={}",
+                    token.role,
+                    token
+                        .expires_at
+                        .map_or_else(|| "never".to_owned(), stella_proto::time::rfc3339)
+                ),
+            )?;
+            self.commit(txn)?;
+            Ok(())
+        })
+    }
+
+    fn update_admin_token(
+        &self,
+        name: &str,
+        now: u64,
+        action: &str,
+        change: &mut AdminTokenChange<'_>,
+    ) -> Result<AdminTokenRecord, StoreError> {
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            let (record, changed) = {
+                let mut tokens = txn.open_table(ADMIN_TOKENS)?;
+                let Some(stored) = tokens.get(name)? else {
+                    return Err(StoreError::NotFound {
+                        what: "admin token",
+                        key: name.to_owned(),
+                    });
+                };
+                let mut record: AdminTokenRecord = decode("admin token", name, stored.value())?;
+                drop(stored);
+                let changed = change(&mut record)?;
+                if changed {
+                    tokens.insert(name, encode(&record).as_slice())?;
+                }
+                (record, changed)
+            };
+            if changed {
+                append_audit(&txn, now, action, name, &format!("role={}", record.role))?;
+                self.commit(txn)?;
+            } else {
+                txn.abort()?;
+            }
+            Ok(record)
+        })
+    }
+
+    fn snapshot(&self, each: &mut SnapshotRow<'_>) -> Result<(), StoreError> {
+        self.with_db(false, |db| {
+            // One read transaction: every table as of one commit.
+            let txn = db.begin_read()?;
+            for row in txn.open_table(META)?.iter()? {
+                let (k, v) = row?;
+                each("meta", k.value(), v.value().as_bytes())?;
+            }
+            for (name, table) in EXPORTED_TABLES {
+                copy_table(&txn, name, table, each)?;
+            }
+            for row in txn.open_table(AUDIT)?.iter()? {
+                let (k, v) = row?;
+                each("audit", &k.value().to_string(), v.value())?;
+            }
+            Ok(())
+        })
+    }
+
+    fn restore_rows(&self, rows: &[(String, String, Vec<u8>)]) -> Result<(), StoreError> {
+        self.with_db(true, |db| {
+            let txn = db.begin_write()?;
+            for (table, key, value) in rows {
+                let corrupt = || StoreError::Corrupt {
+                    what: "snapshot row",
+                    key: format!("{table}/{key}"),
+                };
+                match table.as_str() {
+                    "meta" => {
+                        let text = std::str::from_utf8(value).map_err(|_| corrupt())?;
+                        if key == "schema" && text != SCHEMA_VERSION {
+                            return Err(StoreError::Schema {
+                                path: "backup".into(),
+                                found: Some(text.to_owned()),
+                                want: SCHEMA_VERSION,
+                            });
+                        }
+                        txn.open_table(META)?.insert(key.as_str(), text)?;
+                    }
+                    "audit" => {
+                        let seq: u64 = key.parse().map_err(|_| corrupt())?;
+                        txn.open_table(AUDIT)?.insert(seq, value.as_slice())?;
+                    }
+                    name => {
+                        let (_, def) = EXPORTED_TABLES
+                            .iter()
+                            .find(|(n, _)| *n == name)
+                            .ok_or_else(corrupt)?;
+                        txn.open_table(*def)?
+                            .insert(key.as_str(), value.as_slice())?;
+                    }
+                }
+            }
+            self.commit(txn)?;
+            Ok(())
+        })
+    }
+
     fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
         self.with_db(false, |db| {
             let txn = db.begin_read()?;
@@ -960,6 +1145,25 @@ impl Store for RedbStore {
     }
 }
 
+/// Appends the line of a change by whoever acts now (`audit::acting_as`).
+/// Gives every row of a text-keyed table to `each` (none for a table not
+/// made yet).
+fn copy_table(
+    txn: &::redb::ReadTransaction,
+    name: &str,
+    table: TableDefinition<&str, &[u8]>,
+    each: &mut SnapshotRow<'_>,
+) -> Result<(), StoreError> {
+    let Some(rows) = optional_table(txn, table)? else {
+        return Ok(());
+    };
+    for row in rows.iter()? {
+        let (k, v) = row?;
+        each(name, k.value(), v.value())?;
+    }
+    Ok(())
+}
+
 fn append_audit(
     txn: &::redb::WriteTransaction,
     at: u64,
@@ -967,16 +1171,26 @@ fn append_audit(
     subject: &str,
     detail: &str,
 ) -> Result<(), StoreError> {
+    append_line(txn, &crate::audit::line(at, action, subject, detail))
+}
+
+fn append_line(txn: &::redb::WriteTransaction, line: &AuditRecord) -> Result<(), StoreError> {
     let mut audit = txn.open_table(AUDIT)?;
     let next = audit.last()?.map_or(0, |(k, _)| k.value() + 1);
-    let line = AuditRecord {
-        at,
-        action: action.to_owned(),
-        subject: subject.to_owned(),
-        detail: detail.to_owned(),
-    };
-    audit.insert(next, encode(&line).as_slice())?;
+    audit.insert(next, encode(line).as_slice())?;
     Ok(())
+}
+
+/// A table made on first use, for reading: `None` while it does not exist.
+fn optional_table(
+    txn: &::redb::ReadTransaction,
+    table: TableDefinition<&str, &[u8]>,
+) -> Result<Option<::redb::ReadOnlyTable<&'static str, &'static [u8]>>, StoreError> {
+    match txn.open_table(table) {
+        Ok(rows) => Ok(Some(rows)),
+        Err(::redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod faults;
 mod hostile;
 mod lifecycle;
 mod ondemand;
+mod operators;
 mod phases;
 mod postgres;
 mod renewal;

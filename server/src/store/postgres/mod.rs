@@ -26,12 +26,13 @@ use tokio_postgres::{Client, Transaction};
 use self::pool::{Pool, Target, pg};
 pub(crate) use self::pool::{is_postgres_url, redact};
 use super::{
-    AgentChange, CertificateChange, EnrollRule, EnrollmentState, Export, PriorEnrollment, Store,
-    StoreError, StoreHealth,
+    AdminTokenChange, AgentChange, CertificateChange, EnrollRule, EnrollmentState, Export,
+    PriorEnrollment, SnapshotRow, Store, StoreError, StoreHealth,
 };
 use crate::records::{
-    AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord, HeartbeatState,
-    ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord, UpdateFailureRecord,
+    AdminTokenRecord, AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord,
+    HeartbeatState, ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord,
+    UpdateFailureRecord,
 };
 
 const ADMIN_HASH_KEY: &str = "admin_token_sha256";
@@ -119,10 +120,93 @@ mod sql {
     pub(super) const TASK_RESULT_PUT: &str = "INSERT INTO task_results (task_id, agent_id, record) \
          VALUES ($1, $2, $3) ON CONFLICT (task_id, agent_id) DO UPDATE SET record = EXCLUDED.record";
 
-    pub(super) const AUDIT_APPEND: &str =
-        "INSERT INTO audit (at, action, subject, detail) VALUES ($1, $2, $3, $4)";
-    pub(super) const AUDIT_ALL: &str =
-        "SELECT seq, at, action, subject, detail FROM audit ORDER BY seq";
+    pub(super) const AUDIT_APPEND: &str = "INSERT INTO audit \
+         (at, action, subject, detail, actor, source, outcome) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)";
+    pub(super) const AUDIT_ALL: &str = "SELECT seq, at, action, subject, detail, actor, source, outcome \
+         FROM audit ORDER BY seq";
+    pub(super) const AUDIT_AFTER: &str = "SELECT seq, at, action, subject, detail, actor, source, outcome \
+         FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2";
+    /// `restore_rows`: a line with its sequence number.
+    pub(super) const AUDIT_RESTORE: &str = "INSERT INTO audit \
+         (seq, at, action, subject, detail, actor, source, outcome) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+    pub(super) const AUDIT_SEQ_RESET: &str = "SELECT setval(pg_get_serial_sequence('audit', 'seq'), \
+         coalesce((SELECT max(seq) FROM audit), 0) + 1, false)";
+
+    pub(super) const ADMIN_TOKENS_ALL: &str =
+        "SELECT name, record FROM admin_tokens ORDER BY name COLLATE \"C\"";
+    pub(super) const ADMIN_TOKEN_INSERT: &str =
+        "INSERT INTO admin_tokens (name, record) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
+    pub(super) const ADMIN_TOKEN_LOCK: &str =
+        "SELECT record FROM admin_tokens WHERE name = $1 FOR UPDATE";
+    pub(super) const ADMIN_TOKEN_UPDATE: &str =
+        "UPDATE admin_tokens SET record = $2 WHERE name = $1";
+
+    /// `snapshot` and `restore_rows`: each text-keyed table of the redb
+    /// store as (key, record JSON) rows in key byte order, and the
+    /// statement that writes one row back.
+    pub(super) const SNAPSHOT_RECORDS: [(&str, &str, &str); 10] = [
+        (
+            "agents",
+            "SELECT id, record FROM agents ORDER BY id COLLATE \"C\"",
+            "INSERT INTO agents (id, record) VALUES ($1, $2)",
+        ),
+        (
+            "heartbeats",
+            "SELECT agent_id, state FROM heartbeats ORDER BY agent_id COLLATE \"C\"",
+            "INSERT INTO heartbeats (agent_id, state) VALUES ($1, $2)",
+        ),
+        (
+            "tokens",
+            "SELECT id, record FROM tokens ORDER BY id COLLATE \"C\"",
+            "INSERT INTO tokens (id, record) VALUES ($1, $2)",
+        ),
+        (
+            "certs",
+            "SELECT serial, record FROM certs ORDER BY serial COLLATE \"C\"",
+            "",
+        ),
+        (
+            "rollouts",
+            "SELECT id, record FROM rollouts ORDER BY id COLLATE \"C\"",
+            "INSERT INTO rollouts (id, record) VALUES ($1, $2)",
+        ),
+        (
+            "releases",
+            "SELECT version, record FROM releases ORDER BY version COLLATE \"C\"",
+            "INSERT INTO releases (version, record) VALUES ($1, $2)",
+        ),
+        (
+            "doctor_reports",
+            "SELECT agent_id, record FROM doctor_reports ORDER BY agent_id COLLATE \"C\"",
+            "INSERT INTO doctor_reports (agent_id, record) VALUES ($1, $2)",
+        ),
+        (
+            "update_failures",
+            "SELECT agent_id, record FROM update_failures ORDER BY agent_id COLLATE \"C\"",
+            "INSERT INTO update_failures (agent_id, record) VALUES ($1, $2)",
+        ),
+        (
+            "tasks",
+            "SELECT id, record FROM tasks ORDER BY id COLLATE \"C\"",
+            "INSERT INTO tasks (id, record) VALUES ($1, $2)",
+        ),
+        (
+            "admin_tokens",
+            "SELECT name, record FROM admin_tokens ORDER BY name COLLATE \"C\"",
+            "INSERT INTO admin_tokens (name, record) VALUES ($1, $2)",
+        ),
+    ];
+    pub(super) const SNAPSHOT_ENROLLMENTS: &str = "SELECT token_id, key_sha256, agent_id, at \
+         FROM enrollments ORDER BY token_id COLLATE \"C\", key_sha256 COLLATE \"C\"";
+    pub(super) const SNAPSHOT_META: &str = "SELECT key, value FROM meta ORDER BY key COLLATE \"C\"";
+    pub(super) const ENROLLMENT_INSERT: &str =
+        "INSERT INTO enrollments (token_id, key_sha256, agent_id, at) VALUES ($1, $2, $3, $4)";
+    pub(super) const CONFIG_INSERT: &str = "INSERT INTO configs (scope, version, doc, hash, updated_at) \
+         VALUES ($1, $2, $3, $4, $5)";
+    pub(super) const CONFIGS_BY_SCOPE: &str = "SELECT scope, version, doc, hash, updated_at \
+         FROM configs ORDER BY scope COLLATE \"C\"";
 
     /// `migrate`: whether the database holds anything of a store.
     pub(super) const ANY_STORE: &str = "SELECT EXISTS (SELECT 1 FROM meta) \
@@ -176,9 +260,11 @@ mod sql {
     pub(super) const IMPORT_CONFIGS: &str = "INSERT INTO configs (scope, version, doc, hash, updated_at) \
          SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[])";
     /// In the exported order, which the sequence then keeps.
-    pub(super) const IMPORT_AUDIT: &str = "INSERT INTO audit (at, action, subject, detail) \
-         SELECT a, b, c, d FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) \
-         WITH ORDINALITY AS t (a, b, c, d, n) ORDER BY n";
+    pub(super) const IMPORT_AUDIT: &str = "INSERT INTO audit \
+         (at, action, subject, detail, actor, source, outcome) \
+         SELECT a, b, c, d, e, f, g FROM unnest($1::bigint[], $2::text[], $3::text[], \
+         $4::text[], $5::text[], $6::text[], $7::text[]) \
+         WITH ORDINALITY AS t (a, b, c, d, e, f, g, n) ORDER BY n";
 }
 
 /// Rows per statement when `migrate` copies a table.
@@ -425,8 +511,7 @@ impl PgStore {
             }
             counts.push(("configs", configs.len()));
             for (n, chunk) in export.audit.chunks(IMPORT_CHUNK).enumerate() {
-                let mut columns: (Vec<i64>, Vec<String>, Vec<String>, Vec<String>) =
-                    Default::default();
+                let mut columns: AuditColumns = Default::default();
                 for (i, json) in chunk.iter().enumerate() {
                     let line: AuditRecord =
                         decode("audit", &(n * IMPORT_CHUNK + i).to_string(), json)?;
@@ -434,10 +519,16 @@ impl PgStore {
                     columns.1.push(line.action);
                     columns.2.push(line.subject);
                     columns.3.push(line.detail);
+                    columns.4.push(line.actor);
+                    columns.5.push(line.source);
+                    columns.6.push(line.outcome);
                 }
                 txn.execute(
                     sql::IMPORT_AUDIT,
-                    &[&columns.0, &columns.1, &columns.2, &columns.3],
+                    &[
+                        &columns.0, &columns.1, &columns.2, &columns.3, &columns.4, &columns.5,
+                        &columns.6,
+                    ],
                 )
                 .await
                 .map_err(pg("copy the audit log"))?;
@@ -536,7 +627,19 @@ impl PgStore {
     }
 }
 
-/// Appends one audit line in `txn`.
+/// The audit log's columns, for `migrate`'s one statement per chunk.
+type AuditColumns = (
+    Vec<i64>,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<Option<String>>,
+    Vec<Option<String>>,
+    Vec<Option<String>>,
+);
+
+/// Appends the line of a change by whoever acts now (`audit::acting_as`:
+/// the store runs its work on the caller's thread) in `txn`.
 async fn append_audit(
     txn: &Transaction<'_>,
     at: u64,
@@ -544,10 +647,42 @@ async fn append_audit(
     subject: &str,
     detail: &str,
 ) -> Result<(), StoreError> {
-    txn.execute(sql::AUDIT_APPEND, &[&int(at), &action, &subject, &detail])
-        .await
-        .map_err(pg("append to the audit log"))?;
+    append_line(txn, &crate::audit::line(at, action, subject, detail)).await
+}
+
+async fn append_line(txn: &Transaction<'_>, line: &AuditRecord) -> Result<(), StoreError> {
+    txn.execute(
+        sql::AUDIT_APPEND,
+        &[
+            &int(line.at),
+            &line.action,
+            &line.subject,
+            &line.detail,
+            &line.actor,
+            &line.source,
+            &line.outcome,
+        ],
+    )
+    .await
+    .map_err(pg("append to the audit log"))?;
     Ok(())
+}
+
+/// An audit line from a row of `seq, at, action, subject, detail, actor,
+/// source, outcome`, with its sequence number.
+fn audit_row(r: &tokio_postgres::Row) -> (u64, AuditRecord) {
+    (
+        uint(r.get(0)),
+        AuditRecord {
+            at: uint(r.get(1)),
+            action: r.get(2),
+            subject: r.get(3),
+            detail: r.get(4),
+            actor: r.get(5),
+            source: r.get(6),
+            outcome: r.get(7),
+        },
+    )
 }
 
 /// The record in the first column of `row`, if any, decoded.
@@ -1079,21 +1214,261 @@ impl Store for PgStore {
         })
     }
 
+    fn audit_page(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+        select: &dyn Fn(&AuditRecord) -> bool,
+    ) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        // Read in chunks until `limit` lines are selected or none are left.
+        const CHUNK: i64 = 1_000;
+        let mut out = Vec::new();
+        let mut from = after.map_or(0, int);
+        while out.len() < limit {
+            let rows = self.read(async |client| {
+                client
+                    .query(sql::AUDIT_AFTER, &[&from, &CHUNK])
+                    .await
+                    .map_err(pg("read the audit log"))
+            })?;
+            for row in &rows {
+                let (seq, line) = audit_row(row);
+                from = int(seq);
+                if out.len() < limit && select(&line) {
+                    out.push((seq, line));
+                }
+            }
+            if (rows.len() as i64) < CHUNK {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn append_audit(&self, line: &AuditRecord) -> Result<(), StoreError> {
+        self.write(async |txn| append_line(txn, line).await)
+    }
+
+    fn admin_tokens(&self) -> Result<Vec<AdminTokenRecord>, StoreError> {
+        self.all(sql::ADMIN_TOKENS_ALL, "admin token")
+    }
+
+    fn insert_admin_token(&self, token: &AdminTokenRecord) -> Result<(), StoreError> {
+        self.write(async |txn| {
+            let added = txn
+                .execute(sql::ADMIN_TOKEN_INSERT, &[&token.name, &encode(token)])
+                .await
+                .map_err(pg("insert an admin token"))?;
+            if added == 0 {
+                return Err(StoreError::Exists {
+                    what: "admin token",
+                    key: token.name.clone(),
+                });
+            }
+            let expires = token
+                .expires_at
+                .map_or_else(|| "never".to_owned(), stella_proto::time::rfc3339);
+            append_audit(
+                txn,
+                token.created_at,
+                "admin_token.create",
+                &token.name,
+                &format!("role={} expires_at={expires}", token.role),
+            )
+            .await
+        })
+    }
+
+    fn update_admin_token(
+        &self,
+        name: &str,
+        now: u64,
+        action: &str,
+        change: &mut AdminTokenChange<'_>,
+    ) -> Result<AdminTokenRecord, StoreError> {
+        self.write(async |txn| {
+            let row = txn
+                .query_opt(sql::ADMIN_TOKEN_LOCK, &[&name])
+                .await
+                .map_err(pg("lock an admin token"))?;
+            let mut record: AdminTokenRecord =
+                record_of(row, "admin token", name)?.ok_or_else(|| StoreError::NotFound {
+                    what: "admin token",
+                    key: name.to_owned(),
+                })?;
+            if change(&mut record)? {
+                txn.execute(sql::ADMIN_TOKEN_UPDATE, &[&name, &encode(&record)])
+                    .await
+                    .map_err(pg("update an admin token"))?;
+                append_audit(txn, now, action, name, &format!("role={}", record.role)).await?;
+            }
+            Ok(record)
+        })
+    }
+
+    fn snapshot(&self, each: &mut SnapshotRow<'_>) -> Result<(), StoreError> {
+        self.read(async |client| {
+            // One repeatable-read transaction: every table as of one moment.
+            let txn = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(pg("begin the snapshot"))?;
+            let snapshot_error = pg("read the snapshot");
+            for row in txn
+                .query(sql::SNAPSHOT_META, &[])
+                .await
+                .map_err(&snapshot_error)?
+            {
+                each("meta", row.get(0), row.get::<_, &str>(1).as_bytes())?;
+            }
+            for (table, select, _) in sql::SNAPSHOT_RECORDS {
+                let rows = txn.query(select, &[]).await.map_err(&snapshot_error)?;
+                for row in &rows {
+                    each(table, row.get(0), row.get::<_, &str>(1).as_bytes())?;
+                }
+                if table == "certs" {
+                    // Then the tables with columns of their own, in the
+                    // order the redb store gives them.
+                    let rows = txn
+                        .query(sql::SNAPSHOT_ENROLLMENTS, &[])
+                        .await
+                        .map_err(&snapshot_error)?;
+                    for row in &rows {
+                        let key = format!("{}/{}", row.get::<_, &str>(0), row.get::<_, &str>(1));
+                        let marker = crate::records::EnrollmentRecord {
+                            agent_id: row.get(2),
+                            at: uint(row.get(3)),
+                        };
+                        each("enrollments", &key, encode(&marker).as_bytes())?;
+                    }
+                }
+                if table == "releases" {
+                    let rows = txn
+                        .query(sql::CONFIGS_BY_SCOPE, &[])
+                        .await
+                        .map_err(&snapshot_error)?;
+                    for r in &rows {
+                        let config = ConfigRecord {
+                            scope: r.get(0),
+                            version: uint(r.get(1)),
+                            doc: r.get(2),
+                            hash: r.get(3),
+                            updated_at: uint(r.get(4)),
+                        };
+                        each("configs", &config.scope, encode(&config).as_bytes())?;
+                    }
+                }
+                if table == "tasks" {
+                    let rows = txn
+                        .query(sql::TASK_RESULTS_ALL, &[])
+                        .await
+                        .map_err(&snapshot_error)?;
+                    for r in &rows {
+                        let key = format!("{}/{}", r.get::<_, &str>(0), r.get::<_, &str>(1));
+                        each("task_results", &key, r.get::<_, &str>(2).as_bytes())?;
+                    }
+                }
+            }
+            for row in txn
+                .query(sql::AUDIT_ALL, &[])
+                .await
+                .map_err(&snapshot_error)?
+            {
+                let (seq, line) = audit_row(&row);
+                each("audit", &seq.to_string(), encode(&line).as_bytes())?;
+            }
+            txn.commit().await.map_err(pg("end the snapshot"))
+        })
+    }
+
+    fn restore_rows(&self, rows: &[(String, String, Vec<u8>)]) -> Result<(), StoreError> {
+        self.write(async |txn| {
+            for (table, key, value) in rows {
+                let corrupt = || StoreError::Corrupt {
+                    what: "snapshot row",
+                    key: format!("{table}/{key}"),
+                };
+                let text = std::str::from_utf8(value).map_err(|_| corrupt())?;
+                let written = match table.as_str() {
+                    "meta" => txn.execute(sql::META_PUT, &[key, &text]).await,
+                    "audit" => {
+                        let seq: i64 = key.parse().map_err(|_| corrupt())?;
+                        let l: AuditRecord = decode("audit", key, text)?;
+                        txn.execute(
+                            sql::AUDIT_RESTORE,
+                            &[
+                                &seq,
+                                &int(l.at),
+                                &l.action,
+                                &l.subject,
+                                &l.detail,
+                                &l.actor,
+                                &l.source,
+                                &l.outcome,
+                            ],
+                        )
+                        .await
+                    }
+                    "certs" => {
+                        let cert: CertRecord = decode("certificate", key, text)?;
+                        txn.execute(sql::CERT_PUT, &[key, &cert.agent_id, &text])
+                            .await
+                    }
+                    "enrollments" => {
+                        let (token_id, key_sha256) = key.split_once('/').ok_or_else(corrupt)?;
+                        let m: crate::records::EnrollmentRecord = decode("enrollment", key, text)?;
+                        txn.execute(
+                            sql::ENROLLMENT_INSERT,
+                            &[&token_id, &key_sha256, &m.agent_id, &int(m.at)],
+                        )
+                        .await
+                    }
+                    "configs" => {
+                        let c: ConfigRecord = decode("config", key, text)?;
+                        txn.execute(
+                            sql::CONFIG_INSERT,
+                            &[
+                                &c.scope,
+                                &int(c.version),
+                                &c.doc,
+                                &c.hash,
+                                &int(c.updated_at),
+                            ],
+                        )
+                        .await
+                    }
+                    "task_results" => {
+                        let (task, agent) = key.split_once('/').ok_or_else(corrupt)?;
+                        txn.execute(sql::TASK_RESULT_PUT, &[&task, &agent, &text])
+                            .await
+                    }
+                    name => {
+                        let (_, _, insert) = sql::SNAPSHOT_RECORDS
+                            .iter()
+                            .find(|(n, _, insert)| *n == name && !insert.is_empty())
+                            .ok_or_else(corrupt)?;
+                        txn.execute(*insert, &[key, &text]).await
+                    }
+                };
+                written.map_err(pg("restore a snapshot row"))?;
+            }
+            txn.execute(sql::AUDIT_SEQ_RESET, &[])
+                .await
+                .map_err(pg("restore the audit sequence"))?;
+            Ok(())
+        })
+    }
+
     fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
         self.read(async |client| {
             let rows = client
                 .query(sql::AUDIT_ALL, &[])
                 .await
                 .map_err(pg("read the audit log"))?;
-            Ok(rows
-                .iter()
-                .map(|r| AuditRecord {
-                    at: uint(r.get(1)),
-                    action: r.get(2),
-                    subject: r.get(3),
-                    detail: r.get(4),
-                })
-                .collect())
+            Ok(rows.iter().map(|r| audit_row(r).1).collect())
         })
     }
 }

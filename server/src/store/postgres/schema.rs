@@ -69,6 +69,13 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     );
     ",
     ),
+    (
+        3,
+        "
+    ALTER TABLE audit ADD COLUMN actor text, ADD COLUMN source text, ADD COLUMN outcome text;
+    CREATE TABLE admin_tokens (name text PRIMARY KEY, record text NOT NULL);
+    ",
+    ),
 ];
 
 /// The schema version this server writes.
