@@ -114,7 +114,7 @@ pub(crate) fn target_dir() -> PathBuf {
 /// Programs the end-to-end tests call: certificate and API checks, the
 /// bundle's shell lint, the cross build and the aarch64 agent under qemu,
 /// and the container tasks' podman, runc and busybox.
-const TEST_TOOLS: [&str; 9] = [
+const TEST_TOOLS: [&str; 11] = [
     "openssl",
     "curl",
     "shellcheck",
@@ -124,7 +124,19 @@ const TEST_TOOLS: [&str; 9] = [
     "podman",
     "runc",
     "busybox",
+    "chromium",
+    "chromedriver",
 ];
+
+/// Whether Debian's PostgreSQL server binaries are installed (they are not
+/// on the PATH: the tests run `initdb` and `postgres` from here).
+fn postgres_installed() -> bool {
+    std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|versions| {
+        versions
+            .filter_map(Result::ok)
+            .any(|v| v.path().join("bin/initdb").is_file())
+    })
+}
 
 /// The version of the second agent build the update tests install.
 const NEXT_AGENT_VERSION: &str = "0.2.0";
@@ -136,11 +148,14 @@ const NEXT_AGENT_VERSION: &str = "0.2.0";
 fn test(args: &[OsString]) -> Result<(), String> {
     // Stop at once, naming the one command that installs what is missing,
     // rather than build for minutes and then skip or fail test by test.
-    let missing: Vec<&str> = TEST_TOOLS
+    let mut missing: Vec<&str> = TEST_TOOLS
         .iter()
         .copied()
         .filter(|tool| !dist::on_path(tool))
         .collect();
+    if !postgres_installed() {
+        missing.push("PostgreSQL (initdb under /usr/lib/postgresql)");
+    }
     if !missing.is_empty() {
         return Err(format!(
             "the end-to-end tests need {}, which this machine lacks: install everything \
