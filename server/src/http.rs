@@ -350,6 +350,9 @@ pub async fn write_response<S: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     use std::io::Write;
     out.clear();
+    // One allocation for head and body: the connection gives `out` back
+    // between requests, so it starts empty.
+    out.reserve(256 + resp.body.len());
     write!(
         out,
         "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n",
