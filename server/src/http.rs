@@ -110,20 +110,29 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// How many bytes one read asks for.
+const READ_CHUNK: usize = 4096;
+
+/// Reads what has arrived (at most [`READ_CHUNK`] bytes) onto the end of
+/// `buf`. The bytes go straight into `buf`, not through a chunk on the
+/// stack: such a chunk would be part of every connection task's future, and
+/// so of every open connection's memory, even while it waits for its next
+/// request (the reconnect storm in BENCHMARKS.md).
 async fn read_some<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<usize, ReadError> {
-    let mut chunk = [0u8; 4096];
-    let read = async { stream.read(&mut chunk).await.map_err(ReadError::Io) };
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK, 0);
+    let read = async { stream.read(&mut buf[start..]).await.map_err(ReadError::Io) };
     let timeout = async {
         Timer::at(deadline).await;
         Err(ReadError::Timeout)
     };
-    let n = read.or(timeout).await?;
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(n)
+    let result = read.or(timeout).await;
+    buf.truncate(start + result.as_ref().map_or(0, |n| *n));
+    result
 }
 
 /// Reads the next request from `stream`, head and body. `buf` holds bytes
@@ -341,6 +350,9 @@ pub async fn write_response<S: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     use std::io::Write;
     out.clear();
+    // One allocation for head and body: the connection gives `out` back
+    // between requests, so it starts empty.
+    out.reserve(256 + resp.body.len());
     write!(
         out,
         "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n",

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_signal::{Signal, Signals};
 use futures_rustls::LazyConfigAcceptor;
@@ -394,7 +394,9 @@ impl Drop for InFlight<'_> {
 async fn drain<S: smol::io::AsyncRead + Unpin>(stream: &mut S) {
     use smol::io::AsyncReadExt;
     let read_all = async {
-        let mut chunk = [0u8; 8192];
+        // On the heap: an array here would be part of every connection's
+        // future, and so of every open connection's memory.
+        let mut chunk = vec![0u8; 8192];
         let mut total = 0usize;
         while total < 1 << 20 {
             match stream.read(&mut chunk).await {
@@ -513,13 +515,58 @@ async fn handshake(
     handshake.or(timeout).await
 }
 
+/// What waiting for a connection's next request came to.
+enum Idle {
+    /// Bytes have arrived (or the peer closed, or reading fails): read the
+    /// request, which tells which.
+    Readable,
+    /// Nothing arrived within the idle timeout.
+    TimedOut,
+    /// The session broke (a bad record); rustls has queued its alert.
+    Broken,
+}
+
+/// Waits until the next request's first bytes arrive, holding no buffer.
+///
+/// An open connection spends nearly all its life here (one heartbeat per
+/// interval), so this wait decides what an open connection costs: the read
+/// buffer is allocated only once bytes are there to read. Bytes that rustls
+/// holds already (a pipelined request, a close) are answered at once; only
+/// with nothing held does it wait on the socket itself, with a one-byte peek.
+async fn next_request(
+    tls: &mut futures_rustls::server::TlsStream<TcpStream>,
+    until: Instant,
+) -> Idle {
+    let (tcp, session) = tls.get_mut();
+    match session.process_new_packets() {
+        Ok(io)
+            if io.plaintext_bytes_to_read() == 0
+                && io.tls_bytes_to_write() == 0
+                && !io.peer_has_closed() => {}
+        Ok(_) => return Idle::Readable,
+        Err(_) => return Idle::Broken,
+    }
+    let readable = async {
+        let mut probe = [0u8; 1];
+        let _ = tcp.peek(&mut probe).await;
+        Idle::Readable
+    };
+    let timeout = async {
+        smol::Timer::at(until).await;
+        Idle::TimedOut
+    };
+    readable.or(timeout).await
+}
+
 async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStream) {
     let _slot = ConnectionSlot(&app);
     let source = tcp
         .peer_addr()
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let _ = tcp.set_nodelay(true);
-    let mut tls = match handshake(&app, tls, tcp).await {
+    // Boxed: the handshake's state is large and lives only until the session
+    // is up; inline, it would size the task of every open connection.
+    let mut tls = match Box::pin(handshake(&app, tls, tcp)).await {
         Ok(s) => {
             Metrics::bump(&app.metrics.handshakes);
             s
@@ -536,14 +583,26 @@ async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStrea
         .peer_certificates()
         .and_then(|certs| certs.first())
         .and_then(|der| Peer::from_certificate(der));
-    let mut buf = Vec::with_capacity(4096);
-    let mut out = Vec::with_capacity(1024);
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
     let max_body = stella_proto::MAX_BODY_BYTES;
     loop {
+        let idle_until = Instant::now() + app.settings.idle_timeout;
+        if buf.is_empty() {
+            // Between requests the buffers are given back (about 5 KiB per
+            // open connection; a fleet keeps its connections open): taking
+            // them again for the next heartbeat costs two allocations.
+            buf = Vec::new();
+            out = Vec::new();
+            match next_request(&mut tls, idle_until).await {
+                Idle::Readable => {}
+                Idle::TimedOut | Idle::Broken => break,
+            }
+        }
         let read = http::read_head(
             &mut tls,
             &mut buf,
-            app.settings.idle_timeout,
+            idle_until.saturating_duration_since(Instant::now()),
             app.settings.request_timeout,
         )
         .await;
@@ -591,8 +650,14 @@ async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStrea
             }
         };
         if admitted.streams_body() {
-            let (resp, whole) =
-                api::upload_artifact(&app, &admitted.actor(source), &mut tls, &mut buf, head).await;
+            let (resp, whole) = Box::pin(api::upload_artifact(
+                &app,
+                &admitted.actor(source),
+                &mut tls,
+                &mut buf,
+                head,
+            ))
+            .await;
             let keep = keep_alive && whole;
             let written = http::write_response(&mut tls, &resp, keep, &mut out).await;
             if !whole {
@@ -617,7 +682,9 @@ async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStrea
             }
             Err(ReadError::Closed | ReadError::Io(_)) => break,
         };
-        let resp = api::handle(&app, admitted, peer.as_ref(), source, req).await;
+        // Boxed, as the handshake: answering takes a few KiB of future state
+        // for a moment; inline, every idle connection would hold them.
+        let resp = Box::pin(api::handle(&app, admitted, peer.as_ref(), source, req)).await;
         if http::write_response(&mut tls, &resp, keep_alive, &mut out)
             .await
             .is_err()

@@ -14,7 +14,7 @@ use super::{FLEET, unix_now};
 use crate::dist::thousands;
 
 /// docs/design.md section 13.
-const SERVER_RSS_BUDGET_KB: u64 = 200 * 1024;
+pub(super) const SERVER_RSS_BUDGET_KB: u64 = 200 * 1024;
 
 /// Kills the fleet server, starts it again on its store and adds the rows;
 /// `empty_server` reads the memory of a server with an almost empty store.

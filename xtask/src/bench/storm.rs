@@ -184,8 +184,8 @@ pub(super) fn storm(
             mib(peak.rss_kb),
             mib(before.rss_kb),
         ),
-        "none (the 200 MiB budget is for 100,000 agents in the store, at rest)",
-        "-",
+        "≤ 200 MiB at the peak (the server's RSS budget)",
+        verdict(peak.hwm_kb <= super::store::SERVER_RSS_BUDGET_KB),
         format!(
             "/proc of the restarted server, sampled every 200 ms (store of {} agents; each agent's connection is kept open after its acknowledgement, as agents do; {} threads); a peak equal to the end means the storm's handshakes added no transient above the connected fleet",
             thousands(agents as u64),
