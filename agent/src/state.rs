@@ -293,23 +293,8 @@ impl StateDir {
         bytes: &[u8],
         mode: u32,
     ) -> Result<(), Error> {
-        let result = (|| -> std::io::Result<()> {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(mode)
-                .open(tmp)?;
-            file.set_permissions(fs::Permissions::from_mode(mode))?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            fs::rename(tmp, path)?;
-            File::open(&self.root)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(tmp);
-        }
-        result.map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+        write_file_atomically(path, tmp, bytes, mode)
+            .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
     }
 
     /// Renames one state file over another and makes it durable (fsync of the dir).
@@ -482,6 +467,37 @@ impl StateDir {
         out.sort();
         out
     }
+}
+
+/// Writes `bytes` to `path` through `tmp` (in the same directory) with
+/// `mode`: temp file, fsync, rename, fsync of the directory. A crash leaves
+/// the old content or the new, never a mix; a failed write removes `tmp`.
+pub(crate) fn write_file_atomically(
+    path: &Path,
+    tmp: &Path,
+    bytes: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("no parent directory"))?;
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(tmp)?;
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    result
 }
 
 #[cfg(test)]

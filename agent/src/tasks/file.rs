@@ -3,9 +3,8 @@
 //! must be absolute, without `..`, and outside the agent's state dir and
 //! binary; the same content already in place is a no-op ("unchanged").
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path};
 
 /// What the executor did.
@@ -70,28 +69,10 @@ pub(crate) fn write(path: &str, content: &[u8], mode: u32) -> std::io::Result<Wr
     {
         return Ok(Wrote::Unchanged);
     }
-    let dir = target
-        .parent()
-        .ok_or_else(|| std::io::Error::other("no parent directory"))?;
     let name = target.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.stella-tmp"));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(content)?;
-        file.sync_all()?;
-        fs::rename(&tmp, target)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map(|()| Wrote::Written)
+    let tmp = target.with_file_name(format!(".{name}.stella-tmp"));
+    crate::state::write_file_atomically(target, &tmp, content, mode)?;
+    Ok(Wrote::Written)
 }
 
 #[cfg(test)]
