@@ -28,6 +28,7 @@ mod host;
 mod identity;
 mod install;
 mod log;
+mod ranged;
 mod remediate;
 mod renewal;
 mod run;

@@ -182,8 +182,8 @@ impl Updater {
             let error = d.last_error.as_deref();
             match d.stage {
                 Stage::Fetching => Standing {
-                    bytes: Some(d.received),
-                    total: d.total.or((d.offer.size > 0).then_some(d.offer.size)),
+                    bytes: Some(d.file.received),
+                    total: d.file.total.or((d.offer.size > 0).then_some(d.offer.size)),
                     ..Standing::new(UpdatePhase::Downloading, version, error)
                 },
                 Stage::Verified => Standing::new(UpdatePhase::Verified, version, error),
@@ -262,7 +262,7 @@ impl Updater {
             Stage::SelfTest => return self.install(state, saved),
         }
         if !d.is_complete() {
-            if fault::active("download-stall") && d.received > 0 {
+            if fault::active("download-stall") && d.file.received > 0 {
                 // A download that never finishes (for the rollout deadline
                 // tests): no more bytes, no error.
                 return Ok(Step::Idle);
@@ -281,10 +281,10 @@ impl Updater {
                 Err(ChunkError::Retry(e)) => {
                     log::warn(
                         "update download interrupted; will resume",
-                        &[("error", &e), ("received", &d.received)],
+                        &[("error", &e), ("received", &d.file.received)],
                     );
-                    if d.received > 0 {
-                        d.resumed_at = Some(d.received);
+                    if d.file.received > 0 {
+                        d.resumed_at = Some(d.file.received);
                     }
                     d.retry_later(e);
                     return Ok(Step::Idle);
@@ -323,14 +323,14 @@ impl Updater {
             };
             let error = format!(
                 "the download ({} bytes, {how}) has sha256 {digest}, the signed release says {}{again}",
-                d.received, d.accepted.sha256
+                d.file.received, d.accepted.sha256
             );
             self.fail(state, saved, error);
             return Ok(Step::Idle);
         }
         let install = install_path()?;
         let next = next_path(&install);
-        if let Err(e) = stage_executable(&d.part, &next) {
+        if let Err(e) = stage_executable(&d.file.path, &next) {
             let error = format!(
                 "cannot stage the new binary next to {}: {e}",
                 install.display()
@@ -392,7 +392,7 @@ impl Updater {
     /// Records a failed update and forgets the download and its files.
     fn fail(&mut self, state: &StateDir, saved: &mut StateFile, error: String) {
         if let Some(d) = self.download.take() {
-            let _ = fs::remove_file(&d.part);
+            let _ = fs::remove_file(&d.file.path);
             if let Ok(install) = install_path() {
                 let _ = fs::remove_file(next_path(&install));
             }

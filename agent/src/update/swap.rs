@@ -274,7 +274,7 @@ pub(super) fn swap(
     }
     // Unwritten, the `swapping` marker tells the new version it is live.
     super::persist(state, saved);
-    let _ = fs::remove_file(&d.part);
+    let _ = fs::remove_file(&d.file.path);
     log::info(
         "update installed; starting the new version on probation",
         &[("from", &host::VERSION), ("to", &d.accepted.version)],
