@@ -685,6 +685,28 @@ fn audit_row(r: &tokio_postgres::Row) -> (u64, AuditRecord) {
     )
 }
 
+/// Inserts a new record with `statement` (`… ON CONFLICT DO NOTHING`);
+/// `Exists` when `key` is taken.
+async fn insert_new(
+    txn: &Transaction<'_>,
+    statement: &str,
+    what: &'static str,
+    key: &str,
+    record: &str,
+) -> Result<(), StoreError> {
+    let added = txn
+        .execute(statement, &[&key, &record])
+        .await
+        .map_err(|e| pool::pg_error(&format!("insert the new {what}"), e))?;
+    if added == 0 {
+        return Err(StoreError::Exists {
+            what,
+            key: key.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// The record in the first column of `row`, if any, decoded.
 fn record_of<T: Deserialize>(
     row: Option<tokio_postgres::Row>,
@@ -776,16 +798,7 @@ impl Store for PgStore {
 
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         self.write(async |txn| {
-            let added = txn
-                .execute(sql::TOKEN_INSERT, &[&token.id, &encode(token)])
-                .await
-                .map_err(pg("insert a token"))?;
-            if added == 0 {
-                return Err(StoreError::Exists {
-                    what: "token",
-                    key: token.id.clone(),
-                });
-            }
+            insert_new(txn, sql::TOKEN_INSERT, "token", &token.id, &encode(token)).await?;
             append_audit(
                 txn,
                 token.created_at,
@@ -1118,16 +1131,7 @@ impl Store for PgStore {
 
     fn insert_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
         self.write(async |txn| {
-            let added = txn
-                .execute(sql::TASK_INSERT, &[&task.id, &encode(task)])
-                .await
-                .map_err(pg("insert a task"))?;
-            if added == 0 {
-                return Err(StoreError::Exists {
-                    what: "task",
-                    key: task.id.clone(),
-                });
-            }
+            insert_new(txn, sql::TASK_INSERT, "task", &task.id, &encode(task)).await?;
             append_audit(
                 txn,
                 task.created_at,
@@ -1255,16 +1259,14 @@ impl Store for PgStore {
 
     fn insert_admin_token(&self, token: &AdminTokenRecord) -> Result<(), StoreError> {
         self.write(async |txn| {
-            let added = txn
-                .execute(sql::ADMIN_TOKEN_INSERT, &[&token.name, &encode(token)])
-                .await
-                .map_err(pg("insert an admin token"))?;
-            if added == 0 {
-                return Err(StoreError::Exists {
-                    what: "admin token",
-                    key: token.name.clone(),
-                });
-            }
+            insert_new(
+                txn,
+                sql::ADMIN_TOKEN_INSERT,
+                "admin token",
+                &token.name,
+                &encode(token),
+            )
+            .await?;
             let expires = token
                 .expires_at
                 .map_or_else(|| "never".to_owned(), stella_proto::time::rfc3339);
