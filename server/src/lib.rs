@@ -11,6 +11,7 @@ mod audit;
 mod backup;
 pub mod ca;
 mod cli;
+mod cluster;
 mod config;
 mod error;
 mod fsutil;
