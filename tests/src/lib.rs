@@ -297,6 +297,41 @@ impl Server {
         }
     }
 
+    /// Another node of this server's cluster: a server on the same
+    /// PostgreSQL store with a copy of this one's data dir (its CA, server
+    /// certificate and admin token; docs/operations.md, "Adding a node"),
+    /// serving on a new free port.
+    pub fn join(&self, opts: &ServerOptions) -> Self {
+        let store = self
+            .store
+            .as_deref()
+            .expect("a node joins a server on PostgreSQL");
+        let dir = TempDir::new("server");
+        let data = dir.join("data");
+        let out = run(Command::new("cp").arg("-a").arg(&self.data).arg(&data));
+        assert!(out.status.success(), "copy the data dir: {:?}", text(&out));
+        let _ = fs::remove_dir_all(data.join("blobs"));
+        let (proc, url) = spawn_serve(&dir, &data, Some(store), opts, "127.0.0.1:0");
+        Self {
+            dir,
+            data,
+            url,
+            pin: self.pin.clone(),
+            admin_token: self.admin_token.clone(),
+            proc,
+            store: Some(store.to_owned()),
+        }
+    }
+
+    /// `/metrics` value `name` (a counter or gauge without labels).
+    pub fn metric(&self, name: &str) -> u64 {
+        let (status, body) = self.client().get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+    }
+
     /// Starts `serve` again (after `kill`) on a new free port.
     pub fn serve(&mut self, opts: &ServerOptions) {
         let (proc, url) = spawn_serve(

@@ -4,6 +4,7 @@
 
 mod api;
 mod bundle;
+mod cluster;
 mod config;
 mod console;
 mod crash;
