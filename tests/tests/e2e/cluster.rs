@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use stella_proto::api::RolloutView;
 use stella_tests::haproxy::{self, Haproxy};
 use stella_tests::postgres::Postgres;
+use stella_tests::raw;
 use stella_tests::release::{Keys, NEXT, import, signed_release};
 use stella_tests::{
     AgentDir, Client, DEADLINE, Proc, Server, ServerOptions, Supervisor, bin, json, json_str, poll,
@@ -179,6 +180,22 @@ fn three_servers_behind_haproxy_share_one_fleet_through_kills_and_an_outage() {
     eprintln!("revoke enforced by another server after {took:?}");
     assert_eq!(running[0].wait_exit(DEADLINE), Some(3));
 
+    // An enrollment retried through another server (same token, same key)
+    // gets the same agent, and uses the token once.
+    let work = stella_tests::TempDir::new("retry");
+    let csr = raw::csr_json(work.path(), "retry");
+    let once = cluster.servers[0].token(&["--uses", "1", "--ttl", "10m"]);
+    let body = raw::register_body(&once, &csr, "retried");
+    let register = |server: &Server| {
+        let (status, answer) =
+            server
+                .client()
+                .post("/v1/agents/register", "application/json", body.as_bytes());
+        assert!((200..300).contains(&status), "{status}: {answer}");
+        json_str(&json(&answer), "agent_id").unwrap().to_owned()
+    };
+    assert_eq!(register(&cluster.servers[0]), register(&cluster.servers[2]));
+
     // A burst of enrollments, one server killed in the middle: every
     // enrollment answered 2xx is in the store, and no token use was
     // consumed without its agent.
@@ -292,6 +309,85 @@ fn three_servers_behind_haproxy_share_one_fleet_through_kills_and_an_outage() {
             a.status == "active" && a.heartbeat_seq > *seq
         });
     }
+
+    // The brakes on failed registrations and admin authentications count
+    // across servers: failures from one source through the first server
+    // close the third to that source as well (other sources go on).
+    let wrong = {
+        let real = cluster.servers[0].token(&["--ttl", "10m"]);
+        let flipped = if real.ends_with('0') { '1' } else { '0' };
+        format!("{}{flipped}", &real[..real.len() - 1])
+    };
+    let bad = raw::register_body(&wrong, &csr, "guess");
+    let first_tls = raw::tls_config(&cluster.servers[0], None);
+    let third_tls = raw::tls_config(&cluster.servers[2], None);
+    let register_from = |server: &Server, tls, source: [u8; 4], body: &[u8]| {
+        raw::exchange(
+            server,
+            tls,
+            Some(source.into()),
+            &raw::request(
+                "POST",
+                "/v1/agents/register",
+                &[("content-type", "application/json")],
+                body,
+            ),
+        )
+        .expect("an answer")
+        .status
+    };
+    let guesser = [127, 0, 0, 7];
+    for _ in 0..10 {
+        let status = register_from(&cluster.servers[0], &first_tls, guesser, bad.as_bytes());
+        assert_eq!(status, 401);
+    }
+    // The probe is malformed: 400 while the source may register (and no
+    // failure of its own), 429 once the brake holds it.
+    let braked = poll(DEADLINE, || {
+        let status = register_from(&cluster.servers[2], &third_tls, guesser, b"{}");
+        assert!(status == 400 || status == 429, "{status}");
+        (status == 429).then_some(())
+    });
+    assert!(
+        braked.is_some(),
+        "the third server did not count the first one's failed registrations"
+    );
+    assert_eq!(
+        register_from(&cluster.servers[2], &third_tls, [127, 0, 0, 8], b"{}"),
+        400
+    );
+    let admin_from = |server: &Server, tls, source: [u8; 4], token: &str| {
+        let auth = format!("Bearer {token}");
+        raw::exchange(
+            server,
+            tls,
+            Some(source.into()),
+            &raw::request("GET", "/v1/admin/agents", &[("authorization", &auth)], b""),
+        )
+        .expect("an answer")
+        .status
+    };
+    let admin_guesser = [127, 0, 0, 9];
+    for i in 0..10 {
+        let status = admin_from(
+            &cluster.servers[0],
+            &first_tls,
+            admin_guesser,
+            &format!("guess{i}"),
+        );
+        assert_eq!(status, 401);
+    }
+    // The right token is the probe: 200 until the brake holds, then 429.
+    let token = cluster.servers[2].admin_token.clone();
+    let braked = poll(DEADLINE, || {
+        let status = admin_from(&cluster.servers[2], &third_tls, admin_guesser, &token);
+        assert!(status == 200 || status == 429, "{status}");
+        (status == 429).then_some(())
+    });
+    assert!(
+        braked.is_some(),
+        "the third server did not count the first one's failed admin logins"
+    );
     for p in &mut running {
         p.kill();
     }
