@@ -4,6 +4,7 @@
 //! child process is killed by PID when its handle drops.
 #![forbid(unsafe_code)]
 
+pub mod haproxy;
 pub mod postgres;
 pub mod raw;
 pub mod release;
@@ -567,14 +568,20 @@ impl AgentDir {
 
     /// `bootstrap` with the server's CA hash, plus `extra` arguments.
     pub fn bootstrap(&self, server: &Server, token: &str, extra: &[&str]) -> Output {
+        self.bootstrap_at(&server.url, &server.pin, token, extra)
+    }
+
+    /// `bootstrap` against `url` (the server, or a load balancer in front
+    /// of it) pinning the CA hash `pin`.
+    pub fn bootstrap_at(&self, url: &str, pin: &str, token: &str, extra: &[&str]) -> Output {
         let mut args = vec![
             "bootstrap",
             "--server",
-            &server.url,
+            url,
             "--token",
             token,
             "--ca-hash",
-            &server.pin,
+            pin,
         ];
         args.extend_from_slice(extra);
         run(&mut self.command(&args))
@@ -582,8 +589,14 @@ impl AgentDir {
 
     /// `bootstrap` that must succeed; returns the agent id.
     pub fn enroll(&self, server: &Server, name: &str) -> String {
+        self.enroll_at(server, &server.url, name)
+    }
+
+    /// `enroll` through `url` (a load balancer in front of `server`, whose
+    /// token and CA hash it uses); the agent keeps `url` as its server.
+    pub fn enroll_at(&self, server: &Server, url: &str, name: &str) -> String {
         let token = server.token(&["--ttl", "10m"]);
-        let out = self.bootstrap(server, &token, &["--name", name]);
+        let out = self.bootstrap_at(url, &server.pin, &token, &["--name", name]);
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "bootstrap failed: {stdout}{stderr}");
         let id = stdout.trim().to_owned();

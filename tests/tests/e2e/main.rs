@@ -11,6 +11,7 @@ mod cross;
 mod doctor;
 mod enrollment;
 mod faults;
+mod haproxy;
 mod hostile;
 mod lifecycle;
 mod ondemand;
