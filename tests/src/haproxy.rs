@@ -298,22 +298,29 @@ fn parse_stats(csv: &str) -> Vec<BackendStat> {
     };
     let columns: Vec<&str> = header.split(',').collect();
     let at = |name: &str| columns.iter().position(|c| *c == name);
-    let (Some(proxy), Some(server), Some(status), Some(sessions), Some(retries), Some(redispatches)) = (
+    let (
+        Some(proxy),
+        Some(server),
+        Some(status),
+        Some(sessions),
+        Some(retries),
+        Some(redispatches),
+    ) = (
         at("pxname"),
         at("svname"),
         at("status"),
         at("stot"),
         at("wretr"),
         at("wredis"),
-    ) else {
+    )
+    else {
         return Vec::new();
     };
     let number = |f: &[&str], i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
     lines
         .map(|l| l.split(',').collect::<Vec<&str>>())
         .filter(|f| {
-            f.get(proxy) == Some(&"servers")
-                && f.get(server).is_some_and(|s| *s != "BACKEND")
+            f.get(proxy) == Some(&"servers") && f.get(server).is_some_and(|s| *s != "BACKEND")
         })
         .map(|f| BackendStat {
             name: f[server].to_owned(),

@@ -335,7 +335,10 @@ mod tests {
             &["bench", "--store", "postgres"][..],
             &["bench", "--only", "postgres", "--quick"],
         ] {
-            assert!(matches!(Task::parse(bench), Ok(Task::Bench(_))), "{bench:?}");
+            assert!(
+                matches!(Task::parse(bench), Ok(Task::Bench(_))),
+                "{bench:?}"
+            );
         }
         for help in [
             &["help"][..],

@@ -341,7 +341,11 @@ fn pg_section_text(command: &str, secs: f64, rows: &[table::Row], problems: &[St
 fn pg_section_of(doc: &str) -> Option<String> {
     let start = doc.find(PG_SECTION_START)?;
     let end = start + doc[start..].find(PG_SECTION_END)? + PG_SECTION_END.len();
-    let end = if doc[end..].starts_with('\n') { end + 1 } else { end };
+    let end = if doc[end..].starts_with('\n') {
+        end + 1
+    } else {
+        end
+    };
     Some(doc[start..end].to_owned())
 }
 

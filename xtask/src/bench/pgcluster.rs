@@ -64,14 +64,14 @@ impl Cluster {
         )?;
         // /proc/self belongs to the effective user.
         let root = fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-        let account = if root {
-            Some(
-                postgres_account()
-                    .ok_or("running as root and there is no `postgres` user to run PostgreSQL as")?,
-            )
-        } else {
-            None
-        };
+        let account =
+            if root {
+                Some(postgres_account().ok_or(
+                    "running as root and there is no `postgres` user to run PostgreSQL as",
+                )?)
+            } else {
+                None
+            };
         // Under /tmp, not the target dir: the `postgres` user must reach it.
         let dir = std::env::temp_dir().join(format!("stella-bench-pg-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -89,7 +89,8 @@ impl Cluster {
         };
         cluster.give_to_account(&cluster.dir.clone())?;
         let pwfile = cluster.dir.join("pwfile");
-        fs::write(&pwfile, PASSWORD).map_err(|e| format!("cannot write {}: {e}", pwfile.display()))?;
+        fs::write(&pwfile, PASSWORD)
+            .map_err(|e| format!("cannot write {}: {e}", pwfile.display()))?;
         cluster.give_to_account(&pwfile)?;
         output(
             cluster
@@ -121,7 +122,12 @@ impl Cluster {
                 .then_some(())
             },
         )
-        .map_err(|e| format!("{e}; log:\n{}", fs::read_to_string(&log).unwrap_or_default()))?;
+        .map_err(|e| {
+            format!(
+                "{e}; log:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
         Ok(cluster)
     }
 

@@ -148,8 +148,10 @@ fn load_rows(
     landed: &str,
     rows: &mut Vec<Row>,
 ) {
-    let get = |kv: &BTreeMap<String, String>, k: &str| kv.get(k).cloned().unwrap_or_else(|| "?".into());
-    let num = |kv: &BTreeMap<String, String>, k: &str| kv.get(k).and_then(|v| v.parse::<f64>().ok());
+    let get =
+        |kv: &BTreeMap<String, String>, k: &str| kv.get(k).cloned().unwrap_or_else(|| "?".into());
+    let num =
+        |kv: &BTreeMap<String, String>, k: &str| kv.get(k).and_then(|v| v.parse::<f64>().ok());
     let ratio = |pg: Option<f64>, redb: Option<f64>| match (pg, redb) {
         (Some(p), Some(r)) if r > 0.0 => format!("{:.2} × redb's {}/s", p / r, thousands(r as u64)),
         _ => "redb's not measured".to_owned(),

@@ -188,7 +188,14 @@ pub(super) fn measure_start(
     let after_start = proc_status(proc.pid()).unwrap_or_default();
     let listed = output(
         Command::new(&bins.loadgen)
-            .args(["get", "--server", &url, "--path", "/v1/admin/agents", "--ca"])
+            .args([
+                "get",
+                "--server",
+                &url,
+                "--path",
+                "/v1/admin/agents",
+                "--ca",
+            ])
             .arg(data.join("ca.pem"))
             .arg("--bearer-file")
             .arg(data.join("admin.token"))
