@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::{DEADLINE, TempDir, on_path, poll, skip_or_fail};
+use crate::{DEADLINE, Server, TempDir, on_path, poll, skip_or_fail};
 
 /// Where Debian installs it (`/usr/sbin`, which an unprivileged user's
 /// `PATH` may lack).
@@ -147,6 +147,13 @@ impl Haproxy {
             proxy.log_text()
         );
         Some(proxy)
+    }
+
+    /// `start` in front of running test servers (each one's `url`), in
+    /// order: `servers[i]` is backend `s{i}`.
+    pub fn in_front_of(test: &str, servers: &[&Server]) -> Option<Self> {
+        let backends: Vec<String> = servers.iter().map(|s| address_of(&s.url)).collect();
+        Self::start(test, &backends)
     }
 
     fn config_path(&self) -> PathBuf {

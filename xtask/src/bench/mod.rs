@@ -295,7 +295,7 @@ fn only_postgres(scale: &Scale) -> Result<(), String> {
     };
     let mut notes_problems = problems.clone();
     notes_problems.push(format!(
-        "1-minute load average {load_before:.1} when measuring started, up to {load_max:.1} during the redb load phase, {:.1} at the end.",
+        "1-minute load average {load_before:.1} when measuring started, up to {load_max:.1} during the redb load phase, {:.1} at the end; with 2 cores, anything above ~3 means other work competed with the measured processes and the numbers are lower bounds (the ratios less so: both stores ran under it).",
         load_average()
     ));
     let section = pg_section_text(&command, secs, &rows, &notes_problems);

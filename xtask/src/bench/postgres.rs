@@ -167,16 +167,18 @@ fn load_rows(
                     get(pg, &format!("{k}.opened"))
                 ),
                 format!(
-                    "{}/s = {}; p50 {:.2} ms, p99 {:.2} ms",
+                    "{}/s = {}; p50 {:.2} ms, p99 {:.2} ms; heartbeat = {} × `/healthz` on the same connections (redb: {})",
                     thousands(rps as u64),
                     ratio(hb, redb_hb),
                     num(pg, &format!("{k}.heartbeat.p50_us")).unwrap_or(f64::NAN) / 1000.0,
-                    num(pg, &format!("{k}.heartbeat.p99_us")).unwrap_or(f64::NAN) / 1000.0
+                    num(pg, &format!("{k}.heartbeat.p99_us")).unwrap_or(f64::NAN) / 1000.0,
+                    get(pg, &format!("{k}.ratio")),
+                    get(redb, &format!("{k}.ratio"))
                 ),
                 "≥ 20,000/s",
                 verdict(rps >= HEARTBEATS_PER_S_BUDGET),
                 format!(
-                    "as on redb: closed loop, one mTLS keep-alive connection per enrolled agent, median of {} × {} windows (each/s: {}), {} errors; the server group-commits heartbeat soft state to PostgreSQL (rows in `heartbeats` after the run: {landed}); PostgreSQL, the server and the load generator share the cores",
+                    "as on redb: closed loop, one mTLS keep-alive connection per enrolled agent, median of {} × {} windows (each/s: {}), {} errors; the `/healthz` ratio is the comparison the machine's load skews least (both stores' runs are alternated with `/healthz` windows); the server group-commits heartbeat soft state to PostgreSQL (rows in `heartbeats` after the run: {landed}); PostgreSQL, the server and the load generator share the cores",
                     scale.rounds,
                     scale.window,
                     get(pg, &format!("{k}.heartbeat.rps_rounds")),
