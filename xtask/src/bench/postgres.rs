@@ -11,11 +11,11 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::bins::Bins;
 use super::pgcluster::Cluster;
-use super::process::output;
+use super::process::{output, wait_for};
 use super::server;
 use super::store::{SERVER_RSS_BUDGET_KB, StartMeasure, measure_start};
 use super::table::{Row, mib, row, verdict};
@@ -299,23 +299,68 @@ fn start_rows(redb: &Redb, pg: &StartMeasure, rows: &mut Vec<Row>) {
 }
 
 /// Time for a follower to take over the singleton work (heartbeat-timeout
-/// monitor, rollout controller) when the leader dies.
-///
-/// HOOK, not measured yet: the leader lease does not exist in this tree.
-/// Once it does, this function should start two (or three) servers on one
-/// database of `cluster` (`cluster.database("bench_lease")`, the same data
-/// dir for the CA, `server::start_on` with distinct `--listen` ports),
-/// find the leader (its `/metrics` or log), SIGKILL it at t0, and poll the
-/// others until one reports leadership; the row's measured value is that
-/// time, its verdict `verdict(secs <= 15.0)` against [`TAKEOVER_BUDGET`].
-fn follower_takeover(_bins: &Bins, _cluster: &Cluster, _run_dir: &Path) -> Row {
-    row(
-        "PostgreSQL: time for a follower to take over leadership",
-        "not measured (no leader lease in this tree yet)",
-        TAKEOVER_BUDGET,
-        "-",
-        "SIGKILL of the leading server among several on one database, to another server reporting leadership",
-    )
+/// monitor, rollout controller) when the leader dies: three servers on one
+/// database (the second and third from copies of the first's data dir, as a
+/// node joins), the leader found by its log line, SIGKILLed, and the time
+/// until another server logs that it leads.
+fn follower_takeover(bins: &Bins, cluster: &Cluster, run_dir: &Path) -> Row {
+    let what = "PostgreSQL: time for a follower to take over leadership";
+    let how = "three servers on one database; SIGKILL of the leader, to another server logging that it leads (lease 10 s, renewed every 2 s)";
+    match measure_takeover(bins, cluster, run_dir) {
+        Ok(secs) => row(
+            what,
+            format!("{secs:.1} s"),
+            TAKEOVER_BUDGET,
+            verdict(secs <= 15.0),
+            how,
+        ),
+        Err(e) => row(what, format!("failed: {e}"), TAKEOVER_BUDGET, "**MISS**", how),
+    }
+}
+
+/// What a server logs when it takes the leader lease.
+const LEADING: &str = "msg=\"leading:";
+
+fn measure_takeover(bins: &Bins, cluster: &Cluster, run_dir: &Path) -> Result<f64, String> {
+    let url = cluster.database("bench_lease")?;
+    let first = run_dir.join("lease-0");
+    server::init_on(bins, &first, Some(&url))?;
+    let mut servers = Vec::new();
+    let mut logs = Vec::new();
+    for i in 0..3 {
+        let data = run_dir.join(format!("lease-{i}"));
+        if i > 0 {
+            output(Command::new("cp").arg("-a").arg(&first).arg(&data))?;
+        }
+        let log = run_dir.join(format!("lease-{i}.log"));
+        servers.push(server::start_on(
+            bins,
+            &data,
+            Some(&url),
+            &free_listen()?,
+            "1s",
+            &log,
+        )?);
+        logs.push(log);
+    }
+    let leads = |i: usize| {
+        std::fs::read_to_string(&logs[i]).is_ok_and(|text| text.contains(LEADING))
+    };
+    let measured = (|| {
+        let leader = wait_for("a leader", Duration::from_secs(60), || {
+            (0..servers.len()).find(|&i| leads(i))
+        })?;
+        servers[leader].proc.kill();
+        let killed = Instant::now();
+        wait_for("a follower to take over", Duration::from_secs(60), || {
+            (0..servers.len()).find(|&i| i != leader && leads(i))
+        })?;
+        Ok(killed.elapsed().as_secs_f64())
+    })();
+    for server in &mut servers {
+        server.proc.kill();
+    }
+    measured
 }
 
 /// `127.0.0.1:PORT` of a free port, for a server whose URL must be known
