@@ -7,37 +7,39 @@
 //!
 //! # Process-local state
 //!
-//! Everything below lives in this process only. Each item is either a cache
-//! of the store that this server keeps current because it is the only
-//! writer, or state that may be lost on restart. This list is what running
-//! several servers against one PostgreSQL store must replace (docs/design.md
-//! section 14: shared or invalidated through an events table):
+//! Everything below lives in this process. With redb this server is the
+//! store's only writer and keeps each cache current itself. With several
+//! servers on one PostgreSQL store, each cache is also refreshed from the
+//! store's change feed and heartbeat feed (`cluster`, docs/design.md
+//! section 14), within 2 s of a change through another server:
 //!
 //! - `fleet`: every agent's record (a cache of the store; the heartbeat hot
 //!   path and the "may this agent act" gate read it without a store round
 //!   trip) and its heartbeat soft state (newer than the store by at most one
 //!   group commit, `flush_every`; losing it loses the last second of
-//!   heartbeats, which the next heartbeat restores).
+//!   heartbeats, which the next heartbeat restores; other servers' states
+//!   come from the heartbeat feed).
 //! - `configs`: every configuration scope (a cache of the store) and each
 //!   agent's effective document, computed from them.
-//! - `releases`: imported releases (a cache of the store; blobs are files in
-//!   the data dir).
+//! - `releases`: imported releases (a cache of the store).
 //! - `rollouts`: rollout records (a cache of the store), and who is offered
 //!   which release now and the per-stage numbers: recomputed by the rollout
-//!   controller every second from the fleet.
+//!   controller every second from the fleet (on every server; only the
+//!   leader changes a rollout's state).
 //! - `tasks`: every task with each agent's latest status (a cache of the
 //!   store; heartbeat answers read it without a store round trip). Results'
 //!   texts stay in the store.
 //! - `challenges`: outstanding recovery challenges, single-use and valid for a
-//!   minute: losing them costs an agent one retry.
+//!   minute: losing them costs an agent one retry (not shared).
 //! - `admin_tokens`: every admin token (a cache of the store; the gate
 //!   checks each admin request against it without a store round trip).
 //! - `registration_failures` and `admin_failures`: failed registrations
-//!   and admin authentications per source address for the 429 brake: a
-//!   per-server window is a weaker brake, not a hole.
+//!   and admin authentications per source address for the 429 brake (other
+//!   servers' failures arrive through the change feed).
 //! - `lifecycle_lock`: orders durable agent changes with their mirror in
-//!   `fleet` (one writer per process; several servers need the store's
-//!   transactions instead).
+//!   `fleet` on this server (across servers, the store's transactions do).
+//! - `cluster_state`: where this server stands in the feeds and the leader
+//!   lease.
 //! - `connections`, `requests_in_flight`, `stopping` and `metrics`:
 //!   per-process by nature (Prometheus sums
 //!   them over servers).
