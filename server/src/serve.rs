@@ -125,14 +125,32 @@ pub(crate) fn init(dir: &Path, sans: &[String], store: Option<&str>) -> Result<(
 }
 
 /// `stella-server migrate`: copies the redb store of the data dir `from`
-/// (no server may be running on it) into the empty PostgreSQL database `to`,
-/// in one transaction. Agents keep their ids and certificates: the data dir
-/// keeps the CA, and `serve --data-dir FROM --store TO` runs on the copy.
+/// (no server may be running on it) into the empty PostgreSQL database `to`:
+/// first its blobs (each whole or not at all, kept if there already, so a
+/// migration that failed can simply be run again), then every record in one
+/// transaction. Agents keep their ids and certificates: the data dir keeps
+/// the CA, and `serve --data-dir FROM --store TO` runs on the copy.
 pub(crate) fn migrate(from: &Path, to: &str) -> Result<(), Error> {
     let source = RedbStore::open(&from.join(STORE_FILE))?;
     let target = PgStore::open_uninitialized(to)?;
+    // Refused before any blob is copied into a database in use.
+    if target.holds_store()? {
+        return Err(crate::store::StoreError::Exists {
+            what: "store in",
+            key: crate::store::redact(to),
+        }
+        .into());
+    }
     let export = source.export()?;
-    let counts = target.import(&export)?;
+    let blobs = source.blobs()?;
+    for (sha256, size) in &blobs {
+        let path = crate::blobs::blob_path(from, sha256);
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        target.put_blob(sha256, *size, &mut file)?;
+    }
+    let mut counts = target.import(&export)?;
+    counts.push(("blobs", blobs.len()));
     let summary: Vec<String> = counts
         .iter()
         .map(|(table, n)| format!("{table}={n}"))

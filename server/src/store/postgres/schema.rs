@@ -76,6 +76,18 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     CREATE TABLE admin_tokens (name text PRIMARY KEY, record text NOT NULL);
     ",
     ),
+    (
+        5,
+        "
+    CREATE TABLE blob_chunks (
+        sha256 text NOT NULL,
+        seq integer NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (sha256, seq)
+    );
+    CREATE TABLE blobs (sha256 text PRIMARY KEY, size bigint NOT NULL);
+    ",
+    ),
 ];
 
 /// The schema version this server writes.
