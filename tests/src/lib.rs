@@ -391,6 +391,41 @@ impl Server {
     pub fn ca_pem(&self) -> PathBuf {
         self.data.join("ca.pem")
     }
+
+    /// Another server on this server's PostgreSQL store, as a new node
+    /// joins (docs/operations.md): a data dir of its own holding a copy of
+    /// this one's CA, server certificate and key and admin token, and
+    /// nothing else (no blobs).
+    pub fn second_node(&self, opts: &ServerOptions) -> Self {
+        let store = self
+            .store
+            .as_deref()
+            .expect("a second node shares a PostgreSQL store");
+        let dir = TempDir::new("server");
+        let data = dir.join("data");
+        fs::create_dir_all(&data).expect("data dir");
+        fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("data dir mode");
+        for name in [
+            "ca.pem",
+            "ca.key",
+            "server.pem",
+            "server.key",
+            "admin.token",
+        ] {
+            fs::copy(self.data.join(name), data.join(name)).expect("copy the node's files");
+        }
+        let (proc, url) = spawn_serve(&dir, &data, Some(store), opts, "127.0.0.1:0");
+        Self {
+            dir,
+            data,
+            url,
+            pin: self.pin.clone(),
+            admin_token: self.admin_token.clone(),
+            proc,
+            store: Some(store.to_owned()),
+        }
+    }
 }
 
 /// Starts `serve` on a free loopback port and waits for `/healthz`.
