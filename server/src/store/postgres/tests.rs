@@ -427,9 +427,7 @@ fn migrate_copies_the_data_dirs_blobs_and_refuses_a_used_target_first() {
     // A database that holds a store is refused before any blob is copied.
     let used = database(&pg, "migrate_used");
     PgStore::create(&used, "cd").unwrap();
-    let refused = crate::serve::migrate(dir.path(), &used)
-        .err()
-        .expect("a used target is refused");
+    let refused = crate::serve::migrate(dir.path(), &used).expect_err("a used target is refused");
     assert!(refused.to_string().contains("exists already"), "{refused}");
     assert!(PgStore::open(&used).unwrap().blobs().unwrap().is_empty());
 }
