@@ -717,6 +717,8 @@ async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStrea
 
 #[cfg(test)]
 mod tests {
+    use stella_tests::postgres::Postgres;
+
     use super::*;
 
     #[test]
@@ -737,5 +739,39 @@ mod tests {
         drop((second, again));
         assert_eq!(Metrics::load(&metrics.handshakes_in_progress), 0);
         assert_eq!(Metrics::load(&metrics.handshakes_shed), 2);
+    }
+
+    #[test]
+    fn migrate_copies_the_data_dirs_blobs_and_refuses_a_used_target_first() {
+        let test = "migrate_copies_the_data_dirs_blobs_and_refuses_a_used_target_first";
+        let Some(pg) = Postgres::start(test) else {
+            return;
+        };
+        let dir = stella_tests::TempDir::new("pg-migrate-blobs");
+        let redb = RedbStore::create(&dir.join("server.redb"), "ab12").unwrap();
+        let bytes: Vec<u8> = (0..(3u32 << 19)).map(|i| (i % 253) as u8).collect();
+        let sha256 = stella_proto::hash::hex(&stella_proto::hash::sha256(&bytes));
+        redb.put_blob(&sha256, bytes.len() as u64, &mut &bytes[..])
+            .unwrap();
+        assert!(dir.join(&format!("blobs/sha256/{sha256}")).is_file());
+        drop(redb);
+
+        let url = pg.database("migrate_blobs");
+        migrate(dir.path(), &url).unwrap();
+        let store = PgStore::open(&url).unwrap();
+        assert_eq!(
+            store.blobs().unwrap(),
+            [(sha256.clone(), bytes.len() as u64)]
+        );
+        let mut copied = Vec::new();
+        assert!(store.copy_blob(&sha256, &mut copied).unwrap());
+        assert!(copied == bytes);
+
+        // A database that holds a store is refused before any blob is copied.
+        let used = pg.database("migrate_used");
+        PgStore::create(&used, "cd").unwrap();
+        let refused = migrate(dir.path(), &used).expect_err("a used target is refused");
+        assert!(refused.to_string().contains("exists already"), "{refused}");
+        assert!(PgStore::open(&used).unwrap().blobs().unwrap().is_empty());
     }
 }
