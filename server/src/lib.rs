@@ -12,6 +12,7 @@ mod backup;
 mod blobs;
 pub mod ca;
 mod cli;
+mod cluster;
 mod config;
 mod error;
 mod fsutil;

@@ -123,6 +123,50 @@ impl Fleet {
         }
     }
 
+    /// Puts a record another server wrote in the fleet: mirrors it, or
+    /// takes in an agent enrolled through another server (from `now_ms`,
+    /// as a fresh enrollment).
+    pub(crate) fn adopt(&mut self, record: AgentRecord, configs: &mut Configs, now_ms: u64) {
+        if self.agents.contains_key(&record.id) {
+            self.mirror(record, now_ms);
+            return;
+        }
+        let desired = configs.desired(&record);
+        self.agents.insert(
+            record.id.clone(),
+            Box::new(LiveAgent {
+                record,
+                hb: HeartbeatState::default(),
+                last_seen_ms: now_ms,
+                desired,
+            }),
+        );
+    }
+
+    /// Takes the heartbeat state another server saved for agent `id` when
+    /// it is newer than this server's (the agent heartbeats there now);
+    /// returns whether it did. Not marked dirty: it is stored already.
+    pub(crate) fn merge_heartbeat(&mut self, id: &str, hb: HeartbeatState) -> bool {
+        let Some(live) = self.agents.get_mut(id) else {
+            return false;
+        };
+        if hb.last_heartbeat_ms <= live.hb.last_heartbeat_ms {
+            return false;
+        }
+        live.last_seen_ms = live.last_seen_ms.max(hb.last_heartbeat_ms);
+        live.hb = hb;
+        true
+    }
+
+    /// Gives every agent a fresh start from `now_ms`, as at start-up: a
+    /// server that just took over the timeout monitor may have missed
+    /// heartbeats others received, which is not the agents' fault.
+    pub(crate) fn fresh_start(&mut self, now_ms: u64) {
+        for live in self.agents.values_mut() {
+            live.last_seen_ms = live.last_seen_ms.max(now_ms);
+        }
+    }
+
     /// Puts a freshly committed record in the fleet.
     pub(crate) fn mirror(&mut self, record: AgentRecord, now_ms: u64) {
         if let Some(live) = self.agents.get_mut(&record.id) {

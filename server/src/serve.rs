@@ -324,6 +324,7 @@ pub(crate) fn serve(opts: ServeOptions) -> Result<(), Error> {
         ex.spawn(app::timeout_monitor(app.clone())).detach();
         ex.spawn(app::heartbeat_flusher(app.clone())).detach();
         ex.spawn(app::controller(app.clone())).detach();
+        ex.spawn(app::follow(app.clone())).detach();
         let mut signals = Signals::new([Signal::Term, Signal::Int])
             .map_err(|e| Error::io("cannot handle SIGTERM", e))?;
         loop {
@@ -385,6 +386,8 @@ async fn stop(app: &Arc<App>) -> Result<(), Error> {
         smol::Timer::after(Duration::from_millis(10)).await;
     }
     app::flush_heartbeats(app).await;
+    let app2 = app.clone();
+    smol::unblock(move || app::step_down(&app2)).await;
     log::info("stopped", &[]);
     Ok(())
 }
@@ -649,6 +652,9 @@ async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStrea
             head.request.keep_alive && !app.stopping.load(std::sync::atomic::Ordering::SeqCst);
         // The gate, on the head alone: a caller who fails is answered before
         // a byte of its body is looked at.
+        if let Some(peer) = &peer {
+            app.know_agent(&peer.agent_id).await;
+        }
         let admitted = match api::admit(&app, peer.as_ref(), source, &head.request) {
             Ok(admitted) => admitted,
             Err(resp) => {

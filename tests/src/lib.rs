@@ -4,6 +4,7 @@
 //! child process is killed by PID when its handle drops.
 #![forbid(unsafe_code)]
 
+pub mod haproxy;
 pub mod postgres;
 pub mod raw;
 pub mod release;
@@ -296,6 +297,41 @@ impl Server {
         }
     }
 
+    /// Another node of this server's cluster: a server on the same
+    /// PostgreSQL store with a copy of this one's data dir (its CA, server
+    /// certificate and admin token; docs/operations.md, "Adding a node"),
+    /// serving on a new free port.
+    pub fn join(&self, opts: &ServerOptions) -> Self {
+        let store = self
+            .store
+            .as_deref()
+            .expect("a node joins a server on PostgreSQL");
+        let dir = TempDir::new("server");
+        let data = dir.join("data");
+        let out = run(Command::new("cp").arg("-a").arg(&self.data).arg(&data));
+        assert!(out.status.success(), "copy the data dir: {:?}", text(&out));
+        let _ = fs::remove_dir_all(data.join("blobs"));
+        let (proc, url) = spawn_serve(&dir, &data, Some(store), opts, "127.0.0.1:0");
+        Self {
+            dir,
+            data,
+            url,
+            pin: self.pin.clone(),
+            admin_token: self.admin_token.clone(),
+            proc,
+            store: Some(store.to_owned()),
+        }
+    }
+
+    /// `/metrics` value `name` (a counter or gauge without labels).
+    pub fn metric(&self, name: &str) -> u64 {
+        let (status, body) = self.client().get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+    }
+
     /// Starts `serve` again (after `kill`) on a new free port.
     pub fn serve(&mut self, opts: &ServerOptions) {
         let (proc, url) = spawn_serve(
@@ -390,41 +426,6 @@ impl Server {
 
     pub fn ca_pem(&self) -> PathBuf {
         self.data.join("ca.pem")
-    }
-
-    /// Another server on this server's PostgreSQL store, as a new node
-    /// joins (docs/operations.md): a data dir of its own holding a copy of
-    /// this one's CA, server certificate and key and admin token, and
-    /// nothing else (no blobs).
-    pub fn second_node(&self, opts: &ServerOptions) -> Self {
-        let store = self
-            .store
-            .as_deref()
-            .expect("a second node shares a PostgreSQL store");
-        let dir = TempDir::new("server");
-        let data = dir.join("data");
-        fs::create_dir_all(&data).expect("data dir");
-        fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .expect("data dir mode");
-        for name in [
-            "ca.pem",
-            "ca.key",
-            "server.pem",
-            "server.key",
-            "admin.token",
-        ] {
-            fs::copy(self.data.join(name), data.join(name)).expect("copy the node's files");
-        }
-        let (proc, url) = spawn_serve(&dir, &data, Some(store), opts, "127.0.0.1:0");
-        Self {
-            dir,
-            data,
-            url,
-            pin: self.pin.clone(),
-            admin_token: self.admin_token.clone(),
-            proc,
-            store: Some(store.to_owned()),
-        }
     }
 }
 
@@ -602,14 +603,20 @@ impl AgentDir {
 
     /// `bootstrap` with the server's CA hash, plus `extra` arguments.
     pub fn bootstrap(&self, server: &Server, token: &str, extra: &[&str]) -> Output {
+        self.bootstrap_at(&server.url, &server.pin, token, extra)
+    }
+
+    /// `bootstrap` against `url` (the server, or a load balancer in front
+    /// of it) pinning the CA hash `pin`.
+    pub fn bootstrap_at(&self, url: &str, pin: &str, token: &str, extra: &[&str]) -> Output {
         let mut args = vec![
             "bootstrap",
             "--server",
-            &server.url,
+            url,
             "--token",
             token,
             "--ca-hash",
-            &server.pin,
+            pin,
         ];
         args.extend_from_slice(extra);
         run(&mut self.command(&args))
@@ -617,8 +624,14 @@ impl AgentDir {
 
     /// `bootstrap` that must succeed; returns the agent id.
     pub fn enroll(&self, server: &Server, name: &str) -> String {
+        self.enroll_at(server, &server.url, name)
+    }
+
+    /// `enroll` through `url` (a load balancer in front of `server`, whose
+    /// token and CA hash it uses); the agent keeps `url` as its server.
+    pub fn enroll_at(&self, server: &Server, url: &str, name: &str) -> String {
         let token = server.token(&["--ttl", "10m"]);
-        let out = self.bootstrap(server, &token, &["--name", name]);
+        let out = self.bootstrap_at(url, &server.pin, &token, &["--name", name]);
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "bootstrap failed: {stdout}{stderr}");
         let id = stdout.trim().to_owned();

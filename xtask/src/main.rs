@@ -53,10 +53,13 @@ usage: cargo xtask <command>
                 dist, or a prebuilt DIST dir), release-key.pub, ca.pem,
                 bootstrap.json, install.sh, README.txt, all signed into
                 DIR/release.dsse.json; and DIR.tar
-  bench [--quick] [--only storm]
+  bench [--quick] [--store postgres] [--only storm|postgres]
                 measure the agent and server against docs/design.md section 13
                 (release builds, real processes on loopback); prints one
-                table and writes BENCHMARKS.md (--quick: about 2 minutes)";
+                table and writes BENCHMARKS.md (--quick: about 2 minutes;
+                --store postgres: the server on PostgreSQL too, as ratios of
+                redb's, in its own section; --only postgres: only the server
+                phases on both stores, replacing only that section)";
 
 /// The workspace root (the parent of this crate's directory).
 pub(crate) fn project_root() -> PathBuf {
@@ -138,6 +141,12 @@ fn postgres_installed() -> bool {
     })
 }
 
+/// Whether Debian's haproxy is installed (in /usr/sbin, which an
+/// unprivileged user's PATH may lack): the load-balancer tests start it.
+fn haproxy_installed() -> bool {
+    dist::on_path("haproxy") || std::path::Path::new("/usr/sbin/haproxy").is_file()
+}
+
 /// The version of the second agent build the update tests install.
 const NEXT_AGENT_VERSION: &str = "0.2.0";
 
@@ -155,6 +164,9 @@ fn test(args: &[OsString]) -> Result<(), String> {
         .collect();
     if !postgres_installed() {
         missing.push("PostgreSQL (initdb under /usr/lib/postgresql)");
+    }
+    if !haproxy_installed() {
+        missing.push("haproxy (/usr/sbin/haproxy)");
     }
     if !missing.is_empty() {
         return Err(format!(
@@ -319,6 +331,15 @@ mod tests {
         ));
         assert!(matches!(Task::parse(["demo", "--once"]), Ok(Task::Demo(_))));
         assert!(matches!(Task::parse(["bench"]), Ok(Task::Bench(_))));
+        for bench in [
+            &["bench", "--store", "postgres"][..],
+            &["bench", "--only", "postgres", "--quick"],
+        ] {
+            assert!(
+                matches!(Task::parse(bench), Ok(Task::Bench(_))),
+                "{bench:?}"
+            );
+        }
         for help in [
             &["help"][..],
             &["--help"],
@@ -332,7 +353,7 @@ mod tests {
 
     #[test]
     fn usage_errors_say_what_is_wrong() {
-        let cases: [(&[&str], &str); 5] = [
+        let cases: [(&[&str], &str); 7] = [
             (&[], "no command given"),
             (&["build"], "unknown command \"build\""),
             (&["--version"], "unknown command \"--version\""),
@@ -341,6 +362,8 @@ mod tests {
                 "bench: unexpected argument \"--fast\"",
             ),
             (&["demo", "now"], "demo: unexpected argument \"now\""),
+            (&["bench", "--store", "mysql"], "bench: --store \"mysql\""),
+            (&["bench", "--only", "agent"], "storm, postgres"),
         ];
         for (list, want) in cases {
             let err = Task::parse(list).unwrap_err().to_string();

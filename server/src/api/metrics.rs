@@ -73,6 +73,11 @@ pub(super) fn metrics(app: &App) -> Response {
             load(&m.recoveries),
         ),
         (
+            "stella_cluster_changes_applied_total",
+            "Changes other servers made, applied from the store's change feed.",
+            load(&m.changes_applied),
+        ),
+        (
             "stella_store_errors_total",
             "Store operations that failed (I/O errors such as a full disk, among others).",
             store.errors,
@@ -97,6 +102,11 @@ pub(super) fn metrics(app: &App) -> Response {
         out,
         "# HELP stella_store_writable Whether the last store write succeeded (0 while the store cannot write).\n# TYPE stella_store_writable gauge\nstella_store_writable {}",
         u8::from(store.unwritable.is_none())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP stella_leader Whether this server does the singleton work now (timeout monitor, rollout controller): always 1 on a store it alone writes.\n# TYPE stella_leader gauge\nstella_leader {}",
+        u8::from(app.leads().is_some())
     );
     Response::new(200, "text/plain; version=0.0.4", out.into_bytes())
 }

@@ -28,7 +28,7 @@ use crate::http::{self, Request, Response};
 use crate::lifecycle::Act;
 use crate::refusal::{Refusal, Why};
 use crate::roles::{Caller, Role};
-use crate::store::StoreError;
+use crate::store::{ChangeKind, StoreError};
 
 /// The agent behind a verified client certificate.
 #[derive(Debug, Clone)]
@@ -474,6 +474,12 @@ pub(crate) fn admit(
     match authenticate(app, route, peer, source, head) {
         Ok(caller) => Ok(Admitted { route, caller }),
         Err((refusal, caller)) => {
+            if matches!(route.auth, Auth::Admin(_))
+                && refusal.why == Why::Unauthorized
+                && caller.is_none()
+            {
+                app.share_failure(ChangeKind::AdminFailure, source);
+            }
             let audited = matches!(route.auth, Auth::Admin(_) | Auth::Agent(Act::Renew));
             if audited && refusal.why != Why::TooManyRequests {
                 // Off the async threads, and not waited for: the caller's

@@ -516,6 +516,10 @@ pub(crate) async fn timeout_monitor(app: Arc<App>) {
     let misses = app.settings.heartbeat_misses;
     loop {
         smol::Timer::after(tick).await;
+        // Singleton work: only the leader marks agents (see app::cluster).
+        let Some(fence) = app.leads() else {
+            continue;
+        };
         let now = now_ms();
         let overdue: Vec<String> = {
             let fleet = lock(&app.fleet);
@@ -531,8 +535,28 @@ pub(crate) async fn timeout_monitor(app: Arc<App>) {
         }
         let app2 = app.clone();
         let result = smol::unblock(move || {
-            let ids: Vec<&str> = overdue.iter().map(String::as_str).collect();
-            app2.transition(&ids, Transition::TimedOut).map(|_| ())
+            // Heartbeats other servers took are read first: an agent that
+            // heartbeats elsewhere is not overdue.
+            app2.follow_heartbeats();
+            let now = now_ms();
+            let still: Vec<&str> = {
+                let fleet = lock(&app2.fleet);
+                overdue
+                    .iter()
+                    .filter(|id| {
+                        fleet
+                            .agents
+                            .get(id.as_str())
+                            .is_some_and(|a| a.is_overdue(now, default, misses))
+                    })
+                    .map(String::as_str)
+                    .collect()
+            };
+            if still.is_empty() {
+                return Ok(());
+            }
+            app2.as_leader(fence, || app2.transition(&still, Transition::TimedOut))
+                .map(|_| ())
         })
         .await;
         if let Err(e) = result {

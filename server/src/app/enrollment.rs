@@ -16,6 +16,7 @@ use crate::lifecycle::LiveAgent;
 use crate::log;
 use crate::records::{CertRecord, HeartbeatState};
 use crate::refusal::{Refusal, Why};
+use crate::store::ChangeKind;
 use crate::tokens::{self, Decision};
 
 impl App {
@@ -73,6 +74,12 @@ impl App {
             && r.why == Why::Unauthorized
         {
             lock(&self.registration_failures).record(source, now_ms());
+            if let Some(cluster) = self.store.cluster() {
+                // Every server's brake counts it (best effort: the local
+                // one holds anyway).
+                let _ =
+                    cluster.record_failure(ChangeKind::RegistrationFailure, &source.to_string());
+            }
         }
         result
     }

@@ -49,6 +49,7 @@
 mod agents;
 mod blobs;
 mod certificates;
+mod cluster;
 mod configuration;
 mod doctor;
 mod enrollment;
@@ -66,6 +67,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub(crate) use self::agents::{
     AgentAction, AgentFilter, flush_heartbeats, heartbeat_flusher, timeout_monitor,
 };
+use self::cluster::ClusterState;
+pub(crate) use self::cluster::{follow, step_down};
 pub(crate) use self::rollouts::controller;
 use crate::ca::Ca;
 use crate::config::Configs;
@@ -118,11 +121,17 @@ pub(crate) struct Metrics {
     /// TLS handshakes in progress now (a gauge; also the gate's count).
     pub(crate) handshakes_in_progress: AtomicU64,
     pub(crate) handshakes: AtomicU64,
+    /// Changes other servers made, applied from the change feed.
+    pub(crate) changes_applied: AtomicU64,
 }
 
 impl Metrics {
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn load(counter: &AtomicU64) -> u64 {
@@ -168,6 +177,9 @@ pub(crate) struct App {
     /// accepted.
     pub(crate) stopping: AtomicBool,
     pub(crate) metrics: Metrics,
+    /// Where this server stands among the others sharing its store (`None`
+    /// when it is the store's only writer).
+    pub(crate) cluster_state: Option<Mutex<ClusterState>>,
 }
 
 impl App {
@@ -179,6 +191,11 @@ impl App {
         data_dir: PathBuf,
         max_connections: usize,
     ) -> Result<Self, Error> {
+        let cluster_state = store
+            .cluster()
+            .map(ClusterState::start)
+            .transpose()?
+            .map(Mutex::new);
         let admin_tokens = operators::load_admin_tokens(store.as_ref())?;
         let started_ms = now_ms();
         let mut configs = Configs::load(store.configs()?)?;
@@ -208,6 +225,7 @@ impl App {
             requests_in_flight: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             metrics: Metrics::default(),
+            cluster_state,
         })
     }
 

@@ -39,11 +39,17 @@ impl App {
         for mut rec in live {
             let targets = self.release_targets(&rec.release);
             let eval = rollout::evaluate(&rec, &agents, &targets, now_ms());
-            if let Some(change) = eval.change.clone() {
+            // Every server offers what the rollout's state says; only the
+            // leader moves that state on (fenced: a deposed leader's write
+            // is refused).
+            let leader = self.leads();
+            if let (Some(change), Some(fence)) = (eval.change.clone(), leader) {
                 let _serial = lock(&self.lifecycle_lock);
                 let action = rollout::apply(&mut rec, &change);
-                self.store
-                    .put_rollout(&rec, now_secs(), action, &format!("{change:?}"))?;
+                self.as_leader(fence, || {
+                    self.store
+                        .put_rollout(&rec, now_secs(), action, &format!("{change:?}"))
+                })?;
                 log::info(
                     "rollout changed",
                     &[

@@ -30,9 +30,11 @@ mod redb;
 #[cfg(test)]
 pub(crate) mod conformance;
 
+use std::cell::Cell;
 use std::fmt;
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::records::{
     AdminTokenRecord, AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord,
@@ -87,6 +89,9 @@ pub enum StoreError {
     Exists { what: &'static str, key: String },
     /// The caller's rule refused the change; nothing was written.
     Aborted(Refusal),
+    /// Singleton work fenced off: this server no longer holds the lease it
+    /// acted under (another server leads now); nothing was written.
+    Fenced { lease: &'static str },
 }
 
 impl fmt::Display for StoreError {
@@ -130,6 +135,10 @@ impl fmt::Display for StoreError {
             StoreError::NotFound { what, key } => write!(f, "no {what} with id {key}"),
             StoreError::Exists { what, key } => write!(f, "{what} {key} exists already"),
             StoreError::Aborted(refusal) => refusal.fmt(f),
+            StoreError::Fenced { lease } => write!(
+                f,
+                "this server no longer holds the {lease} lease (another server leads now); nothing was written"
+            ),
         }
     }
 }
@@ -420,6 +429,165 @@ pub(crate) trait Store: Send + Sync {
 
     /// Every stored blob: (sha256, size), by sha256.
     fn blobs(&self) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// What a store that several servers share offers them to stay in step
+    /// (`None`: this server is the store's only writer, as with redb).
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        None
+    }
+}
+
+/// What changed, as the events table names it: which cache to refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChangeKind {
+    /// An agent's record (key: its id): enrolled, changed status, renewed.
+    Agent,
+    /// A configuration scope (key: the scope).
+    Config,
+    /// An imported release (key: its version).
+    Release,
+    /// A rollout (key: its id).
+    Rollout,
+    /// A task created or cancelled (key: its id).
+    Task,
+    /// An agent's result of a task (key: `<task>/<agent>`).
+    TaskResult,
+    /// An admin token created or revoked (key: its name).
+    AdminToken,
+    /// A failed registration (key: the source address), for the brake.
+    RegistrationFailure,
+    /// A failed admin authentication (key: the source address).
+    AdminFailure,
+}
+
+impl ChangeKind {
+    pub(crate) const ALL: [ChangeKind; 9] = [
+        ChangeKind::Agent,
+        ChangeKind::Config,
+        ChangeKind::Release,
+        ChangeKind::Rollout,
+        ChangeKind::Task,
+        ChangeKind::TaskResult,
+        ChangeKind::AdminToken,
+        ChangeKind::RegistrationFailure,
+        ChangeKind::AdminFailure,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Agent => "agent",
+            ChangeKind::Config => "config",
+            ChangeKind::Release => "release",
+            ChangeKind::Rollout => "rollout",
+            ChangeKind::Task => "task",
+            ChangeKind::TaskResult => "task_result",
+            ChangeKind::AdminToken => "admin_token",
+            ChangeKind::RegistrationFailure => "registration_failure",
+            ChangeKind::AdminFailure => "admin_failure",
+        }
+    }
+
+    /// `None` for a kind a newer server wrote: skipped, not an error.
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+/// One change another server made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChangeEvent {
+    /// Its place in the events table (increasing, with gaps).
+    pub(crate) seq: u64,
+    pub(crate) kind: Option<ChangeKind>,
+    pub(crate) key: String,
+}
+
+/// A read of the events: each with whether this server wrote it, and the
+/// oldest sequence number kept.
+pub(crate) type ChangesRead = (Vec<(ChangeEvent, bool)>, u64);
+
+/// How a wait for changes ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// A notification arrived: read the events.
+    Notified,
+    /// Nothing arrived in time: read the events anyway (a notification can
+    /// be lost; the table cannot).
+    Quiet,
+    /// The listener was lost and is listening again: changes may have been
+    /// missed while it was away, so resync every cache.
+    Resync,
+}
+
+/// A store several servers share: the change feed that keeps their caches
+/// in step (an events table written in the same transaction as each change
+/// is the truth; a notification only wakes the readers), the heartbeat
+/// feed, and the lease that elects one server for singleton work.
+pub(crate) trait Cluster: Send + Sync {
+    /// This server's name in the feeds and the lease (random per process).
+    fn node(&self) -> &str;
+
+    /// The newest event's sequence number (0 when there is none): where a
+    /// server that just loaded its caches starts reading.
+    fn last_change(&self) -> Result<u64, StoreError>;
+
+    /// Up to `limit` events after `after`, in sequence order, each with
+    /// whether this server wrote it, and the oldest sequence number still
+    /// kept (events older than an hour are pruned: a reader behind that
+    /// must resync).
+    fn changes_since(&self, after: u64, limit: usize) -> Result<ChangesRead, StoreError>;
+
+    /// Waits up to `timeout` for a notification of new events.
+    fn wait_for_change(&self, timeout: Duration) -> Wake;
+
+    /// Records a failed registration or admin authentication from `source`
+    /// for every server's brake.
+    fn record_failure(&self, kind: ChangeKind, source: &str) -> Result<(), StoreError>;
+
+    /// Heartbeat states other servers saved since `since_ms` (the
+    /// database's clock), with the database's time now.
+    fn heartbeats_since(
+        &self,
+        since_ms: u64,
+    ) -> Result<(Vec<(String, HeartbeatState)>, u64), StoreError>;
+
+    /// One task result.
+    fn task_result(&self, task: &str, agent: &str) -> Result<Option<TaskResultRecord>, StoreError>;
+
+    /// Takes or renews lease `name` for `ttl` (by the database's clock);
+    /// returns its fencing token when this server holds it, `None` when
+    /// another server does. A new holder gets a greater token.
+    fn acquire_lease(&self, name: &'static str, ttl: Duration) -> Result<Option<u64>, StoreError>;
+
+    /// Gives lease `name` up at once (a graceful stop), if held.
+    fn release_lease(&self, name: &'static str) -> Result<(), StoreError>;
+
+    /// Deletes events older than `age`.
+    fn prune_changes(&self, age: Duration) -> Result<u64, StoreError>;
+}
+
+thread_local! {
+    /// The lease and fencing token the singleton work on this thread acts
+    /// under (see [`fenced`]).
+    static FENCE: Cell<Option<(&'static str, u64)>> = const { Cell::new(None) };
+}
+
+/// Runs `work` with every store write on this thread fenced by lease
+/// `lease` held with token `fence`: a backend that several servers share
+/// checks, inside each write's transaction, that the lease is still held
+/// with that token, and refuses the write otherwise ([`StoreError::Fenced`]),
+/// so a server that lost its lease (paused, partitioned) cannot act as the
+/// leader any more. The store runs its work on the caller's thread.
+pub(crate) fn fenced<T>(lease: &'static str, fence: u64, work: impl FnOnce() -> T) -> T {
+    let before = FENCE.with(|f| f.replace(Some((lease, fence))));
+    let out = work();
+    FENCE.with(|f| f.set(before));
+    out
+}
+
+/// The lease and token writes on this thread are fenced by, if any.
+pub(crate) fn current_fence() -> Option<(&'static str, u64)> {
+    FENCE.with(Cell::get)
 }
 
 /// Takes one row of a snapshot: `(table, key, value)`.

@@ -128,7 +128,7 @@ fn a_release_uploaded_through_one_server_is_served_by_another_with_range() {
     on_a.enroll(&a, "on-a");
 
     // Server B starts after the import, from a copy of A's CA and keys only.
-    let b = a.second_node(&opts);
+    let b = a.join(&opts);
     assert!(blob_files(&b).is_empty(), "B starts without blobs");
     let listed = b.admin_ok(&["release", "list"]);
     assert!(listed.contains(NEXT), "{listed}");

@@ -5,6 +5,7 @@
 mod api;
 mod artifacts;
 mod bundle;
+mod cluster;
 mod config;
 mod console;
 mod crash;
@@ -12,6 +13,7 @@ mod cross;
 mod doctor;
 mod enrollment;
 mod faults;
+mod haproxy;
 mod hostile;
 mod lifecycle;
 mod ondemand;

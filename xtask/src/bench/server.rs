@@ -35,21 +35,35 @@ pub(super) fn start(
     interval: &str,
     log: &Path,
 ) -> Result<Server, String> {
+    start_on(bin, data, None, listen, interval, log)
+}
+
+/// `start` with the store in PostgreSQL (`store`: its URL) or, `None`,
+/// redb in the data dir.
+pub(super) fn start_on(
+    bin: &Bins,
+    data: &Path,
+    store: Option<&str>,
+    listen: &str,
+    interval: &str,
+    log: &Path,
+) -> Result<Server, String> {
     let _ = fs::remove_file(data.join("server.url"));
-    let proc = spawn(
-        "stella-server",
-        with_nofile(&bin.server)
-            .args([
-                "serve",
-                "--listen",
-                listen,
-                "--heartbeat-interval",
-                interval,
-            ])
-            .args(["--heartbeat-misses", "50", "--data-dir"])
-            .arg(data),
-        log,
-    )?;
+    let mut serve = with_nofile(&bin.server);
+    serve
+        .args([
+            "serve",
+            "--listen",
+            listen,
+            "--heartbeat-interval",
+            interval,
+        ])
+        .args(["--heartbeat-misses", "50", "--data-dir"])
+        .arg(data);
+    if let Some(store) = store {
+        serve.args(["--store", store]);
+    }
+    let proc = spawn("stella-server", &mut serve, log)?;
     let url = wait_for("the server to listen", Duration::from_secs(120), || {
         fs::read_to_string(data.join("server.url"))
             .ok()
@@ -64,12 +78,17 @@ pub(super) fn start(
 }
 
 pub(super) fn init(bin: &Bins, data: &Path) -> Result<(), String> {
-    output(
-        Command::new(&bin.server)
-            .args(["init", "--data-dir"])
-            .arg(data),
-    )
-    .map(drop)
+    init_on(bin, data, None)
+}
+
+/// `init` with the store in PostgreSQL (`store`: its URL) or redb.
+pub(super) fn init_on(bin: &Bins, data: &Path, store: Option<&str>) -> Result<(), String> {
+    let mut init = Command::new(&bin.server);
+    init.args(["init", "--data-dir"]).arg(data);
+    if let Some(store) = store {
+        init.args(["--store", store]);
+    }
+    output(&mut init).map(drop)
 }
 
 pub(super) fn admin(bin: &Bins, data: &Path, args: &[&str]) -> Result<String, String> {
@@ -88,6 +107,93 @@ pub(super) fn parse_kv(path: &Path) -> BTreeMap<String, String> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
+}
+
+/// Runs `stella-loadgen fleet` against `server` (a fresh store): it
+/// enrolls `scale.enroll` agents, loads `scale.conns` connections and grows
+/// the store to `fill` agents (none when `fill` is not above the enrolled).
+/// Writes `{name}.txt` (its results) and `{name}.log` in `run_dir`; returns
+/// the results and the server's last `/proc` status meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_fleet(
+    bins: &Bins,
+    server: &Server,
+    run_dir: &Path,
+    name: &str,
+    scale: &Scale,
+    fill: usize,
+    poll_agents: &mut dyn FnMut() -> Result<(), String>,
+    load_max: &mut f64,
+    problems: &mut Vec<String>,
+) -> Result<(BTreeMap<String, String>, Status), String> {
+    let fleet_token = admin(
+        bins,
+        &server.data,
+        &[
+            "token",
+            "create",
+            "--uses",
+            &(fill.max(scale.enroll) + 10).to_string(),
+            "--ttl",
+            "1h",
+        ],
+    )?
+    .trim()
+    .to_owned();
+    let results = run_dir.join(format!("{name}.txt"));
+    let log = run_dir.join(format!("{name}.log"));
+    let mut loadgen = {
+        let mut cmd = with_nofile(&bins.loadgen);
+        cmd.args([
+            "fleet",
+            "--server",
+            &server.url,
+            "--token",
+            &fleet_token,
+            "--ca",
+        ])
+        .arg(server.data.join("ca.pem"))
+        .arg("--out")
+        .arg(&results)
+        .args(["--enroll", &scale.enroll.to_string(), "--concurrency", "16"])
+        .args([
+            "--conns",
+            scale.conns,
+            "--rounds",
+            &scale.rounds.to_string(),
+        ])
+        .args(["--warmup", scale.warmup, "--window", scale.window])
+        .args([
+            "--fill",
+            &fill.to_string(),
+            "--fill-deadline",
+            scale.fill_deadline,
+        ]);
+        spawn("stella-loadgen", &mut cmd, &log)?
+    };
+    eprintln!(
+        "xtask bench: load generator running (log: {})",
+        log.display()
+    );
+    let mut server_peak_load = Status::default();
+    let status = loop {
+        poll_agents()?;
+        if let Some(st) = proc_status(server.proc.pid()) {
+            server_peak_load = st;
+        }
+        *load_max = load_max.max(load_average());
+        if let Some(status) = loadgen.exited() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if !status.success() {
+        problems.push(format!(
+            "the load generator failed ({status}); see {}",
+            log.display()
+        ));
+    }
+    Ok((parse_kv(&results), server_peak_load))
 }
 
 /// The fleet server after the load, with what the load generator wrote.
@@ -122,73 +228,17 @@ pub(super) fn load(
         "1h",
         &run_dir.join("fleet-server.log"),
     )?;
-    let fleet_token = admin(
+    let (kv, server_peak_load) = run_fleet(
         bins,
-        &s1_data,
-        &[
-            "token",
-            "create",
-            "--uses",
-            &(scale.fill.max(scale.enroll) + 10).to_string(),
-            "--ttl",
-            "1h",
-        ],
-    )?
-    .trim()
-    .to_owned();
-    let results = run_dir.join("loadgen.txt");
-    let mut loadgen = {
-        let mut cmd = with_nofile(&bins.loadgen);
-        cmd.args([
-            "fleet",
-            "--server",
-            &s1.url,
-            "--token",
-            &fleet_token,
-            "--ca",
-        ])
-        .arg(s1_data.join("ca.pem"))
-        .arg("--out")
-        .arg(&results)
-        .args(["--enroll", &scale.enroll.to_string(), "--concurrency", "16"])
-        .args([
-            "--conns",
-            scale.conns,
-            "--rounds",
-            &scale.rounds.to_string(),
-        ])
-        .args(["--warmup", scale.warmup, "--window", scale.window])
-        .args([
-            "--fill",
-            &scale.fill.to_string(),
-            "--fill-deadline",
-            scale.fill_deadline,
-        ]);
-        spawn("stella-loadgen", &mut cmd, &run_dir.join("loadgen.log"))?
-    };
-    eprintln!(
-        "xtask bench: load generator running (log: {})",
-        run_dir.join("loadgen.log").display()
-    );
-    let mut server_peak_load = Status::default();
-    let status = loop {
-        poll_agents()?;
-        if let Some(st) = proc_status(s1.proc.pid()) {
-            server_peak_load = st;
-        }
-        *load_max = load_max.max(load_average());
-        if let Some(status) = loadgen.exited() {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let kv = parse_kv(&results);
-    if !status.success() {
-        problems.push(format!(
-            "the load generator failed ({status}); see {}",
-            run_dir.join("loadgen.log").display()
-        ));
-    }
+        &s1,
+        run_dir,
+        "loadgen",
+        scale,
+        scale.fill,
+        poll_agents,
+        load_max,
+        problems,
+    )?;
     let get = |k: &str| kv.get(k).cloned().unwrap_or_else(|| "?".into());
     let num = |k: &str| kv.get(k).and_then(|v| v.parse::<f64>().ok());
     let threads = get("loadgen.threads");

@@ -3,6 +3,7 @@
 //! and after the whole admin agent list was read, extrapolated linearly to
 //! 100,000 agents when the store holds fewer.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
@@ -25,7 +26,7 @@ pub(super) fn restart(
     empty_server: &dyn Fn() -> Status,
     rows: &mut Vec<Row>,
     problems: &mut Vec<String>,
-) -> Result<(), String> {
+) -> Result<StartMeasure, String> {
     let (filled, kv, s1) = (fleet.filled, &fleet.results, &mut fleet.server);
     let s1_data = s1.data.clone();
     let stored = filled.max(
@@ -35,60 +36,18 @@ pub(super) fn restart(
     );
     s1.proc.kill();
     let listen = s1.url.trim_start_matches("https://").to_owned();
-    let t0 = unix_now();
-    s1.proc = spawn(
-        "stella-server",
-        with_nofile(&bins.server)
-            .args([
-                "serve",
-                "--listen",
-                &listen,
-                "--heartbeat-interval",
-                "1h",
-                "--data-dir",
-            ])
-            .arg(&s1_data),
+    let measured = measure_start(
+        bins,
+        &s1_data,
+        None,
+        &listen,
         &run_dir.join("fleet-server-restart.log"),
+        &run_dir.join("restart.txt"),
     )?;
-    let restart = run_dir.join("restart.txt");
-    let waited = output(
-        Command::new(&bins.loadgen)
-            .args([
-                "healthz",
-                "--server",
-                &s1.url,
-                "--since-unix-ns",
-                &t0.as_nanos().to_string(),
-                "--timeout",
-                "300s",
-                "--ca",
-            ])
-            .arg(s1_data.join("ca.pem"))
-            .arg("--out")
-            .arg(&restart),
-    );
-    let after_start = proc_status(s1.proc.pid()).unwrap_or_default();
-    let listed = output(
-        Command::new(&bins.loadgen)
-            .args([
-                "get",
-                "--server",
-                &s1.url,
-                "--path",
-                "/v1/admin/agents",
-                "--ca",
-            ])
-            .arg(s1_data.join("ca.pem"))
-            .arg("--bearer-file")
-            .arg(s1_data.join("admin.token"))
-            .arg("--out")
-            .arg(&restart),
-    );
-    let after_list = proc_status(s1.proc.pid()).unwrap_or_default();
+    let (after_start, after_list) = (measured.after_start, measured.after_list);
     let empty = empty_server();
-    s1.proc.kill();
-    let rk = parse_kv(&restart);
-    if let Err(e) = waited.and(listed) {
+    let rk = measured.results.clone();
+    if let Some(e) = &measured.problem {
         problems.push(format!("restart measurement: {e}"));
     }
     let scaled = |kb: u64| -> u64 {
@@ -161,5 +120,94 @@ pub(super) fn restart(
             rk.get("get.ms").map_or("?", String::as_str)
         ),
     ));
-    Ok(())
+    Ok(measured)
+}
+
+/// What one start of a server on a filled store measured.
+pub(super) struct StartMeasure {
+    /// The load generator's `healthz.after_ms`, `get.bytes`, `get.ms`.
+    pub(super) results: BTreeMap<String, String>,
+    pub(super) after_start: Status,
+    pub(super) after_list: Status,
+    /// Why a step failed (the numbers it should give are missing).
+    pub(super) problem: Option<String>,
+}
+
+impl StartMeasure {
+    /// Milliseconds from spawn to the first `/healthz` 200.
+    pub(super) fn startup_ms(&self) -> Option<f64> {
+        self.results.get("healthz.after_ms")?.parse().ok()
+    }
+}
+
+/// Starts `serve` on the data dir `data` (its store: redb there, or the
+/// PostgreSQL URL `store`) at `listen`, times it to the first `/healthz`
+/// answer, reads its RSS then and after the whole admin agent list, and
+/// stops it.
+pub(super) fn measure_start(
+    bins: &Bins,
+    data: &Path,
+    store: Option<&str>,
+    listen: &str,
+    log: &Path,
+    results: &Path,
+) -> Result<StartMeasure, String> {
+    let url = format!("https://{listen}");
+    let mut serve = with_nofile(&bins.server);
+    serve
+        .args([
+            "serve",
+            "--listen",
+            listen,
+            "--heartbeat-interval",
+            "1h",
+            "--data-dir",
+        ])
+        .arg(data);
+    if let Some(store) = store {
+        serve.args(["--store", store]);
+    }
+    let t0 = unix_now();
+    let mut proc = spawn("stella-server", &mut serve, log)?;
+    let waited = output(
+        Command::new(&bins.loadgen)
+            .args([
+                "healthz",
+                "--server",
+                &url,
+                "--since-unix-ns",
+                &t0.as_nanos().to_string(),
+                "--timeout",
+                "300s",
+                "--ca",
+            ])
+            .arg(data.join("ca.pem"))
+            .arg("--out")
+            .arg(results),
+    );
+    let after_start = proc_status(proc.pid()).unwrap_or_default();
+    let listed = output(
+        Command::new(&bins.loadgen)
+            .args([
+                "get",
+                "--server",
+                &url,
+                "--path",
+                "/v1/admin/agents",
+                "--ca",
+            ])
+            .arg(data.join("ca.pem"))
+            .arg("--bearer-file")
+            .arg(data.join("admin.token"))
+            .arg("--out")
+            .arg(results),
+    );
+    let after_list = proc_status(proc.pid()).unwrap_or_default();
+    proc.kill();
+    Ok(StartMeasure {
+        results: parse_kv(results),
+        after_start,
+        after_list,
+        problem: waited.and(listed).err(),
+    })
 }

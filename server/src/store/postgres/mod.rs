@@ -14,6 +14,7 @@
 //! a blob is whole or absent; each chunk is one statement, so a blob of any
 //! size passes through bounded memory.
 
+mod cluster;
 mod pool;
 mod schema;
 #[cfg(test)]
@@ -26,11 +27,12 @@ use miniserde::{Deserialize, Serialize, json};
 use smol::stream::StreamExt;
 use tokio_postgres::{Client, Transaction};
 
+use self::cluster::{Listener, publish};
 use self::pool::{Pool, Target, pg};
 pub(crate) use self::pool::{is_postgres_url, redact};
 use super::{
-    AdminTokenChange, AgentChange, CertificateChange, EnrollRule, EnrollmentState, Export,
-    PriorEnrollment, SnapshotRow, Store, StoreError, StoreHealth,
+    AdminTokenChange, AgentChange, CertificateChange, ChangeKind, Cluster, EnrollRule,
+    EnrollmentState, Export, PriorEnrollment, SnapshotRow, Store, StoreError, StoreHealth,
 };
 use crate::records::{
     AdminTokenRecord, AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord,
@@ -62,10 +64,13 @@ mod sql {
     pub(super) const AGENTS_WITH_HEARTBEATS: &str = "SELECT a.id, a.record, h.state \
          FROM agents a LEFT JOIN heartbeats h ON h.agent_id = a.id ORDER BY a.id";
 
-    /// One statement for a whole batch.
-    pub(super) const HEARTBEATS_PUT: &str = "INSERT INTO heartbeats (agent_id, state) \
-         SELECT * FROM unnest($1::text[], $2::text[]) \
-         ON CONFLICT (agent_id) DO UPDATE SET state = EXCLUDED.state";
+    /// One statement for a whole batch, stamped with the database's clock
+    /// and the server that saved it (the other servers' heartbeat feed).
+    pub(super) const HEARTBEATS_PUT: &str = "INSERT INTO heartbeats \
+         (agent_id, state, flushed_at, flushed_by) \
+         SELECT a, s, stella_now_ms(), $3 FROM unnest($1::text[], $2::text[]) AS t (a, s) \
+         ON CONFLICT (agent_id) DO UPDATE SET state = EXCLUDED.state, \
+         flushed_at = EXCLUDED.flushed_at, flushed_by = EXCLUDED.flushed_by";
 
     pub(super) const TOKEN_GET: &str = "SELECT record FROM tokens WHERE id = $1";
     pub(super) const TOKEN_LOCK: &str = "SELECT record FROM tokens WHERE id = $1 FOR UPDATE";
@@ -368,6 +373,9 @@ pub(crate) struct PgStore {
     unwritable: Mutex<Option<String>>,
     /// Store operations that failed, since start.
     errors: AtomicU64,
+    /// This server's name in the events, the heartbeat feed and the leases.
+    node: String,
+    listener: Listener,
 }
 
 impl PgStore {
@@ -376,10 +384,17 @@ impl PgStore {
     /// the database (without the password).
     fn connect(url: &str) -> Result<Self, StoreError> {
         let target = Target::parse(url)?;
+        let mut random = [0u8; 8];
+        crate::fsutil::random_bytes(&mut random).map_err(|e| StoreError::Backend {
+            context: "cannot name this server".to_owned(),
+            source: Box::new(e),
+        })?;
         let store = Self {
             pool: Pool::new(target),
             unwritable: Mutex::new(None),
             errors: AtomicU64::new(0),
+            node: stella_proto::hash::hex(&random),
+            listener: Listener::default(),
         };
         let shown = store.pool.target().shown().to_owned();
         let migrated = store
@@ -639,8 +654,10 @@ impl PgStore {
         timeout: std::time::Duration,
         work: impl AsyncFnOnce(&mut Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        let fence = super::current_fence();
         let result = self.pool.run_within(timeout, async |client| {
             let mut txn = client.transaction().await.map_err(pg("begin"))?;
+            cluster::check_fence(&txn, &self.node, fence).await?;
             let out = work(&mut txn).await?;
             txn.commit().await.map_err(pg("commit"))?;
             Ok(out)
@@ -987,6 +1004,7 @@ impl Store for PgStore {
             )
             .await
             .map_err(pg("record an enrollment"))?;
+            publish(txn, &self.node, ChangeKind::Agent, &new.agent.id).await?;
             append_audit(
                 txn,
                 new.at,
@@ -1035,6 +1053,7 @@ impl Store for PgStore {
                     locked.insert(id, encoded);
                     let after = record.status_text();
                     append_audit(txn, now, action, id, &format!("{before} -> {after}")).await?;
+                    publish(txn, &self.node, ChangeKind::Agent, id).await?;
                     written.push(record);
                 }
             }
@@ -1062,6 +1081,7 @@ impl Store for PgStore {
                 .await
                 .map_err(pg("insert a certificate"))?;
             append_audit(txn, cert.issued_at, "agent.certificate", agent_id, &detail).await?;
+            publish(txn, &self.node, ChangeKind::Agent, agent_id).await?;
             Ok(record)
         })
     }
@@ -1081,6 +1101,7 @@ impl Store for PgStore {
             txn.execute(sql::ROLLOUT_PUT, &[&rollout.id, &encode(rollout)])
                 .await
                 .map_err(pg("write a rollout"))?;
+            publish(txn, &self.node, ChangeKind::Rollout, &rollout.id).await?;
             append_audit(txn, now, action, &rollout.id, detail).await
         })
     }
@@ -1110,6 +1131,7 @@ impl Store for PgStore {
                 &format!("files={}", release.files.len()),
             )
             .await?;
+            publish(txn, &self.node, ChangeKind::Release, &release.version).await?;
             Ok(None)
         })
     }
@@ -1154,6 +1176,7 @@ impl Store for PgStore {
                 &format!("version={version} hash={hash}"),
             )
             .await?;
+            publish(txn, &self.node, ChangeKind::Config, scope).await?;
             Ok(ConfigRecord {
                 scope: scope.to_owned(),
                 version: uint(version),
@@ -1175,6 +1198,7 @@ impl Store for PgStore {
                 txn.execute(sql::AGENT_UPDATE, &[&id, &encode(&record)])
                     .await
                     .map_err(pg("update an agent"))?;
+                publish(txn, &self.node, ChangeKind::Agent, id).await?;
             }
             txn.execute(sql::DOCTOR_REPORT_PUT, &[&id, &encode(report)])
                 .await
@@ -1228,6 +1252,7 @@ impl Store for PgStore {
     fn insert_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
         self.write(async |txn| {
             insert_new(txn, sql::TASK_INSERT, "task", &task.id, &encode(task)).await?;
+            publish(txn, &self.node, ChangeKind::Task, &task.id).await?;
             append_audit(
                 txn,
                 task.created_at,
@@ -1251,6 +1276,7 @@ impl Store for PgStore {
                     key: task.id.clone(),
                 });
             }
+            publish(txn, &self.node, ChangeKind::Task, &task.id).await?;
             append_audit(txn, now, action, &task.id, "").await
         })
     }
@@ -1288,6 +1314,8 @@ impl Store for PgStore {
                     &format!("agent={} status={}", r.agent, r.status.as_str()),
                 )
                 .await?;
+                let key = format!("{}/{}", r.task, r.agent);
+                publish(txn, &self.node, ChangeKind::TaskResult, &key).await?;
             }
             Ok(())
         })
@@ -1307,7 +1335,7 @@ impl Store for PgStore {
             txn.batch_execute("SET LOCAL synchronous_commit = off")
                 .await
                 .map_err(pg("save heartbeats"))?;
-            txn.execute(sql::HEARTBEATS_PUT, &[&ids, &states])
+            txn.execute(sql::HEARTBEATS_PUT, &[&ids, &states, &self.node])
                 .await
                 .map_err(pg("save heartbeats"))?;
             Ok(())
@@ -1363,6 +1391,7 @@ impl Store for PgStore {
                 &encode(token),
             )
             .await?;
+            publish(txn, &self.node, ChangeKind::AdminToken, &token.name).await?;
             let expires = token
                 .expires_at
                 .map_or_else(|| "never".to_owned(), stella_proto::time::rfc3339);
@@ -1399,6 +1428,7 @@ impl Store for PgStore {
                     .await
                     .map_err(pg("update an admin token"))?;
                 append_audit(txn, now, action, name, &format!("role={}", record.role)).await?;
+                publish(txn, &self.node, ChangeKind::AdminToken, name).await?;
             }
             Ok(record)
         })
@@ -1671,6 +1701,10 @@ impl Store for PgStore {
                 .map_err(pg("list blobs"))?;
             Ok(rows.iter().map(|r| (r.get(0), uint(r.get(1)))).collect())
         })
+    }
+
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        Some(self)
     }
 
     fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {

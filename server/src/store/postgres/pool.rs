@@ -182,40 +182,45 @@ impl Target {
     /// authentication; its protocol task runs on smol's global executor
     /// until the client is dropped or the connection breaks.
     async fn connect(&self) -> Result<Client, StoreError> {
+        self.connect_notifying(None).await
+    }
+
+    /// `connect`, passing each notification (`LISTEN`) the server sends to
+    /// `notify` (a full channel drops it: one wake is as good as many).
+    pub(crate) async fn connect_notifying(
+        &self,
+        notify: Option<smol::channel::Sender<()>>,
+    ) -> Result<Client, StoreError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| unavailable(format!("cannot connect to {}", self.shown), e))?;
         let _ = tcp.set_nodelay(true);
         let stream = tcp.compat();
-        let client =
-            match &self.tls {
-                None => {
-                    let (client, connection) =
-                        self.config.connect_raw(stream, NoTls).await.map_err(|e| {
-                            pg_error(&format!("cannot connect to {}", self.shown), e)
-                        })?;
-                    smol::spawn(async move {
-                        let _ = connection.await;
-                    })
-                    .detach();
-                    client
-                }
-                Some((connector, name)) => {
-                    let tls = RustlsConnect {
-                        connector: connector.clone(),
-                        name: name.clone(),
-                    };
-                    let (client, connection) =
-                        self.config.connect_raw(stream, tls).await.map_err(|e| {
-                            pg_error(&format!("cannot connect to {}", self.shown), e)
-                        })?;
-                    smol::spawn(async move {
-                        let _ = connection.await;
-                    })
-                    .detach();
-                    client
-                }
-            };
+        let refused = |e| pg_error(&format!("cannot connect to {}", self.shown), e);
+        let client = match &self.tls {
+            None => {
+                let (client, connection) = self
+                    .config
+                    .connect_raw(stream, NoTls)
+                    .await
+                    .map_err(refused)?;
+                smol::spawn(drive(connection, notify)).detach();
+                client
+            }
+            Some((connector, name)) => {
+                let tls = RustlsConnect {
+                    connector: connector.clone(),
+                    name: name.clone(),
+                };
+                let (client, connection) = self
+                    .config
+                    .connect_raw(stream, tls)
+                    .await
+                    .map_err(refused)?;
+                smol::spawn(drive(connection, notify)).detach();
+                client
+            }
+        };
         // A statement the client gave up on must not go on holding locks.
         let limit = format!("SET statement_timeout = {}", QUERY_TIMEOUT.as_millis());
         client
@@ -223,6 +228,27 @@ impl Target {
             .await
             .map_err(|e| pg_error("cannot set the statement timeout", e))?;
         Ok(client)
+    }
+}
+
+/// Runs a connection's protocol until it ends, passing notifications on.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notify: Option<smol::channel::Sender<()>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                if let Some(notify) = &notify {
+                    let _ = notify.try_send(());
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break,
+        }
     }
 }
 

@@ -77,6 +77,31 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     ",
     ),
     (
+        4,
+        "
+    CREATE FUNCTION stella_now_ms() RETURNS bigint LANGUAGE sql VOLATILE
+        AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint $$;
+    CREATE TABLE events (
+        seq bigserial PRIMARY KEY,
+        at bigint NOT NULL,
+        origin text NOT NULL,
+        kind text NOT NULL,
+        key text NOT NULL
+    );
+    CREATE INDEX events_by_age ON events (at);
+    CREATE TABLE leases (
+        name text PRIMARY KEY,
+        holder text NOT NULL,
+        fence bigint NOT NULL,
+        expires_at bigint NOT NULL
+    );
+    ALTER TABLE heartbeats
+        ADD COLUMN flushed_at bigint NOT NULL DEFAULT 0,
+        ADD COLUMN flushed_by text NOT NULL DEFAULT '';
+    CREATE INDEX heartbeats_by_flush ON heartbeats (flushed_at);
+    ",
+    ),
+    (
         5,
         "
     CREATE TABLE blob_chunks (

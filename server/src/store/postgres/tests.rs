@@ -5,14 +5,14 @@
 //! PostgreSQL fails these tests.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use stella_tests::postgres::Postgres;
 
 use super::*;
 use crate::refusal::Refusal;
-use crate::store::NewEnrollment;
 use crate::store::conformance::{self, MakeStore, store_conformance};
+use crate::store::{ChangeKind, NewEnrollment, Wake};
 
 /// A new empty database on `pg`, with a unique name.
 fn database(pg: &Postgres, label: &str) -> String {
@@ -396,4 +396,100 @@ fn urls_are_shown_without_their_password() {
         "postgresql://stella@db/fleet?sslmode=disable"
     );
     assert_eq!(redact("postgres://db/fleet"), "postgres://db/fleet");
+}
+
+#[test]
+fn servers_sharing_a_database_see_each_others_changes_heartbeats_and_one_leader() {
+    let test = "servers_sharing_a_database_see_each_others_changes_heartbeats_and_one_leader";
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let url = database(&pg, "cluster");
+    let one = PgStore::create(&url, "ab").unwrap();
+    let two = PgStore::open(&url).unwrap();
+    let (c1, c2) = (one.cluster().unwrap(), two.cluster().unwrap());
+    assert_ne!(c1.node(), c2.node());
+    let start = c2.last_change().unwrap();
+
+    // The second server listens; a change through the first wakes it, and
+    // the events name what changed, with who wrote them.
+    assert_ne!(c2.wait_for_change(Duration::from_millis(50)), Wake::Resync);
+    one.set_config("global", "{}", "h1", 1).unwrap();
+    assert_eq!(c2.wait_for_change(Duration::from_secs(10)), Wake::Notified);
+    let (events, oldest) = c2.changes_since(start, 100).unwrap();
+    assert!(oldest <= start + 1, "{oldest}");
+    let seen: Vec<(Option<ChangeKind>, &str, bool)> = events
+        .iter()
+        .map(|(e, mine)| (e.kind, e.key.as_str(), *mine))
+        .collect();
+    assert_eq!(seen, [(Some(ChangeKind::Config), "global", false)]);
+    let (events, _) = c1.changes_since(start, 100).unwrap();
+    assert!(events[0].1, "the first server wrote it");
+    // A change rolled back publishes nothing.
+    let refused = one.update_agents(&["agt_missing"], 1, "agent.deactivate", &mut |_| Ok(true));
+    assert!(matches!(refused, Err(StoreError::NotFound { .. })));
+    assert_eq!(c2.changes_since(start, 100).unwrap().0.len(), 1);
+    // A failed registration reaches every server's brake.
+    c1.record_failure(ChangeKind::RegistrationFailure, "192.0.2.7")
+        .unwrap();
+    let (events, _) = c2.changes_since(start, 100).unwrap();
+    assert_eq!(events[1].0.kind, Some(ChangeKind::RegistrationFailure));
+    assert_eq!(events[1].0.key, "192.0.2.7");
+
+    // Heartbeat state the first saves is the second's feed, not its own.
+    let state = HeartbeatState {
+        last_heartbeat_ms: 42,
+        seq: 7,
+        ..<HeartbeatState as Default>::default()
+    };
+    one.save_heartbeats(&[("agt_1".to_owned(), state)]).unwrap();
+    let (theirs, now) = c2.heartbeats_since(0).unwrap();
+    assert_eq!(theirs.len(), 1);
+    assert_eq!((theirs[0].0.as_str(), theirs[0].1.seq), ("agt_1", 7));
+    assert!(now > 0);
+    assert!(c1.heartbeats_since(0).unwrap().0.is_empty());
+    assert!(c2.heartbeats_since(now + 60_000).unwrap().0.is_empty());
+
+    // One leader at a time; a new term has a greater fencing token, and the
+    // old leader's fenced writes are refused with nothing written.
+    let ttl = Duration::from_secs(30);
+    let first = c1
+        .acquire_lease("leader", ttl)
+        .unwrap()
+        .expect("free lease");
+    assert_eq!(c2.acquire_lease("leader", ttl).unwrap(), None);
+    assert_eq!(c1.acquire_lease("leader", ttl).unwrap(), Some(first));
+    crate::store::fenced("leader", first, || {
+        one.set_config("global", "{}", "h2", 2).unwrap();
+    });
+    c1.release_lease("leader").unwrap();
+    let second = c2.acquire_lease("leader", ttl).unwrap().expect("given up");
+    assert!(second > first);
+    let stale = crate::store::fenced("leader", first, || one.set_config("global", "{}", "h3", 3));
+    assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{stale:?}");
+    assert_eq!(two.configs().unwrap()[0].hash, "h2");
+    crate::store::fenced("leader", second, || {
+        two.set_config("global", "{}", "h4", 4).unwrap();
+    });
+    // An expired lease is free for another server.
+    c2.acquire_lease("leader", Duration::from_millis(1))
+        .unwrap();
+    let taken = poll_for(|| c1.acquire_lease("leader", ttl).unwrap());
+    assert!(taken.is_some_and(|t| t > second));
+    // Pruning keeps what is young.
+    assert_eq!(c1.prune_changes(Duration::from_secs(3600)).unwrap(), 0);
+}
+
+/// Polls `f` for up to 10 s until it answers `Some`.
+fn poll_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
