@@ -858,7 +858,9 @@ fn serve_file(req: &Request, file: std::path::PathBuf, size: u64) -> Response {
 }
 
 /// `POST /v1/admin/artifacts` (admitted as admin): streams the body into
-/// the blob store, hashing it while written, and answers its sha256.
+/// a blob file, hashing it while written, hands it to the store (with
+/// PostgreSQL, into the database, so that every server serves it), and only
+/// then answers its sha256. Task archives and `release import`'s files.
 /// Returns the answer, and whether the whole body was read (else the
 /// connection must close).
 pub(crate) async fn upload_artifact<S: smol::io::AsyncRead + Unpin>(
