@@ -145,11 +145,14 @@ pub struct ReleaseFileView {
     pub size: u64,
 }
 
-/// `POST /v1/admin/releases`: import the release directory at `dir` (a path
-/// on the server's host).
-#[derive(Serialize, Deserialize, Debug, Clone)]
+/// `POST /v1/admin/releases`: import a release, one of two ways: `envelope`,
+/// the release's `release.dsse.json` as text, whose files were uploaded
+/// before with `POST /v1/admin/artifacts` (what `release import` sends); or
+/// `dir`, a release directory that is a path on the server's host.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct ReleaseImportRequest {
-    pub dir: String,
+    pub dir: Option<String>,
+    pub envelope: Option<String>,
 }
 
 /// `POST /v1/admin/rollouts`.

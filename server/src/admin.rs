@@ -604,22 +604,30 @@ pub(crate) fn drift(target: &AdminTarget, as_json: bool) -> Result<(), Error> {
     Ok(())
 }
 
-/// `release import DIR`: the server reads DIR (a path on its host).
+/// `release import DIR`: uploads each file the release's signed statement
+/// names (streamed, `POST /v1/admin/artifacts`), after checking every digest
+/// here, then asks the server to import the envelope, which checks them
+/// again against what it stored. DIR is on this host: the server may be on
+/// another (`--server URL`), and with PostgreSQL any server sees the files.
 pub(crate) fn release_import(target: &AdminTarget, dir: &std::path::Path) -> Result<(), Error> {
-    // The server refuses a symlinked directory; resolving it here would
-    // hide that.
-    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
-        return Err(Refusal::bad_request(format!(
-            "the release directory {} is a symlink: name the directory itself",
-            dir.display()
-        ))
-        .into());
-    }
-    let absolute = std::fs::canonicalize(dir)
-        .map_err(|e| Error::io(format!("cannot find {}", dir.display()), e))?;
+    let (envelope, files) = crate::releases::upload_plan(dir)?;
     let client = AdminClient::connect(target)?;
+    for file in &files {
+        let stored: stella_proto::api::ArtifactCreated =
+            AdminClient::parse(&client.upload("/v1/admin/artifacts", &file.path)?)?;
+        if stored.sha256 != file.sha256 {
+            return Err(Refusal::conflict(format!(
+                "{} changed while it was uploaded (the server stored sha256 {}, the statement says {})",
+                file.path.display(),
+                stored.sha256,
+                file.sha256
+            ))
+            .into());
+        }
+    }
     let body = ReleaseImportRequest {
-        dir: absolute.display().to_string(),
+        dir: None,
+        envelope: Some(envelope),
     };
     let view: ReleaseView = AdminClient::parse(&client.call(
         "POST",

@@ -9,6 +9,7 @@ mod api;
 mod app;
 mod audit;
 mod backup;
+mod blobs;
 pub mod ca;
 mod cli;
 mod cluster;

@@ -1,15 +1,17 @@
-//! Signed releases on the server: import a release directory (its
-//! `release.dsse.json` and the files its statement names) into
-//! content-addressed blobs under `blobs/sha256/<hex>`, checking every digest;
-//! list releases; offer one to an agent; and serve an agent its artifact
-//! (mTLS, HTTP Range) — only ever from the blob store, never from a path a
-//! request names. The server does not need the release key: agents verify
-//! the signature with the key pinned on them. `app` records what is imported
-//! and keeps the list in memory. Task artifacts (image archives) are blobs
-//! too, written from an upload stream by [`BlobWriter`].
+//! Signed releases on the server: import a release, checking every digest
+//! its statement names — from a directory on the server's host (its
+//! `release.dsse.json` and files, copied into content-addressed blobs under
+//! `blobs/sha256/<hex>`), or from an envelope whose files were uploaded as
+//! blobs before (`release import --server`); list releases; offer one to an
+//! agent; and find an agent's artifact (served with mTLS and HTTP Range) —
+//! only ever from the blob store, never from a path a request names. The
+//! server does not need the release key: agents verify the signature with
+//! the key pinned on them. `app` records what is imported, keeps the list in
+//! memory, and stores the blobs in the store.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
+
 use std::path::{Path, PathBuf};
 
 use stella_proto::api::{ReleaseFileView, ReleaseView, UpdateOffer};
@@ -81,19 +83,10 @@ impl Releases {
         })
     }
 
-    /// The blob holding `version`'s agent for `target`: (path, size).
-    pub(crate) fn artifact(
-        &self,
-        data_dir: &Path,
-        version: &str,
-        target: &str,
-    ) -> Option<(PathBuf, u64)> {
+    /// The blob holding `version`'s agent for `target`: its sha256.
+    pub(crate) fn artifact(&self, version: &str, target: &str) -> Option<String> {
         let (_, file) = self.agent_file(version, target)?;
-        let path = blob_path(data_dir, &file.sha256);
-        // Serve what is on disk: a blob damaged since import is the agent's to
-        // refuse (its digest will not match the signed one).
-        let size = fs::metadata(&path).map_or(file.size, |m| m.len());
-        Some((path, size))
+        Some(file.sha256.clone())
     }
 
     /// The targets `version` has an agent for.
@@ -143,84 +136,6 @@ pub(crate) fn check_reimport(existing: &ReleaseRecord, new: &ReleaseRecord) -> R
     }
 }
 
-/// Where a blob lives.
-pub(crate) fn blob_path(data_dir: &Path, sha256: &str) -> PathBuf {
-    data_dir.join("blobs").join("sha256").join(sha256)
-}
-
-/// A blob being written from a stream: hashed while written to a temp file
-/// beside the blobs, then stored under its sha256 (`finish`). Dropped
-/// unfinished, it leaves nothing behind.
-pub(crate) struct BlobWriter {
-    dir: PathBuf,
-    tmp: PathBuf,
-    file: Option<File>,
-    ctx: ring::digest::Context,
-    size: u64,
-}
-
-impl BlobWriter {
-    /// Starts a blob in `data_dir`'s blob store.
-    pub(crate) fn create(data_dir: &Path) -> Result<Self, Error> {
-        let dir = blob_path(data_dir, "x")
-            .parent()
-            .map_or_else(|| data_dir.to_owned(), Path::to_owned);
-        fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-        let mut nonce = [0u8; 8];
-        crate::fsutil::random_bytes(&mut nonce)?;
-        let tmp = dir.join(format!(".upload.{}.tmp", stella_proto::hash::hex(&nonce)));
-        let file = File::create(&tmp)
-            .map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
-        Ok(Self {
-            dir,
-            tmp,
-            file: Some(file),
-            ctx: ring::digest::Context::new(&ring::digest::SHA256),
-            size: 0,
-        })
-    }
-
-    /// Appends a piece.
-    pub(crate) fn write(&mut self, piece: &[u8]) -> std::io::Result<()> {
-        let Some(file) = self.file.as_mut() else {
-            return Err(std::io::Error::other("blob already finished"));
-        };
-        file.write_all(piece)?;
-        self.ctx.update(piece);
-        self.size += piece.len() as u64;
-        Ok(())
-    }
-
-    /// Makes the blob durable under its sha256; returns (sha256, size). A
-    /// blob that exists already is kept (same digest, same bytes).
-    pub(crate) fn finish(mut self) -> Result<(String, u64), Error> {
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| Error::io("blob already finished", std::io::Error::other("finished")))?;
-        file.sync_all()
-            .map_err(|e| Error::io(format!("cannot sync {}", self.tmp.display()), e))?;
-        drop(file);
-        let sha256 = stella_proto::hash::hex(self.ctx.clone().finish().as_ref());
-        let dest = self.dir.join(&sha256);
-        fs::rename(&self.tmp, &dest)
-            .map_err(|e| Error::io(format!("cannot store {}", dest.display()), e))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io("cannot sync the blob dir", e))?;
-        Ok((sha256, self.size))
-    }
-}
-
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
-}
-
 /// Reads and checks an envelope's statement (structure only: the signature
 /// is for agents to check with their pinned key).
 pub(crate) fn statement_of(envelope: &str) -> Result<Statement, Error> {
@@ -253,7 +168,7 @@ fn store_blob(data_dir: &Path, src: &Path, want: &str) -> Result<u64, Error> {
             MAX_FILE_BYTES
         )));
     }
-    let dest = blob_path(data_dir, want);
+    let dest = crate::blobs::blob_path(data_dir, want);
     let dir = dest.parent().unwrap_or(data_dir);
     fs::create_dir_all(dir)
         .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
@@ -347,10 +262,8 @@ fn check_no_symlink_below(dir: &Path, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// `release import DIR`: checks and stores every file the statement names
-/// as a blob; returns the release to record. Blocking.
-pub(crate) fn stage_import(data_dir: &Path, dir: &Path, now: u64) -> Result<ReleaseRecord, Error> {
-    check_release_dir(dir)?;
+/// The envelope of release directory `dir`, and its statement.
+fn read_envelope(dir: &Path) -> Result<(String, Statement), Error> {
     let envelope_path = dir.join(release::ENVELOPE_FILE);
     let meta = match fs::symlink_metadata(&envelope_path) {
         Ok(meta) if meta.is_file() => meta,
@@ -368,6 +281,14 @@ pub(crate) fn stage_import(data_dir: &Path, dir: &Path, now: u64) -> Result<Rele
     let envelope = fs::read_to_string(&envelope_path)
         .map_err(|e| Error::io(format!("cannot read {}", envelope_path.display()), e))?;
     let statement = statement_of(&envelope)?;
+    Ok((envelope, statement))
+}
+
+/// `release import DIR`: checks and stores every file the statement names
+/// as a blob; returns the release to record. Blocking.
+pub(crate) fn stage_import(data_dir: &Path, dir: &Path, now: u64) -> Result<ReleaseRecord, Error> {
+    check_release_dir(dir)?;
+    let (envelope, statement) = read_envelope(dir)?;
     let mut files = Vec::with_capacity(statement.subject.len());
     for subject in &statement.subject {
         if subject.name == BOOTSTRAP_FILE {
@@ -391,6 +312,131 @@ pub(crate) fn stage_import(data_dir: &Path, dir: &Path, now: u64) -> Result<Rele
     Ok(ReleaseRecord {
         version: statement.predicate.version,
         envelope,
+        files,
+        imported_at: now,
+    })
+}
+
+/// A file of a release directory to upload, checked.
+#[derive(Debug)]
+pub(crate) struct UploadFile {
+    pub(crate) path: PathBuf,
+    pub(crate) sha256: String,
+}
+
+/// `release import DIR` on the admin's side: reads DIR's envelope and checks
+/// every file its statement names as an import on the server would (real
+/// files, no symlinks, size, sha256), so that nothing is uploaded from a
+/// release that cannot be imported. Returns the envelope and the files.
+pub(crate) fn upload_plan(dir: &Path) -> Result<(String, Vec<UploadFile>), Error> {
+    // A symlinked directory is refused; resolving it first would hide that.
+    if fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(invalid(format!(
+            "the release directory {} is a symlink: name the directory itself",
+            dir.display()
+        )));
+    }
+    let dir = fs::canonicalize(dir)
+        .map_err(|e| Error::io(format!("cannot find {}", dir.display()), e))?;
+    let (envelope, statement) = read_envelope(&dir)?;
+    let mut files = Vec::with_capacity(statement.subject.len());
+    for subject in &statement.subject {
+        if subject.name == BOOTSTRAP_FILE {
+            continue;
+        }
+        check_no_symlink_below(&dir, &subject.name)?;
+        let path = dir.join(&subject.name);
+        let meta = fs::symlink_metadata(&path)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        if !meta.is_file() {
+            return Err(invalid(format!("{} is not a regular file", path.display())));
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(invalid(format!(
+                "{} is larger than {MAX_FILE_BYTES} bytes",
+                path.display()
+            )));
+        }
+        let want = subject.sha256().unwrap_or_default();
+        let mut input = File::open(&path)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        let (digest, _) = crate::blobs::digest_of(&mut input)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        if digest != want {
+            return Err(invalid(format!(
+                "{} has sha256 {digest}, but the signed statement says {want}",
+                path.display()
+            )));
+        }
+        files.push(UploadFile {
+            path,
+            sha256: want.to_owned(),
+        });
+    }
+    Ok((envelope, files))
+}
+
+/// `release import --server`: the release that `envelope` (a DSSE
+/// envelope's JSON) signs, its files checked against blobs uploaded before.
+/// `blob(sha256)` opens the local file of a blob (filling it from the store
+/// when needed), `None` when no such blob is stored. Every file is hashed
+/// again, as an import from a directory does; nothing is recorded here.
+/// Blocking.
+pub(crate) fn stage_envelope(
+    envelope: &str,
+    now: u64,
+    blob: &mut dyn FnMut(&str) -> Result<Option<File>, Error>,
+) -> Result<ReleaseRecord, Error> {
+    if envelope.len() > dsse::MAX_ENVELOPE_BYTES {
+        return Err(invalid(format!(
+            "the envelope is larger than {} bytes",
+            dsse::MAX_ENVELOPE_BYTES
+        )));
+    }
+    let statement = statement_of(envelope)?;
+    let mut files = Vec::with_capacity(statement.subject.len());
+    for subject in &statement.subject {
+        if subject.name == BOOTSTRAP_FILE {
+            continue;
+        }
+        let want = subject.sha256().unwrap_or_default();
+        let missing = || {
+            invalid(format!(
+                "{} (sha256 {want}) has not been uploaded: upload it with POST /v1/admin/artifacts first",
+                subject.name
+            ))
+        };
+        if !crate::blobs::is_blob_name(want) {
+            return Err(missing());
+        }
+        let mut file = blob(want)?.ok_or_else(missing)?;
+        let on_disk = file
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot read blob {want}"), e))?
+            .len();
+        if on_disk > MAX_FILE_BYTES {
+            return Err(invalid(format!(
+                "{} is larger than {MAX_FILE_BYTES} bytes",
+                subject.name
+            )));
+        }
+        let (digest, size) = crate::blobs::digest_of(&mut file)
+            .map_err(|e| Error::io(format!("cannot read blob {want}"), e))?;
+        if digest != want {
+            return Err(invalid(format!(
+                "the stored blob for {} has sha256 {digest}, but the signed statement says {want}",
+                subject.name
+            )));
+        }
+        files.push(ReleaseFile {
+            name: subject.name.clone(),
+            sha256: want.to_owned(),
+            size,
+        });
+    }
+    Ok(ReleaseRecord {
+        version: statement.predicate.version,
+        envelope: envelope.to_owned(),
         files,
         imported_at: now,
     })

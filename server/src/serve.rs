@@ -125,14 +125,32 @@ pub(crate) fn init(dir: &Path, sans: &[String], store: Option<&str>) -> Result<(
 }
 
 /// `stella-server migrate`: copies the redb store of the data dir `from`
-/// (no server may be running on it) into the empty PostgreSQL database `to`,
-/// in one transaction. Agents keep their ids and certificates: the data dir
-/// keeps the CA, and `serve --data-dir FROM --store TO` runs on the copy.
+/// (no server may be running on it) into the empty PostgreSQL database `to`:
+/// first its blobs (each whole or not at all, kept if there already, so a
+/// migration that failed can simply be run again), then every record in one
+/// transaction. Agents keep their ids and certificates: the data dir keeps
+/// the CA, and `serve --data-dir FROM --store TO` runs on the copy.
 pub(crate) fn migrate(from: &Path, to: &str) -> Result<(), Error> {
     let source = RedbStore::open(&from.join(STORE_FILE))?;
     let target = PgStore::open_uninitialized(to)?;
+    // Refused before any blob is copied into a database in use.
+    if target.holds_store()? {
+        return Err(crate::store::StoreError::Exists {
+            what: "store in",
+            key: crate::store::redact(to),
+        }
+        .into());
+    }
     let export = source.export()?;
-    let counts = target.import(&export)?;
+    let blobs = source.blobs()?;
+    for (sha256, size) in &blobs {
+        let path = crate::blobs::blob_path(from, sha256);
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        target.put_blob(sha256, *size, &mut file)?;
+    }
+    let mut counts = target.import(&export)?;
+    counts.push(("blobs", blobs.len()));
     let summary: Vec<String> = counts
         .iter()
         .map(|(table, n)| format!("{table}={n}"))
@@ -705,6 +723,8 @@ async fn connection(app: Arc<App>, tls: Arc<rustls::ServerConfig>, tcp: TcpStrea
 
 #[cfg(test)]
 mod tests {
+    use stella_tests::postgres::Postgres;
+
     use super::*;
 
     #[test]
@@ -725,5 +745,39 @@ mod tests {
         drop((second, again));
         assert_eq!(Metrics::load(&metrics.handshakes_in_progress), 0);
         assert_eq!(Metrics::load(&metrics.handshakes_shed), 2);
+    }
+
+    #[test]
+    fn migrate_copies_the_data_dirs_blobs_and_refuses_a_used_target_first() {
+        let test = "migrate_copies_the_data_dirs_blobs_and_refuses_a_used_target_first";
+        let Some(pg) = Postgres::start(test) else {
+            return;
+        };
+        let dir = stella_tests::TempDir::new("pg-migrate-blobs");
+        let redb = RedbStore::create(&dir.join("server.redb"), "ab12").unwrap();
+        let bytes: Vec<u8> = (0..(3u32 << 19)).map(|i| (i % 253) as u8).collect();
+        let sha256 = stella_proto::hash::hex(&stella_proto::hash::sha256(&bytes));
+        redb.put_blob(&sha256, bytes.len() as u64, &mut &bytes[..])
+            .unwrap();
+        assert!(dir.join(&format!("blobs/sha256/{sha256}")).is_file());
+        drop(redb);
+
+        let url = pg.database("migrate_blobs");
+        migrate(dir.path(), &url).unwrap();
+        let store = PgStore::open(&url).unwrap();
+        assert_eq!(
+            store.blobs().unwrap(),
+            [(sha256.clone(), bytes.len() as u64)]
+        );
+        let mut copied = Vec::new();
+        assert!(store.copy_blob(&sha256, &mut copied).unwrap());
+        assert!(copied == bytes);
+
+        // A database that holds a store is refused before any blob is copied.
+        let used = pg.database("migrate_used");
+        PgStore::create(&used, "cd").unwrap();
+        let refused = migrate(dir.path(), &used).expect_err("a used target is refused");
+        assert!(refused.to_string().contains("exists already"), "{refused}");
+        assert!(PgStore::open(&used).unwrap().blobs().unwrap().is_empty());
     }
 }

@@ -209,8 +209,24 @@ async fn admin_route(
         }
         ("POST", ["releases"]) => {
             let body: ReleaseImportRequest = parse_json(req)?;
-            let dir = std::path::PathBuf::from(body.dir);
-            let view = blocking(app, actor, move |app| app.import_release(&dir)).await?;
+            let view = match (body.dir, body.envelope) {
+                (None, Some(envelope)) => {
+                    blocking(app, actor, move |app| {
+                        app.import_uploaded_release(&envelope)
+                    })
+                    .await?
+                }
+                (Some(dir), None) => {
+                    let dir = std::path::PathBuf::from(dir);
+                    blocking(app, actor, move |app| app.import_release(&dir)).await?
+                }
+                _ => {
+                    return Err(Refusal::bad_request(
+                        "give either envelope (the release.dsse.json of uploaded files) or dir (a directory on the server's host)",
+                    )
+                    .into());
+                }
+            };
             json(201, json::to_string(&view))
         }
         ("GET", ["releases"]) => json(200, json::to_string(&app.release_views())),

@@ -702,8 +702,12 @@ pub(crate) async fn handle(
             audit_refused(app, &resp, actor, route, claimed).await;
             resp
         }
-        (Endpoint::Artifact, Some(_)) => artifact(app, &req),
-        (Endpoint::TaskArtifact, Some(_)) => task_artifact(app, &req),
+        (Endpoint::Artifact, Some(peer)) => {
+            artifact(app, &Actor::new(peer.agent_id.clone(), source), &req).await
+        }
+        (Endpoint::TaskArtifact, Some(peer)) => {
+            task_artifact(app, &Actor::new(peer.agent_id.clone(), source), &req).await
+        }
         // Streamed by `upload_artifact`; never read whole.
         (Endpoint::ArtifactUpload, _) => refused(Refusal::bad_request(
             "artifact uploads are streamed, not read whole",
@@ -771,28 +775,47 @@ fn healthz(app: &App) -> Response {
 
 /// Serves an agent the artifact of a release for a target, from the blob
 /// store, honouring a single `Range: bytes=` request.
-fn artifact(app: &App, req: &Request) -> Response {
+async fn artifact(app: &Arc<App>, actor: &Actor, req: &Request) -> Response {
     let path = http::path_of(&req.path);
     let parts: Vec<&str> = path["/v1/releases/".len()..].split('/').collect();
     let [version, target] = parts.as_slice() else {
         return refused(Refusal::not_found(format!("no such release path {path}")));
     };
-    let Some((file, size)) = app.artifact(version, target) else {
+    let Some(sha256) = app.artifact(version, target) else {
         return refused(Refusal::not_found(format!(
             "release {version} has no agent for {target}"
         )));
     };
-    serve_file(req, file, size)
+    let missing = format!("release {version}'s agent for {target} (blob {sha256}) is not stored");
+    serve_blob(app, actor, req, sha256, missing).await
 }
 
 /// Serves an agent a task artifact by its sha256, from the blob store, with
 /// Range as for releases.
-fn task_artifact(app: &App, req: &Request) -> Response {
+async fn task_artifact(app: &Arc<App>, actor: &Actor, req: &Request) -> Response {
     let path = http::path_of(&req.path);
-    let sha256 = &path["/v1/artifacts/".len()..];
-    match app.artifact_blob(sha256) {
-        Some((file, size)) => serve_file(req, file, size),
-        None => refused(Refusal::not_found(format!("no artifact {sha256}"))),
+    let sha256 = path["/v1/artifacts/".len()..].to_owned();
+    let missing = format!("no artifact {sha256}");
+    serve_blob(app, actor, req, sha256, missing).await
+}
+
+/// Serves blob `sha256` from the local file, filled from the store first
+/// when this server has none (PostgreSQL: another server stored it).
+async fn serve_blob(
+    app: &Arc<App>,
+    actor: &Actor,
+    req: &Request,
+    sha256: String,
+    missing: String,
+) -> Response {
+    let found = match app.cached_blob(&sha256) {
+        Some(found) => Ok(Some(found)),
+        None => blocking(app, actor, move |app| app.local_blob(&sha256)).await,
+    };
+    match found {
+        Ok(Some((file, size))) => serve_file(req, file, size),
+        Ok(None) => refused(Refusal::not_found(missing)),
+        Err(e) => failed(e),
     }
 }
 
@@ -835,7 +858,9 @@ fn serve_file(req: &Request, file: std::path::PathBuf, size: u64) -> Response {
 }
 
 /// `POST /v1/admin/artifacts` (admitted as admin): streams the body into
-/// the blob store, hashing it while written, and answers its sha256.
+/// a blob file, hashing it while written, hands it to the store (with
+/// PostgreSQL, into the database, so that every server serves it), and only
+/// then answers its sha256. Task archives and `release import`'s files.
 /// Returns the answer, and whether the whole body was read (else the
 /// connection must close).
 pub(crate) async fn upload_artifact<S: smol::io::AsyncRead + Unpin>(
@@ -855,7 +880,8 @@ pub(crate) async fn upload_artifact<S: smol::io::AsyncRead + Unpin>(
         );
     }
     let mut writer = match blocking(app, actor, |app| {
-        crate::releases::BlobWriter::create(&app.data_dir)
+        crate::blobs::BlobWriter::create(&app.data_dir)
+            .map_err(|e| Error::io("cannot store the artifact", e))
     })
     .await
     {
@@ -893,7 +919,11 @@ pub(crate) async fn upload_artifact<S: smol::io::AsyncRead + Unpin>(
         }
     }
     let stored = blocking(app, actor, move |app| {
-        let (sha256, size) = writer.finish()?;
+        let (sha256, size) = writer
+            .finish()
+            .map_err(|e| Error::io("cannot store the artifact", e))?;
+        // In the store before the answer: any server serves it then.
+        app.store_blob(&sha256, size)?;
         let line = crate::audit::line(
             crate::app::now_secs(),
             "artifact.upload",

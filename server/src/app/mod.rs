@@ -21,7 +21,12 @@
 //!   come from the heartbeat feed).
 //! - `configs`: every configuration scope (a cache of the store) and each
 //!   agent's effective document, computed from them.
-//! - `releases`: imported releases (a cache of the store).
+//! - `releases`: imported releases (a cache of the store). Blobs are in the
+//!   store; with PostgreSQL `blobs/sha256/` in the data dir is this server's
+//!   cache of them, filled on first use (`blobs`), never stale (a blob never
+//!   changes).
+//! - `blob_fills`: the blobs being copied from the store into that cache
+//!   now.
 //! - `rollouts`: rollout records (a cache of the store), and who is offered
 //!   which release now and the per-stage numbers: recomputed by the rollout
 //!   controller every second from the fleet (on every server; only the
@@ -45,6 +50,7 @@
 //!   them over servers).
 
 mod agents;
+mod blobs;
 mod certificates;
 mod cluster;
 mod configuration;
@@ -156,6 +162,8 @@ pub(crate) struct App {
     pub(crate) tasks: Mutex<Tasks>,
     /// Outstanding recovery challenges.
     pub(crate) challenges: Mutex<Challenges>,
+    /// Blobs being copied from the store into the data dir now.
+    pub(crate) blob_fills: blobs::BlobFills,
     /// Failed registrations per source address (brute-force brake).
     pub(crate) registration_failures: Mutex<FailureWindows>,
     /// Failed admin authentications per source address (the same brake).
@@ -211,6 +219,7 @@ impl App {
             rollouts: Mutex::new(rollouts),
             tasks: Mutex::new(tasks),
             challenges: Mutex::new(Challenges::default()),
+            blob_fills: Mutex::default(),
             registration_failures: Mutex::new(FailureWindows::default()),
             admin_failures: Mutex::new(FailureWindows::default()),
             lifecycle_lock: Mutex::new(()),

@@ -1,10 +1,10 @@
 //! Tasks at run time: creating one (checked, durable, then in memory),
 //! cancelling it, storing agents' results from heartbeats (durable before
-//! the answer), what a heartbeat answer carries, the admin's task views, and
-//! image archives (artifacts) in the blob store. The rules are in `tasks`.
+//! the answer), what a heartbeat answer carries, and the admin's task views.
+//! Image archives (artifacts) are blobs (`app::blobs`). The rules are in
+//! `tasks`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use stella_proto::api::{
     Labels, TaskCreated, TaskDelivery, TaskResultReport, TaskResultView, TaskView,
@@ -212,15 +212,5 @@ impl App {
             views.push(Self::view(live, audience, mine, now, false));
         }
         Ok(views)
-    }
-
-    /// Where artifact `sha256` is, with its size, if it is stored.
-    pub(crate) fn artifact_blob(&self, sha256: &str) -> Option<(PathBuf, u64)> {
-        if !stella_proto::task::is_sha256_hex(sha256) {
-            return None;
-        }
-        let path = crate::releases::blob_path(&self.data_dir, sha256);
-        let meta = std::fs::metadata(&path).ok()?;
-        meta.is_file().then_some((path, meta.len()))
     }
 }

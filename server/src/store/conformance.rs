@@ -46,6 +46,7 @@ macro_rules! store_conformance {
             admin_tokens_are_recorded_and_revoked_with_audit_lines,
             audit_lines_carry_who_and_read_in_pages,
             a_snapshot_restores_into_an_equal_store,
+            blobs_are_stored_whole_once_and_copied_back,
         }
     };
     (@tests $make:expr; $($name:ident,)*) => {$(
@@ -822,4 +823,78 @@ pub(crate) fn a_snapshot_restores_into_an_equal_store(make: MakeStore<'_>) {
         bad.restore_rows(&[("nope".into(), "k".into(), b"{}".to_vec())])
             .is_err()
     );
+}
+
+/// A reader that gives `bytes` and then fails, as a broken upload would.
+struct FailingAfter<'a>(&'a [u8]);
+
+impl std::io::Read for FailingAfter<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.0.is_empty() {
+            return Err(std::io::Error::other("the upload broke off"));
+        }
+        let n = buf.len().min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+pub(crate) fn blobs_are_stored_whole_once_and_copied_back(make: MakeStore<'_>) {
+    let store = make();
+    // Larger than one PostgreSQL chunk, and not a multiple of it.
+    let bytes: Vec<u8> = (0..(2 << 20) + 12_345u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let sha256 = stella_proto::hash::hex(&stella_proto::hash::sha256(&bytes));
+    let size = bytes.len() as u64;
+    let mut out = Vec::new();
+    assert!(!store.copy_blob(&sha256, &mut out).unwrap());
+    assert!(out.is_empty());
+    assert!(store.blobs().unwrap().is_empty());
+
+    // Wrong bytes, too many bytes, too few, or a reader that fails: refused,
+    // nothing stored.
+    let other = vec![7u8; bytes.len()];
+    let longer = [bytes.as_slice(), b"x"].concat();
+    for (what, data) in [
+        ("other bytes", other.as_slice()),
+        ("a byte more", longer.as_slice()),
+        ("a byte less", &bytes[..bytes.len() - 1]),
+    ] {
+        let refused = store.put_blob(&sha256, size, &mut &data[..]);
+        assert!(
+            matches!(refused, Err(StoreError::Aborted(_))),
+            "{what}: {refused:?}"
+        );
+    }
+    let broken = store.put_blob(&sha256, size, &mut FailingAfter(&bytes[..3 << 19]));
+    assert!(broken.is_err(), "{broken:?}");
+    assert!(!store.copy_blob(&sha256, &mut out).unwrap());
+    assert!(store.blobs().unwrap().is_empty());
+    assert!(matches!(
+        store.put_blob("../../etc/passwd", 0, &mut &b""[..]),
+        Err(StoreError::Aborted(_))
+    ));
+
+    store.put_blob(&sha256, size, &mut &bytes[..]).unwrap();
+    assert!(store.copy_blob(&sha256, &mut out).unwrap());
+    assert!(out == bytes, "the blob comes back as stored");
+    assert_eq!(store.blobs().unwrap(), [(sha256.clone(), size)]);
+    // Stored again: kept, and the data is not even read.
+    store
+        .put_blob(&sha256, size, &mut FailingAfter(b""))
+        .unwrap();
+
+    // An empty blob is a blob too.
+    let empty = stella_proto::hash::hex(&stella_proto::hash::sha256(b""));
+    store.put_blob(&empty, 0, &mut &b""[..]).unwrap();
+    let mut none = Vec::new();
+    assert!(store.copy_blob(&empty, &mut none).unwrap());
+    assert!(none.is_empty());
+    let mut listed = store.blobs().unwrap();
+    listed.sort();
+    let mut expected = vec![(sha256, size), (empty, 0)];
+    expected.sort();
+    assert_eq!(listed, expected);
 }

@@ -17,6 +17,12 @@
 //! Two backends: redb, one file in the data dir (the default, one server),
 //! and PostgreSQL (`--store postgres://…`), a database several servers can
 //! share.
+//!
+//! Blobs (release files, task artifacts: content-addressed bytes) are the
+//! store's too (`put_blob`, `copy_blob`, `blobs`). With redb the data dir's
+//! `blobs/sha256/` is where the store keeps them; with PostgreSQL they are in
+//! the database, in chunks, and that directory is only each server's cache
+//! of them (filled by `app`), so that any server serves any blob.
 
 mod postgres;
 mod redb;
@@ -26,6 +32,7 @@ pub(crate) mod conformance;
 
 use std::cell::Cell;
 use std::fmt;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -405,6 +412,23 @@ pub(crate) trait Store: Send + Sync {
     /// Writes rows from `snapshot` into this (new, empty) store, in one
     /// transaction; refuses a table it does not know.
     fn restore_rows(&self, rows: &[(String, String, Vec<u8>)]) -> Result<(), StoreError>;
+
+    /// Stores blob `sha256`, `size` bytes read from `data` (streamed: never
+    /// whole in memory), durably and whole or not at all; refuses bytes whose
+    /// digest or size differ (`Aborted`, nothing stored). A blob stored
+    /// already is kept and `data` is not read. Blobs are never changed or
+    /// removed, and are not part of `snapshot` (they may be large: the redb
+    /// data dir's backup carries its blob files, PostgreSQL's own backups
+    /// its blob tables).
+    fn put_blob(&self, sha256: &str, size: u64, data: &mut dyn Read) -> Result<(), StoreError>;
+
+    /// Writes stored blob `sha256` into `out`, streamed; `Ok(false)`, with
+    /// nothing written, when no such blob is stored. After an error `out`
+    /// may hold part of it: the caller discards it.
+    fn copy_blob(&self, sha256: &str, out: &mut dyn Write) -> Result<bool, StoreError>;
+
+    /// Every stored blob: (sha256, size), by sha256.
+    fn blobs(&self) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// What a store that several servers share offers them to stay in step
     /// (`None`: this server is the store's only writer, as with redb).

@@ -1,8 +1,10 @@
 //! The redb backend of the store: one file in the data dir, one table per
-//! kind of record, each record the JSON of its `records` type. The only file
+//! kind of record, each record the JSON of its `records` type; blobs are
+//! the files of the data dir's `blobs/sha256/` beside it. The only file
 //! that names a redb type; it keeps records and decides nothing.
 
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -18,6 +20,7 @@ use crate::records::{
     EnrollmentRecord, HeartbeatState, ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord,
     TokenRecord, UpdateFailureRecord,
 };
+use crate::refusal::Refusal;
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
@@ -94,6 +97,9 @@ pub(crate) struct RedbStore {
     unwritable: Mutex<Option<String>>,
     /// Store operations that failed, since start.
     errors: AtomicU64,
+    /// Where blobs are kept: `blobs/sha256/` of the data dir that holds the
+    /// store file (one server: its data dir is the blob store).
+    blob_dir: PathBuf,
 }
 
 /// Whether a redb error is an I/O failure: the database must be reopened,
@@ -154,6 +160,27 @@ fn open_error(path: &Path, e: ::redb::DatabaseError) -> StoreError {
     }
 }
 
+/// The blob directory of the data dir that holds the store file `path`.
+fn blob_dir_beside(path: &Path) -> PathBuf {
+    crate::blobs::blob_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// An I/O failure on a blob file, as a store error (a full disk: try again
+/// later, as for the store file).
+fn blob_error(context: String, e: std::io::Error) -> StoreError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        StoreError::Unavailable {
+            context,
+            source: Box::new(e),
+        }
+    } else {
+        StoreError::Backend {
+            context,
+            source: Box::new(e),
+        }
+    }
+}
+
 /// Opens the store file with the server's settings.
 fn open_file(path: &Path) -> Result<Database, StoreError> {
     // redb's read cache defaults to 1 GiB and keeps every page that
@@ -207,20 +234,32 @@ impl RedbStore {
                 source: Box::new(e),
             }
         })?;
+        let blob_dir = blob_dir_beside(path);
         let path = path.to_owned();
-        Self::initialize(db, Box::new(move || open_file(&path)), admin_sha256)
+        Self::initialize(
+            db,
+            Box::new(move || open_file(&path)),
+            blob_dir,
+            admin_sha256,
+        )
     }
 
-    fn new(db: Database, reopen: Reopen) -> Self {
+    fn new(db: Database, reopen: Reopen, blob_dir: PathBuf) -> Self {
         Self {
             db: RwLock::new(Some(db)),
             reopen,
             unwritable: Mutex::new(None),
             errors: AtomicU64::new(0),
+            blob_dir,
         }
     }
 
-    fn initialize(db: Database, reopen: Reopen, admin_sha256: &str) -> Result<Self, StoreError> {
+    fn initialize(
+        db: Database,
+        reopen: Reopen,
+        blob_dir: PathBuf,
+        admin_sha256: &str,
+    ) -> Result<Self, StoreError> {
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -237,7 +276,7 @@ impl RedbStore {
             txn.open_table(ROLLOUTS)?;
         }
         txn.commit()?;
-        Ok(Self::new(db, reopen))
+        Ok(Self::new(db, reopen, blob_dir))
     }
 
     /// Opens an existing store file (exclusively: one server per data dir).
@@ -249,7 +288,11 @@ impl RedbStore {
         }
         let db = open_file(path)?;
         let owned = path.to_owned();
-        let store = Self::new(db, Box::new(move || open_file(&owned)));
+        let store = Self::new(
+            db,
+            Box::new(move || open_file(&owned)),
+            blob_dir_beside(path),
+        );
         store.check_schema(path)?;
         Ok(store)
     }
@@ -1131,6 +1174,53 @@ impl Store for RedbStore {
         })
     }
 
+    fn put_blob(&self, sha256: &str, size: u64, data: &mut dyn Read) -> Result<(), StoreError> {
+        if !crate::blobs::is_blob_name(sha256) {
+            return Err(Refusal::bad_request(format!("{sha256:?} is not a SHA-256")).into());
+        }
+        if crate::blobs::size_in(&self.blob_dir, sha256).is_some() {
+            return Ok(());
+        }
+        let context = || format!("cannot store blob {sha256}");
+        let mut writer = crate::blobs::BlobWriter::create_in(&self.blob_dir)
+            .map_err(|e| blob_error(context(), e))?;
+        match writer.copy_from(data, size) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(Refusal::bad_request(format!(
+                    "blob {sha256} is larger than its {size} bytes"
+                ))
+                .into());
+            }
+            Err(e) => return Err(blob_error(context(), e)),
+        }
+        let (got, got_size) = (writer.sha256(), writer.size());
+        if got != sha256 || got_size != size {
+            return Err(Refusal::bad_request(format!(
+                "blob {sha256} ({size} bytes) was given {got_size} bytes with sha256 {got}"
+            ))
+            .into());
+        }
+        writer.finish().map_err(|e| blob_error(context(), e))?;
+        Ok(())
+    }
+
+    fn copy_blob(&self, sha256: &str, out: &mut dyn Write) -> Result<bool, StoreError> {
+        if crate::blobs::size_in(&self.blob_dir, sha256).is_none() {
+            return Ok(false);
+        }
+        let path = self.blob_dir.join(sha256);
+        let context = || format!("cannot read blob {}", path.display());
+        let mut file = std::fs::File::open(&path).map_err(|e| blob_error(context(), e))?;
+        std::io::copy(&mut file, out).map_err(|e| blob_error(context(), e))?;
+        Ok(true)
+    }
+
+    fn blobs(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        crate::blobs::list(&self.blob_dir)
+            .map_err(|e| blob_error(format!("cannot list {}", self.blob_dir.display()), e))
+    }
+
     fn audit_log(&self) -> Result<Vec<AuditRecord>, StoreError> {
         self.with_db(false, |db| {
             let txn = db.begin_read()?;
@@ -1226,10 +1316,17 @@ impl RedbStore {
     }
 
     fn over(db: Database, reopen: Reopen, new: bool) -> Result<Self, StoreError> {
+        // Test stores have no data dir: blobs go to a directory of their own.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let blob_dir = std::env::temp_dir().join(format!(
+            "stella-redb-blobs-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         if new {
-            return Self::initialize(db, reopen, super::conformance::ADMIN_SHA256);
+            return Self::initialize(db, reopen, blob_dir, super::conformance::ADMIN_SHA256);
         }
-        let store = Self::new(db, reopen);
+        let store = Self::new(db, reopen, blob_dir);
         store.check_schema(Path::new("(test backend)"))?;
         Ok(store)
     }

@@ -88,23 +88,22 @@ impl Cluster {
     }
 }
 
-/// Enrolls `n` agents through the proxy with one token; returns them with
-/// their ids.
-fn enroll_through(cluster: &Cluster, n: usize, extra: &[&str]) -> Vec<(AgentDir, String)> {
+/// Enrolls `n` agents through the proxy with one token (pinning
+/// `release_key` when given); returns them with their ids.
+fn enroll_through(
+    cluster: &Cluster,
+    n: usize,
+    release_key: Option<&str>,
+) -> Vec<(AgentDir, String)> {
     let server = &cluster.servers[0];
-    let uses = n.to_string();
-    let mut args = vec!["--uses", uses.as_str(), "--ttl", "10m"];
-    args.extend_from_slice(extra);
-    let token = server.token(&args);
+    let token = server.token(&["--uses", &n.to_string(), "--ttl", "10m"]);
     (0..n)
         .map(|i| {
             let agent = AgentDir::installed(&bin("stella-agent"));
             let name = format!("node-{i}");
             let mut flags = vec!["--name", name.as_str()];
-            let key;
-            if let Some(k) = extra.iter().position(|a| *a == "--release-key") {
-                key = extra[k + 1].to_owned();
-                flags.extend(["--release-key", key.as_str()]);
+            if let Some(key) = release_key {
+                flags.extend(["--release-key", key]);
             }
             let out = agent.bootstrap_at(&cluster.proxy.url(), &server.pin, &token, &flags);
             let (stdout, stderr) = text(&out);
@@ -136,7 +135,7 @@ fn three_servers_behind_haproxy_share_one_fleet_through_kills_and_an_outage() {
 
     // 20 agents enrolled through the proxy; their heartbeats land on all
     // three servers, and every server sees every agent heartbeating.
-    let agents = enroll_through(&cluster, 20, &[]);
+    let agents = enroll_through(&cluster, 20, None);
     let mut running: Vec<Proc> = agents.iter().map(|(a, _)| a.run()).collect();
     for server in &cluster.servers {
         let all = poll(DEADLINE, || {
@@ -401,7 +400,7 @@ fn the_leader_dies_during_a_rollout_and_another_takes_over() {
     };
     let keys = Keys::new();
     let key = keys.public().to_str().unwrap().to_owned();
-    let agents = enroll_through(&cluster, 6, &["--release-key", &key]);
+    let agents = enroll_through(&cluster, 6, Some(&key));
     let mut supervised: Vec<Supervisor> = agents
         .iter()
         .map(|(agent, _)| {

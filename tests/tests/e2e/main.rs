@@ -3,6 +3,7 @@
 //! keeps the build quick; modules follow the design's parts.
 
 mod api;
+mod artifacts;
 mod bundle;
 mod cluster;
 mod config;

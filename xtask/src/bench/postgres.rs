@@ -314,7 +314,13 @@ fn follower_takeover(bins: &Bins, cluster: &Cluster, run_dir: &Path) -> Row {
             verdict(secs <= 15.0),
             how,
         ),
-        Err(e) => row(what, format!("failed: {e}"), TAKEOVER_BUDGET, "**MISS**", how),
+        Err(e) => row(
+            what,
+            format!("failed: {e}"),
+            TAKEOVER_BUDGET,
+            "**MISS**",
+            how,
+        ),
     }
 }
 
@@ -343,9 +349,8 @@ fn measure_takeover(bins: &Bins, cluster: &Cluster, run_dir: &Path) -> Result<f6
         )?);
         logs.push(log);
     }
-    let leads = |i: usize| {
-        std::fs::read_to_string(&logs[i]).is_ok_and(|text| text.contains(LEADING))
-    };
+    let leads =
+        |i: usize| std::fs::read_to_string(&logs[i]).is_ok_and(|text| text.contains(LEADING));
     let measured = (|| {
         let leader = wait_for("a leader", Duration::from_secs(60), || {
             (0..servers.len()).find(|&i| leads(i))

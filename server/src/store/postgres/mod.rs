@@ -9,7 +9,10 @@
 //! replace a certificate. Heartbeat soft state is written one batch per
 //! statement. The statements are grouped by table below (`sql`), and rows
 //! are the records' JSON (`encode`/`decode`), so a new table is a new
-//! migration, a few statements and a method.
+//! migration, a few statements and a method. Blobs are 1 MiB chunks in
+//! `blob_chunks` plus a `blobs` row written last in the same transaction, so
+//! a blob is whole or absent; each chunk is one statement, so a blob of any
+//! size passes through bounded memory.
 
 mod cluster;
 mod pool;
@@ -36,6 +39,7 @@ use crate::records::{
     HeartbeatState, ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord,
     UpdateFailureRecord,
 };
+use crate::refusal::Refusal;
 
 const ADMIN_HASH_KEY: &str = "admin_token_sha256";
 /// Written by the health check while the store could not write.
@@ -213,6 +217,19 @@ mod sql {
     pub(super) const CONFIGS_BY_SCOPE: &str = "SELECT scope, version, doc, hash, updated_at \
          FROM configs ORDER BY scope COLLATE \"C\"";
 
+    /// Blobs: chunks in `blob_chunks`, then the `blobs` row, in one
+    /// transaction: a blob with a `blobs` row is whole.
+    pub(super) const BLOB_SIZE: &str = "SELECT size FROM blobs WHERE sha256 = $1";
+    pub(super) const BLOBS_ALL: &str =
+        "SELECT sha256, size FROM blobs ORDER BY sha256 COLLATE \"C\"";
+    /// Two servers storing one blob: the second waits, then finds it.
+    pub(super) const BLOB_LOCK: &str = "SELECT pg_advisory_xact_lock($1, $2)";
+    pub(super) const BLOB_CHUNK_PUT: &str =
+        "INSERT INTO blob_chunks (sha256, seq, data) VALUES ($1, $2, $3)";
+    pub(super) const BLOB_PUT: &str = "INSERT INTO blobs (sha256, size) VALUES ($1, $2)";
+    pub(super) const BLOB_CHUNK_GET: &str =
+        "SELECT data FROM blob_chunks WHERE sha256 = $1 AND seq = $2";
+
     /// `migrate`: whether the database holds anything of a store.
     pub(super) const ANY_STORE: &str = "SELECT EXISTS (SELECT 1 FROM meta) \
          OR EXISTS (SELECT 1 FROM agents) OR EXISTS (SELECT 1 FROM tokens) \
@@ -270,6 +287,54 @@ mod sql {
          SELECT a, b, c, d, e, f, g FROM unnest($1::bigint[], $2::text[], $3::text[], \
          $4::text[], $5::text[], $6::text[], $7::text[]) \
          WITH ORDINALITY AS t (a, b, c, d, e, f, g, n) ORDER BY n";
+}
+
+/// Bytes per row of `blob_chunks`: a blob is written and read one chunk
+/// per statement, so memory stays bounded whatever its size.
+const BLOB_CHUNK: usize = 1 << 20;
+/// The first key of the blob advisory locks (the two-key space does not
+/// overlap the one-key space of the migration lock): "blob" in ASCII.
+const BLOB_LOCK_CLASS: i32 = 0x626c_6f62;
+
+/// How long storing or copying a blob of `size` bytes may take: the usual
+/// deadline plus a second per MiB (a floor of 1 MiB/s).
+fn blob_timeout(size: u64) -> std::time::Duration {
+    pool::QUERY_TIMEOUT + std::time::Duration::from_secs(size >> 20)
+}
+
+/// The second key of blob `sha256`'s advisory lock (its first 32 bits).
+fn blob_lock_key(sha256: &str) -> i32 {
+    u32::from_str_radix(sha256.get(..8).unwrap_or("0"), 16).unwrap_or(0) as i32
+}
+
+/// Fills `buf` from `data` as far as it goes; the bytes read (fewer than
+/// `buf.len()` only at the end).
+fn read_chunk(data: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match data.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// A local I/O failure while a blob is moved (a full disk: try later).
+fn blob_io(context: String, e: std::io::Error) -> StoreError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        StoreError::Unavailable {
+            context,
+            source: Box::new(e),
+        }
+    } else {
+        StoreError::Backend {
+            context,
+            source: Box::new(e),
+        }
+    }
 }
 
 /// Rows per statement when `migrate` copies a table.
@@ -580,8 +645,17 @@ impl PgStore {
         &self,
         work: impl AsyncFnOnce(&mut Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.write_within(pool::QUERY_TIMEOUT, work)
+    }
+
+    /// `write` with another time limit (a blob).
+    fn write_within<T>(
+        &self,
+        timeout: std::time::Duration,
+        work: impl AsyncFnOnce(&mut Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let fence = super::current_fence();
-        let result = self.pool.run(async |client| {
+        let result = self.pool.run_within(timeout, async |client| {
             let mut txn = client.transaction().await.map_err(pg("begin"))?;
             cluster::check_fence(&txn, &self.node, fence).await?;
             let out = work(&mut txn).await?;
@@ -598,6 +672,28 @@ impl PgStore {
             }
         }
         result
+    }
+
+    /// The size of stored blob `sha256`, if it is stored (whole).
+    fn blob_size(&self, sha256: &str) -> Result<Option<u64>, StoreError> {
+        self.read(async |client| {
+            let row = client
+                .query_opt(sql::BLOB_SIZE, &[&sha256])
+                .await
+                .map_err(pg("read a blob"))?;
+            Ok(row.map(|r| uint(r.get(0))))
+        })
+    }
+
+    /// `migrate`: whether this database holds anything of a store.
+    pub(crate) fn holds_store(&self) -> Result<bool, StoreError> {
+        self.read(async |client| {
+            Ok(client
+                .query_one(sql::ANY_STORE, &[])
+                .await
+                .map_err(pg("look at the target"))?
+                .get(0))
+        })
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -1491,6 +1587,119 @@ impl Store for PgStore {
                 .await
                 .map_err(pg("restore the audit sequence"))?;
             Ok(())
+        })
+    }
+
+    fn put_blob(
+        &self,
+        sha256: &str,
+        size: u64,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), StoreError> {
+        if !crate::blobs::is_blob_name(sha256) {
+            return Err(Refusal::bad_request(format!("{sha256:?} is not a SHA-256")).into());
+        }
+        if self.blob_size(sha256)?.is_some() {
+            return Ok(());
+        }
+        let timeout = blob_timeout(size);
+        self.write_within(timeout, async |txn| {
+            let limit = format!("SET LOCAL statement_timeout = {}", timeout.as_millis());
+            txn.batch_execute(&limit)
+                .await
+                .map_err(pg("store a blob"))?;
+            txn.execute(sql::BLOB_LOCK, &[&BLOB_LOCK_CLASS, &blob_lock_key(sha256)])
+                .await
+                .map_err(pg("lock a blob"))?;
+            let stored = txn
+                .query_opt(sql::BLOB_SIZE, &[&sha256])
+                .await
+                .map_err(pg("read a blob"))?;
+            if stored.is_some() {
+                return Ok(());
+            }
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut buf = vec![0u8; BLOB_CHUNK];
+            let (mut seq, mut total) = (0i32, 0u64);
+            loop {
+                let n = read_chunk(data, &mut buf)
+                    .map_err(|e| blob_io(format!("cannot read blob {sha256}"), e))?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                if total > size {
+                    return Err(Refusal::bad_request(format!(
+                        "blob {sha256} is larger than its {size} bytes"
+                    ))
+                    .into());
+                }
+                ctx.update(&buf[..n]);
+                let chunk: &[u8] = &buf[..n];
+                txn.execute(sql::BLOB_CHUNK_PUT, &[&sha256, &seq, &chunk])
+                    .await
+                    .map_err(pg("store a blob chunk"))?;
+                seq += 1;
+                if n < buf.len() {
+                    break;
+                }
+            }
+            let got = stella_proto::hash::hex(ctx.finish().as_ref());
+            if got != sha256 || total != size {
+                return Err(Refusal::bad_request(format!(
+                    "blob {sha256} ({size} bytes) was given {total} bytes with sha256 {got}"
+                ))
+                .into());
+            }
+            txn.execute(sql::BLOB_PUT, &[&sha256, &int(size)])
+                .await
+                .map_err(pg("store a blob"))?;
+            Ok(())
+        })
+    }
+
+    fn copy_blob(&self, sha256: &str, out: &mut dyn std::io::Write) -> Result<bool, StoreError> {
+        let Some(size) = self.blob_size(sha256)? else {
+            return Ok(false);
+        };
+        self.pool
+            .run_within(blob_timeout(size), async |client| {
+                let (mut seq, mut copied) = (0i32, 0u64);
+                while copied < size {
+                    let row = client
+                        .query_opt(sql::BLOB_CHUNK_GET, &[&sha256, &seq])
+                        .await
+                        .map_err(pg("read a blob chunk"))?;
+                    let Some(row) = row else {
+                        return Err(StoreError::Corrupt {
+                            what: "blob",
+                            key: format!("{sha256} (chunk {seq} is missing)"),
+                        });
+                    };
+                    let chunk: &[u8] = row.get(0);
+                    out.write_all(chunk)
+                        .map_err(|e| blob_io(format!("cannot write blob {sha256}"), e))?;
+                    copied += chunk.len() as u64;
+                    seq += 1;
+                }
+                if copied != size {
+                    return Err(StoreError::Corrupt {
+                        what: "blob",
+                        key: format!("{sha256} ({copied} bytes, not {size})"),
+                    });
+                }
+                Ok(true)
+            })
+            .inspect_err(|e| self.count_error(e))
+    }
+
+    fn blobs(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.read(async |client| {
+            let rows = client
+                .query(sql::BLOBS_ALL, &[])
+                .await
+                .map_err(pg("list blobs"))?;
+            Ok(rows.iter().map(|r| (r.get(0), uint(r.get(1)))).collect())
         })
     }
 

@@ -101,6 +101,18 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     CREATE INDEX heartbeats_by_flush ON heartbeats (flushed_at);
     ",
     ),
+    (
+        5,
+        "
+    CREATE TABLE blob_chunks (
+        sha256 text NOT NULL,
+        seq integer NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (sha256, seq)
+    );
+    CREATE TABLE blobs (sha256 text PRIMARY KEY, size bigint NOT NULL);
+    ",
+    ),
 ];
 
 /// The schema version this server writes.

@@ -59,8 +59,9 @@ fn migrations_schema_outages_and_start_up_failures() {
             db,
             "SELECT string_agg(version::text, ',' ORDER BY version) FROM stella_schema"
         ),
-        (1..=schema::latest())
-            .map(|v| v.to_string())
+        schema::MIGRATIONS
+            .iter()
+            .map(|(v, _)| v.to_string())
             .collect::<Vec<_>>()
             .join(",")
     );
@@ -491,4 +492,77 @@ fn poll_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn two_servers_storing_one_blob_at_once_store_it_once() {
+    let test = "two_servers_storing_one_blob_at_once_store_it_once";
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let url = database(&pg, "blob_race");
+    let a = PgStore::create(&url, "ab").unwrap();
+    let b = PgStore::open(&url).unwrap();
+    let bytes: Vec<u8> = (0..(5u32 << 20) + 3).map(|i| (i % 247) as u8).collect();
+    let sha256 = stella_proto::hash::hex(&stella_proto::hash::sha256(&bytes));
+    let size = bytes.len() as u64;
+    let outcomes: Vec<Result<(), StoreError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let store = if i % 2 == 0 { &a } else { &b };
+                let bytes = &bytes;
+                let sha256 = &sha256;
+                s.spawn(move || store.put_blob(sha256, size, &mut &bytes[..]))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for outcome in &outcomes {
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    assert_eq!(b.blobs().unwrap(), [(sha256.clone(), size)]);
+    let db = url.rsplit('/').next().unwrap();
+    assert_eq!(
+        pg.sql(
+            db,
+            &format!("SELECT count(*) FROM blob_chunks WHERE sha256 = '{sha256}'")
+        ),
+        "6",
+        "5 MiB and 3 bytes: six chunks, once"
+    );
+    // Copied back whole by the other server, through a file as a cache fill
+    // would.
+    let mut copied = Vec::new();
+    assert!(a.copy_blob(&sha256, &mut copied).unwrap());
+    assert!(copied == bytes);
+}
+
+/// How fast a blob goes into PostgreSQL and back out (not a budget check;
+/// run with `--ignored --nocapture`).
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn blob_store_and_copy_throughput() {
+    let Some(pg) = Postgres::start("blob_store_and_copy_throughput") else {
+        return;
+    };
+    let store = PgStore::create(&database(&pg, "blob_speed"), "ab").unwrap();
+    let bytes: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let sha256 = stella_proto::hash::hex(&stella_proto::hash::sha256(&bytes));
+    let started = Instant::now();
+    store
+        .put_blob(&sha256, bytes.len() as u64, &mut &bytes[..])
+        .unwrap();
+    let stored = started.elapsed();
+    let started = Instant::now();
+    let mut sink = std::io::sink();
+    assert!(store.copy_blob(&sha256, &mut sink).unwrap());
+    let copied = started.elapsed();
+    let mib = (bytes.len() >> 20) as f64;
+    eprintln!(
+        "PostgreSQL blob of {mib} MiB: stored at {:.0} MiB/s, copied at {:.0} MiB/s",
+        mib / stored.as_secs_f64(),
+        mib / copied.as_secs_f64()
+    );
 }
