@@ -32,6 +32,9 @@ pub(crate) struct ClusterState {
     /// The database's time of the last heartbeat-feed read.
     pub(super) heartbeats_read_ms: u64,
     pub(super) leadership: Leadership,
+    /// Whether the last feed or lease call failed: the first failure is
+    /// logged, then the recovery, not every retry of an outage.
+    pub(super) failing: bool,
 }
 
 impl ClusterState {
@@ -42,7 +45,23 @@ impl ClusterState {
             cursor: EventCursor::new(cluster.last_change()?),
             heartbeats_read_ms: now_ms().saturating_sub(HEARTBEAT_OVERLAP.as_millis() as u64),
             leadership: Leadership::default(),
+            failing: false,
         })
+    }
+}
+
+/// Logs the first failure to reach the store after a success, then
+/// nothing until it works again.
+fn failed(state: &std::sync::Mutex<ClusterState>, what: &str, e: &StoreError) {
+    if !std::mem::replace(&mut lock(state).failing, true) {
+        log::warn(what, &[("error", e), ("then", &"retrying quietly")]);
+    }
+}
+
+/// Logs that the store answers again after failures.
+fn answered(state: &std::sync::Mutex<ClusterState>) {
+    if std::mem::replace(&mut lock(state).failing, false) {
+        log::info("the store answers the cluster loop again", &[]);
     }
 }
 
@@ -167,7 +186,7 @@ impl App {
         Ok(())
     }
 
-    fn reload_rollouts(&self) -> Result<(), Error> {
+    pub(super) fn reload_rollouts(&self) -> Result<(), Error> {
         let _serial = lock(&self.lifecycle_lock);
         let records = self.store.rollouts()?;
         let mut rollouts = lock(&self.rollouts);
@@ -185,12 +204,15 @@ impl App {
         let tasks = Tasks::load(self.store.tasks()?, &self.store.task_results(None)?);
         *lock(&self.tasks) = tasks;
         *lock(&self.admin_tokens) = self.store.admin_tokens()?;
+        // The lifecycle lock keeps this server's own changes from landing
+        // between the read and the mirror (its own events are not applied
+        // again).
         let _serial = lock(&self.lifecycle_lock);
-        let mut configs = lock(&self.configs);
-        let now = now_ms();
         let mut agents = Vec::new();
         self.store
             .load_agents(&mut |record, hb| agents.push((record, hb)))?;
+        let now = now_ms();
+        let mut configs = lock(&self.configs);
         let mut fleet = lock(&self.fleet);
         for (record, hb) in agents {
             let id = record.id.clone();
@@ -212,10 +234,11 @@ impl App {
             let (events, oldest) = match cluster.changes_since(after, EVENTS_PER_READ) {
                 Ok(read) => read,
                 Err(e) => {
-                    log::warn("could not read the change feed", &[("error", &e)]);
+                    failed(state, "could not read the change feed", &e);
                     return;
                 }
             };
+            answered(state);
             let full = events.len() == EVENTS_PER_READ;
             let step = lock(state).cursor.take(events, oldest, Instant::now());
             match step {
@@ -263,7 +286,7 @@ impl App {
                 drop(fleet);
                 lock(state).heartbeats_read_ms = db_now;
             }
-            Err(e) => log::warn("could not read the heartbeat feed", &[("error", &e)]),
+            Err(e) => failed(state, "could not read the heartbeat feed", &e),
         }
     }
 
@@ -271,9 +294,9 @@ impl App {
     /// decides from. Blocking.
     fn contend(&self, cluster: &dyn Cluster, state: &std::sync::Mutex<ClusterState>) {
         let asked = Instant::now();
-        let outcome = cluster.acquire_lease(LEADER_LEASE, LEASE_TTL).map_err(|e| {
-            log::warn("could not reach the leader lease", &[("error", &e)]);
-        });
+        let outcome = cluster
+            .acquire_lease(LEADER_LEASE, LEASE_TTL)
+            .map_err(|e| failed(state, "could not reach the leader lease", &e));
         let turn = lock(state).leadership.attempted(outcome, asked);
         match turn {
             Turn::Took(fence) => {

@@ -13,8 +13,9 @@ use super::{App, lock, now_ms, now_secs};
 use crate::error::Error;
 use crate::log;
 use crate::records::RolloutRecord;
-use crate::refusal::Refusal;
+use crate::refusal::{Refusal, Why};
 use crate::rollout::{self, AgentFacts, StartRequest};
+use crate::store::StoreError;
 
 impl App {
     fn facts(&self) -> Vec<AgentFacts> {
@@ -44,23 +45,47 @@ impl App {
             // is refused).
             let leader = self.leads();
             if let (Some(change), Some(fence)) = (eval.change.clone(), leader) {
-                let _serial = lock(&self.lifecycle_lock);
-                let action = rollout::apply(&mut rec, &change);
-                self.as_leader(fence, || {
-                    self.store
-                        .put_rollout(&rec, now_secs(), action, &format!("{change:?}"))
-                })?;
-                log::info(
-                    "rollout changed",
-                    &[
-                        ("rollout", &rec.id),
-                        ("action", &action),
-                        ("stage", &(rec.open_stage + 1)),
-                    ],
-                );
-                lock(&self.rollouts)
-                    .records
-                    .insert(rec.id.clone(), rec.clone());
+                let before = rec.clone();
+                let written = {
+                    let _serial = lock(&self.lifecycle_lock);
+                    let action = rollout::apply(&mut rec, &change);
+                    self.as_leader(fence, || {
+                        self.store.put_rollout(
+                            &rec,
+                            Some(&before),
+                            now_secs(),
+                            action,
+                            &format!("{change:?}"),
+                        )
+                    })
+                    .map(|()| action)
+                };
+                match written {
+                    Ok(action) => {
+                        log::info(
+                            "rollout changed",
+                            &[
+                                ("rollout", &rec.id),
+                                ("action", &action),
+                                ("stage", &(rec.open_stage + 1)),
+                            ],
+                        );
+                        lock(&self.rollouts)
+                            .records
+                            .insert(rec.id.clone(), rec.clone());
+                    }
+                    // An admin acted on it through another server a moment
+                    // ago: read it again and judge next time.
+                    Err(StoreError::Aborted(r)) if r.why == Why::Conflict => {
+                        log::info(
+                            "rollout changed elsewhere; reloading",
+                            &[("rollout", &rec.id)],
+                        );
+                        self.reload_rollouts()?;
+                        rec = before;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             // Offers follow the state as it is now (a pause stops them at once).
             let eval = if eval.change.is_some() {
@@ -105,6 +130,7 @@ impl App {
         }
         self.store.put_rollout(
             &rec,
+            None,
             now_secs(),
             "rollout.start",
             &format!(
@@ -133,11 +159,13 @@ impl App {
             .get(id)
             .cloned()
             .ok_or_else(|| Refusal::not_found(format!("no rollout with id {id}")))?;
-        let Some(rec) = rollout::act(&rec, action, &self.facts(), now_ms())? else {
+        let Some(acted) = rollout::act(&rec, action, &self.facts(), now_ms())? else {
             return Ok(self.rollout_view_of(&rec, false));
         };
+        let (before, rec) = (rec, acted);
         self.store.put_rollout(
             &rec,
+            Some(&before),
             now_secs(),
             &format!("rollout.{action}"),
             rec.reason.as_deref().unwrap_or(""),

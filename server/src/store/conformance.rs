@@ -484,15 +484,46 @@ pub(crate) fn releases_are_recorded_once(make: MakeStore<'_>) {
 pub(crate) fn rollouts_are_replaced_whole(make: MakeStore<'_>) {
     let store = make();
     store
-        .put_rollout(&rollout("rol_a", "running"), 100, "rollout.start", "d")
+        .put_rollout(
+            &rollout("rol_a", "running"),
+            None,
+            100,
+            "rollout.start",
+            "d",
+        )
         .unwrap();
     store
-        .put_rollout(&rollout("rol_b", "running"), 101, "rollout.start", "d")
+        .put_rollout(
+            &rollout("rol_b", "running"),
+            None,
+            101,
+            "rollout.start",
+            "d",
+        )
         .unwrap();
     let mut paused = rollout("rol_a", "paused");
     paused.reason = Some("why".into());
+    // A write over a state that is no longer stored (another server
+    // changed it) is refused, and changes nothing.
+    let stale = store.put_rollout(
+        &paused,
+        Some(&rollout("rol_a", "paused")),
+        102,
+        "rollout.pause",
+        "why",
+    );
+    assert!(
+        matches!(&stale, Err(StoreError::Aborted(r)) if r.why == crate::refusal::Why::Conflict),
+        "{stale:?}"
+    );
     store
-        .put_rollout(&paused, 102, "rollout.pause", "why")
+        .put_rollout(
+            &paused,
+            Some(&rollout("rol_a", "running")),
+            102,
+            "rollout.pause",
+            "why",
+        )
         .unwrap();
     let all = store.rollouts().unwrap();
     assert_eq!(all.len(), 2);

@@ -300,10 +300,13 @@ pub(crate) trait Store: Send + Sync {
     /// Every rollout.
     fn rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
 
-    /// Writes a rollout's new state, with an audit line.
+    /// Writes a rollout's new state, with an audit line. With `expected`,
+    /// only over that stored state: a rollout another server changed
+    /// meanwhile is refused (`Aborted`, a conflict) with nothing written.
     fn put_rollout(
         &self,
         rollout: &RolloutRecord,
+        expected: Option<&RolloutRecord>,
         now: u64,
         action: &str,
         detail: &str,
@@ -588,6 +591,13 @@ pub(crate) fn fenced<T>(lease: &'static str, fence: u64, work: impl FnOnce() -> 
 /// The lease and token writes on this thread are fenced by, if any.
 pub(crate) fn current_fence() -> Option<(&'static str, u64)> {
     FENCE.with(Cell::get)
+}
+
+/// The refusal of a rollout write over a state that is no longer stored.
+pub(crate) fn rollout_changed(id: &str) -> StoreError {
+    StoreError::Aborted(Refusal::conflict(format!(
+        "rollout {id} changed meanwhile (through another server); look again and retry"
+    )))
 }
 
 /// Takes one row of a snapshot: `(table, key, value)`.

@@ -13,7 +13,7 @@ use miniserde::{Deserialize, Serialize, json};
 
 use super::{
     AdminTokenChange, AgentChange, CertificateChange, EnrollRule, EnrollmentState, PriorEnrollment,
-    SnapshotRow, Store, StoreError, StoreHealth,
+    SnapshotRow, Store, StoreError, StoreHealth, rollout_changed,
 };
 use crate::records::{
     AdminTokenRecord, AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord,
@@ -789,6 +789,7 @@ impl Store for RedbStore {
     fn put_rollout(
         &self,
         rollout: &RolloutRecord,
+        expected: Option<&RolloutRecord>,
         now: u64,
         action: &str,
         detail: &str,
@@ -797,6 +798,14 @@ impl Store for RedbStore {
             let txn = db.begin_write()?;
             {
                 let mut rollouts = txn.open_table(ROLLOUTS)?;
+                if let Some(expected) = expected {
+                    let stored = rollouts
+                        .get(rollout.id.as_str())?
+                        .map(|v| v.value().to_vec());
+                    if stored.as_deref() != Some(encode(expected).as_slice()) {
+                        return Err(rollout_changed(&rollout.id));
+                    }
+                }
                 rollouts.insert(rollout.id.as_str(), encode(rollout).as_slice())?;
                 append_audit(&txn, now, action, &rollout.id, detail)?;
             }
@@ -1637,6 +1646,7 @@ mod tests {
                 store
                     .put_rollout(
                         &conformance::rollout("rol_a", "running"),
+                        None,
                         100,
                         "rollout.start",
                         "",
@@ -1646,7 +1656,8 @@ mod tests {
             |store| {
                 let mut paused = conformance::rollout("rol_a", "paused");
                 paused.reason = Some("paused by an administrator".into());
-                store.put_rollout(&paused, 101, "rollout.pause", "")
+                let running = conformance::rollout("rol_a", "running");
+                store.put_rollout(&paused, Some(&running), 101, "rollout.pause", "")
             },
             |store, succeeded| {
                 let all = store.rollouts().unwrap();

@@ -92,6 +92,9 @@ mod sql {
     pub(super) const ROLLOUTS_ALL: &str = "SELECT id, record FROM rollouts ORDER BY id";
     pub(super) const ROLLOUT_PUT: &str = "INSERT INTO rollouts (id, record) VALUES ($1, $2) \
          ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record";
+    /// Only over the state the writer read.
+    pub(super) const ROLLOUT_REPLACE: &str =
+        "UPDATE rollouts SET record = $2 WHERE id = $1 AND record = $3";
 
     pub(super) const RELEASES_ALL: &str = "SELECT version, record FROM releases ORDER BY version";
     pub(super) const RELEASE_GET: &str = "SELECT record FROM releases WHERE version = $1";
@@ -1093,14 +1096,31 @@ impl Store for PgStore {
     fn put_rollout(
         &self,
         rollout: &RolloutRecord,
+        expected: Option<&RolloutRecord>,
         now: u64,
         action: &str,
         detail: &str,
     ) -> Result<(), StoreError> {
         self.write(async |txn| {
-            txn.execute(sql::ROLLOUT_PUT, &[&rollout.id, &encode(rollout)])
-                .await
-                .map_err(pg("write a rollout"))?;
+            match expected {
+                None => txn
+                    .execute(sql::ROLLOUT_PUT, &[&rollout.id, &encode(rollout)])
+                    .await
+                    .map_err(pg("write a rollout"))?,
+                Some(expected) => {
+                    let replaced = txn
+                        .execute(
+                            sql::ROLLOUT_REPLACE,
+                            &[&rollout.id, &encode(rollout), &encode(expected)],
+                        )
+                        .await
+                        .map_err(pg("write a rollout"))?;
+                    if replaced == 0 {
+                        return Err(super::rollout_changed(&rollout.id));
+                    }
+                    replaced
+                }
+            };
             publish(txn, &self.node, ChangeKind::Rollout, &rollout.id).await?;
             append_audit(txn, now, action, &rollout.id, detail).await
         })

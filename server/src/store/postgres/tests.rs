@@ -328,6 +328,7 @@ fn migrate_copies_a_redb_store_whole_and_refuses_a_used_target() {
     redb.set_config("global", r#"{"a":1}"#, "h2", 101).unwrap();
     redb.put_rollout(
         &conformance::rollout("rol_a", "running"),
+        None,
         102,
         "rollout.start",
         "",
