@@ -655,6 +655,22 @@ impl AgentDir {
         self.state.join(name)
     }
 
+    /// `stella-agent run` under a supervisor that starts it again whenever
+    /// it exits (as systemd would, after an update's swap), logging to
+    /// `supervised.log`.
+    pub fn supervise(&self) -> Supervisor {
+        let (binary, state) = (self.binary.clone(), self.state.clone());
+        Supervisor::start(
+            move || {
+                let mut cmd = Command::new(&binary);
+                cmd.arg("run").arg("--state-dir").arg(&state);
+                cmd
+            },
+            &[],
+            self.dir.join("supervised.log"),
+        )
+    }
+
     /// Waits until the agent's own state records an acknowledged heartbeat.
     /// The server counts a heartbeat before the agent has read the answer
     /// and saved it, so a test that looks at the agent's files (or stops it)

@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 use stella_tests::postgres::Postgres;
 use stella_tests::release::{Keys, NEXT, native_target, sha256, signed_release};
 use stella_tests::{
-    AgentDir, Server, ServerOptions, Supervisor, TempDir, bin, json, json_str, run, text, tool,
+    AgentDir, Server, ServerOptions, TempDir, bin, json, json_str, run, text, tool,
 };
 
 /// `stella-server release import DIR` as an admin on another host runs it:
@@ -184,18 +184,7 @@ fn a_release_uploaded_through_one_server_is_served_by_another_with_range() {
     assert!(got == archive_bytes[2_097_152..], "the tail of the archive");
 
     // And the agent enrolled on B updates from B.
-    let sup = Supervisor::start(
-        {
-            let (binary, state) = (agent.binary.clone(), agent.state.clone());
-            move || {
-                let mut cmd = Command::new(&binary);
-                cmd.arg("run").arg("--state-dir").arg(&state);
-                cmd
-            }
-        },
-        &[],
-        agent.dir.join("supervised.log"),
-    );
+    let sup = agent.supervise();
     b.wait_for_agent(&id, "heartbeating", |v| v.heartbeat_seq >= 1);
     b.admin_ok(&["agents", "update", &id, "--release", NEXT]);
     b.wait_for_agent(&id, "running and committed on the new version", |v| {

@@ -10,7 +10,7 @@
 //! with every stage opened once, and the timeout monitor goes on.
 
 use std::fs;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use stella_proto::api::RolloutView;
@@ -401,21 +401,7 @@ fn the_leader_dies_during_a_rollout_and_another_takes_over() {
     let keys = Keys::new();
     let key = keys.public().to_str().unwrap().to_owned();
     let agents = enroll_through(&cluster, 6, Some(&key));
-    let mut supervised: Vec<Supervisor> = agents
-        .iter()
-        .map(|(agent, _)| {
-            let (binary, state) = (agent.binary.clone(), agent.state.clone());
-            Supervisor::start(
-                move || {
-                    let mut cmd = Command::new(&binary);
-                    cmd.arg("run").arg("--state-dir").arg(&state);
-                    cmd
-                },
-                &[],
-                agent.dir.join("supervised.log"),
-            )
-        })
-        .collect();
+    let mut supervised: Vec<Supervisor> = agents.iter().map(|(a, _)| a.supervise()).collect();
     for (_, id) in &agents {
         cluster.servers[0].wait_for_agent(id, "heartbeating", |a| a.heartbeat_seq >= 1);
     }

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use stella_tests::release::{Keys, NEXT, sha256, signed_release};
 use stella_tests::{
-    AgentDir, AgentView, DEADLINE, Proc, Server, ServerOptions, Supervisor, TempDir, bin, json,
-    json_str, poll, raw, run, skip_or_fail, text,
+    AgentDir, AgentView, DEADLINE, Proc, Server, ServerOptions, TempDir, bin, json, json_str, poll,
+    raw, run, skip_or_fail, text,
 };
 
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
@@ -383,20 +383,6 @@ fn a_resumed_download_is_retried_from_zero_once_and_the_failure_says_so() {
     second.kill();
 }
 
-fn supervise(agent: &AgentDir) -> Supervisor {
-    let binary = agent.binary.clone();
-    let state = agent.state.clone();
-    Supervisor::start(
-        move || {
-            let mut cmd = Command::new(&binary);
-            cmd.arg("run").arg("--state-dir").arg(&state);
-            cmd
-        },
-        &[],
-        agent.dir.join("supervised.log"),
-    )
-}
-
 fn wait_failed(server: &Server, id: &str) -> AgentView {
     server.wait_for_agent(id, "reporting the failed update", |a| {
         a.update.state == "failed"
@@ -413,7 +399,7 @@ fn a_binary_that_is_not_the_signed_version_is_refused_before_the_swap() {
     let claimed = "0.3.0";
     let dir = signed_release(&keys, claimed, &bin("stella-agent-next"), &[]);
     offer(&server, &dir, claimed, &id);
-    let sup = supervise(&agent);
+    let sup = agent.supervise();
     let view = wait_failed(&server, &id);
     let error = view.update.error.clone().unwrap_or_default();
     let target = stella_tests::release::native_target();

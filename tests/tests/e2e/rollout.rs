@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::process::Command;
 use std::time::Duration;
 
 use stella_proto::api::RolloutView;
@@ -28,19 +27,6 @@ fn enroll(server: &Server, keys: &Keys, env: &str, name: &str) -> (AgentDir, Str
     assert!(out.status.success(), "{:?}", text(&out));
     let id = text(&out).0.trim().to_owned();
     (agent, id)
-}
-
-fn supervise(agent: &AgentDir) -> Supervisor {
-    let (binary, state) = (agent.binary.clone(), agent.state.clone());
-    Supervisor::start(
-        move || {
-            let mut cmd = Command::new(&binary);
-            cmd.arg("run").arg("--state-dir").arg(&state);
-            cmd
-        },
-        &[],
-        agent.dir.join("supervised.log"),
-    )
 }
 
 fn rollout_start(server: &Server, args: &[&str]) -> String {
@@ -67,7 +53,7 @@ fn agents_update_stage_by_stage() {
     let agents: Vec<(AgentDir, String)> = (0..6)
         .map(|i| enroll(&server, &keys, "prod", &format!("box{i}")))
         .collect();
-    let _running: Vec<Supervisor> = agents.iter().map(|(a, _)| supervise(a)).collect();
+    let _running: Vec<Supervisor> = agents.iter().map(|(a, _)| a.supervise()).collect();
     for (_, id) in &agents {
         server.wait_for_agent(id, "heartbeating", |a| a.heartbeat_seq >= 1);
     }
@@ -162,7 +148,7 @@ fn a_failing_release_pauses_at_the_canary() {
     let agents: Vec<(AgentDir, String)> = (0..4)
         .map(|i| enroll(&server, &keys, "prod", &format!("n{i}")))
         .collect();
-    let _running: Vec<Supervisor> = agents.iter().map(|(a, _)| supervise(a)).collect();
+    let _running: Vec<Supervisor> = agents.iter().map(|(a, _)| a.supervise()).collect();
     for (_, id) in &agents {
         server.wait_for_agent(id, "heartbeating", |a| a.heartbeat_seq >= 1);
     }

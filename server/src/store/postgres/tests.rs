@@ -475,24 +475,12 @@ fn servers_sharing_a_database_see_each_others_changes_heartbeats_and_one_leader(
     // An expired lease is free for another server.
     c2.acquire_lease("leader", Duration::from_millis(1))
         .unwrap();
-    let taken = poll_for(|| c1.acquire_lease("leader", ttl).unwrap());
+    let taken = stella_tests::poll(Duration::from_secs(10), || {
+        c1.acquire_lease("leader", ttl).unwrap()
+    });
     assert!(taken.is_some_and(|t| t > second));
     // Pruning keeps what is young.
     assert_eq!(c1.prune_changes(Duration::from_secs(3600)).unwrap(), 0);
-}
-
-/// Polls `f` for up to 10 s until it answers `Some`.
-fn poll_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
