@@ -35,6 +35,9 @@ pub(crate) struct ClusterState {
     /// Whether the last feed or lease call failed: the first failure is
     /// logged, then the recovery, not every retry of an outage.
     pub(super) failing: bool,
+    /// Failures shared with the other servers in the current second:
+    /// (Unix second, count).
+    pub(super) shared_failures: (u64, u32),
 }
 
 impl ClusterState {
@@ -46,9 +49,14 @@ impl ClusterState {
             heartbeats_read_ms: now_ms().saturating_sub(HEARTBEAT_OVERLAP.as_millis() as u64),
             leadership: Leadership::default(),
             failing: false,
+            shared_failures: (0, 0),
         })
     }
 }
+
+/// How many failed authentications a server shares with the others each
+/// second, at most.
+const SHARED_FAILURES_PER_S: u32 = 100;
 
 /// Logs the first failure to reach the store after a success, then
 /// nothing until it works again.
@@ -108,12 +116,30 @@ impl App {
             return;
         }
         let app = self.clone();
-        smol::unblock(move || {
-            if let Some(cluster) = app.store.cluster() {
-                let _ = cluster.record_failure(kind, &source.to_string());
+        smol::unblock(move || app.share_failure_now(kind, source)).detach();
+    }
+
+    /// `share_failure`, blocking. At most [`SHARED_FAILURES_PER_S`] a
+    /// second: guesses from very many sources must not fill the store's
+    /// connections (each source's local brake holds regardless).
+    pub(crate) fn share_failure_now(&self, kind: ChangeKind, source: IpAddr) {
+        let (Some(cluster), Some(state)) = (self.store.cluster(), &self.cluster_state) else {
+            return;
+        };
+        {
+            let mut state = lock(state);
+            let second = now_ms() / 1000;
+            if state.shared_failures.0 != second {
+                state.shared_failures = (second, 0);
             }
-        })
-        .detach();
+            if state.shared_failures.1 >= SHARED_FAILURES_PER_S {
+                return;
+            }
+            state.shared_failures.1 += 1;
+        }
+        if let Err(e) = cluster.record_failure(kind, &source.to_string()) {
+            failed(state, "could not share a failed authentication", &e);
+        }
     }
 
     /// Reads agent `id` from the store into the fleet. Under the lifecycle

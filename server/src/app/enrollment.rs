@@ -74,12 +74,9 @@ impl App {
             && r.why == Why::Unauthorized
         {
             lock(&self.registration_failures).record(source, now_ms());
-            if let Some(cluster) = self.store.cluster() {
-                // Every server's brake counts it (best effort: the local
-                // one holds anyway).
-                let _ =
-                    cluster.record_failure(ChangeKind::RegistrationFailure, &source.to_string());
-            }
+            // Every server's brake counts it (best effort: the local one
+            // holds anyway).
+            self.share_failure_now(ChangeKind::RegistrationFailure, source);
         }
         result
     }
