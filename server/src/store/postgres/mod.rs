@@ -24,7 +24,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use miniserde::{Deserialize, Serialize, json};
+use smol::future::try_zip;
 use smol::stream::StreamExt;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
 
 use self::cluster::{Listener, publish};
@@ -743,6 +745,10 @@ impl PgStore {
     }
 }
 
+/// A parameter of a typed statement (`execute_typed`): the value and its
+/// PostgreSQL type, so the statement needs no separate prepare.
+type Param<'a> = (&'a (dyn tokio_postgres::types::ToSql + Sync), Type);
+
 /// The audit log's columns, for `migrate`'s one statement per chunk.
 type AuditColumns = (
     Vec<i64>,
@@ -942,14 +948,19 @@ impl Store for PgStore {
     ) -> Result<(), StoreError> {
         self.write(async |txn| {
             // The token row stays locked until the commit: enrollments with
-            // one token are serialized across servers.
+            // one token are serialized across servers. So everything from
+            // here to the commit is as few round trips as it can be: typed
+            // statements (no separate prepare) and the writes pipelined.
             let row = txn
-                .query_opt(sql::TOKEN_LOCK, &[&token_id])
+                .query_typed_opt(sql::TOKEN_LOCK, &[(&token_id, Type::TEXT)])
                 .await
                 .map_err(pg("lock a token"))?;
             let token: Option<TokenRecord> = record_of(row, "token", token_id)?;
             let marker = txn
-                .query_opt(sql::ENROLLMENT_GET, &[&token_id, &key_sha256])
+                .query_typed_opt(
+                    sql::ENROLLMENT_GET,
+                    &[(&token_id, Type::TEXT), (&key_sha256, Type::TEXT)],
+                )
                 .await
                 .map_err(pg("read an enrollment"))?;
             let prior = match marker {
@@ -989,27 +1000,10 @@ impl Store for PgStore {
             let Some(new) = rule(&state)? else {
                 return Ok(());
             };
-            txn.execute(sql::TOKEN_UPDATE, &[&new.token.id, &encode(&new.token)])
-                .await
-                .map_err(pg("consume a token use"))?;
-            txn.execute(sql::AGENT_INSERT, &[&new.agent.id, &encode(&new.agent)])
-                .await
-                .map_err(pg("insert an agent"))?;
-            txn.execute(
-                sql::CERT_PUT,
-                &[&new.cert.serial, &new.cert.agent_id, &encode(&new.cert)],
-            )
-            .await
-            .map_err(pg("insert a certificate"))?;
-            txn.execute(
-                sql::ENROLLMENT_PUT,
-                &[&token_id, &key_sha256, &new.agent.id, &int(new.at)],
-            )
-            .await
-            .map_err(pg("record an enrollment"))?;
-            publish(txn, &self.node, ChangeKind::Agent, &new.agent.id).await?;
-            append_audit(
-                txn,
+            let (token_record, agent_record) = (encode(&new.token), encode(&new.agent));
+            let cert_record = encode(&new.cert);
+            let at = int(new.at);
+            let audit = crate::audit::line(
                 new.at,
                 "agent.enroll",
                 &new.agent.id,
@@ -1017,8 +1011,54 @@ impl Store for PgStore {
                     "token={} name={} serial={}",
                     new.token.id, new.agent.name, new.cert.serial
                 ),
+            );
+            let audit_at = int(audit.at);
+            let kind = ChangeKind::Agent.as_str();
+            let (text, int8) = (Type::TEXT, Type::INT8);
+            let token_use: [Param<'_>; 2] =
+                [(&new.token.id, text.clone()), (&token_record, text.clone())];
+            let agent: [Param<'_>; 2] =
+                [(&new.agent.id, text.clone()), (&agent_record, text.clone())];
+            let cert: [Param<'_>; 3] = [
+                (&new.cert.serial, text.clone()),
+                (&new.cert.agent_id, text.clone()),
+                (&cert_record, text.clone()),
+            ];
+            let marker: [Param<'_>; 4] = [
+                (&token_id, text.clone()),
+                (&key_sha256, text.clone()),
+                (&new.agent.id, text.clone()),
+                (&at, int8.clone()),
+            ];
+            let event: [Param<'_>; 3] = [
+                (&self.node, text.clone()),
+                (&kind, text.clone()),
+                (&new.agent.id, text.clone()),
+            ];
+            let line: [Param<'_>; 7] = [
+                (&audit_at, int8),
+                (&audit.action, text.clone()),
+                (&audit.subject, text.clone()),
+                (&audit.detail, text.clone()),
+                (&audit.actor, text.clone()),
+                (&audit.source, text.clone()),
+                (&audit.outcome, text),
+            ];
+            let token_use = txn.execute_typed(sql::TOKEN_UPDATE, &token_use);
+            let agent = txn.execute_typed(sql::AGENT_INSERT, &agent);
+            let cert = txn.execute_typed(sql::CERT_PUT, &cert);
+            let marker = txn.execute_typed(sql::ENROLLMENT_PUT, &marker);
+            let event = txn.execute_typed(cluster::sql::EVENT_APPEND, &event);
+            let notify = txn.execute_typed(cluster::sql::EVENT_NOTIFY, &[]);
+            let line = txn.execute_typed(sql::AUDIT_APPEND, &line);
+            // Polled together, so all go out before the first answer.
+            try_zip(
+                try_zip(try_zip(token_use, agent), try_zip(cert, marker)),
+                try_zip(try_zip(event, notify), line),
             )
             .await
+            .map_err(pg("record an enrollment"))?;
+            Ok(())
         })
     }
 
