@@ -48,13 +48,6 @@ fn jittered(base: Duration, spread: f64, rng: &SystemRandom) -> Duration {
     base.mul_f64(1.0 - spread + 2.0 * spread * random_unit(rng))
 }
 
-/// The longest wait between heartbeat attempts after failures: four
-/// intervals, but at most five minutes unless one interval is longer (then
-/// one interval). Long enough to spread a whole fleet's return after an
-/// outage, short enough that the server's timeout monitor (3 missed
-/// intervals by default) sees a returned agent within a few minutes.
-const RETRY_CAP_CEILING: Duration = Duration::from_secs(300);
-
 /// How consecutive failed heartbeats (a refused connection, a timeout, a
 /// 5xx, a 403 while deactivated) space the next attempt: capped exponential
 /// backoff with full jitter. After failure n the wait is uniform in
@@ -67,14 +60,10 @@ struct RetrySchedule {
 }
 
 impl RetrySchedule {
-    fn cap(interval: Duration) -> Duration {
-        (interval * 4).min(RETRY_CAP_CEILING.max(interval))
-    }
-
-    /// The window the next wait is drawn from after `failures` failures.
+    /// The window the next wait is drawn from after `failures` failures
+    /// (the rule is shared with the load generator that simulates agents).
     fn window(interval: Duration, failures: u32) -> Duration {
-        let doubled = interval * (1u32 << failures.saturating_sub(1).min(8));
-        doubled.min(Self::cap(interval))
+        stella_proto::backoff::retry_window(interval, failures)
     }
 
     /// Counts one more failure and returns the wait before the next
@@ -551,31 +540,6 @@ mod tests {
             let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
             (x >> 11) as f64 / (1u64 << 53) as f64
         }
-    }
-
-    #[test]
-    fn retry_windows_double_up_to_the_cap() {
-        let windows = |i: Duration| -> Vec<u64> {
-            (1..=6)
-                .map(|n| RetrySchedule::window(i, n).as_secs())
-                .collect()
-        };
-        // 4 intervals at most.
-        assert_eq!(
-            windows(Duration::from_secs(30)),
-            [30, 60, 120, 120, 120, 120]
-        );
-        // ...but no more than 5 minutes...
-        assert_eq!(
-            windows(Duration::from_secs(120)),
-            [120, 240, 300, 300, 300, 300]
-        );
-        // ...unless one interval is longer: then never less than one interval.
-        assert_eq!(windows(Duration::from_secs(600)), [600; 6]);
-        assert_eq!(
-            RetrySchedule::window(Duration::from_millis(100), u32::MAX),
-            Duration::from_millis(400)
-        );
     }
 
     #[test]

@@ -22,14 +22,6 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per-second buckets kept for the rates.
 const BUCKETS: usize = 1800;
 
-/// The agent's retry window after `failures` failures (agent/src/run.rs
-/// `RetrySchedule::window`, kept in step by hand): interval·2^(n-1), at most
-/// four intervals and five minutes unless one interval is longer.
-fn retry_window(interval: Duration, failures: u32) -> Duration {
-    let cap = (interval * 4).min(Duration::from_secs(300).max(interval));
-    (interval * (1u32 << failures.saturating_sub(1).min(8))).min(cap)
-}
-
 /// A small per-agent random source (xorshift64*): units in [0, 1).
 struct Jitter(u64);
 
@@ -192,7 +184,7 @@ pub(crate) async fn run(
                         return;
                     }
                     failures += 1;
-                    let wait = retry_window(interval, failures).mul_f64(jitter.unit());
+                    let wait = stella_proto::backoff::retry_window(interval, failures).mul_f64(jitter.unit());
                     if started.elapsed() + wait > deadline {
                         return;
                     }
@@ -214,21 +206,4 @@ pub(crate) async fn run(
     o.ack_secs.sort_by(f64::total_cmp);
     drop(kept);
     Ok(o)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_retry_window_matches_the_agents() {
-        let w = |i: u64| -> Vec<u64> {
-            (1..=5)
-                .map(|n| retry_window(Duration::from_secs(i), n).as_secs())
-                .collect()
-        };
-        assert_eq!(w(30), [30, 60, 120, 120, 120]);
-        assert_eq!(w(120), [120, 240, 300, 300, 300]);
-        assert_eq!(w(600), [600; 5]);
-    }
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod backoff;
 pub mod api;
 pub mod config;
 pub mod dsse;
