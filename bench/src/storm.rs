@@ -184,7 +184,8 @@ pub(crate) async fn run(
                         return;
                     }
                     failures += 1;
-                    let wait = stella_proto::backoff::retry_window(interval, failures).mul_f64(jitter.unit());
+                    let wait = stella_proto::backoff::retry_window(interval, failures)
+                        .mul_f64(jitter.unit());
                     if started.elapsed() + wait > deadline {
                         return;
                     }

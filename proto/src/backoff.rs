@@ -26,9 +26,8 @@ mod tests {
 
     #[test]
     fn retry_windows_double_up_to_the_cap() {
-        let windows = |i: Duration| -> Vec<u64> {
-            (1..=6).map(|n| retry_window(i, n).as_secs()).collect()
-        };
+        let windows =
+            |i: Duration| -> Vec<u64> { (1..=6).map(|n| retry_window(i, n).as_secs()).collect() };
         // 4 intervals at most.
         assert_eq!(
             windows(Duration::from_secs(30)),

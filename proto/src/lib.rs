@@ -5,8 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod backoff;
 pub mod api;
+pub mod backoff;
 pub mod config;
 pub mod dsse;
 pub mod duration;

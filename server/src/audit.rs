@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use stella_proto::admin::AuditEntry;
 use stella_proto::time::rfc3339;
 
-use crate::records::AuditRecord;
+use crate::records::{AgentRecord, AuditRecord};
 
 /// The actor of the server's own acts.
 pub(crate) const SERVER: &str = "server";
@@ -124,6 +124,65 @@ pub(crate) fn line_by(
     AuditRecord {
         actor: Some(actor.to_owned()),
         ..line(at, action, subject, detail)
+    }
+}
+
+/// The line of an enrollment. The new agent acts: it presented the token.
+pub(crate) fn enrolled(at: u64, token: &str, agent: &AgentRecord, serial: &str) -> AuditRecord {
+    line_by(
+        at,
+        &agent.id,
+        "agent.enroll",
+        &agent.id,
+        &format!("token={token} name={} serial={serial}", agent.name),
+    )
+}
+
+/// What the audit log says of each change a store records, the same for
+/// every backend.
+pub(crate) mod detail {
+    use crate::records::{
+        AdminTokenRecord, ReleaseRecord, TaskRecord, TaskResultRecord, TokenRecord,
+        UpdateFailureRecord,
+    };
+    use stella_proto::time::rfc3339;
+
+    pub(crate) fn token_created(t: &TokenRecord) -> String {
+        format!("uses={} expires_at={}", t.uses, rfc3339(t.expires_at))
+    }
+
+    pub(crate) fn status_changed(before: &str, after: &str) -> String {
+        format!("{before} -> {after}")
+    }
+
+    pub(crate) fn release_imported(r: &ReleaseRecord) -> String {
+        format!("files={}", r.files.len())
+    }
+
+    pub(crate) fn config_set(version: u64, hash: &str) -> String {
+        format!("version={version} hash={hash}")
+    }
+
+    pub(crate) fn update_failed(f: &UpdateFailureRecord) -> String {
+        format!(
+            "{} {}: {}",
+            f.report.phase.as_str(),
+            f.report.version,
+            f.report.reason
+        )
+    }
+
+    pub(crate) fn task_created(t: &TaskRecord) -> String {
+        format!("task_id={} type={}", t.task_id, t.task_type)
+    }
+
+    pub(crate) fn task_result(r: &TaskResultRecord) -> String {
+        format!("agent={} status={}", r.agent, r.status.as_str())
+    }
+
+    pub(crate) fn admin_token_created(t: &AdminTokenRecord) -> String {
+        let expires = t.expires_at.map_or_else(|| "never".to_owned(), rfc3339);
+        format!("role={} expires_at={expires}", t.role)
     }
 }
 

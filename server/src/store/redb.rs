@@ -3,6 +3,7 @@
 //! the files of the data dir's `blobs/sha256/` beside it. The only file
 //! that names a redb type; it keeps records and decides nothing.
 
+use crate::audit::{self, detail};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -383,11 +384,9 @@ impl RedbStore {
                 }
             }
             for (name, table) in EXPORTED_TABLES {
-                let rows = match txn.open_table(table) {
-                    Ok(rows) => rows,
-                    // Made on first use (doctor reports): none yet.
-                    Err(::redb::TableError::TableDoesNotExist(_)) => continue,
-                    Err(e) => return Err(e.into()),
+                // Made on first use (doctor reports): none yet.
+                let Some(rows) = optional_table(&txn, table)? else {
+                    continue;
                 };
                 let mut copied = Vec::new();
                 for row in rows.iter()? {
@@ -420,7 +419,7 @@ impl RedbStore {
         })
     }
 
-    /// One record of a table, decoded.
+    /// One record of a table, decoded (none for a table not made yet).
     fn get<T: Deserialize>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -429,15 +428,17 @@ impl RedbStore {
     ) -> Result<Option<T>, StoreError> {
         self.with_db(false, |db| {
             let txn = db.begin_read()?;
-            let rows = txn.open_table(table)?;
+            let Some(rows) = optional_table(&txn, table)? else {
+                return Ok(None);
+            };
             rows.get(key)?
                 .map(|v| decode(what, key, v.value()))
                 .transpose()
         })
     }
 
-    /// Every value of a table, decoded, in key order (read-only: `create`
-    /// made every table).
+    /// Every value of a table, decoded, in key order (none for a table made
+    /// on first use and not made yet).
     fn all<T: Deserialize>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -445,7 +446,9 @@ impl RedbStore {
     ) -> Result<Vec<T>, StoreError> {
         self.with_db(false, |db| {
             let txn = db.begin_read()?;
-            let rows = txn.open_table(table)?;
+            let Some(rows) = optional_table(&txn, table)? else {
+                return Ok(Vec::new());
+            };
             let mut out = Vec::new();
             for row in rows.iter()? {
                 let (k, v) = row?;
@@ -510,14 +513,7 @@ impl Store for RedbStore {
         self.with_db(true, |db| {
             let txn = db.begin_write()?;
             {
-                let mut tokens = txn.open_table(TOKENS)?;
-                if tokens.get(token.id.as_str())?.is_some() {
-                    return Err(StoreError::Exists {
-                        what: "token",
-                        key: token.id.clone(),
-                    });
-                }
-                tokens.insert(token.id.as_str(), encode(token).as_slice())?;
+                insert_new(&txn, TOKENS, "token", &token.id, &encode(token))?;
                 append_audit(
                     &txn,
                     token.created_at,
@@ -601,16 +597,7 @@ impl Store for RedbStore {
                 enrollments.insert(marker_key.as_str(), encode(&marker).as_slice())?;
                 append_line(
                     &txn,
-                    &crate::audit::line_by(
-                        new.at,
-                        &new.agent.id,
-                        "agent.enroll",
-                        &new.agent.id,
-                        &format!(
-                            "token={} name={} serial={}",
-                            new.token.id, new.agent.name, new.cert.serial
-                        ),
-                    ),
+                    &audit::enrolled(new.at, &new.token.id, &new.agent, &new.cert.serial),
                 )?;
             }
             self.commit(txn)?;
@@ -643,7 +630,13 @@ impl Store for RedbStore {
                     if change(&mut record)? {
                         agents.insert(*id, encode(&record).as_slice())?;
                         let after = record.status_text();
-                        append_audit(&txn, now, action, id, &format!("{before} -> {after}"))?;
+                        append_audit(
+                            &txn,
+                            now,
+                            action,
+                            id,
+                            &detail::status_changed(&before, &after),
+                        )?;
                         written.push(record);
                     }
                 }
@@ -688,17 +681,7 @@ impl Store for RedbStore {
     }
 
     fn doctor_report(&self, id: &str) -> Result<Option<DoctorReportRecord>, StoreError> {
-        self.with_db(false, |db| {
-            let txn = db.begin_read()?;
-            let rows = match txn.open_table(DOCTOR_REPORTS) {
-                Ok(rows) => rows,
-                Err(::redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            };
-            rows.get(id)?
-                .map(|v| decode("doctor report", id, v.value()))
-                .transpose()
-        })
+        self.get(DOCTOR_REPORTS, "doctor report", id)
     }
 
     fn put_update_failure(
@@ -716,12 +699,7 @@ impl Store for RedbStore {
             }
             txn.open_table(UPDATE_FAILURES)?
                 .insert(id, encode(failure).as_slice())?;
-            let detail = format!(
-                "{} {}: {}",
-                failure.report.phase.as_str(),
-                failure.report.version,
-                failure.report.reason
-            );
+            let detail = detail::update_failed(failure);
             append_audit(
                 &txn,
                 failure.received_at,
@@ -735,17 +713,7 @@ impl Store for RedbStore {
     }
 
     fn update_failure(&self, id: &str) -> Result<Option<UpdateFailureRecord>, StoreError> {
-        self.with_db(false, |db| {
-            let txn = db.begin_read()?;
-            let rows = match txn.open_table(UPDATE_FAILURES) {
-                Ok(rows) => rows,
-                Err(::redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            };
-            rows.get(id)?
-                .map(|v| decode("update failure", id, v.value()))
-                .transpose()
-        })
+        self.get(UPDATE_FAILURES, "update failure", id)
     }
 
     fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
@@ -832,7 +800,7 @@ impl Store for RedbStore {
                     release.imported_at,
                     "release.import",
                     &release.version,
-                    &format!("files={}", release.files.len()),
+                    &detail::release_imported(release),
                 )?;
             }
             self.commit(txn)?;
@@ -872,7 +840,7 @@ impl Store for RedbStore {
                     now,
                     "config.set",
                     scope,
-                    &format!("version={version} hash={hash}"),
+                    &detail::config_set(version, hash),
                 )?;
                 record
             };
@@ -882,40 +850,20 @@ impl Store for RedbStore {
     }
 
     fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
-        self.with_db(false, |db| {
-            let txn = db.begin_read()?;
-            let rows = match txn.open_table(TASKS) {
-                Ok(rows) => rows,
-                Err(::redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(e.into()),
-            };
-            let mut out = Vec::new();
-            for row in rows.iter()? {
-                let (k, v) = row?;
-                out.push(decode("task", k.value(), v.value())?);
-            }
-            Ok(out)
-        })
+        self.all(TASKS, "task")
     }
 
     fn insert_task(&self, task: &TaskRecord) -> Result<(), StoreError> {
         self.with_db(true, |db| {
             let txn = db.begin_write()?;
             {
-                let mut tasks = txn.open_table(TASKS)?;
-                if tasks.get(task.id.as_str())?.is_some() {
-                    return Err(StoreError::Exists {
-                        what: "task",
-                        key: task.id.clone(),
-                    });
-                }
-                tasks.insert(task.id.as_str(), encode(task).as_slice())?;
+                insert_new(&txn, TASKS, "task", &task.id, &encode(task))?;
                 append_audit(
                     &txn,
                     task.created_at,
                     "task.create",
                     &task.id,
-                    &format!("task_id={} type={}", task.task_id, task.task_type),
+                    &detail::task_created(task),
                 )?;
             }
             self.commit(txn)?;
@@ -945,10 +893,8 @@ impl Store for RedbStore {
     fn task_results(&self, task: Option<&str>) -> Result<Vec<TaskResultRecord>, StoreError> {
         self.with_db(false, |db| {
             let txn = db.begin_read()?;
-            let rows = match txn.open_table(TASK_RESULTS) {
-                Ok(rows) => rows,
-                Err(::redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(e.into()),
+            let Some(rows) = optional_table(&txn, TASK_RESULTS)? else {
+                return Ok(Vec::new());
             };
             // `/` comes just before `0` in ASCII: the keys of one task run
             // from `<id>/` up to (not including) `<id>0`.
@@ -981,7 +927,7 @@ impl Store for RedbStore {
                         r.reported_at,
                         "task.result",
                         &r.task,
-                        &format!("agent={} status={}", r.agent, r.status.as_str()),
+                        &detail::task_result(r),
                     )?;
                 }
             }
@@ -1045,45 +991,25 @@ impl Store for RedbStore {
     }
 
     fn admin_tokens(&self) -> Result<Vec<AdminTokenRecord>, StoreError> {
-        self.with_db(false, |db| {
-            let txn = db.begin_read()?;
-            let Some(rows) = optional_table(&txn, ADMIN_TOKENS)? else {
-                return Ok(Vec::new());
-            };
-            let mut out = Vec::new();
-            for row in rows.iter()? {
-                let (k, v) = row?;
-                out.push(decode("admin token", k.value(), v.value())?);
-            }
-            Ok(out)
-        })
+        self.all(ADMIN_TOKENS, "admin token")
     }
 
     fn insert_admin_token(&self, token: &AdminTokenRecord) -> Result<(), StoreError> {
         self.with_db(true, |db| {
             let txn = db.begin_write()?;
-            {
-                let mut tokens = txn.open_table(ADMIN_TOKENS)?;
-                if tokens.get(token.name.as_str())?.is_some() {
-                    return Err(StoreError::Exists {
-                        what: "admin token",
-                        key: token.name.clone(),
-                    });
-                }
-                tokens.insert(token.name.as_str(), encode(token).as_slice())?;
-            }
+            insert_new(
+                &txn,
+                ADMIN_TOKENS,
+                "admin token",
+                &token.name,
+                &encode(token),
+            )?;
             append_audit(
                 &txn,
                 token.created_at,
                 "admin_token.create",
                 &token.name,
-                &format!(
-                    "role={} expires_at={}",
-                    token.role,
-                    token
-                        .expires_at
-                        .map_or_else(|| "never".to_owned(), stella_proto::time::rfc3339)
-                ),
+                &detail::admin_token_created(token),
             )?;
             self.commit(txn)?;
             Ok(())
@@ -1244,7 +1170,6 @@ impl Store for RedbStore {
     }
 }
 
-/// Appends the line of a change by whoever acts now (`audit::acting_as`).
 /// Gives every row of a text-keyed table to `each` (none for a table not
 /// made yet).
 fn copy_table(
@@ -1263,6 +1188,7 @@ fn copy_table(
     Ok(())
 }
 
+/// Appends the line of a change by whoever acts now (`audit::acting_as`).
 fn append_audit(
     txn: &::redb::WriteTransaction,
     at: u64,
@@ -1277,6 +1203,26 @@ fn append_line(txn: &::redb::WriteTransaction, line: &AuditRecord) -> Result<(),
     let mut audit = txn.open_table(AUDIT)?;
     let next = audit.last()?.map_or(0, |(k, _)| k.value() + 1);
     audit.insert(next, encode(line).as_slice())?;
+    Ok(())
+}
+
+/// Inserts a new record keyed `key` into `table`; `Exists` (nothing
+/// written) when the key is taken.
+fn insert_new(
+    txn: &::redb::WriteTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    what: &'static str,
+    key: &str,
+    record: &[u8],
+) -> Result<(), StoreError> {
+    let mut rows = txn.open_table(table)?;
+    if rows.get(key)?.is_some() {
+        return Err(StoreError::Exists {
+            what,
+            key: key.to_owned(),
+        });
+    }
+    rows.insert(key, record)?;
     Ok(())
 }
 

@@ -36,6 +36,7 @@ use super::{
     AdminTokenChange, AgentChange, CertificateChange, ChangeKind, Cluster, EnrollRule,
     EnrollmentState, Export, PriorEnrollment, SnapshotRow, Store, StoreError, StoreHealth,
 };
+use crate::audit::{self, detail};
 use crate::records::{
     AdminTokenRecord, AgentRecord, AuditRecord, CertRecord, ConfigRecord, DoctorReportRecord,
     HeartbeatState, ReleaseRecord, RolloutRecord, TaskRecord, TaskResultRecord, TokenRecord,
@@ -926,11 +927,7 @@ impl Store for PgStore {
                 token.created_at,
                 "token.create",
                 &token.id,
-                &format!(
-                    "uses={} expires_at={}",
-                    token.uses,
-                    stella_proto::time::rfc3339(token.expires_at)
-                ),
+                &detail::token_created(token),
             )
             .await
         })
@@ -1003,15 +1000,7 @@ impl Store for PgStore {
             let (token_record, agent_record) = (encode(&new.token), encode(&new.agent));
             let cert_record = encode(&new.cert);
             let at = int(new.at);
-            let audit = crate::audit::line(
-                new.at,
-                "agent.enroll",
-                &new.agent.id,
-                &format!(
-                    "token={} name={} serial={}",
-                    new.token.id, new.agent.name, new.cert.serial
-                ),
-            );
+            let audit = audit::enrolled(new.at, &new.token.id, &new.agent, &new.cert.serial);
             let audit_at = int(audit.at);
             let kind = ChangeKind::Agent.as_str();
             let (text, int8) = (Type::TEXT, Type::INT8);
@@ -1095,7 +1084,14 @@ impl Store for PgStore {
                     // An id named twice sees its first change.
                     locked.insert(id, encoded);
                     let after = record.status_text();
-                    append_audit(txn, now, action, id, &format!("{before} -> {after}")).await?;
+                    append_audit(
+                        txn,
+                        now,
+                        action,
+                        id,
+                        &detail::status_changed(&before, &after),
+                    )
+                    .await?;
                     publish(txn, &self.node, ChangeKind::Agent, id).await?;
                     written.push(record);
                 }
@@ -1188,7 +1184,7 @@ impl Store for PgStore {
                 release.imported_at,
                 "release.import",
                 &release.version,
-                &format!("files={}", release.files.len()),
+                &detail::release_imported(release),
             )
             .await?;
             publish(txn, &self.node, ChangeKind::Release, &release.version).await?;
@@ -1233,7 +1229,7 @@ impl Store for PgStore {
                 now,
                 "config.set",
                 scope,
-                &format!("version={version} hash={hash}"),
+                &detail::config_set(uint(version), hash),
             )
             .await?;
             publish(txn, &self.node, ChangeKind::Config, scope).await?;
@@ -1291,12 +1287,7 @@ impl Store for PgStore {
             txn.execute(sql::UPDATE_FAILURE_PUT, &[&id, &encode(failure)])
                 .await
                 .map_err(pg("write an update failure"))?;
-            let detail = format!(
-                "{} {}: {}",
-                failure.report.phase.as_str(),
-                failure.report.version,
-                failure.report.reason
-            );
+            let detail = detail::update_failed(failure);
             append_audit(txn, failure.received_at, "agent.update_failed", id, &detail).await
         })
     }
@@ -1318,7 +1309,7 @@ impl Store for PgStore {
                 task.created_at,
                 "task.create",
                 &task.id,
-                &format!("task_id={} type={}", task.task_id, task.task_type),
+                &detail::task_created(task),
             )
             .await
         })
@@ -1371,7 +1362,7 @@ impl Store for PgStore {
                     r.reported_at,
                     "task.result",
                     &r.task,
-                    &format!("agent={} status={}", r.agent, r.status.as_str()),
+                    &detail::task_result(r),
                 )
                 .await?;
                 let key = format!("{}/{}", r.task, r.agent);
@@ -1452,15 +1443,12 @@ impl Store for PgStore {
             )
             .await?;
             publish(txn, &self.node, ChangeKind::AdminToken, &token.name).await?;
-            let expires = token
-                .expires_at
-                .map_or_else(|| "never".to_owned(), stella_proto::time::rfc3339);
             append_audit(
                 txn,
                 token.created_at,
                 "admin_token.create",
                 &token.name,
-                &format!("role={} expires_at={expires}", token.role),
+                &detail::admin_token_created(token),
             )
             .await
         })
