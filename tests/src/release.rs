@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{Server, TempDir, bin, run, text};
+use crate::{AgentDir, Server, TempDir, bin, run, text};
 
 /// The version the second agent build reports (`cargo xtask test` makes it).
 pub const NEXT: &str = "0.2.0";
@@ -84,4 +84,30 @@ pub fn signed_release(keys: &Keys, version: &str, binary: &Path, extra: &[&str])
 pub fn import(server: &Server, dir: &TempDir) {
     let out = server.admin(&["release", "import", dir.path().to_str().unwrap_or_default()]);
     assert!(out.status.success(), "import: {:?}", text(&out));
+}
+
+/// Enrolls `agent` with a new token made with `token_args`, named `name`,
+/// pinning the release key of `keys`; returns its id.
+pub fn enroll_pinning(
+    agent: &AgentDir,
+    server: &Server,
+    keys: &Keys,
+    token_args: &[&str],
+    name: &str,
+) -> String {
+    let token = server.token(token_args);
+    let key = keys.public();
+    let flags = ["--name", name, "--release-key", key.to_str().unwrap()];
+    let out = agent.bootstrap(server, &token, &flags);
+    assert!(out.status.success(), "{:?}", text(&out));
+    text(&out).0.trim().to_owned()
+}
+
+/// A new installed agent (one that can swap its binary), labelled
+/// `env=ENV`, enrolled pinning `keys`.
+pub fn enroll_installed(server: &Server, keys: &Keys, env: &str, name: &str) -> (AgentDir, String) {
+    let agent = AgentDir::installed(&bin("stella-agent"));
+    let label = format!("env={env}");
+    let id = enroll_pinning(&agent, server, keys, &["--label", &label], name);
+    (agent, id)
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use stella_tests::postgres::Postgres;
-use stella_tests::release::{Keys, NEXT, native_target, sha256, signed_release};
+use stella_tests::release::{Keys, NEXT, enroll_pinning, native_target, sha256, signed_release};
 use stella_tests::{
     AgentDir, Server, ServerOptions, TempDir, bin, json, json_str, run, text, tool,
 };
@@ -136,19 +136,7 @@ fn a_release_uploaded_through_one_server_is_served_by_another_with_range() {
     // An agent enrolled on B fetches a range of the artifact from B, then
     // the whole of it.
     let agent = AgentDir::installed(&bin("stella-agent"));
-    let token = b.token(&["--ttl", "10m"]);
-    let boot = agent.bootstrap(
-        &b,
-        &token,
-        &[
-            "--name",
-            "on-b",
-            "--release-key",
-            keys.public().to_str().unwrap(),
-        ],
-    );
-    assert!(boot.status.success(), "{:?}", text(&boot));
-    let id = text(&boot).0.trim().to_owned();
+    let id = enroll_pinning(&agent, &b, &keys, &["--ttl", "10m"], "on-b");
     let path = format!("/v1/releases/{NEXT}/{}", native_target());
     let (status, part) = agent_get(&b, &agent, &path, Some("100-4195"));
     assert_eq!(status, 206, "{}", String::from_utf8_lossy(&part));

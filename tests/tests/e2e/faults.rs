@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use stella_tests::release::{Keys, NEXT, sha256, signed_release};
+use stella_tests::release::{Keys, NEXT, enroll_pinning, sha256, signed_release};
 use stella_tests::{
     AgentDir, AgentView, DEADLINE, Proc, Server, ServerOptions, TempDir, bin, json, json_str, poll,
     raw, run, skip_or_fail, text,
@@ -189,19 +189,7 @@ fn setup_update() -> (Server, AgentDir) {
 
 /// Enrolls `agent`, pinning the release key of `keys`; returns its id.
 fn enroll_updater(server: &Server, agent: &AgentDir, keys: &Keys) -> String {
-    let token = server.token(&[]);
-    let out = agent.bootstrap(
-        server,
-        &token,
-        &[
-            "--name",
-            "updater",
-            "--release-key",
-            keys.public().to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{:?}", text(&out));
-    text(&out).0.trim().to_owned()
+    enroll_pinning(agent, server, keys, &[], "updater")
 }
 
 fn offer(server: &Server, dir: &TempDir, version: &str, id: &str) {

@@ -10,31 +10,12 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use stella_proto::api::RolloutView;
-use stella_tests::release::{Keys, NEXT, import, sha256, signed_release};
+use stella_tests::release::{Keys, NEXT, enroll_installed, import, sha256, signed_release};
 use stella_tests::{
     AgentDir, DEADLINE, Server, ServerOptions, Supervisor, TempDir, bin, poll, raw, text,
 };
 
 const CURRENT: &str = env!("CARGO_PKG_VERSION");
-
-/// Enrolls an installed agent pinning `keys`, labelled `env`.
-fn enroll(server: &Server, keys: &Keys, env: &str, name: &str) -> (AgentDir, String) {
-    let agent = AgentDir::installed(&bin("stella-agent"));
-    let token = server.token(&["--label", &format!("env={env}")]);
-    let out = agent.bootstrap(
-        server,
-        &token,
-        &[
-            "--name",
-            name,
-            "--release-key",
-            keys.public().to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{:?}", text(&out));
-    let id = text(&out).0.trim().to_owned();
-    (agent, id)
-}
 
 /// Runs the agent under a supervisor, with `fault` (if any) in its
 /// environment (kept across its exec of a new version).
@@ -102,10 +83,10 @@ fn a_member_stuck_downloading_is_timed_out_and_the_rollout_pauses_or_proceeds() 
     let keys = Keys::new();
     let server = Server::start();
     let strict: Vec<(AgentDir, String)> = (0..2)
-        .map(|i| enroll(&server, &keys, "strict", &format!("s{i}")))
+        .map(|i| enroll_installed(&server, &keys, "strict", &format!("s{i}")))
         .collect();
     let lenient: Vec<(AgentDir, String)> = (0..2)
-        .map(|i| enroll(&server, &keys, "lenient", &format!("l{i}")))
+        .map(|i| enroll_installed(&server, &keys, "lenient", &format!("l{i}")))
         .collect();
     let stuck = [&strict[0].1, &lenient[0].1];
     let _running: Vec<Supervisor> = [&strict[0], &lenient[0]]
@@ -208,8 +189,8 @@ fn a_member_stuck_downloading_is_timed_out_and_the_rollout_pauses_or_proceeds() 
 fn a_member_offline_for_the_whole_deadline_is_skipped_and_updated_when_it_returns() {
     let keys = Keys::new();
     let server = Server::start();
-    let (online, online_id) = enroll(&server, &keys, "prod", "on");
-    let (offline, offline_id) = enroll(&server, &keys, "prod", "off");
+    let (online, online_id) = enroll_installed(&server, &keys, "prod", "on");
+    let (offline, offline_id) = enroll_installed(&server, &keys, "prod", "off");
     let _on = supervise(&online, None);
     server.wait_for_agent(&online_id, "heartbeating", |a| a.heartbeat_seq >= 1);
     server.wait_for_agent(&offline_id, "timed out", |a| a.status == "inactive");
@@ -252,7 +233,7 @@ fn a_member_offline_for_the_whole_deadline_is_skipped_and_updated_when_it_return
 fn a_lost_commit_acknowledgement_converges() {
     let keys = Keys::new();
     let server = Server::start();
-    let (agent, id) = enroll(&server, &keys, "prod", "lost");
+    let (agent, id) = enroll_installed(&server, &keys, "prod", "lost");
     let sup = supervise(&agent, Some("lost-commit-ack"));
     server.wait_for_agent(&id, "heartbeating", |a| a.heartbeat_seq >= 1);
     let dir = signed_release(&keys, NEXT, &bin("stella-agent-next"), &[]);
@@ -296,7 +277,7 @@ fn utc_hhmm(hours: i64) -> String {
 fn a_rollout_window_offers_only_inside_it_and_the_agents_own_window_applies() {
     let keys = Keys::new();
     let server = Server::start();
-    let (agent, id) = enroll(&server, &keys, "prod", "windowed");
+    let (agent, id) = enroll_installed(&server, &keys, "prod", "windowed");
     let _sup = supervise(&agent, None);
     server.wait_for_agent(&id, "heartbeating", |a| a.heartbeat_seq >= 1);
     let dir = signed_release(&keys, NEXT, &bin("stella-agent-next"), &[]);
@@ -388,7 +369,7 @@ fn a_rolled_back_update_keeps_its_log_and_agents_show_prints_it() {
         update_probation: "4s",
         ..ServerOptions::default()
     });
-    let (agent, id) = enroll(&server, &keys, "prod", "failing");
+    let (agent, id) = enroll_installed(&server, &keys, "prod", "failing");
     let sup = supervise(&agent, Some("probation-no-heartbeat"));
     let dir = signed_release(&keys, NEXT, &bin("stella-agent-next"), &[]);
     import(&server, &dir);

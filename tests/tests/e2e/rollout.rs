@@ -7,27 +7,8 @@ use std::fs;
 use std::time::Duration;
 
 use stella_proto::api::RolloutView;
-use stella_tests::release::{Keys, NEXT, import, signed_release};
+use stella_tests::release::{Keys, NEXT, enroll_installed, import, signed_release};
 use stella_tests::{AgentDir, DEADLINE, Server, Supervisor, TempDir, bin, poll, text};
-
-/// Enrolls an installed agent pinning `keys`, with a label.
-fn enroll(server: &Server, keys: &Keys, env: &str, name: &str) -> (AgentDir, String) {
-    let agent = AgentDir::installed(&bin("stella-agent"));
-    let token = server.token(&["--label", &format!("env={env}")]);
-    let out = agent.bootstrap(
-        server,
-        &token,
-        &[
-            "--name",
-            name,
-            "--release-key",
-            keys.public().to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{:?}", text(&out));
-    let id = text(&out).0.trim().to_owned();
-    (agent, id)
-}
 
 fn rollout_start(server: &Server, args: &[&str]) -> String {
     let mut all = vec!["rollout", "start"];
@@ -51,7 +32,7 @@ fn agents_update_stage_by_stage() {
     let keys = Keys::new();
     let server = Server::start();
     let agents: Vec<(AgentDir, String)> = (0..6)
-        .map(|i| enroll(&server, &keys, "prod", &format!("box{i}")))
+        .map(|i| enroll_installed(&server, &keys, "prod", &format!("box{i}")))
         .collect();
     let _running: Vec<Supervisor> = agents.iter().map(|(a, _)| a.supervise()).collect();
     for (_, id) in &agents {
@@ -146,7 +127,7 @@ fn a_failing_release_pauses_at_the_canary() {
     let keys = Keys::new();
     let server = Server::start();
     let agents: Vec<(AgentDir, String)> = (0..4)
-        .map(|i| enroll(&server, &keys, "prod", &format!("n{i}")))
+        .map(|i| enroll_installed(&server, &keys, "prod", &format!("n{i}")))
         .collect();
     let _running: Vec<Supervisor> = agents.iter().map(|(a, _)| a.supervise()).collect();
     for (_, id) in &agents {
@@ -212,7 +193,7 @@ fn membership_and_state_survive_a_server_restart() {
     let keys = Keys::new();
     let mut server = Server::start();
     let mut ids: Vec<String> = (0..10)
-        .map(|i| enroll(&server, &keys, "prod", &format!("m{i}")).1)
+        .map(|i| enroll_installed(&server, &keys, "prod", &format!("m{i}")).1)
         .collect();
     let dir = signed_release(&keys, NEXT, &bin("stella-agent-next"), &[]);
     import(&server, &dir);
@@ -249,8 +230,8 @@ fn overlapping_rollouts_are_refused_and_admin_actions_act_at_once() {
     let keys = Keys::new();
     let server = Server::start();
     for i in 0..2 {
-        enroll(&server, &keys, "prod", &format!("p{i}"));
-        enroll(&server, &keys, "dev", &format!("d{i}"));
+        enroll_installed(&server, &keys, "prod", &format!("p{i}"));
+        enroll_installed(&server, &keys, "dev", &format!("d{i}"));
     }
     let dir = signed_release(&keys, NEXT, &bin("stella-agent-next"), &[]);
     import(&server, &dir);

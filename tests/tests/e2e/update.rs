@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use stella_tests::release::{Keys, NEXT, sha256, signed_release};
+use stella_tests::release::{Keys, NEXT, enroll_pinning, sha256, signed_release};
 use stella_tests::{
     AgentDir, AgentView, DEADLINE, Server, ServerOptions, Supervisor, TempDir, bin, poll, run, text,
 };
@@ -31,19 +31,7 @@ fn setup(keys: &Keys, probation: &'static str) -> (Server, AgentDir, String) {
         ..ServerOptions::default()
     });
     let agent = AgentDir::installed(&bin("stella-agent"));
-    let token = server.token(&[]);
-    let out = agent.bootstrap(
-        &server,
-        &token,
-        &[
-            "--name",
-            "updater",
-            "--release-key",
-            keys.public().to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{:?}", text(&out));
-    let id = text(&out).0.trim().to_owned();
+    let id = enroll_pinning(&agent, &server, keys, &[], "updater");
     (server, agent, id)
 }
 
