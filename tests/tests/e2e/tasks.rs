@@ -220,14 +220,8 @@ fn a_file_task_reaches_two_agents_by_selector_and_both_write_the_file() {
 fn the_deploy_key_defaults_to_the_release_key() {
     let fleet = Fleet::new();
     let agent = AgentDir::new();
-    let token = fleet.server.token(&[]);
+    stella_tests::release::enroll_pinning(&agent, &fleet.server, &fleet.keys, &[], "plain");
     let key = fleet.keys.public();
-    let out = agent.bootstrap(
-        &fleet.server,
-        &token,
-        &["--name", "plain", "--release-key", key.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{:?}", text(&out));
     assert_eq!(
         fs::read_to_string(agent.file("deploy-key.pub")).unwrap(),
         fs::read_to_string(&key).unwrap()
@@ -239,10 +233,7 @@ fn the_deploy_key_defaults_to_the_release_key() {
     assert!(fingerprint.starts_with("sha256:"), "{status:?}");
     // And an agent without either key refuses every task.
     let bare = AgentDir::new();
-    let token = fleet.server.token(&[]);
-    let out = bare.bootstrap(&fleet.server, &token, &["--name", "bare"]);
-    assert!(out.status.success(), "{:?}", text(&out));
-    let id = text(&out).0.trim().to_owned();
+    let id = bare.enroll(&fleet.server, "bare");
     let _proc = start(&bare, &[]);
     let target = fleet.dir.join("bare");
     let task = fleet.sign(
