@@ -10,7 +10,6 @@
 //! memory, and stores the blobs in the store.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
 
 use std::path::{Path, PathBuf};
 
@@ -156,72 +155,53 @@ pub(crate) fn statement_of(envelope: &str) -> Result<Statement, Error> {
 /// Copies `src` into the blob store while hashing it; refuses a digest other
 /// than `want`. Returns the size.
 fn store_blob(data_dir: &Path, src: &Path, want: &str) -> Result<u64, Error> {
-    let meta = fs::symlink_metadata(src)
-        .map_err(|e| Error::io(format!("cannot read {}", src.display()), e))?;
+    check_release_file(src)?;
+    let mut input =
+        File::open(src).map_err(|e| Error::io(format!("cannot read {}", src.display()), e))?;
+    let mut blob = crate::blobs::BlobWriter::create(data_dir)
+        .map_err(|e| Error::io("cannot start a blob in the data dir", e))?;
+    blob.copy_from(&mut input, MAX_FILE_BYTES).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            invalid(format!(
+                "{} grew past {MAX_FILE_BYTES} bytes",
+                src.display()
+            ))
+        } else {
+            Error::io(
+                format!("cannot copy {} into the blob store", src.display()),
+                e,
+            )
+        }
+    })?;
+    let digest = blob.sha256();
+    if digest != want {
+        // Dropped unfinished: nothing is left behind.
+        return Err(invalid(format!(
+            "{} has sha256 {digest}, but the signed statement says {want}",
+            src.display()
+        )));
+    }
+    let (_, size) = blob
+        .finish()
+        .map_err(|e| Error::io(format!("cannot store {}", src.display()), e))?;
+    Ok(size)
+}
+
+/// Refuses a release file that is not a regular file (a symlink, a
+/// directory) or is larger than [`MAX_FILE_BYTES`].
+fn check_release_file(path: &Path) -> Result<(), Error> {
+    let meta = fs::symlink_metadata(path)
+        .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
     if !meta.is_file() {
-        return Err(invalid(format!("{} is not a regular file", src.display())));
+        return Err(invalid(format!("{} is not a regular file", path.display())));
     }
     if meta.len() > MAX_FILE_BYTES {
         return Err(invalid(format!(
-            "{} is larger than {} bytes",
-            src.display(),
-            MAX_FILE_BYTES
+            "{} is larger than {MAX_FILE_BYTES} bytes",
+            path.display()
         )));
     }
-    let dest = crate::blobs::blob_path(data_dir, want);
-    let dir = dest.parent().unwrap_or(data_dir);
-    fs::create_dir_all(dir)
-        .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    let tmp = dir.join(format!(".{want}.tmp.{}", std::process::id()));
-    let copy = || -> Result<(String, u64), Error> {
-        let mut input =
-            File::open(src).map_err(|e| Error::io(format!("cannot read {}", src.display()), e))?;
-        let mut out = File::create(&tmp)
-            .map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut size = 0u64;
-        loop {
-            let n = input
-                .read(&mut buf)
-                .map_err(|e| Error::io(format!("cannot read {}", src.display()), e))?;
-            if n == 0 {
-                break;
-            }
-            size += n as u64;
-            if size > MAX_FILE_BYTES {
-                return Err(invalid(format!(
-                    "{} grew past {} bytes",
-                    src.display(),
-                    MAX_FILE_BYTES
-                )));
-            }
-            ctx.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(|e| Error::io(format!("cannot write {}", tmp.display()), e))?;
-        }
-        out.sync_all()
-            .map_err(|e| Error::io(format!("cannot sync {}", tmp.display()), e))?;
-        Ok((stella_proto::hash::hex(ctx.finish().as_ref()), size))
-    };
-    let result = copy().and_then(|(digest, size)| {
-        if digest != want {
-            return Err(invalid(format!(
-                "{} has sha256 {digest}, but the signed statement says {want}",
-                src.display()
-            )));
-        }
-        fs::rename(&tmp, &dest)
-            .map_err(|e| Error::io(format!("cannot store {}", dest.display()), e))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io("cannot sync the blob dir", e))?;
-        Ok(size)
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    Ok(())
 }
 
 /// Refuses a release directory that is not an absolute path to a real
@@ -346,17 +326,7 @@ pub(crate) fn upload_plan(dir: &Path) -> Result<(String, Vec<UploadFile>), Error
         }
         check_no_symlink_below(&dir, &subject.name)?;
         let path = dir.join(&subject.name);
-        let meta = fs::symlink_metadata(&path)
-            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
-        if !meta.is_file() {
-            return Err(invalid(format!("{} is not a regular file", path.display())));
-        }
-        if meta.len() > MAX_FILE_BYTES {
-            return Err(invalid(format!(
-                "{} is larger than {MAX_FILE_BYTES} bytes",
-                path.display()
-            )));
-        }
+        check_release_file(&path)?;
         let want = subject.sha256().unwrap_or_default();
         let mut input = File::open(&path)
             .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
