@@ -49,20 +49,8 @@ pub(super) fn start_on(
     log: &Path,
 ) -> Result<Server, String> {
     let _ = fs::remove_file(data.join("server.url"));
-    let mut serve = with_nofile(&bin.server);
-    serve
-        .args([
-            "serve",
-            "--listen",
-            listen,
-            "--heartbeat-interval",
-            interval,
-        ])
-        .args(["--heartbeat-misses", "50", "--data-dir"])
-        .arg(data);
-    if let Some(store) = store {
-        serve.args(["--store", store]);
-    }
+    let mut serve = serve_command(bin, data, store, listen, interval);
+    serve.args(["--heartbeat-misses", "50"]);
     let proc = spawn("stella-server", &mut serve, log)?;
     let url = wait_for("the server to listen", Duration::from_secs(120), || {
         fs::read_to_string(data.join("server.url"))
@@ -75,6 +63,33 @@ pub(super) fn start_on(
         url,
         proc,
     })
+}
+
+/// `stella-server serve` on data dir `data` (its store: redb there, or
+/// the PostgreSQL URL `store`) at `listen`, asking for heartbeats every
+/// `interval`.
+pub(super) fn serve_command(
+    bin: &Bins,
+    data: &Path,
+    store: Option<&str>,
+    listen: &str,
+    interval: &str,
+) -> Command {
+    let mut serve = with_nofile(&bin.server);
+    serve
+        .args([
+            "serve",
+            "--listen",
+            listen,
+            "--heartbeat-interval",
+            interval,
+        ])
+        .arg("--data-dir")
+        .arg(data);
+    if let Some(store) = store {
+        serve.args(["--store", store]);
+    }
+    serve
 }
 
 pub(super) fn init(bin: &Bins, data: &Path) -> Result<(), String> {

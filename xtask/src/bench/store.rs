@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use super::bins::Bins;
-use super::process::{Status, output, proc_status, spawn, with_nofile};
+use super::process::{Status, output, proc_status, spawn};
 use super::server::{Fleet, parse_kv};
 use super::table::{Row, mib, row, verdict};
 use super::{FLEET, unix_now};
@@ -153,20 +153,7 @@ pub(super) fn measure_start(
     results: &Path,
 ) -> Result<StartMeasure, String> {
     let url = format!("https://{listen}");
-    let mut serve = with_nofile(&bins.server);
-    serve
-        .args([
-            "serve",
-            "--listen",
-            listen,
-            "--heartbeat-interval",
-            "1h",
-            "--data-dir",
-        ])
-        .arg(data);
-    if let Some(store) = store {
-        serve.args(["--store", store]);
-    }
+    let mut serve = super::server::serve_command(bins, data, store, listen, "1h");
     let t0 = unix_now();
     let mut proc = spawn("stella-server", &mut serve, log)?;
     let waited = output(
